@@ -1,0 +1,103 @@
+"""Shared fixtures: real SGLang servers (one per configuration, shared across tests), tiny
+checkpoints, and server logs attached to the report of a failing test."""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+
+from epd_testbed import servers as srv
+
+# Servers use ~3.5 GB each; keep at most this many alive, stopping the least recently used.
+MAX_LIVE_SERVERS = int(os.environ.get("EPD_MAX_LIVE_SERVERS", "3"))
+LOG_DIR = Path(os.environ.get("EPD_LOG_DIR", Path(__file__).resolve().parents[1] / "results" / "server-logs"))
+
+
+class ServerPool:
+    """Launches each distinct configuration once and reuses it across tests."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.live: OrderedDict[object, list[srv.Server]] = OrderedDict()
+
+    def _admit(self, key: object, need: int) -> None:
+        while self.live and sum(len(v) for v in self.live.values()) + need > MAX_LIVE_SERVERS:
+            _, old = self.live.popitem(last=False)
+            for s in old:
+                s.stop()
+
+    def get(self, spec: srv.ServerSpec) -> srv.Server:
+        group = self.live.get(spec)
+        if group and all(s.alive() for s in group):
+            self.live.move_to_end(spec)
+            return group[0]
+        self._drop(spec)
+        self._admit(spec, 1)
+        server = srv.launch(spec, self.log_dir)
+        self.live[spec] = [server]
+        return server
+
+    def get_upstream_epd(self, model_path: str) -> tuple[srv.Server, srv.Server]:
+        key = ("upstream-epd", model_path)
+        group = self.live.get(key)
+        if group and all(s.alive() for s in group):
+            self.live.move_to_end(key)
+            return group[0], group[1]
+        self._drop(key)
+        self._admit(key, 2)
+        enc, lang = srv.launch_upstream_epd(model_path, self.log_dir)
+        self.live[key] = [enc, lang]
+        return enc, lang
+
+    def _drop(self, key: object) -> None:
+        for s in self.live.pop(key, []):
+            s.stop()
+
+    def stop_all(self) -> None:
+        while self.live:
+            _, group = self.live.popitem()
+            for s in group:
+                s.stop()
+
+
+_POOL_KEY = pytest.StashKey[ServerPool]()
+_USED_KEY = pytest.StashKey[list]()
+
+
+@pytest.fixture(scope="session")
+def server_pool(request: pytest.FixtureRequest):
+    pool = ServerPool(LOG_DIR)
+    request.config.stash[_POOL_KEY] = pool
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture()
+def servers(server_pool: ServerPool, request: pytest.FixtureRequest):
+    """Per-test handle on the pool that remembers which servers the test used (for its report)."""
+    used: list[srv.Server] = []
+    request.node.stash[_USED_KEY] = used
+
+    class Handle:
+        def get(self, spec: srv.ServerSpec) -> srv.Server:
+            s = server_pool.get(spec)
+            used.append(s)
+            return s
+
+        def upstream_epd(self, model_path: str) -> tuple[srv.Server, srv.Server]:
+            pair = server_pool.get_upstream_epd(model_path)
+            used.extend(pair)
+            return pair
+
+    return Handle()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        for s in item.stash.get(_USED_KEY, []):
+            rep.sections.append((f"server log: {s.spec.name} :{s.port} (pid {s.pid})", s.log_tail()))

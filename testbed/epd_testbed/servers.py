@@ -1,0 +1,178 @@
+"""Real `python -m sglang.launch_server` processes for tests, the demo and benchmarks.
+
+A server is a subprocess in its own process group (SGLang forks scheduler and detokenizer
+children), on a free loopback port, with its log in a file so a failing test can show it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# fp32 + no dynamo: the test bed's exactness conditions (see docs/contributing.md).
+BASE_ENV = {"TORCHDYNAMO_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+BASE_ARGS = ("--dtype", "float32", "--host", "127.0.0.1", "--log-level", "info")
+DEFAULT_READY_TIMEOUT = float(os.environ.get("EPD_SERVER_READY_TIMEOUT", "300"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """What to launch: a model and extra `launch_server` arguments. Hashable, so tests that need
+    the same configuration share one server."""
+
+    model_path: str
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    name: str = "server"
+
+
+@dataclass
+class Server:
+    spec: ServerSpec
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+    started_at: float
+    ready_s: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, chars: int = 8000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "<no log>"
+
+    def wait_ready(self, timeout: float = DEFAULT_READY_TIMEOUT) -> "Server":
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if not self.alive():
+                raise ServerError(f"{self.spec.name} exited with {self.proc.returncode} before ready:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        self.ready_s = time.time() - self.started_at
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise ServerError(f"{self.spec.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, grace: float = 20.0) -> None:
+        """Stop the whole process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
+        if self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        # Children that outlived the leader still belong to the group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+    # ---- requests -------------------------------------------------------------------------
+    def post(self, path: str, payload: dict, timeout: float = 300) -> dict:
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise ServerError(f"{path} -> HTTP {e.code}: {e.read().decode(errors='replace')[:2000]}") from None
+
+    def get(self, path: str, timeout: float = 30) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read())
+
+
+def launch(spec: ServerSpec, log_dir: Path, *, port: int | None = None, wait: bool = True,
+           python: str = sys.executable) -> Server:
+    """Start ``python -m sglang.launch_server`` for ``spec``; wait until /health answers."""
+    port = port or free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{spec.name}-{port}.log"
+    cmd = [python, "-m", "sglang.launch_server", "--model-path", spec.model_path, "--port", str(port),
+           *BASE_ARGS, *spec.args]
+    env = dict(os.environ, **BASE_ENV, **dict(spec.env))
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, stdin=subprocess.DEVNULL)
+    server = Server(spec, port, proc, log_path, time.time())
+    return server.wait_ready() if wait else server
+
+
+def colocated_spec(model_path: str | Path, *args: str, name: str = "colocated") -> ServerSpec:
+    return ServerSpec(str(model_path), tuple(args), name=name)
+
+
+def upstream_epd_specs(model_path: str | Path, *, backend: str = "zmq_to_scheduler",
+                       encoder_port: int | None = None) -> tuple[ServerSpec, ServerSpec, int]:
+    """Upstream 0.5.23's own encoder disaggregation: an `--encoder-only` server and a
+    `--language-only` server pointed at it. This is the side-by-side baseline."""
+    encoder_port = encoder_port or free_port()
+    enc = ServerSpec(str(model_path), ("--encoder-only", "--encoder-transfer-backend", backend), name="upstream-encoder")
+    lang = ServerSpec(
+        str(model_path),
+        ("--language-only", "--encoder-urls", f"http://127.0.0.1:{encoder_port}",
+         "--encoder-transfer-backend", backend),
+        name="upstream-language",
+    )
+    return enc, lang, encoder_port
+
+
+def launch_upstream_epd(model_path: str | Path, log_dir: Path, backend: str = "zmq_to_scheduler") -> tuple[Server, Server]:
+    enc_spec, lang_spec, enc_port = upstream_epd_specs(model_path, backend=backend)
+    encoder = launch(enc_spec, log_dir, port=enc_port, wait=False)
+    language = launch(lang_spec, log_dir, wait=False)
+    try:
+        encoder.wait_ready()
+        language.wait_ready()
+    except Exception:
+        encoder.stop()
+        language.stop()
+        raise
+    return encoder, language
+
+
+def generate(server: Server, prompt: str, images: list[str] | None = None, max_new_tokens: int = 16) -> dict:
+    """Greedy /generate of a rendered prompt; images are paths or data URLs."""
+    payload: dict = {"text": prompt, "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens}}
+    if images:
+        payload["image_data"] = list(images)
+    return server.post("/generate", payload)
