@@ -170,9 +170,11 @@ def launch_upstream_epd(model_path: str | Path, log_dir: Path, backend: str = "z
     return encoder, language
 
 
-def generate(server: Server, prompt: str, images: list[str] | None = None, max_new_tokens: int = 16) -> dict:
+def generate(server: Server, prompt: str, images: list[str] | None = None, max_new_tokens: int = 16,
+             ignore_eos: bool = False) -> dict:
     """Greedy /generate of a rendered prompt; images are paths or data URLs."""
-    payload: dict = {"text": prompt, "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens}}
+    payload: dict = {"text": prompt, "sampling_params": {
+        "temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos}}
     if images:
         payload["image_data"] = list(images)
     return server.post("/generate", payload)
