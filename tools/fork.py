@@ -639,7 +639,9 @@ def ensure_shared_env(pin: Pin) -> Path:
     """Build the shared environment once (pinned wheel + requirements); reuse it afterwards."""
     env = shared_env_dir(pin)
     marker = env / ".sglang-fork-complete"
-    want = json.dumps({"wheel": pin.sha256, "requirements": sorted(pin.requirements)}, sort_keys=True)
+    constraints = REPO_ROOT / "fork" / "constraints.txt"
+    want = json.dumps({"wheel": pin.sha256, "requirements": sorted(pin.requirements),
+                       "constraints": sha256_file(constraints) if constraints.exists() else None}, sort_keys=True)
     if marker.exists() and marker.read_text() == want:
         log(f"shared environment ready (skipping install): {env}")
         return env
@@ -660,7 +662,9 @@ def ensure_shared_env(pin: Pin) -> Path:
         else:
             log(f"building the shared environment in {env} (about 8 minutes, ~11 GB)")
             subprocess.run([py, "-m", "venv", str(env)], check=True)
-        run_with_progress([str(env / "bin" / "python"), "-m", "pip", "install", "--progress-bar", "off",
+        # constraints.txt pins every transitive dependency to what this repository was tested with.
+        extra = ["-c", str(constraints)] if constraints.exists() else []
+        run_with_progress([str(env / "bin" / "python"), "-m", "pip", "install", "--progress-bar", "off", *extra,
                            str(wheel), *pin.requirements], "installing pinned sglang and requirements")
         marker.write_text(want)
     return env

@@ -113,6 +113,8 @@ class Server:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
             raise ServerError(f"{path} -> HTTP {e.code}: {e.read().decode(errors='replace')[:2000]}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            raise ServerError(f"{path} -> {e!r}; server alive={self.alive()}; log tail:\n{self.log_tail(3000)}") from None
 
     def get(self, path: str, timeout: float = 30) -> dict:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from epd_testbed.cases import VL_CASES, check_greedy_equal
-from epd_testbed.servers import colocated_spec
+from epd_testbed.servers import ServerError, colocated_spec
 from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
 pytestmark = pytest.mark.server
@@ -23,8 +23,10 @@ def test_colocated_matches_hf(servers, vl_model, case) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="upstream 0.5.23 hard-codes three deepstack layers (range(3) in Qwen3MoeLLMModel); "
-    "fixed by issue #3 'DeepStack as an optional parameter of Qwen3MoeModel'",
+    raises=ServerError,
+    reason="upstream 0.5.23 hard-codes three deepstack layers (range(3) in Qwen3MoeLLMModel): with K=2 "
+    "the first image request kills the scheduler ('The size of tensor a (128) must match the size of "
+    "tensor b (0)'); fixed by issue #3 'DeepStack as an optional parameter of Qwen3MoeModel'",
 )
 def test_colocated_k2_deepstack_matches_hf(servers) -> None:
     model = str(ensure_checkpoint(TinyVLMoeSpec(deepstack_visual_indexes=(0, 1))))
