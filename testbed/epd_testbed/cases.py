@@ -37,14 +37,15 @@ TEXT_CASES = (
 )
 
 
-def check_greedy_equal(server, model_path, case: Case, max_new_tokens: int = MAX_NEW_TOKENS) -> list[int]:
+def check_greedy_equal(server, model_path, case: Case, max_new_tokens: int = MAX_NEW_TOKENS,
+                       timeout: float = 300) -> list[int]:
     """Send ``case`` to ``server`` and assert its greedy tokens equal Hugging Face's."""
     from epd_testbed import servers
     from epd_testbed.hf_reference import hf_greedy, render_prompt
 
     prompt, image_paths = render_prompt(model_path, case.messages())
     expected = hf_greedy(model_path, case.messages(), max_new_tokens, ignore_eos=True)
-    out = servers.generate(server, prompt, image_paths, max_new_tokens, ignore_eos=True)
+    out = servers.generate(server, prompt, image_paths, max_new_tokens, ignore_eos=True, timeout=timeout)
     got = out["output_ids"]
     assert got == expected, f"{case.name}: sglang {got} != hf {expected}"
     assert len(set(expected)) > 1, f"{case.name}: degenerate reference {expected}"

@@ -21,7 +21,7 @@ from pathlib import Path
 # fp32 + no dynamo: the test bed's exactness conditions (see docs/contributing.md).
 BASE_ENV = {"TORCHDYNAMO_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
 BASE_ARGS = ("--dtype", "float32", "--host", "127.0.0.1", "--log-level", "info")
-DEFAULT_READY_TIMEOUT = float(os.environ.get("EPD_SERVER_READY_TIMEOUT", "300"))
+DEFAULT_READY_TIMEOUT = float(os.environ.get("EPD_SERVER_READY_TIMEOUT", "600"))
 
 
 def free_port() -> int:
@@ -31,7 +31,11 @@ def free_port() -> int:
 
 
 class ServerError(RuntimeError):
-    pass
+    """A server failed to start or died."""
+
+
+class RequestError(ServerError):
+    """A request to a running server failed (HTTP error, dropped connection, timeout)."""
 
 
 @dataclass(frozen=True)
@@ -112,9 +116,9 @@ class Server:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return json.loads(r.read())
         except urllib.error.HTTPError as e:
-            raise ServerError(f"{path} -> HTTP {e.code}: {e.read().decode(errors='replace')[:2000]}") from None
+            raise RequestError(f"{path} -> HTTP {e.code}: {e.read().decode(errors='replace')[:2000]}") from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-            raise ServerError(f"{path} -> {e!r}; server alive={self.alive()}; log tail:\n{self.log_tail(3000)}") from None
+            raise RequestError(f"{path} -> {e!r}; server alive={self.alive()}; log tail:\n{self.log_tail(3000)}") from None
 
     def get(self, path: str, timeout: float = 30) -> dict:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
@@ -173,10 +177,10 @@ def launch_upstream_epd(model_path: str | Path, log_dir: Path, backend: str = "z
 
 
 def generate(server: Server, prompt: str, images: list[str] | None = None, max_new_tokens: int = 16,
-             ignore_eos: bool = False) -> dict:
+             ignore_eos: bool = False, timeout: float = 300) -> dict:
     """Greedy /generate of a rendered prompt; images are paths or data URLs."""
     payload: dict = {"text": prompt, "sampling_params": {
         "temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": ignore_eos}}
     if images:
         payload["image_data"] = list(images)
-    return server.post("/generate", payload)
+    return server.post("/generate", payload, timeout=timeout)
