@@ -1,0 +1,414 @@
+"""``MultimodalDataBuffers``: the host block buffers both sides register with the transfer engine.
+
+Layout (N = ``num_blocks`` usable blocks plus one scratch block at index N; B tokens per block;
+H hidden size; K deepstack layers; E = embedding itemsize)::
+
+    slot 0  embeddings  [N+1, B, H]     embed dtype   B*H*E bytes per block
+    slot 1  fill_ids    [N+1, B]        int32         4*B
+    slot 2  mrope_pos   [N+1, 3, B]     int32         12*B
+    slot 3  aux         [N+1, A]        uint8         A = 48-byte RequestManifest header
+                                                          + ceil(B/8) bytes of multimodal bitmap,
+                                                          rounded up to 8 (64 for B = 128)
+    slot 4  deepstack   [N+1, B, K*H]   embed dtype   B*K*H*E  (absent, zero bytes, when K = 0)
+
+A request of T tokens of which M are multimodal occupies ceil(T/B) blocks and uses them as two
+streams that advance together:
+
+* the *token stream* (fill_ids, M-RoPE positions, aux): token t lives in block t // B, row t % B;
+* the *multimodal-row stream* (embeddings, deepstack): the i-th multimodal token's rows live in
+  block i // B, row i % B. Rows after M are never written or sent.
+
+So a text token costs 4 + 12 = 16 bytes on the wire and a multimodal token 16 + (1+K)*H*E bytes;
+a text token never ships an embedding or deepstack row (the language side embeds text itself).
+Saving versus a dense layout: (T - M) * (1+K) * H * E bytes per request; for Qwen3-VL-30B-A3B
+(H=2048, K=3, bf16) that is 16 KiB per text token, for 235B-A22B (H=4096) 32 KiB
+(docs/transport.md works the numbers for a 1024-image-token request).
+
+The aux bitmap tells the language side which tokens of a block are multimodal, so the received
+rows are placed exactly, without guessing from token ids.
+
+The scratch block (index N) is never handed out by the allocator: warm-up and health probes write
+there and only there (lesson 1: a warm-up write must never land in a real request's block).
+
+Host tensors are allocated once, registered once with the transfer engine, and pinned when a CUDA
+GPU is present.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from sglang.srt.disaggregation.encode_language.manifest import (
+    AUX_HEADER_BYTES,
+    LayoutManifest,
+    ProtocolError,
+    RequestManifest,
+    dtype_from_name,
+    dtype_name,
+)
+
+logger = logging.getLogger(__name__)
+
+SLOT_NAMES = ("embeddings", "fill_ids", "mrope_positions", "aux", "deepstack")
+
+
+@dataclasses.dataclass
+class MultimodalBufferConfig:
+    """Sizes of one side's buffers. A later issue fills these from server arguments."""
+
+    hidden_size: int
+    deepstack_count: int
+    block_size: int = 128
+    num_blocks: int = 256
+    embed_dtype: str = "bfloat16"
+    pin_memory: Optional[bool] = None  # None = pin iff torch.cuda.is_available()
+
+    def layout(self) -> LayoutManifest:
+        return LayoutManifest(
+            hidden_size=self.hidden_size,
+            deepstack_count=self.deepstack_count,
+            block_size=self.block_size,
+            embed_dtype=self.embed_dtype,
+            num_blocks=self.num_blocks,
+        )
+
+
+@dataclasses.dataclass
+class MultimodalPayload:
+    """One request as the encoder produced it.
+
+    fill_ids [T] int, mrope_positions [3, T] int, mm_mask [T] bool (True = multimodal token),
+    embeddings [M, H] and deepstack [M, K*H] (None when K = 0) for the M multimodal tokens in
+    prompt order, mrope_delta the M-RoPE position delta of the request.
+    """
+
+    fill_ids: torch.Tensor
+    mrope_positions: torch.Tensor
+    mm_mask: torch.Tensor
+    embeddings: torch.Tensor
+    deepstack: Optional[torch.Tensor]
+    mrope_delta: int
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.fill_ids.shape[0])
+
+    @property
+    def mm_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    def manifest(self, layout: LayoutManifest) -> RequestManifest:
+        return RequestManifest(
+            total_tokens=self.total_tokens,
+            mm_tokens=self.mm_tokens,
+            mrope_delta=int(self.mrope_delta),
+            deepstack_count=layout.deepstack_count,
+            embed_dtype=layout.embed_dtype,
+            hidden_size=layout.hidden_size,
+        )
+
+    def validate(self, layout: LayoutManifest) -> None:
+        T, H, K = self.total_tokens, layout.hidden_size, layout.deepstack_count
+        M = self.mm_tokens
+        if T < 1:
+            raise ValueError("payload has no tokens")
+        if self.fill_ids.dim() != 1:
+            raise ValueError(f"fill_ids must be [T], got {tuple(self.fill_ids.shape)}")
+        if tuple(self.mrope_positions.shape) != (3, T):
+            raise ValueError(f"mrope_positions must be [3, {T}], got {tuple(self.mrope_positions.shape)}")
+        if tuple(self.mm_mask.shape) != (T,) or self.mm_mask.dtype != torch.bool:
+            raise ValueError(f"mm_mask must be bool [{T}]")
+        n_mask = int(self.mm_mask.sum())
+        if n_mask != M:
+            raise ValueError(f"mm_mask marks {n_mask} multimodal tokens but embeddings has {M} rows")
+        if tuple(self.embeddings.shape) != (M, H):
+            raise ValueError(f"embeddings must be [{M}, {H}], got {tuple(self.embeddings.shape)}")
+        if self.embeddings.dtype != dtype_from_name(layout.embed_dtype):
+            raise ValueError(f"embeddings dtype {self.embeddings.dtype} != layout {layout.embed_dtype}")
+        if K == 0:
+            if self.deepstack is not None and self.deepstack.numel() != 0:
+                raise ValueError("layout has no deepstack slot (K = 0) but the payload carries deepstack")
+        else:
+            if self.deepstack is None or tuple(self.deepstack.shape) != (M, K * H):
+                got = None if self.deepstack is None else tuple(self.deepstack.shape)
+                raise ValueError(f"deepstack must be [{M}, {K * H}], got {got}")
+            if self.deepstack.dtype != self.embeddings.dtype:
+                raise ValueError("deepstack dtype differs from embeddings dtype")
+
+
+@dataclasses.dataclass
+class ReceivedData:
+    """What the language side takes out: copies, never views into blocks."""
+
+    manifest: RequestManifest
+    fill_ids: torch.Tensor  # [T]
+    mrope_positions: torch.Tensor  # [3, T]
+    mm_mask: torch.Tensor  # [T] bool
+    embeddings: torch.Tensor  # [M, H]
+    deepstack: Optional[torch.Tensor]  # [M, K*H] or None when K = 0
+
+
+def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class MultimodalDataBuffers:
+    """Host block buffers of one side (encode or language)."""
+
+    def __init__(self, config: MultimodalBufferConfig):
+        self.config = config
+        self.layout = config.layout()
+        L = self.layout
+        self.num_blocks = L.num_blocks
+        self.block_size = B = L.block_size
+        self.scratch_block = L.num_blocks  # never allocated to a request
+        n = L.num_blocks + 1
+        pin = torch.cuda.is_available() if config.pin_memory is None else config.pin_memory
+        self.pinned = bool(pin)
+        edt = dtype_from_name(L.embed_dtype)
+
+        def alloc(shape, dtype):
+            return torch.zeros(shape, dtype=dtype, pin_memory=self.pinned)
+
+        self.embeddings = alloc((n, B, L.hidden_size), edt)
+        self.fill_ids = alloc((n, B), dtype_from_name(L.id_dtype))
+        self.mrope_positions = alloc((n, 3, B), dtype_from_name(L.pos_dtype))
+        self.aux = alloc((n, L.aux_bytes), torch.uint8)
+        self.deepstack = (
+            alloc((n, B, L.deepstack_count * L.hidden_size), edt) if L.deepstack_count > 0 else None
+        )
+        self._registered_with = None
+        logger.info(
+            "MultimodalDataBuffers: %d blocks x %d tokens (+1 scratch), H=%d K=%d %s: "
+            "%.1f MiB host memory (%s)",
+            L.num_blocks,
+            B,
+            L.hidden_size,
+            L.deepstack_count,
+            L.embed_dtype,
+            self.nbytes() / 2**20,
+            "pinned" if self.pinned else "pageable",
+        )
+
+    # Slots --------------------------------------------------------------------------------
+    def slots(self) -> List[torch.Tensor]:
+        s = [self.embeddings, self.fill_ids, self.mrope_positions, self.aux]
+        if self.deepstack is not None:
+            s.append(self.deepstack)
+        return s
+
+    def slot_ptrs(self) -> List[int]:
+        return [t.data_ptr() for t in self.slots()]
+
+    def slot_block_bytes(self) -> List[int]:
+        return [t[0].numel() * t.element_size() for t in self.slots()]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.slots())
+
+    def register(self, engine) -> None:
+        """Register every slot once with a MooncakeTransferEngine-like object."""
+        if self._registered_with is not None:
+            if self._registered_with is engine:
+                return
+            raise RuntimeError("MultimodalDataBuffers are already registered with another engine")
+        for t in self.slots():
+            engine.register(t.data_ptr(), t.numel() * t.element_size())
+        self._registered_with = engine
+
+    def deregister(self) -> None:
+        if self._registered_with is None:
+            return
+        for t in self.slots():
+            try:
+                self._registered_with.deregister(t.data_ptr())
+            except Exception:  # engine may already be gone at shutdown
+                logger.debug("deregister failed", exc_info=True)
+        self._registered_with = None
+
+    def _check_blocks(self, blocks: Sequence[int], n: int) -> None:
+        if len(blocks) < n:
+            raise ValueError(f"need {n} blocks, got {len(blocks)}")
+        for b in blocks[:n]:
+            if not (0 <= b < self.num_blocks):
+                raise ValueError(f"block {b} out of range 0..{self.num_blocks - 1}")
+
+    # Encode side: write a request -----------------------------------------------------------
+    def write_request(self, blocks: Sequence[int], payload: MultimodalPayload) -> RequestManifest:
+        """Copy a whole ``payload`` into ``blocks`` (token stream and multimodal-row stream, see
+        the module docstring). Returns the request manifest written into every aux slot."""
+        return self.write_range(blocks, payload, 0, payload.total_tokens, 0, payload.mm_tokens)
+
+    def write_range(
+        self,
+        blocks: Sequence[int],
+        payload: MultimodalPayload,
+        token_start: int,
+        token_count: int,
+        mm_start: int,
+        mm_count: int,
+    ) -> RequestManifest:
+        """Stage tokens ``[token_start, +token_count)`` and multimodal rows ``[mm_start, +mm_count)``
+        of ``payload`` into ``blocks`` (block k holds the k-th B tokens / rows of the range).
+        ``token_start`` is a multiple of B; each aux slot gets the manifest, the block's index in
+        the request and its multimodal bitmap."""
+        L, B = self.layout, self.block_size
+        payload.validate(L)
+        T, M = payload.total_tokens, payload.mm_tokens
+        if token_start % B or not (0 < token_count and token_start + token_count <= T):
+            raise ValueError(f"bad token range [{token_start}, +{token_count}) for {T} tokens, B={B}")
+        if mm_count and (mm_start % B or mm_start + mm_count > M):
+            raise ValueError(f"bad multimodal range [{mm_start}, +{mm_count}) for {M} rows, B={B}")
+        nb = blocks_for_tokens(token_count, B)
+        self._check_blocks(blocks, nb)
+        manifest = payload.manifest(L)
+        ids = payload.fill_ids.to(self.fill_ids.dtype)
+        pos = payload.mrope_positions.to(self.mrope_positions.dtype)
+        mask = payload.mm_mask.to("cpu").numpy()
+        for j in range(nb):
+            b = blocks[j]
+            t0, t1 = token_start + j * B, min(token_start + token_count, token_start + (j + 1) * B)
+            c = t1 - t0
+            self.fill_ids[b, :c].copy_(ids[t0:t1], non_blocking=True)
+            self.mrope_positions[b, :, :c].copy_(pos[:, t0:t1], non_blocking=True)
+            a = self.aux[b].numpy()
+            a[:] = 0
+            header = manifest.pack(t0 // B)
+            bits = np.packbits(mask[t0:t1], bitorder="little")
+            a[: len(header)] = np.frombuffer(header, dtype=np.uint8)
+            a[AUX_HEADER_BYTES : AUX_HEADER_BYTES + len(bits)] = bits
+            m0, m1 = mm_start + j * B, min(mm_start + mm_count, mm_start + (j + 1) * B)
+            if m1 > m0:
+                self.embeddings[b, : m1 - m0].copy_(payload.embeddings[m0:m1], non_blocking=True)
+                if self.deepstack is not None:
+                    self.deepstack[b, : m1 - m0].copy_(payload.deepstack[m0:m1], non_blocking=True)
+        if payload.embeddings.is_cuda:
+            torch.cuda.current_stream().synchronize()
+        return manifest
+
+    # Language side: read a round out ---------------------------------------------------------
+    def read_manifest(self, block: int) -> Tuple[RequestManifest, int]:
+        return RequestManifest.unpack(self.aux[block].numpy().tobytes())
+
+    def read_round(
+        self, blocks: Sequence[int], token_count: int, mm_count: int
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Copy a round's data out of ``blocks``: (fill_ids [c], positions [3, c], mm_mask [c],
+        embeddings [m, H], deepstack [m, K*H] or None). Copies, never views."""
+        B = self.block_size
+        nb = blocks_for_tokens(max(token_count, 1), B)
+        self._check_blocks(blocks, nb)
+        idx = torch.tensor(list(blocks[:nb]), dtype=torch.long)
+        ids = self.fill_ids[idx].reshape(-1)[:token_count].clone()
+        pos = self.mrope_positions[idx].permute(1, 0, 2).reshape(3, -1)[:, :token_count].clone()
+        bits = self.aux[idx][:, AUX_HEADER_BYTES : AUX_HEADER_BYTES + (B + 7) // 8].numpy()
+        mask = np.unpackbits(bits, axis=1, count=B, bitorder="little").reshape(-1)[:token_count]
+        mask = torch.from_numpy(mask.astype(np.bool_))
+        nmb = blocks_for_tokens(mm_count, B)
+        if nmb:
+            midx = idx[:nmb]
+            emb = self.embeddings[midx].reshape(-1, self.layout.hidden_size)[:mm_count].clone()
+            ds = (
+                self.deepstack[midx].reshape(-1, self.deepstack.shape[-1])[:mm_count].clone()
+                if self.deepstack is not None
+                else None
+            )
+        else:
+            emb = self.embeddings.new_empty((0, self.layout.hidden_size))
+            ds = self.deepstack.new_empty((0, self.deepstack.shape[-1])) if self.deepstack is not None else None
+        return ids, pos, mask, emb, ds
+
+    # Transfer plan ------------------------------------------------------------------------------
+    def round_segments(
+        self,
+        src_blocks: Sequence[int],
+        dst_blocks: Sequence[int],
+        token_count: int,
+        mm_count: int,
+        remote_ptrs: Sequence[int],
+    ) -> Tuple[List[int], List[int], List[int]]:
+        """(src addresses, dst addresses, lengths) that move ``token_count`` tokens and
+        ``mm_count`` multimodal rows from local ``src_blocks`` into the peer's ``dst_blocks``
+        (k-th source block -> k-th destination block). Only valid rows are sent; contiguous
+        runs of blocks on both sides are merged into one segment per slot."""
+        B, L = self.block_size, self.layout
+        local_ptrs = self.slot_ptrs()
+        blk = self.slot_block_bytes()
+        if len(remote_ptrs) != len(local_ptrs):
+            raise ValueError(f"peer registered {len(remote_ptrs)} slots, this side has {len(local_ptrs)}")
+        srcs: List[int] = []
+        dsts: List[int] = []
+        lens: List[int] = []
+
+        def add(s, d, n):
+            if n <= 0:
+                return
+            if srcs and srcs[-1] + lens[-1] == s and dsts[-1] + lens[-1] == d:
+                lens[-1] += n
+            else:
+                srcs.append(s)
+                dsts.append(d)
+                lens.append(n)
+
+        nb = blocks_for_tokens(token_count, B)
+        nmb = blocks_for_tokens(mm_count, B)
+        if len(src_blocks) < nb or len(dst_blocks) < nb:
+            raise ValueError(f"round needs {nb} blocks: src has {len(src_blocks)}, dst {len(dst_blocks)}")
+        id_sz = self.fill_ids.element_size()
+        pos_sz = self.mrope_positions.element_size()
+        # slot 1: fill ids
+        for k in range(nb):
+            c = min(B, token_count - k * B)
+            add(local_ptrs[1] + src_blocks[k] * blk[1], remote_ptrs[1] + dst_blocks[k] * blk[1], c * id_sz)
+        # slot 2: positions, three rows of B per block
+        for k in range(nb):
+            c = min(B, token_count - k * B)
+            if c == B:
+                add(local_ptrs[2] + src_blocks[k] * blk[2], remote_ptrs[2] + dst_blocks[k] * blk[2], blk[2])
+            else:
+                for r in range(3):
+                    off = r * B * pos_sz
+                    add(local_ptrs[2] + src_blocks[k] * blk[2] + off, remote_ptrs[2] + dst_blocks[k] * blk[2] + off, c * pos_sz)
+        # slot 3: aux, whole slot
+        for k in range(nb):
+            add(local_ptrs[3] + src_blocks[k] * blk[3], remote_ptrs[3] + dst_blocks[k] * blk[3], blk[3])
+        # slots 0 and 4: multimodal rows only
+        row_slots = [(0, L.embed_row_bytes)]
+        if self.deepstack is not None:
+            row_slots.append((4, L.deepstack_row_bytes))
+        for slot, row_bytes in row_slots:
+            for k in range(nmb):
+                c = min(B, mm_count - k * B)
+                add(local_ptrs[slot] + src_blocks[k] * blk[slot], remote_ptrs[slot] + dst_blocks[k] * blk[slot], c * row_bytes)
+        return srcs, dsts, lens
+
+    # Scratch (warm-up / health) ---------------------------------------------------------------
+    def scratch_aux_address(self) -> int:
+        return self.aux.data_ptr() + self.scratch_block * self.aux[0].numel()
+
+    def write_scratch_nonce(self, nonce: int) -> None:
+        self.aux[self.scratch_block, :8].copy_(torch.tensor([nonce], dtype=torch.int64).view(torch.uint8))
+
+    def read_scratch_nonce(self) -> int:
+        return int(self.aux[self.scratch_block, :8].view(torch.int64).item())
+
+
+def describe_layout(layout: LayoutManifest) -> str:
+    return (
+        f"H={layout.hidden_size} K={layout.deepstack_count} B={layout.block_size} "
+        f"{layout.embed_dtype} slots={layout.num_slots}"
+    )
+
+
+__all__ = [
+    "MultimodalBufferConfig",
+    "MultimodalDataBuffers",
+    "MultimodalPayload",
+    "ReceivedData",
+    "blocks_for_tokens",
+    "dtype_name",
+]

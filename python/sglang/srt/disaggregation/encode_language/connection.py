@@ -1,0 +1,313 @@
+"""What both sides of the encode -> language connection share.
+
+* ``ConnectionConfig``: timeouts and reservation sizes with documented defaults.
+* ``ControlChannel``: one ZMQ PULL socket per manager (its endpoint is the manager id) plus a
+  PUSH socket per peer, guarded by a lock, never blocking: control messages are the typed
+  structures of ``manifest.py``; a malformed or unknown one is logged, counted and dropped.
+* ``ManagerBase``: a ``BaseKVManager`` that owns the buffers, the block allocator, the Mooncake
+  engine (upstream's ``MooncakeTransferEngine`` wrapper) and one control thread. The control
+  thread handles every message and every timer (timeouts, heartbeat); an exception while handling
+  one message fails at most the request it concerns, never the thread.
+
+The encode side lives in ``sender.py``, the language side in ``receiver.py``; docs/transport.md
+describes the state machine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from typing import Callable, Dict, List, Optional
+
+import zmq
+
+from sglang.srt.disaggregation.base.conn import BaseKVManager, KVPoll
+from sglang.srt.distributed.device_communicators.mooncake_transfer_engine import (
+    MooncakeTransferEngine,
+)
+from sglang.srt.disaggregation.encode_language.allocator import BlockAllocator
+from sglang.srt.disaggregation.encode_language.buffers import (
+    MultimodalBufferConfig,
+    MultimodalDataBuffers,
+)
+from sglang.srt.disaggregation.encode_language.manifest import (
+    Message,
+    Ping,
+    Pong,
+    ProtocolError,
+    decode_message,
+    encode_message,
+    make,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ConnectionConfig:
+    """Transport settings. Defaults are meant for serving; tests shrink them."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # control port; 0 = any free port
+    # Language side: tokens reserved when a request arrives, and per resume round
+    # (None = the same as default_reserve_tokens, so a resume always reuses its own blocks).
+    default_reserve_tokens: int = 2048
+    resume_tokens: Optional[int] = None
+    # Timeouts (seconds).
+    bootstrap_timeout_s: float = 30.0  # peer registered + every destination reserved
+    waiting_timeout_s: float = 300.0  # language: reserved -> first round arrives
+    transfer_timeout_s: float = 60.0  # language: a further round requested -> it arrives
+    resume_timeout_s: float = 60.0  # encoder: partial round -> all destinations ask for more;
+    #                                 language: waiting for resume blocks
+    abort_ack_timeout_s: float = 30.0  # language: abort sent -> encoder confirms no write in flight
+    heartbeat_interval_s: float = 2.0
+    heartbeat_max_failures: int = 3  # missed pongs in a row = peer dead
+    num_transfer_workers: int = 2  # encode side
+    tick_s: float = 0.02  # control-thread poll period
+
+
+class TransferError(RuntimeError):
+    """A request failed; ``reason`` says why."""
+
+    def __init__(self, room: int, reason: str):
+        super().__init__(f"bootstrap room {room}: {reason}")
+        self.room = room
+        self.reason = reason
+
+
+class RoomInUseError(RuntimeError):
+    pass
+
+
+class ControlChannel:
+    """Typed control messages over ZMQ PUSH/PULL on ``host:port``."""
+
+    def __init__(self, host: str, port: int):
+        self.ctx = zmq.Context()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        if port:
+            self.pull.bind(f"tcp://{host}:{port}")
+        else:
+            port = self.pull.bind_to_random_port(f"tcp://{host}")
+        self.endpoint = f"{host}:{port}"
+        self._push: Dict[str, zmq.Socket] = {}
+        self._lock = threading.Lock()
+        self.rejected = 0  # malformed / unknown messages dropped
+
+    def send(self, endpoint: str, msg) -> bool:
+        data = encode_message(msg)
+        with self._lock:
+            sock = self._push.get(endpoint)
+            if sock is None:
+                sock = self.ctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDHWM, 10000)
+                sock.connect(f"tcp://{endpoint}")
+                self._push[endpoint] = sock
+            try:
+                sock.send(data, zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                logger.warning("control queue to %s is full; dropped %s", endpoint, type(msg).__name__)
+                return False
+
+    def send_raw(self, endpoint: str, data: bytes) -> None:
+        """For tests of garbage handling only."""
+        with self._lock:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 1000)
+            sock.connect(f"tcp://{endpoint}")
+            sock.send(data)
+            sock.close()
+
+    def recv(self, timeout_s: float) -> Optional[Message]:
+        """One decoded message, or None on timeout or a rejected message."""
+        if not self.pull.poll(int(timeout_s * 1000)):
+            return None
+        data = self.pull.recv()
+        try:
+            return decode_message(data)
+        except ProtocolError as e:
+            self.rejected += 1
+            logger.warning("rejected control message (%d bytes): %s", len(data), e)
+            return None
+
+    def close(self) -> None:
+        with self._lock:
+            for s in self._push.values():
+                s.close()
+            self._push.clear()
+            self.pull.close()
+        self.ctx.term()
+
+
+@dataclasses.dataclass
+class PeerHealth:
+    """Heartbeat bookkeeping for one peer."""
+
+    endpoint: str
+    missed: int = 0
+    outstanding: Optional[int] = None  # nonce of the unanswered ping
+    next_ping: float = 0.0
+    dead: bool = False
+
+
+def make_transfer_engine(host: str):
+    """Upstream's Mooncake wrapper (protocol from MOONCAKE_PROTOCOL / MC_FORCE_TCP, P2P handshake)."""
+    return MooncakeTransferEngine(hostname=host, gpu_id=0, ib_device=None)
+
+
+class ManagerBase(BaseKVManager):
+    """Buffers + allocator + engine + control thread. Subclasses handle messages and timers."""
+
+    role = "base"
+
+    def __init__(
+        self,
+        buffer_config: MultimodalBufferConfig,
+        config: Optional[ConnectionConfig] = None,
+        engine=None,
+    ):
+        # BaseKVManager.__init__ is abstract with KV-cache arguments; nothing to call.
+        self.config = config or ConnectionConfig()
+        self.buffers = MultimodalDataBuffers(buffer_config)
+        self.layout = self.buffers.layout
+        self.allocator = BlockAllocator(self.layout.num_blocks, name=f"{self.role} blocks")
+        self.engine = engine if engine is not None else make_transfer_engine(self.config.host)
+        self.session_id = self.engine.get_session_id()
+        self.buffers.register(self.engine)
+        self.channel = ControlChannel(self.config.host, self.config.port)
+        self.manager_id = self.channel.endpoint
+        self.lock = threading.RLock()
+        self.health: Dict[str, PeerHealth] = {}
+        self._nonce = itertools.count(1)
+        self._closed = threading.Event()
+        self.thread_errors = 0  # exceptions caught in handlers (each failed one request at most)
+        self._thread = threading.Thread(target=self._control_loop, name=f"el-{self.role}-control", daemon=True)
+        self._thread.start()
+
+    # BaseKVManager --------------------------------------------------------------------------
+    def register_to_bootstrap(self):
+        """The control endpoint is the bootstrap address; nothing else to register."""
+        return self.manager_id
+
+    @property
+    def bootstrap_addr(self) -> str:
+        return self.manager_id
+
+    # Control thread -------------------------------------------------------------------------
+    def _control_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                msg = self.channel.recv(self.config.tick_s)
+                if msg is not None:
+                    self._dispatch(msg)
+                self._tick(time.monotonic())
+            except zmq.ContextTerminated:
+                return
+            except Exception:
+                if self._closed.is_set():
+                    return
+                self.thread_errors += 1
+                logger.exception("%s control thread: error handling a message or timer", self.role)
+
+    def _dispatch(self, msg: Message) -> None:
+        if isinstance(msg, Ping):
+            self.channel.send(msg.manager_id, make(Pong, manager_id=self.manager_id, nonce=self._pong_nonce(msg)))
+        elif isinstance(msg, Pong):
+            with self.lock:
+                h = self.health.get(msg.manager_id)
+                if h is not None and h.outstanding is not None:
+                    h.outstanding = None
+                    h.missed = 0
+            self._on_pong(msg)
+        else:
+            self._handle(msg)
+
+    def _pong_nonce(self, ping: Ping) -> int:
+        return ping.nonce
+
+    def _on_pong(self, msg: Pong) -> None:
+        pass
+
+    def _handle(self, msg: Message) -> None:
+        raise NotImplementedError
+
+    def _tick(self, now: float) -> None:
+        self._heartbeat(now)
+
+    def _active_peers(self) -> List[str]:
+        """Peers with at least one live request; only those are pinged."""
+        raise NotImplementedError
+
+    def _heartbeat(self, now: float) -> None:
+        cfg = self.config
+        peers = set(self._active_peers())
+        dead: List[str] = []
+        with self.lock:
+            for ep in list(self.health):
+                if ep not in peers and not self.health[ep].dead:
+                    del self.health[ep]
+            for ep in peers:
+                h = self.health.setdefault(ep, PeerHealth(ep, next_ping=now + cfg.heartbeat_interval_s))
+                if h.dead or now < h.next_ping:
+                    continue
+                if h.outstanding is not None:
+                    h.missed += 1
+                    if h.missed >= cfg.heartbeat_max_failures:
+                        h.dead = True
+                        dead.append(ep)
+                        continue
+                h.outstanding = next(self._nonce)
+                h.next_ping = now + cfg.heartbeat_interval_s
+                self.channel.send(ep, make(Ping, manager_id=self.manager_id, nonce=h.outstanding))
+        for ep in dead:
+            logger.error("%s: peer %s missed %d heartbeats; failing its requests", self.role, ep, cfg.heartbeat_max_failures)
+            self._on_peer_dead(ep, f"peer {ep} is unreachable (missed {cfg.heartbeat_max_failures} heartbeats)")
+
+    def _on_peer_dead(self, endpoint: str, reason: str) -> None:
+        raise NotImplementedError
+
+    def peer_is_dead(self, endpoint: str) -> bool:
+        with self.lock:
+            h = self.health.get(endpoint)
+            return bool(h and h.dead)
+
+    def revive_peer(self, endpoint: str) -> None:
+        """Forget that a peer was declared dead (e.g. it restarted on the same address)."""
+        with self.lock:
+            self.health.pop(endpoint, None)
+
+    # Lifecycle ------------------------------------------------------------------------------
+    def wait_until(self, pred: Callable[[], bool], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if pred():
+                return True
+            time.sleep(0.01)
+        return pred()
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._thread.join(timeout=5)
+        self._close_workers()
+        self.channel.close()
+        self.buffers.deregister()
+
+    def _close_workers(self) -> None:
+        pass
+
+
+__all__ = [
+    "ConnectionConfig",
+    "ControlChannel",
+    "KVPoll",
+    "ManagerBase",
+    "RoomInUseError",
+    "TransferError",
+]

@@ -1,0 +1,386 @@
+"""Manifests and typed control messages of the encode -> language transport.
+
+Three things live here because both sides must agree on them byte for byte:
+
+* ``LayoutManifest``: the shape of a side's ``MultimodalDataBuffers`` (hidden size H, deepstack
+  count K, block size B, dtypes, slot count, ``LAYOUT_VERSION``). Exchanged at registration and
+  compared field by field; a mismatch names the field and no byte moves.
+* ``RequestManifest``: what one request carries (total tokens, multimodal token count, M-RoPE
+  delta, K, dtype, H, layout version). Packed into the fixed-size aux slot of every block, followed
+  by the bitmap of which of the block's B tokens are multimodal, so the language side knows exactly
+  where the received embedding rows go without guessing from token ids.
+* Control messages: msgspec structs with an explicit ``type`` tag and a ``version`` field, encoded
+  as msgpack maps (named fields, never positional frames). ``decode_message`` rejects anything
+  malformed, unknown or of another version with a ``ProtocolError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import struct
+from typing import List, Optional, Union
+
+import msgspec
+import torch
+
+LAYOUT_VERSION = 1
+PROTOCOL_VERSION = 1
+
+# dtype <-> wire name; the names are what manifests carry.
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
+_DTYPE_CODES = {"bfloat16": 1, "float16": 2, "float32": 3}
+
+
+class LayoutMismatchError(ValueError):
+    """The two sides' buffer layouts differ; carries the name of the first differing field."""
+
+    def __init__(self, field: str, local, remote, where: str = ""):
+        self.field = field
+        self.local = local
+        self.remote = remote
+        super().__init__(
+            f"buffer layout mismatch{(' with ' + where) if where else ''}: "
+            f"field '{field}' is {local!r} here but {remote!r} on the peer"
+        )
+
+
+class ProtocolError(ValueError):
+    """A control message (or aux header) that is malformed, unknown or of another version."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, dt in _DTYPES.items():
+        if dt == dtype:
+            return name
+    raise ValueError(f"unsupported dtype {dtype}")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype name {name!r}") from None
+
+
+def itemsize(name: str) -> int:
+    return torch.empty((), dtype=dtype_from_name(name)).element_size()
+
+
+# --------------------------------------------------------------------------------------------
+# Per-request manifest (aux slot)
+# --------------------------------------------------------------------------------------------
+
+# magic, layout version, dtype code, K, H, total tokens, mm tokens, mrope delta, block index
+_AUX_HEADER = struct.Struct("<4sHHiiqqqi4x")
+AUX_MAGIC = b"ELMM"
+AUX_HEADER_BYTES = _AUX_HEADER.size  # 48
+
+
+def aux_slot_bytes(block_size: int) -> int:
+    """Header plus one bit per token of the block, rounded up to 8 bytes."""
+    raw = AUX_HEADER_BYTES + (block_size + 7) // 8
+    return (raw + 7) // 8 * 8
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestManifest:
+    """What one request carries; written into every block's aux slot."""
+
+    total_tokens: int
+    mm_tokens: int
+    mrope_delta: int
+    deepstack_count: int
+    embed_dtype: str
+    hidden_size: int
+    layout_version: int = LAYOUT_VERSION
+
+    def pack(self, block_index: int) -> bytes:
+        return _AUX_HEADER.pack(
+            AUX_MAGIC,
+            self.layout_version,
+            _DTYPE_CODES[self.embed_dtype],
+            self.deepstack_count,
+            self.hidden_size,
+            self.total_tokens,
+            self.mm_tokens,
+            self.mrope_delta,
+            block_index,
+        )
+
+    @staticmethod
+    def unpack(data: bytes) -> tuple["RequestManifest", int]:
+        """Returns (manifest, block index); ProtocolError on a header that is not ours."""
+        if len(data) < AUX_HEADER_BYTES:
+            raise ProtocolError(f"aux header too short: {len(data)} bytes")
+        magic, ver, code, k, h, total, mm, delta, block_index = _AUX_HEADER.unpack(
+            bytes(data[:AUX_HEADER_BYTES])
+        )
+        if magic != AUX_MAGIC:
+            raise ProtocolError(f"aux header has bad magic {magic!r}")
+        names = {v: n for n, v in _DTYPE_CODES.items()}
+        if code not in names:
+            raise ProtocolError(f"aux header has unknown dtype code {code}")
+        return (
+            RequestManifest(
+                total_tokens=total,
+                mm_tokens=mm,
+                mrope_delta=delta,
+                deepstack_count=k,
+                embed_dtype=names[code],
+                hidden_size=h,
+                layout_version=ver,
+            ),
+            block_index,
+        )
+
+    def check_against(self, layout: "LayoutManifest") -> None:
+        """Raise LayoutMismatchError if this request cannot live in buffers of ``layout``."""
+        for field, mine, theirs in (
+            ("layout_version", layout.layout_version, self.layout_version),
+            ("hidden_size", layout.hidden_size, self.hidden_size),
+            ("deepstack_count", layout.deepstack_count, self.deepstack_count),
+            ("embed_dtype", layout.embed_dtype, self.embed_dtype),
+        ):
+            if mine != theirs:
+                raise LayoutMismatchError(field, mine, theirs, "request manifest")
+        if not (0 <= self.mm_tokens <= self.total_tokens) or self.total_tokens < 1:
+            raise ProtocolError(
+                f"request manifest has inconsistent counts: total_tokens={self.total_tokens} "
+                f"mm_tokens={self.mm_tokens}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Buffer layout manifest (exchanged at registration)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutManifest:
+    """Shape of one side's buffers. Everything but ``num_blocks`` must match the peer's."""
+
+    hidden_size: int
+    deepstack_count: int
+    block_size: int
+    embed_dtype: str = "bfloat16"
+    id_dtype: str = "int32"
+    pos_dtype: str = "int32"
+    aux_bytes: int = 0  # 0 = derived from block_size
+    num_slots: int = 0  # 0 = derived from deepstack_count
+    num_blocks: int = 0  # local pool size; not compared
+    layout_version: int = LAYOUT_VERSION
+
+    # Fields compared between the two sides, in the order errors report them.
+    COMPARED = (
+        "layout_version",
+        "hidden_size",
+        "deepstack_count",
+        "block_size",
+        "embed_dtype",
+        "id_dtype",
+        "pos_dtype",
+        "aux_bytes",
+        "num_slots",
+    )
+
+    def __post_init__(self):
+        if self.aux_bytes == 0:
+            object.__setattr__(self, "aux_bytes", aux_slot_bytes(self.block_size))
+        if self.num_slots == 0:
+            object.__setattr__(self, "num_slots", 5 if self.deepstack_count > 0 else 4)
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(field, why):
+            raise ValueError(f"invalid buffer layout: {field} {why}")
+
+        if not isinstance(self.hidden_size, int) or self.hidden_size <= 0:
+            bad("hidden_size", f"must be a positive int, got {self.hidden_size!r}")
+        if not isinstance(self.deepstack_count, int) or self.deepstack_count < 0:
+            bad("deepstack_count", f"must be an int >= 0, got {self.deepstack_count!r}")
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            bad("block_size", f"must be a positive int, got {self.block_size!r}")
+        if self.embed_dtype not in _DTYPE_CODES:
+            bad("embed_dtype", f"must be one of {sorted(_DTYPE_CODES)}, got {self.embed_dtype!r}")
+        for f in ("id_dtype", "pos_dtype"):
+            if getattr(self, f) not in ("int32", "int64"):
+                bad(f, f"must be int32 or int64, got {getattr(self, f)!r}")
+        if self.aux_bytes < aux_slot_bytes(self.block_size):
+            bad("aux_bytes", f"must be >= {aux_slot_bytes(self.block_size)}, got {self.aux_bytes}")
+        expect_slots = 5 if self.deepstack_count > 0 else 4
+        if self.num_slots != expect_slots:
+            bad("num_slots", f"must be {expect_slots} for deepstack_count={self.deepstack_count}")
+        if not isinstance(self.num_blocks, int) or self.num_blocks < 0:
+            bad("num_blocks", f"must be an int >= 0, got {self.num_blocks!r}")
+        if self.layout_version != LAYOUT_VERSION:
+            bad("layout_version", f"{self.layout_version} is not supported (this build: {LAYOUT_VERSION})")
+
+    def check_compatible(self, remote: "LayoutManifest", where: str = "") -> None:
+        for field in self.COMPARED:
+            mine, theirs = getattr(self, field), getattr(remote, field)
+            if mine != theirs:
+                raise LayoutMismatchError(field, mine, theirs, where)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "LayoutManifest":
+        if not isinstance(d, dict):
+            raise ProtocolError(f"layout manifest must be a map, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(LayoutManifest)}
+        unknown = set(d) - names
+        if unknown:
+            raise ProtocolError(f"layout manifest has unknown fields {sorted(unknown)}")
+        try:
+            return LayoutManifest(**d)
+        except (TypeError, ValueError) as e:
+            raise ProtocolError(f"invalid layout manifest: {e}") from e
+
+    # Sizes -------------------------------------------------------------------------------
+    @property
+    def embed_itemsize(self) -> int:
+        return itemsize(self.embed_dtype)
+
+    @property
+    def embed_row_bytes(self) -> int:
+        return self.hidden_size * self.embed_itemsize
+
+    @property
+    def deepstack_row_bytes(self) -> int:
+        return self.deepstack_count * self.hidden_size * self.embed_itemsize
+
+    @property
+    def token_bytes(self) -> int:
+        """Wire bytes every token costs (fill id + 3 M-RoPE positions)."""
+        return itemsize(self.id_dtype) + 3 * itemsize(self.pos_dtype)
+
+    @property
+    def mm_row_bytes(self) -> int:
+        """Extra wire bytes a multimodal token costs (embedding + deepstack rows)."""
+        return self.embed_row_bytes + self.deepstack_row_bytes
+
+    def wire_bytes(self, total_tokens: int, mm_tokens: int) -> int:
+        """Bytes one request moves: every token's ids and positions, multimodal rows only, aux."""
+        nblocks = -(-total_tokens // self.block_size)
+        return total_tokens * self.token_bytes + mm_tokens * self.mm_row_bytes + nblocks * self.aux_bytes
+
+    def dense_wire_bytes(self, total_tokens: int) -> int:
+        """What a layout that ships an embedding and deepstack row for every token would move."""
+        nblocks = -(-total_tokens // self.block_size)
+        return total_tokens * (self.token_bytes + self.mm_row_bytes) + nblocks * self.aux_bytes
+
+
+# --------------------------------------------------------------------------------------------
+# Control messages
+# --------------------------------------------------------------------------------------------
+
+
+class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, frozen=True):
+    version: int
+
+
+class Register(_Msg, tag="register"):
+    """Language manager -> encoder: who I am, where my buffers are, what they look like."""
+
+    manager_id: str  # the language manager's control endpoint "host:port"
+    session_id: str  # Mooncake session id of the language engine
+    layout: dict
+    slot_ptrs: List[int]  # base address of each slot buffer, in slot order
+    slot_block_bytes: List[int]  # bytes one block occupies in each slot
+
+
+class RegisterAck(_Msg, tag="register_ack"):
+    """Encoder -> language manager: accepted, or the reason not (layout mismatch)."""
+
+    manager_id: str  # the encoder's control endpoint
+    ok: bool
+    error: str
+    layout: dict  # the encoder's layout, so the language side validates too
+
+
+class Reserve(_Msg, tag="reserve"):
+    """Language rank -> encoder: blocks reserved for round ``round`` of ``room``."""
+
+    room: int
+    manager_id: str
+    rank: int
+    num_ranks: int
+    round: int
+    blocks: List[int]
+    max_tokens: int  # most tokens this rank accepts for one request; 0 = no limit
+
+
+class RoundDone(_Msg, tag="round_done"):
+    """Encoder -> language rank: round written; token/mm ranges it covered; last or not."""
+
+    room: int
+    round: int
+    token_start: int
+    token_count: int
+    mm_start: int
+    mm_count: int
+    total_tokens: int
+    mm_tokens: int
+    last: bool
+
+
+class Abort(_Msg, tag="abort"):
+    """Either direction: the request is over. From the encoder it also means 'no write in
+    flight any more'; from the language side it asks for an AbortAck."""
+
+    room: int
+    manager_id: str
+    reason: str
+
+
+class AbortAck(_Msg, tag="abort_ack"):
+    """Encoder -> language rank: no write for ``room`` is in flight or will start."""
+
+    room: int
+
+
+class Ping(_Msg, tag="ping"):
+    manager_id: str
+    nonce: int
+
+
+class Pong(_Msg, tag="pong"):
+    manager_id: str
+    nonce: int
+
+
+Message = Union[Register, RegisterAck, Reserve, RoundDone, Abort, AbortAck, Ping, Pong]
+_decoder = msgspec.msgpack.Decoder(Message)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def make(cls, **fields):
+    """Build a message of the current protocol version."""
+    return cls(version=PROTOCOL_VERSION, **fields)
+
+
+def encode_message(msg: _Msg) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_message(data: bytes) -> Message:
+    """Decode one control message; ProtocolError for anything malformed, unknown or of
+    another protocol version."""
+    try:
+        msg = _decoder.decode(data)
+    except msgspec.ValidationError as e:
+        raise ProtocolError(f"invalid control message: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"undecodable control message: {e}") from None
+    if msg.version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"control message {type(msg).__name__} has protocol version {msg.version}, "
+            f"expected {PROTOCOL_VERSION}"
+        )
+    return msg

@@ -1,0 +1,48 @@
+"""Helpers shared by the encode_language tests and their peer processes (importable by name, so
+forkserver children can unpickle the peer entry point)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MC_FORCE_TCP", "1")
+os.environ.setdefault("MOONCAKE_PROTOCOL", "tcp")
+
+import torch
+
+from sglang.srt.disaggregation.encode_language.buffers import MultimodalPayload
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def make_payload(seed: int, total: int, mm: int, hidden: int, k: int, dtype: str = "bfloat16") -> MultimodalPayload:
+    """Deterministic random request: ``mm`` multimodal tokens at random positions among ``total``."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(total, dtype=torch.bool)
+    if mm:
+        mask[torch.randperm(total, generator=g)[:mm]] = True
+    dt = DTYPES[dtype]
+    emb = torch.randn(mm, hidden, generator=g).to(dt)
+    ds = torch.randn(mm, k * hidden, generator=g).to(dt) if k else None
+    return MultimodalPayload(
+        fill_ids=torch.randint(0, 150_000, (total,), generator=g, dtype=torch.int32),
+        mrope_positions=torch.randint(0, 1 << 20, (3, total), generator=g, dtype=torch.int32),
+        mm_mask=mask,
+        embeddings=emb,
+        deepstack=ds,
+        mrope_delta=int(torch.randint(-5000, 5000, (1,), generator=g)),
+    )
+
+
+def assert_same(received, payload) -> None:
+    """Byte-for-byte equality of every slot the receiver took out."""
+    m = received.manifest
+    assert (m.total_tokens, m.mm_tokens, m.mrope_delta) == (payload.total_tokens, payload.mm_tokens, payload.mrope_delta)
+    assert torch.equal(received.fill_ids, payload.fill_ids.to(received.fill_ids.dtype))
+    assert torch.equal(received.mrope_positions, payload.mrope_positions.to(received.mrope_positions.dtype))
+    assert torch.equal(received.mm_mask, payload.mm_mask)
+    assert received.embeddings.dtype == payload.embeddings.dtype
+    assert torch.equal(received.embeddings.view(torch.uint8), payload.embeddings.view(torch.uint8))
+    if payload.deepstack is None:
+        assert received.deepstack is None
+    else:
+        assert torch.equal(received.deepstack.view(torch.uint8), payload.deepstack.view(torch.uint8))

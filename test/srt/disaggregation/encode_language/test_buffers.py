@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from el_helpers import assert_same, make_payload
+
+from sglang.srt.disaggregation.encode_language.buffers import (
+    MultimodalBufferConfig,
+    MultimodalDataBuffers,
+    ReceivedData,
+)
+from sglang.srt.disaggregation.encode_language.connection import make_transfer_engine
+
+
+def bufs(k=3, h=16, b=4, n=8, dtype="bfloat16"):
+    return MultimodalDataBuffers(MultimodalBufferConfig(hidden_size=h, deepstack_count=k, block_size=b, num_blocks=n, embed_dtype=dtype))
+
+
+@pytest.mark.parametrize("k", [0, 2, 3])
+def test_slots_and_sizes(k):
+    m = bufs(k=k)
+    n, B, H = 9, 4, 16  # 8 blocks + scratch
+    assert [tuple(t.shape) for t in m.slots()] == [(n, B, H), (n, B), (n, 3, B), (n, 56)] + ([(n, B, k * H)] if k else [])
+    assert m.slot_block_bytes() == [B * H * 2, B * 4, 3 * B * 4, 56] + ([B * k * H * 2] if k else [])
+    assert m.nbytes() == n * sum(m.slot_block_bytes())
+    assert (m.deepstack is None) == (k == 0)
+    assert m.pinned is torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("k", [0, 3])
+@pytest.mark.parametrize("total,mm", [(1, 1), (4, 0), (7, 5), (13, 13)])
+def test_write_read_byte_exact(k, total, mm):
+    m = bufs(k=k)
+    p = make_payload(total * 7 + mm, total, mm, 16, k)
+    blocks = [5, 2, 7, 0][: -(-total // 4)]
+    man = m.write_request(blocks, p)
+    ids, pos, mask, emb, ds = m.read_round(blocks, total, mm)
+    assert_same(ReceivedData(man, ids, pos, mask, emb, ds), p)
+    got, idx = m.read_manifest(blocks[-1])
+    assert got == man and idx == len(blocks) - 1
+
+
+def test_round_segments_move_only_valid_rows():
+    """Text tokens cost no embedding/deepstack bytes: total segment bytes == wire_bytes()."""
+    m = bufs(k=3)
+    remote = [1 << 40, 2 << 40, 3 << 40, 4 << 40, 5 << 40]
+    total, mm = 10, 3
+    srcs, dsts, lens = m.round_segments([0, 1, 2], [4, 5, 6], total, mm, remote)
+    assert sum(lens) == m.layout.wire_bytes(total, mm)
+    assert m.layout.dense_wire_bytes(total) - sum(lens) == (total - mm) * 4 * 16 * 2
+    # contiguous blocks on both sides merge: fill ids of 3 blocks -> one segment
+    assert (m.fill_ids.data_ptr(), remote[1] + 4 * 16, 40) in list(zip(srcs, dsts, lens))
+
+
+def test_payload_validation_messages():
+    m = bufs(k=3)
+    p = make_payload(1, 5, 2, 16, 3)
+    p.deepstack = p.deepstack[:, :16]
+    with pytest.raises(ValueError, match=r"deepstack must be \[2, 48\], got \(2, 16\)"):
+        m.write_request([0, 1], p)
+    p = make_payload(1, 5, 2, 16, 3)
+    p.mm_mask[:] = False
+    with pytest.raises(ValueError, match="mm_mask marks 0 multimodal tokens but embeddings has 2 rows"):
+        m.write_request([0, 1], p)
+    with pytest.raises(ValueError, match="block 8 out of range"):
+        m.write_request([8, 1], make_payload(1, 5, 2, 16, 3))
+
+
+def test_scratch_block_is_outside_the_pool_and_registered_once():
+    m = bufs()
+    assert m.scratch_block == 8 and m.num_blocks == 8
+    m.write_scratch_nonce(12345)
+    assert m.read_scratch_nonce() == 12345
+    eng = make_transfer_engine("127.0.0.1")
+    m.register(eng)
+    m.register(eng)  # once only: a second call is a no-op
+    with pytest.raises(RuntimeError, match="already registered with another engine"):
+        m.register(object())
+    m.deregister()

@@ -1,0 +1,287 @@
+"""Faults between two real processes: each ends with the expected error, the other side still
+serving, and every block free on both sides (make_lang's teardown and peer.assert_idle)."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import pytest
+from conftest import H, RESERVE, EncodePeer, buffer_config, conn_config, new_room, wait_final
+from el_helpers import assert_same, make_payload
+
+from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.encode_language.allocator import OversizeError
+from sglang.srt.disaggregation.encode_language.manifest import Abort, encode_message, make
+
+
+def ok_transfer(peer, lang, seed=1, total=3 * RESERVE, mm=20, k=3):
+    """The side that survived a fault still serves a normal multi-round request."""
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room)
+    peer.call("send", room, seed, total, mm)
+    assert peer.call("wait", room, 20) == (KVPoll.Success, "")
+    assert wait_final(lang, rx) == KVPoll.Success, rx.reason
+    assert_same(rx.take(), make_payload(seed, total, mm, H, k))
+
+
+def stuck_in_resume(peer, lang, room, total=4 * RESERVE):
+    """Start a request and park it between rounds: the language side cannot get resume blocks
+    because a blocker holds the rest of its pool. Returns (receiver, blocker handle)."""
+    rx = lang.create_receiver(peer.addr, room)
+    assert lang.wait_until(lambda: rx.phase == "reserved", 10)
+    blocker = lang.allocator.alloc(lang.allocator.num_free(), owner="blocker")
+    lang.config.resume_tokens = 2 * RESERVE  # needs more blocks than the request holds
+    peer.call("send", room, 9, total, 10)
+    assert lang.wait_until(lambda: rx.phase == "resume_alloc", 10)
+    return rx, blocker
+
+
+def test_sender_process_killed_mid_transfer(mp_ctx, peers, make_lang):
+    victim = EncodePeer(mp_ctx, buffer_config(), conn_config())
+    lang = make_lang()
+    room = new_room()
+    rx, blocker = stuck_in_resume(victim, lang, room)
+    victim.kill()
+    blocker.free()
+    assert wait_final(lang, rx) == KVPoll.Failed
+    assert f"peer {victim.addr} is unreachable" in rx.reason
+    ok_transfer(peers(), lang)  # the language side keeps serving other encoders
+
+
+def test_receiver_abort_mid_transfer(peers, make_lang):
+    peer = peers()
+    lang = make_lang()
+    room = new_room()
+    rx, blocker = stuck_in_resume(peer, lang, room)
+    rx.abort()
+    assert wait_final(lang, rx) == KVPoll.Failed and rx.reason == "aborted by language side"
+    assert peer.call("wait", room, 10) == (KVPoll.Failed, f"aborted by language side {lang.manager_id}: aborted by language side")
+    blocker.free()
+    lang.config.resume_tokens = None
+    ok_transfer(peer, lang)
+    peer.assert_idle()
+
+
+def test_receiver_abort_while_encoder_may_write_waits_for_ack(peers, make_lang):
+    """Aborting a reserved receiver keeps its blocks until the encoder acknowledges."""
+    peer = peers()
+    lang = make_lang()
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room)
+    assert lang.wait_until(lambda: rx.phase == "reserved", 10)
+    peer.call("create", room)
+    rx.abort("client went away")
+    assert rx.poll() == KVPoll.Failed
+    assert wait_final(lang, rx) == KVPoll.Failed  # finished = released after AbortAck
+    assert peer.call("wait", room, 10)[0] == KVPoll.Failed
+    ok_transfer(peer, lang)
+    peer.assert_idle()
+
+
+def test_encoder_abort(peers, make_lang):
+    peer = peers()
+    lang = make_lang()
+    room = new_room()
+    rx, blocker = stuck_in_resume(peer, lang, room)
+    peer.call("abort", room)
+    assert peer.call("wait", room, 10) == (KVPoll.Failed, "aborted by encoder")
+    assert wait_final(lang, rx) == KVPoll.Failed
+    assert rx.reason == f"encoder {peer.addr} aborted: aborted by encoder"
+    blocker.free()
+    lang.config.resume_tokens = None
+    ok_transfer(peer, lang)
+    peer.assert_idle()
+
+
+def test_bootstrap_timeout_language_side(make_lang, peers):
+    """No encoder listens at the bootstrap address: the registration times out."""
+    lang = make_lang(bootstrap_timeout_s=0.5)
+    rx = lang.create_receiver("127.0.0.1:9", new_room())
+    assert wait_final(lang, rx) == KVPoll.Failed
+    assert rx.reason.startswith("bootstrap timeout: encoder 127.0.0.1:9 did not answer registration")
+    ok_transfer(peers(), lang)
+
+
+def test_bootstrap_timeout_encoder_side(peers, make_lang):
+    """The encoder has the request but the second language rank never reserves."""
+    peer = peers(bootstrap_timeout_s=0.5)
+    lang = make_lang()
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room, rank=0, num_ranks=2)
+    peer.call("create", room)
+    assert peer.call("wait", room, 10) == (KVPoll.Failed, "bootstrap timeout: 1/2 destinations reserved within 0.5s")
+    assert wait_final(lang, rx) == KVPoll.Failed and "bootstrap timeout" in rx.reason
+    ok_transfer(peer, lang)
+    peer.assert_idle()
+
+
+def test_waiting_timeout(peers, make_lang):
+    """Blocks reserved but the encoder never sends: the language side gives up and frees them."""
+    peer = peers()
+    lang = make_lang(waiting_timeout_s=0.5)
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room)
+    peer.call("create", room)
+    assert wait_final(lang, rx) == KVPoll.Failed
+    assert rx.reason == "waiting timeout: no data from encoder within 0.5s"
+    assert peer.call("wait", room, 10)[0] == KVPoll.Failed
+    ok_transfer(peer, lang)
+    peer.assert_idle()
+
+
+def test_transfer_timeout_encoder_stopped(mp_ctx, make_lang, peers):
+    """The encoder process freezes (SIGSTOP) between rounds: transfer timeout; when it thaws it
+    acknowledges the abort and the blocks come back."""
+    victim = EncodePeer(mp_ctx, buffer_config(), conn_config(heartbeat_interval_s=30))
+    try:
+        lang = make_lang(transfer_timeout_s=0.5, heartbeat_interval_s=30)
+        room = new_room()
+        rx, blocker = stuck_in_resume(victim, lang, room)
+        os.kill(victim.pid, signal.SIGSTOP)
+        blocker.free()
+        assert lang.wait_until(lambda: rx.poll() == KVPoll.Failed, 10)
+        assert rx.reason == "transfer timeout: round 1 did not arrive within 0.5s"
+        assert not rx.finished  # blocks held: the encoder might still write
+        os.kill(victim.pid, signal.SIGCONT)
+        assert wait_final(lang, rx) == KVPoll.Failed
+        assert victim.call("wait", room, 10)[0] == KVPoll.Failed
+        victim.assert_idle()
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+        victim.close()
+
+
+def test_resume_timeout_both_sides(peers, make_lang):
+    peer = peers(resume_timeout_s=0.5)
+    lang = make_lang(resume_timeout_s=60)
+    room = new_room()
+    rx, blocker = stuck_in_resume(peer, lang, room)
+    assert peer.call("wait", room, 10) == (KVPoll.Failed, "resume timeout: 0/1 destinations asked for round 1 within 0.5s")
+    assert wait_final(lang, rx) == KVPoll.Failed and "resume timeout" in rx.reason
+    blocker.free()
+    lang.config.resume_tokens = None
+    # language-side resume timeout
+    lang2 = make_lang(resume_timeout_s=0.5)
+    room = new_room()
+    rx, blocker = stuck_in_resume(peers(), lang2, room)
+    assert wait_final(lang2, rx) == KVPoll.Failed
+    assert rx.reason == "resume timeout: no blocks for round 1 within 0.5s"
+    assert peers().call("wait", room, 10)[0] == KVPoll.Failed
+    blocker.free()
+    ok_transfer(peer, lang)
+    peer.assert_idle()
+    peers().assert_idle()
+
+
+def test_layout_mismatch_both_sides(peers, make_lang):
+    peer = peers()
+    refused = peer.state()["refused_registrations"]
+    lang = make_lang(hidden=H * 2)
+    rx = lang.create_receiver(peer.addr, new_room())
+    assert wait_final(lang, rx) == KVPoll.Failed
+    assert "buffer layout mismatch with encoder: field 'hidden_size' is 64 here but 32 on the peer" in rx.reason
+    assert peer.state()["refused_registrations"] == refused + 1
+    lang_k = make_lang(k=2)
+    rx = lang_k.create_receiver(peer.addr, new_room())
+    assert wait_final(lang_k, rx) == KVPoll.Failed
+    assert "field 'deepstack_count' is 2 here but 3 on the peer" in rx.reason
+    assert peer.state()["refused_registrations"] == refused + 2
+    ok_transfer(peer, make_lang())  # the encoder keeps serving matching peers
+    peer.assert_idle()
+
+
+def test_garbage_control_messages(peers, make_lang):
+    peer = peers()
+    lang = make_lang()
+    before = peer.state()["rejected"]
+    garbage = [b"", b"\xff\xfe", b"not msgpack", encode_message(make(Abort, room=1, manager_id="x", reason="r"))[:-3],
+               b"\x82\xa4type\xa7unknown\xa7version\x01"]
+    for g in garbage:
+        lang.channel.send_raw(peer.addr, g)
+        lang.channel.send_raw(lang.manager_id, g)
+    assert lang.wait_until(lambda: lang.channel.rejected == len(garbage), 10)
+    assert peer.state()["rejected"] == before + len(garbage)
+    ok_transfer(peer, lang)
+    peer.assert_idle()
+
+
+def test_bad_reservation_fails_only_that_request(peers, make_lang):
+    """A reservation naming blocks outside the peer's pool is refused; the encoder lives on."""
+    from sglang.srt.disaggregation.encode_language.manifest import Reserve
+
+    peer = peers()
+    lang = make_lang()
+    ok_transfer(peer, lang)  # registers lang with the peer
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room)
+    assert lang.wait_until(lambda: rx.phase == "reserved", 10)
+    lang.channel.send(peer.addr, make(Reserve, room=new_room(), manager_id=lang.manager_id, rank=0, num_ranks=1,
+                                      round=0, blocks=[10_000], max_tokens=0))
+    peer.call("send", room, 2, 20, 3)
+    assert peer.call("wait", room, 10)[0] == KVPoll.Success
+    assert wait_final(lang, rx) == KVPoll.Success
+    peer.assert_idle()
+
+
+def test_oversize_rejected_up_front(peers, make_lang):
+    peer = peers()
+    lang = make_lang(num_blocks=4)
+    with pytest.raises(OversizeError, match="request needs 5 blocks but the whole pool has 4"):
+        lang.create_receiver(peer.addr, new_room(), reserve_tokens=33)
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room, max_tokens=40)
+    peer.call("send", room, 1, 41, 4)
+    status, reason = peer.call("wait", room, 10)
+    assert status == KVPoll.Failed and "request has 41 tokens but language rank 0 accepts at most 40" in reason
+    assert wait_final(lang, rx) == KVPoll.Failed and "accepts at most 40" in rx.reason
+    ok_transfer(peer, lang)
+    peer.assert_idle()
+
+
+def test_randomized_faults_no_leak_no_hang(peers, make_lang):
+    """Fixed seed; EL_FAULT_OPS=N for a longer run."""
+    n_ops = int(os.environ.get("EL_FAULT_OPS", "200"))
+    rnd = random.Random(1234)
+    peer = peers(num_blocks=16)
+    lang = make_lang(num_blocks=12)
+    live = {}
+    outcomes = {"ok": 0, "failed": 0}
+    for op in range(n_ops):
+        action = rnd.random()
+        if action < 0.5 or not live:
+            room = new_room()
+            total = rnd.choice([1, 5, 8, 17, 40])
+            rx = lang.create_receiver(peer.addr, room)
+            live[room] = (rx, total, rnd.randint(0, total), op)
+            if rnd.random() < 0.9:
+                peer.call("send", room, op, total, live[room][2])
+            else:
+                peer.call("create", room)  # never sent: will be aborted below
+        else:
+            room = rnd.choice(list(live))
+            rx = live[room][0]
+            what = rnd.random()
+            if what < 0.3:
+                rx.abort()
+            elif what < 0.5:
+                try:
+                    peer.call("abort", room)
+                except Exception:
+                    pass  # encoder already finished or never had it
+    for room, (rx, total, mm, seed) in live.items():
+        if rx.poll() not in (KVPoll.Success, KVPoll.Failed) and rx.phase in ("alloc", "register", "reserved"):
+            if lang.wait_until(lambda: rx.poll() in (KVPoll.Success, KVPoll.Failed), 3) is False:
+                rx.abort("test cleanup")
+        st = wait_final(lang, rx, 30)
+        if st == KVPoll.Success:
+            assert_same(rx.take(), make_payload(seed, total, mm, H, 3))
+            outcomes["ok"] += 1
+        else:
+            outcomes["failed"] += 1
+        try:
+            peer.call("wait", room, 10)
+        except Exception:
+            pass
+    assert outcomes["ok"] > 0 and outcomes["failed"] > 0
+    peer.assert_idle()
