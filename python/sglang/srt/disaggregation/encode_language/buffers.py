@@ -58,7 +58,7 @@ SLOT_NAMES = ("embeddings", "fill_ids", "mrope_positions", "aux", "deepstack")
 
 @dataclasses.dataclass
 class MultimodalBufferConfig:
-    """Sizes of one side's buffers. A later issue fills these from server arguments."""
+    """Sizes of one side's buffers (``--disaggregation-mm-*`` server arguments)."""
 
     hidden_size: int
     deepstack_count: int
@@ -66,6 +66,18 @@ class MultimodalBufferConfig:
     num_blocks: int = 256
     embed_dtype: str = "bfloat16"
     pin_memory: Optional[bool] = None  # None = pin iff torch.cuda.is_available()
+
+    @classmethod
+    def from_server_args(cls, server_args, *, hidden_size: int, deepstack_count: int,
+                         embed_dtype: str = "bfloat16") -> "MultimodalBufferConfig":
+        """Sizes from the server arguments; H, K and dtype from the model."""
+        return cls(
+            hidden_size=hidden_size,
+            deepstack_count=deepstack_count,
+            block_size=server_args.disaggregation_mm_block_size,
+            num_blocks=server_args.disaggregation_mm_num_blocks,
+            embed_dtype=embed_dtype,
+        )
 
     def layout(self) -> LayoutManifest:
         return LayoutManifest(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import threading
 import time
@@ -66,6 +67,20 @@ class ConnectionConfig:
     heartbeat_max_failures: int = 3  # missed pongs in a row = peer dead
     num_transfer_workers: int = 2  # encode side
     tick_s: float = 0.02  # control-thread poll period
+
+    @classmethod
+    def from_server_args(cls, server_args) -> "ConnectionConfig":
+        """``--disaggregation-mm-reserve-tokens`` plus the JSON ``--disaggregation-mm-transfer-config``
+        overrides; an unknown key is an error naming the valid ones."""
+        overrides = json.loads(server_args.disaggregation_mm_transfer_config or "{}")
+        if not isinstance(overrides, dict):
+            raise ValueError("--disaggregation-mm-transfer-config must be a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"unknown transfer setting(s) {unknown}; valid: {sorted(names)}")
+        overrides.setdefault("default_reserve_tokens", server_args.disaggregation_mm_reserve_tokens)
+        return cls(**overrides)
 
 
 class TransferError(RuntimeError):
