@@ -147,6 +147,17 @@ def unified_diff(rel: str, old: bytes | None, new: bytes | None) -> str:
     return "".join(header + out)
 
 
+def copy_tree_subset(root: Path, rels, work: Path) -> Path:
+    """Copy the files ``rels`` (relative to ``root``; missing ones skipped) into ``work``."""
+    work.mkdir(parents=True, exist_ok=True)
+    for rel in rels:
+        src = root / rel
+        if src.is_file():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, work / rel)
+    return work
+
+
 def git_apply(patch_text: str, workdir: Path, *, reverse: bool = False, check: bool = False) -> None:
     """Apply a patch strictly (no fuzz) to files under ``workdir`` (which holds ``sglang/``)."""
     if not patch_text.strip():
@@ -275,14 +286,7 @@ class Fork:
         touched = sorted({f for p in patches for f in p.files})
         self.verify_pristine(touched)
         with tempfile.TemporaryDirectory(prefix="fork-compose-") as tmp:
-            work = Path(tmp) / "w"
-            for rel in touched:
-                src = self.upstream_site / rel
-                if src.is_file():
-                    dst = work / rel
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(src, dst)
-            work.mkdir(exist_ok=True)
+            work = copy_tree_subset(self.upstream_site, touched, Path(tmp) / "w")
             for p in patches:
                 try:
                     git_apply(p.diff, work)
@@ -472,15 +476,8 @@ class Fork:
         before = self.compose_patched(patches[:idx])
         later = patches[idx + 1:]
         with tempfile.TemporaryDirectory(prefix="fork-refresh-") as tmp:
-            work = Path(tmp) / "w"
             later_files = {f for p in later for f in p.files}
-            for rel in edited | later_files:
-                src = self.overlay / rel
-                if src.is_file():
-                    dst = work / rel
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(src, dst)
-            work.mkdir(exist_ok=True)
+            work = copy_tree_subset(self.overlay, edited | later_files, Path(tmp) / "w")
             for p in reversed(later):
                 try:
                     git_apply(p.diff, work, reverse=True)
