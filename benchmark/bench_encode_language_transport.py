@@ -20,6 +20,9 @@ import statistics
 import sys
 import time
 
+# One intra-op thread: on a small shared CPU, torch's parallel copies wait for a descheduled
+# worker thread (~8 ms a copy under load), which measures the scheduler, not the transport.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MC_FORCE_TCP", "1")
 os.environ.setdefault("MOONCAKE_PROTOCOL", "tcp")
 
