@@ -1,10 +1,16 @@
-"""Text-only Qwen3-MoE on the composed fork: real server, fp32 greedy, token for token vs HF."""
+"""Text-only Qwen3-MoE on the composed fork: real server, fp32 greedy, token for token vs HF and
+vs unpatched upstream 0.5.23 (the shared environment without the overlay: the deepstack hook must
+not change text-only serving)."""
 from __future__ import annotations
+
+import dataclasses
+import subprocess
 
 import pytest
 
 from epd_testbed.cases import TEXT_CASES, check_greedy_equal
-from epd_testbed.servers import colocated_spec
+from epd_testbed.hf_reference import render_prompt
+from epd_testbed.servers import colocated_spec, pristine_python
 from epd_testbed.tiny_ckpt import TinyTextMoeSpec, ensure_checkpoint
 
 pytestmark = pytest.mark.server
@@ -19,3 +25,23 @@ def text_model() -> str:
 def test_text_moe_matches_hf(servers, text_model, case) -> None:
     server = servers.get(colocated_spec(text_model, name="text-moe"))
     check_greedy_equal(server, text_model, case)
+
+
+def test_text_moe_matches_unpatched_upstream(servers, text_model) -> None:
+    """Same tokens and the same top logprobs as sglang 0.5.23 without the patch series."""
+    fork = servers.get(colocated_spec(text_model, name="text-moe"))
+    up_spec = dataclasses.replace(colocated_spec(text_model, name="text-moe-upstream"), python=pristine_python())
+    upstream = servers.get(up_spec)
+    # The baseline really is the unpatched package: sglang resolves outside the overlay.
+    origin = subprocess.run([up_spec.python, "-c", "import importlib.util as u; print(u.find_spec('sglang').origin)"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert ".fork/overlay" not in origin and "site-packages/sglang/" in origin, origin
+    for case in TEXT_CASES:
+        prompt, _ = render_prompt(text_model, case.messages())
+        payload = {"text": prompt, "return_logprob": True, "top_logprobs_num": 5,
+                   "sampling_params": {"temperature": 0.0, "max_new_tokens": 16, "ignore_eos": True}}
+        a, b = fork.post("/generate", payload), upstream.post("/generate", payload)
+        assert a["output_ids"] == b["output_ids"], case.name
+        la = [t[0] for t in a["meta_info"]["output_token_logprobs"]]
+        lb = [t[0] for t in b["meta_info"]["output_token_logprobs"]]
+        assert la == pytest.approx(lb, abs=1e-5), case.name

@@ -1,0 +1,91 @@
+"""The heart of the disaggregated design, checked without the transport: for the same prompts,
+``Qwen3MoeForCausalLM`` loaded from the Qwen3-VL-MoE checkpoint and fed ``input_embeds`` +
+``input_deepstack_embeds`` + M-RoPE positions produced by the encode-only construction of the VL
+class gives the same greedy tokens as the colocated VL class (a real server), and logits within
+1e-4 of Hugging Face's (fp32) at every step.
+
+What is compared, exactly:
+  * tokens: language side (``epd_testbed.lm_harness``, a real ModelRunner driven like
+    ``sglang.benchmark.one_batch``) == colocated ``Qwen3VLMoeForConditionalGeneration`` server
+    ``/generate`` == Hugging Face ``generate`` (16 tokens, greedy, eos ignored);
+  * logits: the language side's full-vocabulary next-token logits of all 16 steps vs HF's
+    (``output_logits``), max |diff| <= 1e-4. The colocated server exposes no raw logits; it
+    equals HF token for token (test_qwen3_vl_moe.py), so HF stands in for it there.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES
+from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
+from epd_testbed.servers import BASE_ENV, colocated_spec, generate
+from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
+
+pytestmark = pytest.mark.server
+
+LOGIT_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def vl_model() -> str:
+    return str(ensure_checkpoint(TinyVLMoeSpec()))
+
+
+@pytest.fixture(scope="module")
+def language_side(vl_model, tmp_path_factory) -> dict:
+    import torch
+
+    out = tmp_path_factory.mktemp("lm") / "language_side.pt"
+    log = tmp_path_factory.getbasetemp() / "lm_harness.log"
+    with open(log, "w") as f:
+        rc = subprocess.run([sys.executable, "-m", "epd_testbed.lm_harness", vl_model, str(out)],
+                            stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, **BASE_ENV),
+                            timeout=600).returncode
+    assert rc == 0, Path(log).read_text()[-6000:]
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("case", VL_CASES, ids=lambda c: c.name)
+def test_language_side_equals_colocated_and_hf(servers, vl_model, language_side, case) -> None:
+    got = language_side[case.name]
+    assert got["num_deepstack"] == 3
+    assert (got["num_image_rows"] > 0) == bool(case.images)
+
+    hf_tokens, hf_logits = hf_greedy_logits(vl_model, case.messages(), MAX_NEW_TOKENS)
+    server = servers.get(colocated_spec(vl_model))
+    prompt, image_paths = render_prompt(vl_model, case.messages())
+    colocated = generate(server, prompt, image_paths, MAX_NEW_TOKENS, ignore_eos=True)["output_ids"]
+
+    assert got["tokens"] == colocated, f"{case.name}: language side {got['tokens']} != colocated {colocated}"
+    assert got["tokens"] == hf_tokens
+    assert len(set(hf_tokens)) > 1
+    diff = (got["logits"] - hf_logits).abs().max().item()
+    assert diff <= LOGIT_TOL, f"{case.name}: max |logit diff| vs HF {diff:.2e} > {LOGIT_TOL}"
+
+
+def test_language_side_loads_no_vision_weights(vl_model, language_side) -> None:
+    """Only the LLM is loaded; every vision tensor of the checkpoint is skipped and counted."""
+    from safetensors import safe_open
+
+    vision = [0, 0]
+    for f in Path(vl_model).glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as g:
+            for k in g.keys():
+                if k.startswith("model.visual."):
+                    shape = g.get_slice(k).get_shape()
+                    n = 1
+                    for d in shape:
+                        n *= d
+                    vision[0] += 1
+                    vision[1] += n
+    meta = language_side["__meta__"]
+    skipped = meta["vision_weights_skipped"]
+    assert (skipped["tensors"], skipped["parameters"]) == tuple(vision)
+    assert skipped["bytes"] == 4 * vision[1]  # fp32
+    # the encode-only construction: vision tower + token embeddings, nothing else
+    assert meta["encoder_modules"] == ["model", "visual"]
