@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     results = {"__meta__": {"vision_weights_skipped": vars(lm.vision_weights_skipped),
                             "language_params": sum(p.numel() for p in lm.parameters()),
                             "encoder_params": sum(p.numel() for p in encoder.parameters()),
-                            "encoder_modules": sorted({n.split(".")[0] for n, _ in encoder.named_parameters()})}}
+                            "encoder_modules": sorted({n.split(".")[0] for n, _ in encoder.named_parameters()}),
+                            "encoder_non_vision_params": sorted(n for n, _ in encoder.named_parameters()
+                                                                if not n.startswith("visual."))}}
     for case in cases:
         results[case.name] = run_case(runner, encoder, hf_config, args.model_path, case, args.max_new_tokens)
         print(case.name, results[case.name]["tokens"], flush=True)

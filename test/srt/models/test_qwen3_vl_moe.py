@@ -27,12 +27,6 @@ def vl_model() -> str:
     return str(ensure_checkpoint(TinyVLMoeSpec()))
 
 
-@pytest.mark.parametrize("case", VL_CASES, ids=lambda c: c.name)
-def test_colocated_matches_hf(servers, vl_model, case) -> None:
-    server = servers.get(colocated_spec(vl_model))
-    check_greedy_equal(server, vl_model, case)
-
-
 def test_colocated_k2_deepstack_matches_hf(servers) -> None:
     """Formerly an expected failure: upstream 0.5.23 hard-coded three deepstack layers."""
     model = str(ensure_checkpoint(DEEPSTACK_SPECS["k2"]))
@@ -46,3 +40,10 @@ def test_colocated_deepstack_k_matches_hf(servers, spec_name, case) -> None:
     model = str(ensure_checkpoint(DEEPSTACK_SPECS[spec_name]))
     server = servers.get(colocated_spec(model, name=f"colocated-{spec_name}"))
     check_greedy_equal(server, model, case)
+
+
+# Last, so the default server stays up for test_qwen3_vl_moe_language_side.py.
+@pytest.mark.parametrize("case", VL_CASES, ids=lambda c: c.name)
+def test_colocated_matches_hf(servers, vl_model, case) -> None:
+    server = servers.get(colocated_spec(vl_model))
+    check_greedy_equal(server, vl_model, case)

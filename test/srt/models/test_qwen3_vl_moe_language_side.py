@@ -89,3 +89,4 @@ def test_language_side_loads_no_vision_weights(vl_model, language_side) -> None:
     assert skipped["bytes"] == 4 * vision[1]  # fp32
     # the encode-only construction: vision tower + token embeddings, nothing else
     assert meta["encoder_modules"] == ["model", "visual"]
+    assert meta["encoder_non_vision_params"] == ["model.embed_tokens.weight"]
