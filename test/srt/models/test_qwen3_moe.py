@@ -27,9 +27,16 @@ def test_text_moe_matches_hf(servers, text_model, case) -> None:
     check_greedy_equal(server, text_model, case)
 
 
-def test_text_moe_matches_unpatched_upstream(servers, text_model) -> None:
-    """Same tokens and the same top logprobs as sglang 0.5.23 without the patch series."""
-    up_spec = dataclasses.replace(colocated_spec(text_model, name="text-moe-upstream"), python=pristine_python())
+YARN = TinyTextMoeSpec(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048})
+
+
+@pytest.mark.parametrize("spec", [TinyTextMoeSpec(), YARN], ids=["default", "yarn"])
+def test_text_moe_matches_unpatched_upstream(servers, spec) -> None:
+    """Same tokens and the same sampled-token logprobs as sglang 0.5.23 without the patch series,
+    also for a YaRN checkpoint (rope scaling that is not M-RoPE must keep 1-D positions)."""
+    text_model = str(ensure_checkpoint(spec))
+    name = "text-moe" if spec == TinyTextMoeSpec() else "text-moe-yarn"
+    up_spec = dataclasses.replace(colocated_spec(text_model, name=f"{name}-upstream"), python=pristine_python())
     # The baseline really is the unpatched package: sglang resolves outside the overlay.
     origin = subprocess.run([up_spec.python, "-c", "import importlib.util as u; print(u.find_spec('sglang').origin)"],
                             capture_output=True, text=True, check=True).stdout.strip()
@@ -46,7 +53,7 @@ def test_text_moe_matches_unpatched_upstream(servers, text_model) -> None:
         return out
 
     # One server at a time is enough (and EPD_MAX_LIVE_SERVERS=1 may stop the first).
-    fork = run(servers.get(colocated_spec(text_model, name="text-moe")))
+    fork = run(servers.get(colocated_spec(text_model, name=name)))
     upstream = run(servers.get(up_spec))
     for name, (ids, logprobs) in fork.items():
         assert ids == upstream[name][0], name
