@@ -100,6 +100,45 @@ def _forward_with(forward, input_embeds, deepstack, input_ids, positions, forwar
     return forward(input_ids, positions, forward_batch, **kwargs)
 
 
+def _split_prefill_logits(model_runner, req, input_embeds, deepstack) -> torch.Tensor:
+    """Prefill the same request through the split-prefill path, one decoder layer per call
+    (``ForwardMode.SPLIT_PREFILL``, ``ModelRunner.forward(..., split_forward_count=1)``), and
+    return its next-token logits."""
+    from sglang.benchmark import one_batch as ob
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+    from sglang.srt.runtime_context import get_schedule
+    from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
+
+    lm = model_runner.model
+    tree_cache = ob.TreeCacheNamespace(page_size=get_schedule().page_size, device=model_runner.device,
+                                       token_to_kv_pool_allocator=model_runner.token_to_kv_pool_allocator)
+    batch = ScheduleBatch.init_new(reqs=[req], req_to_token_pool=model_runner.req_to_token_pool,
+                                   token_to_kv_pool_allocator=model_runner.token_to_kv_pool_allocator,
+                                   tree_cache=tree_cache, model_config=model_runner.model_config,
+                                   enable_overlap=False, spec_algorithm=SpeculativeAlgorithm.NONE)
+    batch.prepare_for_extend()
+    if batch.input_ids is None and getattr(batch, "prefill_input_ids_cpu", None) is not None:
+        batch.input_ids = batch.prefill_input_ids_cpu.to(batch.device)
+        batch.prefill_input_ids_cpu = None
+    fb = ForwardBatch.init_new(batch, model_runner, return_hidden_states_before_norm=False)
+    original = lm.forward_split_prefill
+    extra = {"input_embeds": input_embeds}
+    if deepstack is not None:
+        extra["input_deepstack_embeds"] = deepstack
+    lm.forward_split_prefill = functools.partial(original, **extra)
+    try:
+        ret = None
+        fb.forward_mode = ForwardMode.SPLIT_PREFILL
+        while fb.split_index < model_runner.model_config.num_hidden_layers:
+            ret = model_runner.forward(fb, split_forward_count=1).logits_output
+    finally:
+        lm.forward_split_prefill = original
+    model_runner.req_to_token_pool.clear()
+    model_runner.token_to_kv_pool_allocator.clear()
+    return ret.next_token_logits[0].float().clone()
+
+
 def run_case(model_runner, encoder, hf_config, model_path: str, case, max_new_tokens: int) -> dict:
     from PIL import Image
 
@@ -126,19 +165,26 @@ def run_case(model_runner, encoder, hf_config, model_path: str, case, max_new_to
             input_embeds, deepstack, grid = embed(ids).clone(), None, None
     mrope_positions, delta = _mrope(hf_config, ids, grid)
 
-    sp = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
-    sp.normalize(None)
-    # input_embeds go straight to the model's forward, like deepstack: upstream's model runner
-    # casts batch input_embeds to bfloat16 unconditionally (model_runner._extend_forward_kwargs),
-    # which would make an fp32 comparison meaningless.
-    req = Req(rid=case.name, origin_input_text=text, origin_input_ids=array("q", ids.tolist()),
-              sampling_params=sp)
-    req.full_untruncated_fill_ids = req.origin_input_ids
-    req.logprob_start_len = -1
-    req.extend_end = len(req.origin_input_ids)
-    req.multimodal_inputs = MultimodalInputs(mm_items=[], mrope_positions=mrope_positions,
-                                             mrope_position_delta=delta)
+    def make_req() -> Req:
+        sp = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
+        sp.normalize(None)
+        # input_embeds go straight to the model's forward, like deepstack: upstream's model
+        # runner casts batch input_embeds to bfloat16 unconditionally
+        # (model_runner._extend_forward_kwargs), which would make an fp32 comparison meaningless.
+        req = Req(rid=case.name, origin_input_text=text, origin_input_ids=array("q", ids.tolist()),
+                  sampling_params=sp)
+        req.full_untruncated_fill_ids = req.origin_input_ids
+        req.logprob_start_len = -1
+        req.extend_end = len(req.origin_input_ids)
+        req.multimodal_inputs = MultimodalInputs(mm_items=[], mrope_positions=mrope_positions,
+                                                 mrope_position_delta=delta)
+        return req
 
+    split_logits = _split_prefill_logits(model_runner, make_req(), input_embeds, deepstack)
+    # control: the same prefill with deepstack dropped (it must matter for image prompts)
+    without_deepstack = (None if deepstack is None else
+                         _split_prefill_logits(model_runner, make_req(), input_embeds, None))
+    req = make_req()
     original_forward = lm.forward
     lm.forward = functools.partial(_forward_with, original_forward, input_embeds, deepstack)
     try:
@@ -152,7 +198,8 @@ def run_case(model_runner, encoder, hf_config, model_path: str, case, max_new_to
         all_logits.append(logits[0].float().clone())
     model_runner.req_to_token_pool.clear()
     model_runner.token_to_kv_pool_allocator.clear()
-    return {"tokens": tokens, "logits": torch.stack(all_logits),
+    return {"tokens": tokens, "logits": torch.stack(all_logits), "split_prefill_logits": split_logits,
+            "logits_without_deepstack": without_deepstack,
             "num_deepstack": lm.model.deepstack.num_deepstack,
             "num_image_rows": 0 if deepstack is None else int((deepstack.abs().sum(1) > 0).sum())}
 

@@ -10,7 +10,9 @@ What is compared, exactly:
     ``/generate`` == Hugging Face ``generate`` (16 tokens, greedy, eos ignored);
   * logits: the language side's full-vocabulary next-token logits of all 16 steps vs HF's
     (``output_logits``), max |diff| <= 1e-4. The colocated server exposes no raw logits; it
-    equals HF token for token (test_qwen3_vl_moe.py), so HF stands in for it there.
+    equals HF token for token (test_qwen3_vl_moe.py), so HF stands in for it there;
+  * split prefill: the same prefill through ``ModelRunner.forward_split_prefill`` one layer per
+    call gives the same first-step logits (within 1e-4) as the plain prefill.
 """
 from __future__ import annotations
 
@@ -81,6 +83,11 @@ def test_language_side_equals_colocated_and_hf(servers, spec_name, vl_model, lan
     assert len(set(hf_tokens)) > 1
     diff = (got["logits"] - hf_logits).abs().max().item()
     assert diff <= LOGIT_TOL, f"{case.name}: max |logit diff| vs HF {diff:.2e} > {LOGIT_TOL}"
+    # split prefill (one layer per call) honours deepstack too: same first-step logits
+    split = (got["split_prefill_logits"] - got["logits"][0]).abs().max().item()
+    assert split <= LOGIT_TOL, f"{case.name}: split prefill differs by {split:.2e}"
+    if case.images:  # control: deepstack matters, so the comparisons above are not vacuous
+        assert (got["logits_without_deepstack"] - got["logits"][0]).abs().max().item() > 1e-2
 
 
 def test_language_side_loads_no_vision_weights(vl_model, language_side) -> None:
