@@ -671,16 +671,25 @@ def has_gpu() -> bool:
     return Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
 
 
-def ensure_checkout_venv(repo: Path, pin: Pin, env: Path) -> Path:
-    """A small venv private to this checkout: overlay first, then the shared environment."""
-    venv = repo / ".fork" / "venv"
+def ensure_checkout_venv(repo: Path, pin: Pin, env: Path, *, pristine: bool = False) -> Path:
+    """A small venv private to this checkout: overlay first, then the shared environment.
+
+    ``pristine=True`` makes ``.fork/pristine-venv`` instead: the same venv without the overlay,
+    i.e. unpatched upstream (the pinned wheel as installed in the shared environment), plus the
+    test bed and the CPU platform plugin. It is the baseline that fork outputs are compared to.
+    """
+    venv = repo / ".fork" / ("pristine-venv" if pristine else "venv")
     sp = site_packages(venv, pin.python)
     want_plugin = not has_gpu()
     if not (venv / "bin" / "python").exists():
         log(f"creating the checkout venv {venv}")
         # No pip of its own: pip and setuptools come from the shared environment through the .pth.
         subprocess.run([f"python{pin.python}", "-m", "venv", "--without-pip", str(venv)], check=True)
-    (sp / "00_sglang_fork_overlay.pth").write_text(str(repo / ".fork" / "overlay") + "\n")
+    overlay_pth = sp / "00_sglang_fork_overlay.pth"
+    if pristine:
+        overlay_pth.unlink(missing_ok=True)
+    else:
+        overlay_pth.write_text(str(repo / ".fork" / "overlay") + "\n")
     (sp / "01_epd_testbed.pth").write_text(str(repo / "testbed") + "\n")
     (sp / "zz_sglang_fork_shared_env.pth").write_text(
         f"import site; site.addsitedir({str(site_packages(env, pin.python))!r})\n")
@@ -738,7 +747,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("wheel", help="build sglang-<version>+<local> for deployment")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "dist")
     p.add_argument("--local", default=None, help="local version label (default: fork.g<git sha>)")
-    sub.add_parser("env", help="print the python of this checkout's fork")
+    p = sub.add_parser("env", help="print the python of this checkout's fork")
+    p.add_argument("--pristine", action="store_true",
+                   help="print (creating it if needed) a python with unpatched upstream instead")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "setup":
@@ -771,7 +782,12 @@ def main(argv: list[str] | None = None) -> int:
             out = fork.build_wheel(args.out, args.local or local_version(REPO_ROOT))
             print(out)
         elif args.cmd == "env":
-            print(REPO_ROOT / ".fork" / "venv" / "bin" / "python")
+            if args.pristine:
+                pin = Pin.load()
+                venv = ensure_checkout_venv(REPO_ROOT, pin, shared_env_dir(pin), pristine=True)
+                print(venv / "bin" / "python")
+            else:
+                print(REPO_ROOT / ".fork" / "venv" / "bin" / "python")
     except ForkError as e:
         print(f"fork {args.cmd}: error: {e}", file=sys.stderr)
         return 1

@@ -142,3 +142,27 @@ def hf_text_greedy(model_path: str | Path, prompt_text: str, max_new_tokens: int
     tok, _ = _tok_and_proc(model_path)
     inputs = tok(prompt_text, return_tensors="pt")
     return _generate(model_path, dict(inputs), max_new_tokens, ignore_eos)
+
+
+def hf_greedy_logits(model_path: str | Path, messages: list[Message], max_new_tokens: int = 16) -> tuple[list[int], Any]:
+    """Greedy new-token ids and the raw next-token logits of every step ([steps, vocab], fp32),
+    eos ignored."""
+    import torch
+    from PIL import Image
+    from transformers import GenerationConfig
+
+    text, paths = render_prompt(model_path, messages)
+    tok, proc = _tok_and_proc(model_path)
+    if _is_vl(model_path):
+        images = [Image.open(p).convert("RGB") for p in paths]
+        inputs = dict(proc(text=[text], images=images or None, return_tensors="pt"))
+    else:
+        inputs = dict(tok(text, return_tensors="pt"))
+    model = load_model(model_path)
+    gen = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                           pad_token_id=tok.pad_token_id, eos_token_id=None,
+                           output_logits=True, return_dict_in_generate=True)
+    with torch.inference_mode():
+        out = model.generate(**inputs, generation_config=gen)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    return tokens, torch.stack([step[0].float() for step in out.logits])

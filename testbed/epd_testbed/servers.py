@@ -47,6 +47,7 @@ class ServerSpec:
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     name: str = "server"
+    python: str | None = None  # interpreter to launch with; None: the current one (the fork)
 
 
 @dataclass
@@ -126,8 +127,10 @@ class Server:
 
 
 def launch(spec: ServerSpec, log_dir: Path, *, port: int | None = None, wait: bool = True,
-           python: str = sys.executable) -> Server:
-    """Start ``python -m sglang.launch_server`` for ``spec``; wait until /health answers."""
+           python: str | None = None) -> Server:
+    """Start ``python -m sglang.launch_server`` for ``spec``; wait until /health answers.
+    The interpreter is ``python``, else ``spec.python``, else the current one."""
+    python = python or spec.python or sys.executable
     port = port or free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{spec.name}-{port}.log"
@@ -141,6 +144,18 @@ def launch(spec: ServerSpec, log_dir: Path, *, port: int | None = None, wait: bo
                                 start_new_session=True, stdin=subprocess.DEVNULL)
     server = Server(spec, port, proc, log_path, time.time())
     return server.wait_ready() if wait else server
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def pristine_python() -> str:
+    """Python running *unpatched* upstream sglang 0.5.23 (the shared environment without this
+    checkout's overlay) with the test bed and the CPU platform plugin: the baseline that fork
+    outputs are compared to. Created on first use by ``tools/fork.py env --pristine``."""
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "fork.py"), "env", "--pristine"],
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
 
 
 def colocated_spec(model_path: str | Path, *args: str, name: str = "colocated") -> ServerSpec:

@@ -1,0 +1,92 @@
+# Copyright 2025 SGLang Team
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+# ==============================================================================
+"""``Qwen3MoeForCausalLM`` loaded from a Qwen3-VL-MoE checkpoint: the language side.
+
+The language server of an encode/language disaggregated deployment serves only the LLM
+of a Qwen3-VL-MoE checkpoint. It builds ``Qwen3MoeForCausalLM`` from the VL config's
+``text_config`` (with K, the deepstack count, attached: see ``deepstack.py``) and loads:
+
+* the LLM weights, ``model.language_model.*`` (renamed to ``model.*``) and ``lm_head``,
+  with fused experts in the released layout (``experts.gate_up_proj [E, H, 2I]``,
+  ``experts.down_proj [E, I, H]``), through the VL class's own weight loader, so the
+  two classes cannot disagree on the mapping;
+* nothing of the vision tower: no vision module is built, and every ``model.visual.*``
+  tensor is dropped as it comes out of the checkpoint iterator, before any parameter
+  exists for it. The bytes and parameters skipped are logged and kept on the model
+  (``vision_weights_skipped``) as what this class saves versus the VL class.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+VISION_PREFIXES = ("model.visual.", "visual.")
+
+
+def is_vision_weight(name: str) -> bool:
+    return name.startswith(VISION_PREFIXES)
+
+
+@dataclass
+class SkippedWeights:
+    tensors: int = 0
+    parameters: int = 0
+    bytes: int = 0  # at the model's parameter dtype, what the VL class would hold
+
+    def describe(self) -> str:
+        return (
+            f"{self.tensors} vision tensors, {self.parameters} parameters, "
+            f"{self.bytes / 2**20:.2f} MiB"
+        )
+
+
+def _drop_vision(
+    weights: Iterable[Tuple[str, torch.Tensor]], skipped: SkippedWeights, itemsize: int
+) -> Iterator[Tuple[str, torch.Tensor]]:
+    for name, tensor in weights:
+        if is_vision_weight(name):
+            skipped.tensors += 1
+            skipped.parameters += tensor.numel()
+            skipped.bytes += tensor.numel() * itemsize
+            continue
+        yield name, tensor
+
+
+def load_language_weights(model, weights: Iterable[Tuple[str, torch.Tensor]]):
+    """Load the LLM part of a Qwen3-VL-MoE checkpoint into ``Qwen3MoeForCausalLM``."""
+    # Imported here: qwen3_vl_moe imports qwen3_moe, which calls this function.
+    from sglang.srt.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
+
+    # The VL loader reads these switches from the (text) config it was built with.
+    for flag in ("encoder_only", "language_only"):
+        if not hasattr(model.config, flag):
+            setattr(model.config, flag, False)
+    itemsize = next(model.parameters()).element_size()
+    skipped = SkippedWeights()
+    Qwen3VLMoeForConditionalGeneration.load_weights(
+        model, _drop_vision(weights, skipped, itemsize)
+    )
+    model.vision_weights_skipped = skipped
+    logger.info(
+        "Qwen3MoeForCausalLM from a Qwen3-VL-MoE checkpoint (language side): loaded "
+        "the language model only; skipped %s versus Qwen3VLMoeForConditionalGeneration",
+        skipped.describe(),
+    )
+    return skipped
