@@ -447,21 +447,28 @@ def _save_processor(out: Path) -> None:
     (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2) + "\n")
 
 
-def _build_vl(spec: TinyVLMoeSpec, out: Path) -> None:
+def _build(spec: TinyVLMoeSpec | TinyTextMoeSpec, out: Path, model_cls: Any, make_config: Any,
+           to_released: Any) -> None:
+    """Seeded random model -> released on-disk layout -> tokenizer and generation config beside it."""
     import torch
-    from transformers import Qwen3VLMoeForConditionalGeneration
 
     tok_dir = ensure_tokenizer(spec.tokenizer_vocab)
     ids = _token_ids(tok_dir)
     torch.manual_seed(spec.seed)
-    model = Qwen3VLMoeForConditionalGeneration(vl_config(spec, ids)).float().eval()
+    model = model_cls(make_config(spec, ids)).float().eval()
     _init_weights(model, spec.seed)
     _mute_tokens(model, _muted_token_ids(tok_dir))
     model.save_pretrained(out)
-    _rewrite_safetensors(out, _to_released_vl)
+    _rewrite_safetensors(out, to_released)
     check_expert_layout(out)
     _copy_tokenizer(tok_dir, out)
     _save_generation_config(out, ids)
+
+
+def _build_vl(spec: TinyVLMoeSpec, out: Path) -> None:
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    _build(spec, out, Qwen3VLMoeForConditionalGeneration, vl_config, _to_released_vl)
     _save_processor(out)
 
 
@@ -483,20 +490,9 @@ def text_config(spec: TinyTextMoeSpec, ids: dict[str, int]) -> Any:
 
 
 def _build_text(spec: TinyTextMoeSpec, out: Path) -> None:
-    import torch
     from transformers import Qwen3MoeForCausalLM
 
-    tok_dir = ensure_tokenizer(spec.tokenizer_vocab)
-    ids = _token_ids(tok_dir)
-    torch.manual_seed(spec.seed)
-    model = Qwen3MoeForCausalLM(text_config(spec, ids)).float().eval()
-    _init_weights(model, spec.seed)
-    _mute_tokens(model, _muted_token_ids(tok_dir))
-    model.save_pretrained(out)
-    _rewrite_safetensors(out, _to_released_text)
-    check_expert_layout(out)
-    _copy_tokenizer(tok_dir, out)
-    _save_generation_config(out, ids)
+    _build(spec, out, Qwen3MoeForCausalLM, text_config, _to_released_text)
 
 
 def spec_params(spec: TinyVLMoeSpec | TinyTextMoeSpec) -> dict[str, Any]:
