@@ -22,14 +22,17 @@ of a Qwen3-VL-MoE checkpoint. It builds ``Qwen3MoeForCausalLM`` from the VL conf
   ``experts.down_proj [E, I, H]``), through the VL class's own weight loader, so the
   two classes cannot disagree on the mapping;
 * nothing of the vision tower: no vision module is built, and every ``model.visual.*``
-  tensor is dropped as it comes out of the checkpoint iterator, before any parameter
-  exists for it. The bytes and parameters skipped are logged and kept on the model
-  (``vision_weights_skipped``) as what this class saves versus the VL class.
+  tensor is skipped by the safetensors iterators from its header alone, before it is read
+  (``skip_checkpoint_tensor``, the model-loader seam); other iterators (``.bin``, ...) yield it
+  and it is dropped before any parameter exists for it. The bytes and parameters skipped are
+  logged and kept on the model (``vision_weights_skipped``) as what this class saves versus
+  the VL class.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Tuple
 
@@ -57,6 +60,22 @@ class SkippedWeights:
         )
 
 
+def vision_tensor_skipper(model):
+    """``skip_checkpoint_tensor`` for the loader: skip vision tensors unread, counting them."""
+    model.vision_weights_skipped = skipped = SkippedWeights()
+
+    def skip(name: str, shape, dtype: str) -> bool:
+        if not is_vision_weight(name):
+            return False
+        numel = math.prod(shape)
+        skipped.tensors += 1
+        skipped.parameters += numel
+        skipped.bytes += numel * next(model.parameters()).element_size()
+        return True
+
+    return skip
+
+
 def _drop_vision(
     weights: Iterable[Tuple[str, torch.Tensor]], skipped: SkippedWeights, itemsize: int
 ) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -79,7 +98,8 @@ def load_language_weights(model, weights: Iterable[Tuple[str, torch.Tensor]]):
         if not hasattr(model.config, flag):
             setattr(model.config, flag, False)
     itemsize = next(model.parameters()).element_size()
-    skipped = SkippedWeights()
+    # Tensors the loader already skipped unread were counted by vision_tensor_skipper.
+    skipped = getattr(model, "vision_weights_skipped", None) or SkippedWeights()
     Qwen3VLMoeForConditionalGeneration.load_weights(
         model, _drop_vision(weights, skipped, itemsize)
     )
