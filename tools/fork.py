@@ -457,11 +457,13 @@ class Fork:
         return problems
 
     # ---- refresh ------------------------------------------------------------------------------
-    def refresh(self, target: str | None = None) -> list[str]:
+    def refresh(self, target: str | None = None, add_files: tuple[str, ...] = ()) -> list[str]:
         """Regenerate one patch (default: the last) from the edited overlay files.
 
         The patch's new content is the overlay with every later patch reverse-applied, diffed
-        against pristine + every earlier patch (quilt semantics)."""
+        against pristine + every earlier patch (quilt semantics). The last patch takes every
+        edit; an earlier one only the edits of the files it already touches and of ``add_files``.
+        Every other edit stays in the overlay as an unrefreshed edit."""
         patches = self.patches()
         if not patches:
             raise ForkError("the series is empty: create a patch with `tools/fork.py new NAME -m SUBJECT`")
@@ -472,7 +474,11 @@ class Fork:
         man = self.read_manifest()
         if man is None:
             raise ForkError("the fork is not composed: run `tools/fork.py apply` first")
-        edited = set(self.overlay_edits()) | set(patches[idx].files)
+        all_edits = set(self.overlay_edits())
+        edited = set(patches[idx].files) | set(add_files)
+        if idx == len(patches) - 1:
+            edited |= all_edits
+        kept = {f: (self.overlay / f).read_bytes() for f in sorted(all_edits - edited) if (self.overlay / f).is_file()}
         before = self.compose_patched(patches[:idx])
         later = patches[idx + 1:]
         with tempfile.TemporaryDirectory(prefix="fork-refresh-") as tmp:
@@ -492,6 +498,10 @@ class Fork:
         patch.diff = "".join(chunks)
         patch.path.write_text(patch.render())
         self.apply(force=True)
+        for rel, data in kept.items():  # edits that belong elsewhere stay, still unrefreshed
+            (self.overlay / rel).write_bytes(data)
+        if kept:
+            log(f"left as unrefreshed edits (refresh their patch, or name them with --file): {', '.join(kept)}")
         return sorted(rel for rel, c in zip(sorted(edited), chunks) if c)
 
     def new_patch(self, name: str, subject: str, body: str = "") -> Path:
@@ -739,6 +749,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("check", help="fail if a patch does not apply or the overlay differs from the repo")
     p = sub.add_parser("refresh", help="regenerate a patch (default: the last) from edited overlay files")
     p.add_argument("patch", nargs="?")
+    p.add_argument("--file", dest="files", action="append", default=[],
+                   help="also put this upstream file (sglang/...) into the patch; repeatable")
     p = sub.add_parser("new", help="append a new empty patch to the series")
     p.add_argument("name")
     p.add_argument("-m", "--subject", required=True)
@@ -772,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             log(f"check ok: {len(fork.patches())} patches apply cleanly; overlay matches the repository")
         elif args.cmd == "refresh":
-            files = fork.refresh(args.patch)
+            files = fork.refresh(args.patch, tuple(args.files))
             log(f"refreshed {args.patch or fork.patches()[-1].name}: {', '.join(files) or 'no changes'}")
         elif args.cmd == "new":
             log(f"created {fork.new_patch(args.name, args.subject, args.body)}")

@@ -222,3 +222,18 @@ def test_real_repository_series_checks_clean() -> None:
     """The repository's own series against the real pinned install (what CI composed)."""
     real = forktool.repo_fork(REPO)
     assert real.check() == []
+
+
+def test_refresh_takes_only_its_own_edits(fake: forktool.Fork) -> None:
+    """Refreshing an earlier patch never swallows edits of other files; they stay unrefreshed."""
+    first = _add_patch(fake, "one", "sglang/srt/models/foo.py", "line 2\n", "line two\n")
+    _add_patch(fake, "two", "sglang/srt/models/foo.py", "line 18\n", "line eighteen\n")
+    _edit(fake, "sglang/srt/models/bar.py", "return 1", "return 4")  # in no patch yet
+    _edit(fake, "sglang/srt/models/foo.py", "line 3\n", "line three\n")
+    fake.refresh("0001-one")
+    assert "bar.py" not in forktool.Patch.read(first).diff
+    assert (fake.overlay / "sglang/srt/models/bar.py").read_text() == "def bar():\n    return 4\n"
+    assert fake.check() == ["sglang/srt/models/bar.py: upstream file edited in the overlay but in no patch (run refresh)"]
+    fake.refresh("0001-one", add_files=("sglang/srt/models/bar.py",))
+    assert "+    return 4\n" in forktool.Patch.read(first).diff
+    assert fake.check() == []
