@@ -44,6 +44,11 @@ UPSTREAM_PREFIX = "python/"  # where the package lives in upstream's repository
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# Upstream's pre-commit formatters, in check mode (versions pinned in fork/pin.toml).
+LINTERS = (("black", ["--diff", "--quiet"]),
+           ("isort", ["--diff", "--quiet", "--profile", "black", "--project", "sglang"]))
+
+
 class ForkError(RuntimeError):
     """A problem the user must fix; printed without a traceback."""
 
@@ -176,6 +181,48 @@ def git_apply(patch_text: str, workdir: Path, *, reverse: bool = False, check: b
 # --------------------------------------------------------------------------------------------
 # The fork of one checkout
 # --------------------------------------------------------------------------------------------
+def formatter_diffs(python: str, path: Path) -> list[tuple[str, str]]:
+    """(tool, unified diff it would apply to ``path``) for each of :data:`LINTERS`."""
+    out = []
+    for tool, args in LINTERS:
+        r = subprocess.run([python, "-m", tool, *args, str(path)], capture_output=True, text=True)
+        if r.returncode not in (0, 1):
+            raise ForkError(f"{tool} failed on {path}: {r.stderr.strip()}")
+        out.append((tool, r.stdout))
+    return out
+
+
+def changed_old_lines(diff: str) -> set[int]:
+    """1-based lines of the original file that a unified diff removes or inserts next to."""
+    lines: set[int] = set()
+    old = 0
+    for ln in diff.splitlines():
+        m = re.match(r"@@ -(\d+)(?:,\d+)? \+\d+(?:,\d+)? @@", ln)
+        if m:
+            old = int(m.group(1))
+        elif ln.startswith(("---", "+++")):
+            continue
+        elif ln.startswith("-"):
+            lines.add(old)
+            old += 1
+        elif ln.startswith("+"):
+            lines.add(max(old - 1, 1))
+        elif ln.startswith(" "):
+            old += 1
+    return lines
+
+
+def added_lines(before: bytes, after: bytes) -> set[int]:
+    """1-based lines of ``after`` that are not in ``before`` (what a patch adds or changes)."""
+    a = before.decode().splitlines()
+    b = after.decode().splitlines()
+    out: set[int] = set()
+    for tag, _i1, _i2, j1, j2 in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if tag in ("replace", "insert"):
+            out.update(range(j1 + 1, j2 + 1))
+    return out
+
+
 @dataclass
 class Fork:
     """Everything needed to compose one checkout's fork. Paths are parameters so tests can use a
@@ -528,6 +575,32 @@ class Fork:
             chunks.append(unified_diff(rel, None, (self.new_module_root / rel).read_bytes()))
         return "".join(chunks)
 
+    # ---- lint ---------------------------------------------------------------------------------
+    def lint(self, python: str = sys.executable) -> list[str]:
+        """Upstream's pre-commit formatters (black; isort --profile black, sglang first-party) in
+        check mode: every new module whole, and in each patched upstream file the lines the series
+        adds (pristine 0.5.23 itself is not clean under black 24, and we do not reformat upstream).
+        Returns one problem per file and formatter."""
+        problems = []
+        new = [self.new_module_root / rel for rel in self.new_modules() if rel.endswith(".py")]
+        for path in new:
+            for tool, diff in formatter_diffs(python, path):
+                if diff:
+                    problems.append(f"{tool} would change {path}")
+        for rel, data in sorted(self.compose_patched().items()):
+            if not rel.endswith(".py") or data is None:
+                continue
+            added = added_lines(self.pristine_bytes(rel) or b"", data)
+            with tempfile.TemporaryDirectory(prefix="fork-lint-") as tmp:
+                path = Path(tmp) / Path(rel).name
+                path.write_bytes(data)
+                for tool, diff in formatter_diffs(python, path):
+                    hit = sorted(changed_old_lines(diff) & added)
+                    if hit:
+                        lines = ", ".join(map(str, hit[:8]))
+                        problems.append(f"{tool} would change lines the series adds to {rel}: {lines}")
+        return problems
+
     # ---- wheel --------------------------------------------------------------------------------
     def build_wheel(self, out_dir: Path, local: str) -> Path:
         """``sglang-<version>+<local>`` from the pinned wheel, the series and the new modules;
@@ -755,6 +828,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name")
     p.add_argument("-m", "--subject", required=True)
     p.add_argument("--body", default="")
+    sub.add_parser("lint", help="check new modules and patched upstream files with black and isort")
     sub.add_parser("diff", help="print the combined diff against pristine upstream (the upstream PR)")
     p = sub.add_parser("wheel", help="build sglang-<version>+<local> for deployment")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "dist")
@@ -788,6 +862,13 @@ def main(argv: list[str] | None = None) -> int:
             log(f"refreshed {args.patch or fork.patches()[-1].name}: {', '.join(files) or 'no changes'}")
         elif args.cmd == "new":
             log(f"created {fork.new_patch(args.name, args.subject, args.body)}")
+        elif args.cmd == "lint":
+            problems = fork.lint()
+            for pr in problems:
+                print(f"fork lint: FAIL: {pr}", file=sys.stderr)
+            if problems:
+                return 1
+            log("lint ok: new modules and the lines the series adds pass black and isort")
         elif args.cmd == "diff":
             sys.stdout.write(fork.combined_diff())
         elif args.cmd == "wheel":

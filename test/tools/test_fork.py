@@ -237,3 +237,23 @@ def test_refresh_takes_only_its_own_edits(fake: forktool.Fork) -> None:
     fake.refresh("0001-one", add_files=("sglang/srt/models/bar.py",))
     assert "+    return 4\n" in forktool.Patch.read(first).diff
     assert fake.check() == []
+
+
+def test_lint_names_unformatted_new_modules_and_patched_lines(fake: forktool.Fork) -> None:
+    """issue 7 item 15: black and isort (upstream's pre-commit settings) check every new module
+    whole and, in patched upstream files, the lines the series adds (not upstream's own lines)."""
+    mod = fake.new_module_root / "sglang" / "srt" / "models" / "newmod.py"
+    mod.parent.mkdir(parents=True)
+    mod.write_text("import sys\nimport os\n\nx = {'a':1}\n")
+    _add_patch(fake, "one", "sglang/srt/models/bar.py", "return 1", "return {'b':2}")
+    problems = fake.lint()
+    assert problems == [
+        f"black would change {mod}",
+        f"isort would change {mod}",
+        "black would change lines the series adds to sglang/srt/models/bar.py: 2",
+    ], problems
+    mod.write_text('import os\nimport sys\n\nx = {"a": 1}\n')
+    _edit(fake, "sglang/srt/models/bar.py", "return {'b':2}", 'return {"b": 2}')
+    fake.refresh()
+    assert fake.lint() == []
+
