@@ -61,13 +61,14 @@ class PeerError(RuntimeError):
 
 
 class EncodePeer:
-    """An EncodeManager in another process."""
+    """An EncodeManager in another process (``target``: another peer entry point of ``el_peer``
+    speaking the same pipe protocol, e.g. the language peer, or one wrapped by ``netns.run_in``)."""
 
-    def __init__(self, ctx, bc: MultimodalBufferConfig, cc: ConnectionConfig):
+    def __init__(self, ctx, bc: MultimodalBufferConfig, cc: ConnectionConfig, target=None):
         from el_peer import peer_main
 
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=peer_main, args=(child, bc, cc), daemon=True)
+        self.proc = ctx.Process(target=target or peer_main, args=(child, bc, cc), daemon=True)
         self.proc.start()
         child.close()
         self.addr, self.pid = self._reply(60)

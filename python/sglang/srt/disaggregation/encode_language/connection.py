@@ -25,6 +25,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import zmq
+
 from sglang.srt.disaggregation.base.conn import BaseKVManager, KVPoll
 from sglang.srt.disaggregation.encode_language.allocator import BlockAllocator
 from sglang.srt.disaggregation.encode_language.buffers import (
@@ -432,7 +433,9 @@ class ManagerBase(BaseKVManager):
             )
             self._on_peer_dead(
                 ep,
-                f"peer {ep} is unreachable (missed {cfg.heartbeat_max_failures} heartbeats)",
+                f"peer {ep} is unreachable (missed {cfg.heartbeat_max_failures} heartbeats): "
+                f"it is down, cannot reach this side's advertised address {self.manager_id}, or "
+                f"answers under another address than {ep}",
             )
 
     def _on_peer_dead(self, endpoint: str, reason: str) -> None:
