@@ -61,14 +61,18 @@ class PeerError(RuntimeError):
 
 
 class EncodePeer:
-    """An EncodeManager in another process (``target``: another peer entry point of ``el_peer``
-    speaking the same pipe protocol, e.g. the language peer, or one wrapped by ``netns.run_in``)."""
+    """An EncodeManager in another process (``target``: another entry point of ``el_peer`` that
+    speaks the same pipe protocol, e.g. the language peer, or one wrapped by ``netns.run_in``)."""
 
-    def __init__(self, ctx, bc: MultimodalBufferConfig, cc: ConnectionConfig, target=None):
+    def __init__(
+        self, ctx, bc: MultimodalBufferConfig, cc: ConnectionConfig, target=None
+    ):
         from el_peer import peer_main
 
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=target or peer_main, args=(child, bc, cc), daemon=True)
+        self.proc = ctx.Process(
+            target=target or peer_main, args=(child, bc, cc), daemon=True
+        )
         self.proc.start()
         child.close()
         self.addr, self.pid = self._reply(60)
