@@ -61,8 +61,8 @@ class PeerError(RuntimeError):
 
 
 class EncodePeer:
-    """An EncodeManager in another process (``target``: another entry point of ``el_peer`` that
-    speaks the same pipe protocol, e.g. the language peer, or one wrapped by ``netns.run_in``)."""
+    """An EncodeManager in another process. ``target``: another ``el_peer`` entry point
+    with the same pipe protocol (the language peer), or one wrapped by ``netns.run_in``."""
 
     def __init__(
         self, ctx, bc: MultimodalBufferConfig, cc: ConnectionConfig, target=None
