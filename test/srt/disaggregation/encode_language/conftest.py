@@ -62,7 +62,7 @@ class PeerError(RuntimeError):
 
 class EncodePeer:
     """An EncodeManager in another process. ``target``: another ``el_peer`` entry point
-    with the same pipe protocol (the language peer), or one wrapped by ``netns.run_in``."""
+    with the same pipe protocol (the language peer), or wrapped by ``netns.run_in``."""
 
     def __init__(
         self, ctx, bc: MultimodalBufferConfig, cc: ConnectionConfig, target=None

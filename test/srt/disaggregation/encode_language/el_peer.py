@@ -72,7 +72,7 @@ def peer_main(conn, buffer_config, conn_config) -> None:
 
 def serve(conn, mgr, handle) -> None:
     """The pipe protocol of every peer: announce (manager id, pid), then answer each
-    command with ``("ok", handle(cmd, args))`` or ``("err", (type, msg, traceback))``."""
+    command with ("ok", handle(cmd, args)) or ("err", (type, message, traceback))."""
     conn.send(("ok", (mgr.manager_id, os.getpid())))
     while True:
         try:
