@@ -90,8 +90,8 @@ def serve(conn, mgr, handle) -> None:
 
 
 def language_peer_main(conn, buffer_config, conn_config) -> None:
-    """The language side as a real process (cross-node tests): receives rooms from an encoder
-    and reports what arrived."""
+    """The language side as a real process (cross-node tests): receives rooms from an
+    encoder and reports what arrived."""
     import time
 
     from sglang.srt.disaggregation.base.conn import KVPoll
