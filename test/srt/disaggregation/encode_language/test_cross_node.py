@@ -13,6 +13,8 @@ from el_helpers import assert_same, make_payload
 from el_peer import language_peer_main, peer_main
 
 from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.encode_language.connection import ControlChannel
+from sglang.srt.disaggregation.encode_language.manifest import Ping, make
 from sglang.srt.distributed.device_communicators.mooncake_transfer_engine import (
     get_mooncake_transfer_engine,
 )
@@ -170,3 +172,18 @@ def test_one_transfer_engine_per_process(make_lang):
     a, b = make_lang(), make_lang()
     assert a.engine is b.engine is get_mooncake_transfer_engine()
     assert a.session_id == b.session_id and a.manager_id != b.manager_id
+
+
+def test_control_channel_over_ipv6():
+    """issue 7 item 14: bound to every IPv6 interface, the id is the bracketed advertised
+    address, and a peer's channel reaches it there."""
+    rx = ControlChannel("::", 0, "::1")
+    tx = ControlChannel("::1", 0, "::1")
+    try:
+        assert rx.endpoint.startswith("[::1]:")
+        assert tx.send(rx.endpoint, make(Ping, manager_id=tx.endpoint, nonce=7))
+        msg = rx.recv(10.0)
+        assert isinstance(msg, Ping) and (msg.manager_id, msg.nonce) == (tx.endpoint, 7)
+    finally:
+        rx.close()
+        tx.close()
