@@ -4,11 +4,14 @@
 * ``ControlChannel``: one ZMQ PULL socket per manager (its endpoint is the manager id) plus a
   PUSH socket per peer, guarded by a lock, never blocking: control messages are the typed
   structures of ``manifest.py``; a malformed or unknown one is logged, counted and dropped.
-* ``ManagerBase``: a ``BaseKVManager`` that owns the buffers, the block allocator, one control
-  thread, and uses this process's Mooncake engine (upstream's shared ``MooncakeTransferEngine``,
-  one per process, see ``make_transfer_engine``). The control
-  thread handles every message and every timer (timeouts, heartbeat); an exception while handling
-  one message fails at most the request it concerns, never the thread.
+* ``ManagerBase``: a ``BaseKVManager`` that owns the buffers, the block allocator and one control
+  thread, and uses this process's one Mooncake engine (upstream's shared
+  ``MooncakeTransferEngine``, see ``make_transfer_engine``). The control thread handles every
+  message and every timer (timeouts, heartbeat); an exception while handling one message fails at
+  most the request it concerns, never the thread.
+* Addressing: ``ConnectionConfig.resolve_addresses`` (advertised vs bind address); the encode
+  side's control socket listens on the bootstrap port (docs/transport.md, "Deploying across
+  nodes / addressing").
 
 The encode side lives in ``sender.py``, the language side in ``receiver.py``; docs/transport.md
 describes the state machine.
@@ -22,7 +25,7 @@ import json
 import logging
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import zmq
 
@@ -77,16 +80,13 @@ class ConnectionConfig:
     # Timeouts (seconds).
     bootstrap_timeout_s: float = 30.0  # peer registered + every destination reserved
     waiting_timeout_s: float = 300.0  # language: reserved -> first round arrives
-    transfer_timeout_s: float = (
-        60.0  # language: a further round requested -> it arrives
-    )
-    resume_timeout_s: float = (
-        60.0  # encoder: partial round -> all destinations ask for more;
-    )
-    #                                 language: waiting for resume blocks
-    abort_ack_timeout_s: float = (
-        30.0  # language: abort sent -> encoder confirms no write in flight
-    )
+    # language: a further round requested -> it arrives
+    transfer_timeout_s: float = 60.0
+    # encoder: partial round -> all destinations ask for more;
+    # language: waiting for resume blocks
+    resume_timeout_s: float = 60.0
+    # language: abort sent -> encoder confirms no write in flight
+    abort_ack_timeout_s: float = 30.0
     heartbeat_interval_s: float = 2.0
     heartbeat_max_failures: int = 3  # missed pongs in a row = peer dead
     num_transfer_workers: int = 2  # encode side
@@ -122,7 +122,7 @@ class ConnectionConfig:
         overrides.setdefault("gpu_id", gpu_id)
         return cls(**overrides)
 
-    def resolve_addresses(self) -> "tuple[str, str]":
+    def resolve_addresses(self) -> Tuple[str, str]:
         """(advertised host, bind host). The advertised host must be routable: a wildcard is an
         error, a failed discovery is an error that names the override."""
         advertise = self.advertise_host
@@ -310,9 +310,8 @@ class ManagerBase(BaseKVManager):
         advertise, bind = self.config.resolve_addresses()
         # Bind first: a wrong address or a taken bootstrap port fails before the engine starts.
         self.channel = ControlChannel(bind, self._control_port(), advertise)
-        self.manager_id = (
-            self.channel.endpoint
-        )  # advertise_host:port, whatever the bind address
+        # advertise_host:port, whatever the bind address
+        self.manager_id = self.channel.endpoint
         try:
             if engine is None:
                 engine = make_transfer_engine(
@@ -328,9 +327,8 @@ class ManagerBase(BaseKVManager):
         self.health: Dict[str, PeerHealth] = {}
         self._nonce = itertools.count(1)
         self._closed = threading.Event()
-        self.thread_errors = (
-            0  # exceptions caught in handlers (each failed one request at most)
-        )
+        # exceptions caught in handlers (each failed one request at most)
+        self.thread_errors = 0
         self._thread = threading.Thread(
             target=self._control_loop, name=f"el-{self.role}-control", daemon=True
         )
