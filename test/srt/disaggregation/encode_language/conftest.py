@@ -61,13 +61,18 @@ class PeerError(RuntimeError):
 
 
 class EncodePeer:
-    """An EncodeManager in another process."""
+    """An EncodeManager in another process. ``target``: another ``el_peer`` entry point
+    with the same pipe protocol (the language peer), or wrapped by ``netns.run_in``."""
 
-    def __init__(self, ctx, bc: MultimodalBufferConfig, cc: ConnectionConfig):
+    def __init__(
+        self, ctx, bc: MultimodalBufferConfig, cc: ConnectionConfig, target=None
+    ):
         from el_peer import peer_main
 
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=peer_main, args=(child, bc, cc), daemon=True)
+        self.proc = ctx.Process(
+            target=target or peer_main, args=(child, bc, cc), daemon=True
+        )
         self.proc.start()
         child.close()
         self.addr, self.pid = self._reply(60)

@@ -1,4 +1,5 @@
-"""Buffer sizes and transfer settings come from the server arguments (patch 0001)."""
+"""Buffer sizes and transfer settings come from the server arguments (patch 0005)."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,27 +19,91 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 def test_defaults() -> None:
     ns = _parse()
-    buf = MultimodalBufferConfig.from_server_args(ns, hidden_size=2048, deepstack_count=3)
-    assert (buf.block_size, buf.num_blocks, buf.hidden_size, buf.deepstack_count) == (128, 256, 2048, 3)
+    buf = MultimodalBufferConfig.from_server_args(
+        ns, hidden_size=2048, deepstack_count=3
+    )
+    assert (buf.block_size, buf.num_blocks, buf.hidden_size, buf.deepstack_count) == (
+        128,
+        256,
+        2048,
+        3,
+    )
     conn = ConnectionConfig.from_server_args(ns)
-    assert conn == ConnectionConfig()  # the documented defaults, unchanged
+    # The documented defaults, except the port: upstream's --disaggregation-bootstrap-port default.
+    assert conn == ConnectionConfig(bootstrap_port=8998)
 
 
 def test_flags_reach_the_configs() -> None:
-    ns = _parse("--disaggregation-mm-num-blocks", "64", "--disaggregation-mm-block-size", "32",
-                "--disaggregation-mm-reserve-tokens", "512",
-                "--disaggregation-mm-transfer-config", '{"waiting_timeout_s": 7.5, "heartbeat_interval_s": 1}')
-    buf = MultimodalBufferConfig.from_server_args(ns, hidden_size=64, deepstack_count=0, embed_dtype="float32")
+    ns = _parse(
+        "--disaggregation-mm-num-blocks",
+        "64",
+        "--disaggregation-mm-block-size",
+        "32",
+        "--disaggregation-mm-reserve-tokens",
+        "512",
+        "--disaggregation-mm-transfer-config",
+        '{"waiting_timeout_s": 7.5, "heartbeat_interval_s": 1}',
+    )
+    buf = MultimodalBufferConfig.from_server_args(
+        ns, hidden_size=64, deepstack_count=0, embed_dtype="float32"
+    )
     assert (buf.block_size, buf.num_blocks, buf.embed_dtype) == (32, 64, "float32")
     conn = ConnectionConfig.from_server_args(ns)
-    assert (conn.default_reserve_tokens, conn.waiting_timeout_s, conn.heartbeat_interval_s) == (512, 7.5, 1)
+    assert (
+        conn.default_reserve_tokens,
+        conn.waiting_timeout_s,
+        conn.heartbeat_interval_s,
+    ) == (512, 7.5, 1)
     assert conn.transfer_timeout_s == ConnectionConfig().transfer_timeout_s
 
 
-@pytest.mark.parametrize("raw, message", [
-    ('{"waiting_timeout": 1}', r"unknown transfer setting\(s\) \['waiting_timeout'\]"),
-    ('[1, 2]', "must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (
+            '{"waiting_timeout": 1}',
+            r"unknown transfer setting\(s\) \['waiting_timeout'\]",
+        ),
+        ("[1, 2]", "must be a JSON object"),
+    ],
+)
 def test_bad_transfer_config_is_a_clear_error(raw, message) -> None:
     with pytest.raises(ValueError, match=message):
-        ConnectionConfig.from_server_args(_parse("--disaggregation-mm-transfer-config", raw))
+        ConnectionConfig.from_server_args(
+            _parse("--disaggregation-mm-transfer-config", raw)
+        )
+
+
+def test_addressing_and_engine_from_server_args() -> None:
+    """issue 7 item 14: the encode side listens on --disaggregation-bootstrap-port; the engine takes
+    --disaggregation-ib-device (else --mooncake-ib-device, as upstream's engine) and the rank's GPU;
+    advertised and bind addresses are transfer settings, unset = discovery / the advertised one.
+    """
+    ns = _parse(
+        "--disaggregation-bootstrap-port", "9100", "--mooncake-ib-device", "mlx5_1"
+    )
+    conn = ConnectionConfig.from_server_args(ns, gpu_id=3)
+    assert (conn.bootstrap_port, conn.ib_device, conn.gpu_id) == (9100, "mlx5_1", 3)
+    assert (conn.advertise_host, conn.bind_host) == (None, None)
+    ns = _parse(
+        "--disaggregation-ib-device",
+        "mlx5_0",
+        "--mooncake-ib-device",
+        "mlx5_1",
+        "--disaggregation-mm-transfer-config",
+        '{"advertise_host": "10.1.2.3", "bind_host": "0.0.0.0", "bootstrap_port": 9200}',
+    )
+    conn = ConnectionConfig.from_server_args(ns)
+    assert (conn.ib_device, conn.gpu_id, conn.bootstrap_port) == ("mlx5_0", 0, 9200)
+    assert conn.resolve_addresses() == ("10.1.2.3", "0.0.0.0")
+
+
+def test_default_advertised_address_is_upstreams_discovery(monkeypatch) -> None:
+    """issue 7 item 14: unset, the advertised address is upstream's get_local_ip_auto, which
+    honours SGLANG_HOST_IP; the bind address follows it."""
+    monkeypatch.setenv("SGLANG_HOST_IP", "10.9.8.7")
+    assert ConnectionConfig().resolve_addresses() == ("10.9.8.7", "10.9.8.7")
+    assert ConnectionConfig(advertise_host="10.1.1.1").resolve_addresses() == (
+        "10.1.1.1",
+        "10.1.1.1",
+    )

@@ -4,14 +4,19 @@
 * ``ControlChannel``: one ZMQ PULL socket per manager (its endpoint is the manager id) plus a
   PUSH socket per peer, guarded by a lock, never blocking: control messages are the typed
   structures of ``manifest.py``; a malformed or unknown one is logged, counted and dropped.
-* ``ManagerBase``: a ``BaseKVManager`` that owns the buffers, the block allocator, the Mooncake
-  engine (upstream's ``MooncakeTransferEngine`` wrapper) and one control thread. The control
-  thread handles every message and every timer (timeouts, heartbeat); an exception while handling
-  one message fails at most the request it concerns, never the thread.
+* ``ManagerBase``: a ``BaseKVManager`` that owns the buffers, the block allocator and one control
+  thread, and uses this process's one Mooncake engine (upstream's shared
+  ``MooncakeTransferEngine``, see ``make_transfer_engine``). The control thread handles every
+  message and every timer (timeouts, heartbeat); an exception while handling one message fails at
+  most the request it concerns, never the thread.
+* Addressing: ``ConnectionConfig.resolve_addresses`` (advertised vs bind address); the encode
+  side's control socket listens on the bootstrap port (docs/transport.md, "Deploying across
+  nodes / addressing").
 
 The encode side lives in ``sender.py``, the language side in ``receiver.py``; docs/transport.md
 describes the state machine.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,14 +25,11 @@ import json
 import logging
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import zmq
 
 from sglang.srt.disaggregation.base.conn import BaseKVManager, KVPoll
-from sglang.srt.distributed.device_communicators.mooncake_transfer_engine import (
-    MooncakeTransferEngine,
-)
 from sglang.srt.disaggregation.encode_language.allocator import BlockAllocator
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
@@ -42,6 +44,11 @@ from sglang.srt.disaggregation.encode_language.manifest import (
     encode_message,
     make,
 )
+from sglang.srt.distributed.device_communicators.mooncake_transfer_engine import (
+    MooncakeTransferEngine,
+    init_mooncake_transfer_engine,
+)
+from sglang.srt.utils.network import NetworkAddress, get_local_ip_auto, zmq_connect
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +57,22 @@ logger = logging.getLogger(__name__)
 class ConnectionConfig:
     """Transport settings. Defaults are meant for serving; tests shrink them."""
 
-    host: str = "127.0.0.1"
-    port: int = 0  # control port; 0 = any free port
+    # Addressing (docs/transport.md, "Deploying across nodes").
+    # The encode side's control socket listens on this port: --disaggregation-bootstrap-port, the
+    # port the router hands to the language side with each request. 0 = any free port. Language
+    # managers always listen on a free port (they tell the encoder their endpoint).
+    bootstrap_port: int = 0
+    # The address peers reach this process's control socket and transfer engine at. None =
+    # upstream's local-IP discovery (get_local_ip_auto: $SGLANG_HOST_IP / $HOST_IP, then the NIC in
+    # $SGLANG_LOCAL_IP_NIC, then the source address of the default route). Not --host (HTTP bind).
+    advertise_host: Optional[str] = None
+    # The address the control socket binds. None = the advertised address; "0.0.0.0" or "::" =
+    # every interface (e.g. behind NAT, where the advertised address is not one of this host's).
+    bind_host: Optional[str] = None
+    # Transfer engine, when this process has none yet (otherwise SGLang's shared one is used):
+    # GPU id and --disaggregation-ib-device (a device, a list, or a per-GPU JSON mapping).
+    gpu_id: int = 0
+    ib_device: Optional[str] = None
     # Language side: tokens reserved when a request arrives, and per resume round
     # (None = the same as default_reserve_tokens, so a resume always reuses its own blocks).
     default_reserve_tokens: int = 2048
@@ -59,28 +80,78 @@ class ConnectionConfig:
     # Timeouts (seconds).
     bootstrap_timeout_s: float = 30.0  # peer registered + every destination reserved
     waiting_timeout_s: float = 300.0  # language: reserved -> first round arrives
-    transfer_timeout_s: float = 60.0  # language: a further round requested -> it arrives
-    resume_timeout_s: float = 60.0  # encoder: partial round -> all destinations ask for more;
-    #                                 language: waiting for resume blocks
-    abort_ack_timeout_s: float = 30.0  # language: abort sent -> encoder confirms no write in flight
+    # language: a further round requested -> it arrives
+    transfer_timeout_s: float = 60.0
+    # encoder: partial round -> all destinations ask for more;
+    # language: waiting for resume blocks
+    resume_timeout_s: float = 60.0
+    # language: abort sent -> encoder confirms no write in flight
+    abort_ack_timeout_s: float = 30.0
     heartbeat_interval_s: float = 2.0
     heartbeat_max_failures: int = 3  # missed pongs in a row = peer dead
     num_transfer_workers: int = 2  # encode side
     tick_s: float = 0.02  # control-thread poll period
 
     @classmethod
-    def from_server_args(cls, server_args) -> "ConnectionConfig":
-        """``--disaggregation-mm-reserve-tokens`` plus the JSON ``--disaggregation-mm-transfer-config``
-        overrides; an unknown key is an error naming the valid ones."""
+    def from_server_args(cls, server_args, *, gpu_id: int = 0) -> "ConnectionConfig":
+        """``--disaggregation-mm-reserve-tokens``, ``--disaggregation-bootstrap-port``,
+        ``--disaggregation-ib-device`` (else ``--mooncake-ib-device``, as upstream's engine) and this
+        rank's ``gpu_id``, then the JSON ``--disaggregation-mm-transfer-config`` overrides; an
+        unknown key is an error naming the valid ones."""
         overrides = json.loads(server_args.disaggregation_mm_transfer_config or "{}")
         if not isinstance(overrides, dict):
-            raise ValueError("--disaggregation-mm-transfer-config must be a JSON object")
+            raise ValueError(
+                "--disaggregation-mm-transfer-config must be a JSON object"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise ValueError(f"unknown transfer setting(s) {unknown}; valid: {sorted(names)}")
-        overrides.setdefault("default_reserve_tokens", server_args.disaggregation_mm_reserve_tokens)
+            raise ValueError(
+                f"unknown transfer setting(s) {unknown}; valid: {sorted(names)}"
+            )
+        overrides.setdefault(
+            "default_reserve_tokens", server_args.disaggregation_mm_reserve_tokens
+        )
+        overrides.setdefault(
+            "bootstrap_port", server_args.disaggregation_bootstrap_port
+        )
+        overrides.setdefault(
+            "ib_device",
+            server_args.disaggregation_ib_device or server_args.mooncake_ib_device,
+        )
+        overrides.setdefault("gpu_id", gpu_id)
         return cls(**overrides)
+
+    def resolve_addresses(self) -> Tuple[str, str]:
+        """(advertised host, bind host). The advertised host must be routable: a wildcard is an
+        error, a failed discovery is an error that names the override."""
+        advertise = self.advertise_host
+        if not advertise:
+            try:
+                advertise = get_local_ip_auto()
+            except ValueError as e:
+                raise ValueError(
+                    "cannot discover a routable address of this host; set advertise_host in "
+                    "--disaggregation-mm-transfer-config or SGLANG_HOST_IP"
+                ) from e
+        if advertise.strip("[]") in _WILDCARDS:
+            raise ValueError(
+                f"advertise_host {advertise!r} is a wildcard, not an address peers can reach; "
+                "set bind_host to bind every interface and advertise_host to this host's address"
+            )
+        # Manager ids compare as strings: spell the host as an IP, as peer_endpoint does.
+        advertise = NetworkAddress.resolve_host(advertise.strip("[]"))
+        return advertise, self.bind_host or advertise
+
+
+_WILDCARDS = ("0.0.0.0", "::", "*")
+
+
+def peer_endpoint(addr: str) -> str:
+    """A peer's control endpoint ``host:port`` spelled as its manager id is: the host resolved to
+    an IP (the router hands out the encode server's hostname with ``bootstrap_host``).
+    """
+    return NetworkAddress.parse(addr).resolved().to_host_port_str()
 
 
 class TransferError(RuntimeError):
@@ -97,17 +168,31 @@ class RoomInUseError(RuntimeError):
 
 
 class ControlChannel:
-    """Typed control messages over ZMQ PUSH/PULL on ``host:port``."""
+    """Typed control messages over ZMQ PUSH/PULL. The PULL socket binds ``bind_host:port``; its
+    ``endpoint`` (the manager id peers send to) names ``advertise_host`` and the bound port, so a
+    socket bound to every interface still has an id peers can reach."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, bind_host: str, port: int, advertise_host: str):
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
-        if port:
-            self.pull.bind(f"tcp://{host}:{port}")
-        else:
-            port = self.pull.bind_to_random_port(f"tcp://{host}")
-        self.endpoint = f"{host}:{port}"
+        bind = NetworkAddress(bind_host, port)
+        if bind.is_ipv6:
+            self.pull.setsockopt(zmq.IPV6, 1)
+        try:
+            self.pull.bind(bind.to_tcp())  # port 0: an ephemeral port
+        except zmq.ZMQError as e:
+            self.pull.close()
+            self.ctx.term()
+            raise OSError(
+                e.errno,
+                f"cannot bind the control socket to {bind} ({e.strerror}): the port must be free "
+                "and the bind address one of this host's (set bind_host to 0.0.0.0 when the "
+                "advertised address is translated, e.g. NAT)",
+            ) from e
+        bound = self.pull.getsockopt(zmq.LAST_ENDPOINT).decode()
+        port = NetworkAddress.parse(bound[len("tcp://") :]).port
+        self.endpoint = NetworkAddress(advertise_host, port).to_host_port_str()
         self._push: Dict[str, zmq.Socket] = {}
         self._lock = threading.Lock()
         self.rejected = 0  # malformed / unknown messages dropped
@@ -120,13 +205,17 @@ class ControlChannel:
                 sock = self.ctx.socket(zmq.PUSH)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.SNDHWM, 10000)
-                sock.connect(f"tcp://{endpoint}")
+                _connect(sock, endpoint)
                 self._push[endpoint] = sock
             try:
                 sock.send(data, zmq.NOBLOCK)
                 return True
             except zmq.Again:
-                logger.warning("control queue to %s is full; dropped %s", endpoint, type(msg).__name__)
+                logger.warning(
+                    "control queue to %s is full; dropped %s",
+                    endpoint,
+                    type(msg).__name__,
+                )
                 return False
 
     def send_raw(self, endpoint: str, data: bytes) -> None:
@@ -134,7 +223,7 @@ class ControlChannel:
         with self._lock:
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 1000)
-            sock.connect(f"tcp://{endpoint}")
+            _connect(sock, endpoint)
             sock.send(data)
             sock.close()
 
@@ -159,6 +248,16 @@ class ControlChannel:
         self.ctx.term()
 
 
+def _connect(sock: zmq.Socket, endpoint: str) -> None:
+    """Connect to a peer's ``host:port`` (IPv6 bracketed), through upstream's ``zmq_connect`` so
+    ``SGLANG_ZMQ_SOURCE_IP`` pins the source address as for every other SGLang socket.
+    """
+    addr = NetworkAddress.parse(endpoint)
+    if addr.is_ipv6:
+        sock.setsockopt(zmq.IPV6, 1)
+    zmq_connect(sock, addr.to_tcp())
+
+
 @dataclasses.dataclass
 class PeerHealth:
     """Heartbeat bookkeeping for one peer."""
@@ -170,9 +269,24 @@ class PeerHealth:
     dead: bool = False
 
 
-def make_transfer_engine(host: str):
-    """Upstream's Mooncake wrapper (protocol from MOONCAKE_PROTOCOL / MC_FORCE_TCP, P2P handshake)."""
-    return MooncakeTransferEngine(hostname=host, gpu_id=0, ib_device=None)
+def make_transfer_engine(
+    hostname: str, gpu_id: int = 0, ib_device: Optional[str] = None
+) -> MooncakeTransferEngine:
+    """This process's one Mooncake engine, shared with the rest of SGLang (PD KV transfer, HiCache,
+    upstream's encoder disaggregation): upstream's ``init_mooncake_transfer_engine`` returns the
+    engine SGLang already made, or makes it on ``hostname`` with this GPU and IB device (protocol
+    from MOONCAKE_PROTOCOL / MC_FORCE_TCP, P2P handshake)."""
+    engine = init_mooncake_transfer_engine(
+        hostname=hostname, gpu_id=gpu_id, ib_device=ib_device
+    )
+    if engine.hostname != hostname:
+        logger.info(
+            "using this process's Mooncake engine at %s (made by SGLang; its address follows "
+            "SGLANG_HOST_IP); the control socket advertises %s",
+            engine.get_session_id(),
+            hostname,
+        )
+    return engine
 
 
 class ManagerBase(BaseKVManager):
@@ -190,19 +304,39 @@ class ManagerBase(BaseKVManager):
         self.config = config or ConnectionConfig()
         self.buffers = MultimodalDataBuffers(buffer_config)
         self.layout = self.buffers.layout
-        self.allocator = BlockAllocator(self.layout.num_blocks, name=f"{self.role} blocks")
-        self.engine = engine if engine is not None else make_transfer_engine(self.config.host)
-        self.session_id = self.engine.get_session_id()
-        self.buffers.register(self.engine)
-        self.channel = ControlChannel(self.config.host, self.config.port)
+        self.allocator = BlockAllocator(
+            self.layout.num_blocks, name=f"{self.role} blocks"
+        )
+        advertise, bind = self.config.resolve_addresses()
+        # Bind first: a wrong address or a taken bootstrap port fails before the engine starts.
+        self.channel = ControlChannel(bind, self._control_port(), advertise)
+        # advertise_host:port, whatever the bind address
         self.manager_id = self.channel.endpoint
+        try:
+            if engine is None:
+                engine = make_transfer_engine(
+                    advertise, self.config.gpu_id, self.config.ib_device
+                )
+            self.engine = engine
+            self.session_id = self.engine.get_session_id()
+            self.buffers.register(self.engine)
+        except BaseException:
+            self.channel.close()
+            raise
         self.lock = threading.RLock()
         self.health: Dict[str, PeerHealth] = {}
         self._nonce = itertools.count(1)
         self._closed = threading.Event()
-        self.thread_errors = 0  # exceptions caught in handlers (each failed one request at most)
-        self._thread = threading.Thread(target=self._control_loop, name=f"el-{self.role}-control", daemon=True)
+        # exceptions caught in handlers (each failed one request at most)
+        self.thread_errors = 0
+        self._thread = threading.Thread(
+            target=self._control_loop, name=f"el-{self.role}-control", daemon=True
+        )
         self._thread.start()
+
+    def _control_port(self) -> int:
+        """Port of this side's control socket: any free one (the manager id tells peers)."""
+        return 0
 
     # BaseKVManager --------------------------------------------------------------------------
     def register_to_bootstrap(self):
@@ -227,11 +361,16 @@ class ManagerBase(BaseKVManager):
                 if self._closed.is_set():
                     return
                 self.thread_errors += 1
-                logger.exception("%s control thread: error handling a message or timer", self.role)
+                logger.exception(
+                    "%s control thread: error handling a message or timer", self.role
+                )
 
     def _dispatch(self, msg: Message) -> None:
         if isinstance(msg, Ping):
-            self.channel.send(msg.manager_id, make(Pong, manager_id=self.manager_id, nonce=self._pong_nonce(msg)))
+            self.channel.send(
+                msg.manager_id,
+                make(Pong, manager_id=self.manager_id, nonce=self._pong_nonce(msg)),
+            )
         elif isinstance(msg, Pong):
             with self.lock:
                 h = self.health.get(msg.manager_id)
@@ -267,7 +406,9 @@ class ManagerBase(BaseKVManager):
                 if ep not in peers and not self.health[ep].dead:
                     del self.health[ep]
             for ep in peers:
-                h = self.health.setdefault(ep, PeerHealth(ep, next_ping=now + cfg.heartbeat_interval_s))
+                h = self.health.setdefault(
+                    ep, PeerHealth(ep, next_ping=now + cfg.heartbeat_interval_s)
+                )
                 if h.dead or now < h.next_ping:
                     continue
                 if h.outstanding is not None:
@@ -278,10 +419,22 @@ class ManagerBase(BaseKVManager):
                         continue
                 h.outstanding = next(self._nonce)
                 h.next_ping = now + cfg.heartbeat_interval_s
-                self.channel.send(ep, make(Ping, manager_id=self.manager_id, nonce=h.outstanding))
+                self.channel.send(
+                    ep, make(Ping, manager_id=self.manager_id, nonce=h.outstanding)
+                )
         for ep in dead:
-            logger.error("%s: peer %s missed %d heartbeats; failing its requests", self.role, ep, cfg.heartbeat_max_failures)
-            self._on_peer_dead(ep, f"peer {ep} is unreachable (missed {cfg.heartbeat_max_failures} heartbeats)")
+            logger.error(
+                "%s: peer %s missed %d heartbeats; failing its requests",
+                self.role,
+                ep,
+                cfg.heartbeat_max_failures,
+            )
+            self._on_peer_dead(
+                ep,
+                f"peer {ep} is unreachable (missed {cfg.heartbeat_max_failures} heartbeats): "
+                f"it is down, cannot reach this side's advertised address {self.manager_id}, or "
+                f"answers under another address than {ep}",
+            )
 
     def _on_peer_dead(self, endpoint: str, reason: str) -> None:
         raise NotImplementedError
@@ -324,5 +477,7 @@ __all__ = [
     "KVPoll",
     "ManagerBase",
     "RoomInUseError",
+    "make_transfer_engine",
+    "peer_endpoint",
     "TransferError",
 ]

@@ -38,6 +38,7 @@ from sglang.srt.disaggregation.encode_language.connection import (
     ManagerBase,
     RoomInUseError,
     TransferError,
+    peer_endpoint,
 )
 from sglang.srt.disaggregation.encode_language.manifest import (
     Abort,
@@ -90,6 +91,7 @@ class LanguageManager(ManagerBase):
         """Start receiving request ``room`` from the encoder at ``bootstrap_addr``. Raises
         OversizeError when the reservation can never fit this pool, RoomInUseError when the room
         is live here."""
+        bootstrap_addr = peer_endpoint(bootstrap_addr)  # as the encoder's manager id spells it
         reserve = reserve_tokens or self.config.default_reserve_tokens
         nb = blocks_for_tokens(reserve, self.layout.block_size)
         self.allocator.check_fits(nb)
@@ -170,6 +172,11 @@ class LanguageManager(ManagerBase):
         with self.lock:
             ep = msg.manager_id
             if ep not in self.registrations:
+                logger.warning(
+                    "language: RegisterAck from %s, which no request here names (pending: %s): a late "
+                    "answer, or the encoder advertises another address than its bootstrap address",
+                    ep, sorted(self.registrations),
+                )
                 return
             error = msg.error
             ok = msg.ok
@@ -301,7 +308,8 @@ class LanguageManager(ManagerBase):
                     self._fail_locked(r, f"waiting timeout: no free blocks within {cfg.waiting_timeout_s}s")
                 elif r.phase == REGISTER and age > cfg.bootstrap_timeout_s:
                     self.registrations.pop(r.encoder, None)
-                    self._fail_locked(r, f"bootstrap timeout: encoder {r.encoder} did not answer registration within {cfg.bootstrap_timeout_s}s")
+                    self._fail_locked(r, f"bootstrap timeout: encoder {r.encoder} did not answer registration within {cfg.bootstrap_timeout_s}s "
+                                          f"(is it listening there, and can it reach this side's advertised address {self.manager_id}?)")
                 elif r.phase == RESERVED and r.round == 0 and age > cfg.waiting_timeout_s:
                     self._fail_locked(r, f"waiting timeout: no data from encoder within {cfg.waiting_timeout_s}s")
                 elif r.phase == RESERVED and r.round > 0 and age > cfg.transfer_timeout_s:

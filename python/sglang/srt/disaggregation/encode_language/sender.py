@@ -118,6 +118,10 @@ class EncodeManager(ManagerBase):
         for w in self._workers:
             w.start()
 
+    def _control_port(self) -> int:
+        """The bootstrap port: the router hands it to the language side with each request."""
+        return self.config.bootstrap_port
+
     # Public API -----------------------------------------------------------------------------
     def create_sender(self, room: int) -> "EncodeSender":
         with self.lock:
