@@ -8,6 +8,7 @@ reference is upstream's ``MMMUServerBase`` on the language GPUs. Both run upstre
 default GPU attention backend with CUDA graphs on: no CPU test-bed flags.
 """
 
+import os
 import sys
 import unittest
 from typing import Callable, Optional, TypeVar
@@ -40,6 +41,10 @@ GPUS_NEEDED = LANGUAGE_BASE_GPU + LANGUAGE_TP
 COLOCATED_URL = "http://{}:{}".format(
     urlparse(DEFAULT_URL_FOR_TEST).hostname, urlparse(DEFAULT_URL_FOR_TEST).port + 600
 )
+
+# Set by the CPU transport tests' helpers (imported by the encode_language conftest under
+# pytest) to force Mooncake onto TCP; servers launched here must use the runner's fabric.
+CPU_TESTBED_ENV = ("MC_FORCE_TCP", "MOONCAKE_PROTOCOL")
 
 T = TypeVar("T")
 
@@ -95,60 +100,64 @@ class EncodeLanguageServerBase(PDDisaggregationServerBase):
     prefill_tp_size = 1  # the encode server
     decode_tp_size = LANGUAGE_TP  # the language server
     decode_base_gpu_id = LANGUAGE_BASE_GPU
-    extra_encode_args: list = []
-    extra_language_args: list = []
 
     @classmethod
     def setUpClass(cls):
+        cls.cpu_testbed_env = {}
+        if "el_helpers" in sys.modules:
+            cls.cpu_testbed_env = {
+                k: os.environ.pop(k) for k in CPU_TESTBED_ENV if k in os.environ
+            }
         super().setUpClass()
         # The new modes speak only Mooncake (its mooncake_tcp alias aside).
         cls.transfer_backend = ["--disaggregation-transfer-backend", "mooncake"]
-        cls.colocated_url = COLOCATED_URL
+
+    @classmethod
+    def tearDownClass(cls):
+        try:
+            super().tearDownClass()
+        finally:
+            os.environ.update(getattr(cls, "cpu_testbed_env", {}))
+
+    @classmethod
+    def launch_worker(cls, url: str, mode_args: list, nccl_port: str, gpus: range):
+        return popen_launch_pd_server(
+            cls.model,
+            url,
+            timeout=DEFAULT_TIMEOUT_FOR_SERVER_LAUNCH,
+            other_args=[
+                "--trust-remote-code",
+                *mode_args,
+                "--nccl-port",
+                nccl_port,
+                "--base-gpu-id",
+                str(gpus[0]),
+                *cls.transfer_backend,
+                *cls.rdma_devices_for(gpus),
+            ],
+        )
 
     @classmethod
     def start_prefill(cls):
-        encode_args = [
-            "--trust-remote-code",
-            "--disaggregation-mode",
-            "encode",
-            "--disaggregation-bootstrap-port",
-            cls.bootstrap_port,
-            "--nccl-port",
-            cls.prefill_nccl_port,
-            "--base-gpu-id",
-            str(ENCODE_GPU),
-            *cls.extra_encode_args,
-            *cls.transfer_backend,
-            *cls.rdma_devices_for([ENCODE_GPU]),
-        ]
-        cls.process_prefill = popen_launch_pd_server(
-            cls.model,
+        cls.process_prefill = cls.launch_worker(
             cls.prefill_url,
-            timeout=DEFAULT_TIMEOUT_FOR_SERVER_LAUNCH,
-            other_args=encode_args,
+            [
+                "--disaggregation-mode",
+                "encode",
+                "--disaggregation-bootstrap-port",
+                cls.bootstrap_port,
+            ],
+            cls.prefill_nccl_port,
+            range(ENCODE_GPU, ENCODE_GPU + 1),
         )
 
     @classmethod
     def start_decode(cls):
-        language_args = [
-            "--trust-remote-code",
-            "--disaggregation-mode",
-            "language",
-            "--tp",
-            str(LANGUAGE_TP),
-            "--nccl-port",
-            cls.decode_nccl_port,
-            "--base-gpu-id",
-            str(LANGUAGE_BASE_GPU),
-            *cls.extra_language_args,
-            *cls.transfer_backend,
-            *cls.rdma_devices_for(range(LANGUAGE_BASE_GPU, GPUS_NEEDED)),
-        ]
-        cls.process_decode = popen_launch_pd_server(
-            cls.model,
+        cls.process_decode = cls.launch_worker(
             cls.decode_url,
-            timeout=DEFAULT_TIMEOUT_FOR_SERVER_LAUNCH,
-            other_args=language_args,
+            ["--disaggregation-mode", "language", "--tp", str(LANGUAGE_TP)],
+            cls.decode_nccl_port,
+            range(LANGUAGE_BASE_GPU, LANGUAGE_BASE_GPU + LANGUAGE_TP),
         )
 
     @classmethod
