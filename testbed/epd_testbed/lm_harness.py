@@ -149,9 +149,11 @@ def text_stacks(model_runner, encoder, hf_config, model_path: str, case) -> dict
 
     lm = model_runner.model
     original = lm.model
-    # InternS1Pro's attention reads rope_scaling as a dict (its checkpoints declare one).
+    # InternS1Pro's attention reads rope_theta and rope_scaling (a dict) as attributes, as its
+    # checkpoints' configs declare them; transformers 5 keeps both in rope_parameters.
     interns1_config = copy.deepcopy(lm.config)
     interns1_config.rope_scaling = dict(rope_parameters(lm.config))
+    interns1_config.rope_theta = interns1_config.rope_scaling["rope_theta"]
     stacks = {
         "interns1pro": (interns1pro.InternS1ProTextModel, interns1_config),
         "qwen3_omni_moe": (qwen3_omni_moe.Qwen3MoeLLMModel, lm.config),
@@ -161,8 +163,8 @@ def text_stacks(model_runner, encoder, hf_config, model_path: str, case) -> dict
         for name, (cls, config) in stacks.items():
             lm.model = cls(config=config, quant_config=None, prefix="model")
             lm.load_weights(_checkpoint_weights(model_path))
-            DefaultModelLoader.postprocess_weights(lm, model_runner.device)
-            out[name] = {"class": f"{cls.__module__}.{cls.__qualname__}",
+            DefaultModelLoader.postprocess_weights(lm, torch.device(model_runner.device))
+            out[name] = {"class": f"{type(lm.model).__module__}.{type(lm.model).__qualname__}",
                          **run_case(model_runner, encoder, hf_config, model_path, case, max_new_tokens=2)}
     finally:
         lm.model = original

@@ -103,6 +103,8 @@ class _Layer(torch.nn.Module):
 
     def forward(self, positions, hidden_states, forward_batch, post_residual_addition=None, **kwargs):
         self.calls.append(dict(kwargs, post_residual_addition=post_residual_addition))
+        if kwargs.get("captured_last_layer_outputs") is not None:  # EAGLE3/DFlash capture
+            kwargs["captured_last_layer_outputs"].capture(hidden_states)
         if post_residual_addition is not None:  # HF order: added to the layer's input
             hidden_states = hidden_states + post_residual_addition
         return torch.tanh(hidden_states @ self.w + self.b)
@@ -165,7 +167,7 @@ def test_deepstack_runs_in_the_models_own_layer_loop(recorded_layers, with_deeps
         input_deepstack_embeds=embeds)
     assert recorded_layers == [0, 1, 2, 3]
     captured = [layer.calls[0]["captured_last_layer_outputs"] for layer in layers]
-    assert isinstance(captured[1], AuxHiddenStateList) and captured[1] is aux
+    assert isinstance(captured[1], AuxHiddenStateList) and captured[1] is aux and len(aux) == 1
     assert [c for i, c in enumerate(captured) if i != 1] == [None] * 3
     torch.testing.assert_close(out, _reference(x, layers, embeds), rtol=0, atol=1e-6)
     if not with_deepstack:  # None: no step adds or passes anything
@@ -287,7 +289,7 @@ def test_allows_two_batch_overlap_from_configs() -> None:
     from transformers import Qwen3MoeConfig
 
     from sglang.srt.models.qwen3_vl_moe_language import text_config_for_language_model
-    from test_qwen3_vl_moe_language import vl_config
+    from tiny_configs import vl_config
 
     def decides(config) -> bool:
         return ds.DeepStack.from_config(config, 0, config.num_hidden_layers).allows_two_batch_overlap

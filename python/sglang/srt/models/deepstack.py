@@ -88,7 +88,8 @@ def hf_order_stage_slices(
 ) -> range:
     """Slices a stage consumes in the HF order (RL on-policy): slice ``k`` is added after
     the residual, at the start of layer ``k + 1`` (or in the final norm when ``k`` is the
-    last layer), so a stage consumes ``[start - 1, end - 1)`` plus ``end - 1`` if last."""
+    last layer), so a stage consumes ``[start - 1, end - 1)`` plus ``end - 1`` if last.
+    """
     lo = max(0, start_layer - 1)
     hi = min(num_deepstack, end_layer if is_last_stage else end_layer - 1)
     return range(lo, max(lo, hi))

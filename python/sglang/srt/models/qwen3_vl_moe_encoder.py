@@ -73,7 +73,8 @@ class EncodedRequest:
 @dataclass
 class EncodeOnly:
     """The encode-only VL model and the VL config it was built from (the model keeps
-    only ``text_config`` as ``.config``; the placeholder token ids live on the VL config)."""
+    only ``text_config`` as ``.config``; the placeholder token ids live on the VL config).
+    """
 
     model: Any  # Qwen3VLMoeForConditionalGeneration with encoder_only
     config: Any  # its Qwen3VLMoeConfig
