@@ -6,17 +6,23 @@ Runs in its own process (``python -m epd_testbed.lm_harness CKPT OUT [case ...]`
    ``ModelRunner`` (the architecture overridden as the language server will do), driven the way
    ``sglang.benchmark.one_batch`` drives it: Reqs, ScheduleBatch, ForwardBatch, extend + decode;
 2. builds the encode-only construction of ``Qwen3VLMoeForConditionalGeneration``
-   (``build_encode_only``: vision tower + token embeddings) and loads its weights;
+   (``build_encode_only``: the vision tower only) and loads its weights;
 3. per case: Hugging Face's processor (the reference's own inputs) gives prompt ids, pixels and
    grid; SGLang's ``MRotaryEmbedding.get_rope_index`` gives M-RoPE positions and delta (what
-   SGLang's processor computes); ``encode`` gives the multimodal rows and deepstack features;
-   the language model prefills with ``input_embeds`` + ``input_deepstack_embeds`` + M-RoPE
-   positions and decodes greedily.
+   SGLang's processor computes); ``EncodeOnly.encode`` gives the multimodal rows and deepstack
+   features; the text rows are the language model's own token embeddings (this harness embeds
+   them, as the language server will); the language model prefills with ``input_embeds`` +
+   ``input_deepstack_embeds`` + M-RoPE positions and decodes greedily;
+4. ``__encode__``: the encode-only construction's rows for an image and a video, next to Hugging
+   Face's vision tower output for the same pixels;
+5. ``__text_stacks__``: the text stacks of InternS1Pro and Qwen3-Omni (which used upstream's
+   removed ``Qwen3MoeLLMModel``), built on the checkpoint's text config, loaded through the
+   language-side loader and run on the ``one_image`` prefill in place of ``Qwen3MoeModel``.
 
-It writes ``{case: {"tokens": [...], "logits": Tensor[steps, vocab], "num_deepstack": K,
-"vision_weights_skipped": {...}}}`` with ``torch.save``. Deepstack reaches the model through
-its ``forward(..., input_deepstack_embeds=...)`` argument for the prefill step (the model runner
-does not carry it yet: that is the serving issue's job).
+It writes ``{case: {"tokens": [...], "logits": Tensor[steps, vocab], "num_deepstack": K, ...},
+"__meta__": {...}, "__encode__": {...}, "__text_stacks__": {...}}`` with ``torch.save``.
+Deepstack reaches the model through its ``forward(..., input_deepstack_embeds=...)`` argument
+for the prefill step (the model runner does not carry it yet: that is the serving issue's job).
 """
 from __future__ import annotations
 
@@ -62,21 +68,107 @@ def _load_language_runner(model_path: str):
     return bench_runner.torch_runner
 
 
-def _load_encoder(model_path: str, hf_config):
+def _checkpoint_weights(model_path: str):
     from safetensors import safe_open
 
+    for f in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as g:
+            for k in g.keys():
+                yield k, g.get_tensor(k)
+
+
+def _load_encoder(model_path: str, hf_config):
     from sglang.srt.models.qwen3_vl_moe_encoder import build_encode_only
 
-    enc = build_encode_only(hf_config).float().eval()
-
-    def weights():
-        for f in sorted(Path(model_path).glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as g:
-                for k in g.keys():
-                    yield k, g.get_tensor(k)
-
-    enc.load_weights(weights())
+    enc = build_encode_only(hf_config)
+    enc.model.float().eval()
+    enc.load_weights(_checkpoint_weights(model_path))
     return enc
+
+
+def _mm_items(inputs) -> list:
+    """The request's multimodal items as SGLang's processor hands them to the model."""
+    from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem
+
+    items = []
+    if "pixel_values" in inputs:
+        item = MultimodalDataItem(modality=Modality.IMAGE, feature=inputs["pixel_values"])
+        item.image_grid_thw = inputs["image_grid_thw"]
+        items.append(item)
+    if "pixel_values_videos" in inputs:
+        item = MultimodalDataItem(modality=Modality.VIDEO, feature=inputs["pixel_values_videos"])
+        item.video_grid_thw = inputs["video_grid_thw"]
+        items.append(item)
+    return items
+
+
+def encode_against_hf(encoder, model_path: str) -> dict:
+    """The encode-only rows of an image and of a 4-frame video, and Hugging Face's vision tower
+    output (merged rows, deepstack slices concatenated) for the same processor inputs."""
+    import numpy as np
+
+    from epd_testbed.hf_reference import _tok_and_proc, load_model
+    from epd_testbed.images import make_image
+
+    tok, proc = _tok_and_proc(model_path)
+    hf = load_model(model_path)
+    frames = np.stack([np.array(make_image(64, 64, seed=10 + s)) for s in range(4)])
+    requests = {
+        "image": ({"type": "image"}, dict(images=[make_image(96, 64, seed=5)])),
+        "video": ({"type": "video"}, dict(videos=[frames], videos_kwargs={"do_sample_frames": False})),
+    }
+    out = {}
+    for kind, (part, media) in requests.items():
+        msgs = [{"role": "user", "content": [part, {"type": "text", "text": "What is this?"}]}]
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        inputs = proc(text=[text], return_tensors="pt", **media)
+        ids = inputs["input_ids"][0]
+        encoded = encoder.encode(ids, _mm_items(inputs))
+        get = hf.model.get_image_features if kind == "image" else hf.model.get_video_features
+        pixels = inputs["pixel_values" if kind == "image" else "pixel_values_videos"]
+        grid = inputs["image_grid_thw" if kind == "image" else "video_grid_thw"]
+        with torch.no_grad():
+            ref = get(pixels, grid)
+        token_id = getattr(encoder.config, f"{kind}_token_id")
+        out[kind] = {"mm_embeds": encoded.mm_embeds, "deepstack": encoded.deepstack,
+                     "mm_positions": encoded.mm_positions,
+                     "placeholder_positions": (ids == token_id).nonzero()[:, 0],
+                     "hf_mm_embeds": torch.cat(ref.pooler_output),
+                     "hf_deepstack": torch.cat([torch.cat(f) for f in ref.deepstack_features], dim=1)}
+    return out
+
+
+def text_stacks(model_runner, encoder, hf_config, model_path: str, case) -> dict:
+    """Run ``case`` with the text stacks of InternS1Pro and Qwen3-Omni in place of the language
+    model's ``Qwen3MoeModel`` (same text config, same checkpoint)."""
+    import copy
+
+    from sglang.srt.model_loader.loader import DefaultModelLoader
+    from sglang.srt.models import interns1pro, qwen3_omni_moe
+    from sglang.srt.models.qwen3_vl_moe_language import rope_parameters
+
+    lm = model_runner.model
+    original = lm.model
+    # InternS1Pro's attention reads rope_theta and rope_scaling (a dict) as attributes, as its
+    # checkpoints' configs declare them; transformers 5 keeps both in rope_parameters.
+    interns1_config = copy.deepcopy(lm.config)
+    interns1_config.rope_scaling = dict(rope_parameters(lm.config))
+    interns1_config.rope_theta = interns1_config.rope_scaling["rope_theta"]
+    stacks = {
+        "interns1pro": (interns1pro.InternS1ProTextModel, interns1_config),
+        "qwen3_omni_moe": (qwen3_omni_moe.Qwen3MoeLLMModel, lm.config),
+    }
+    out = {}
+    try:
+        for name, (cls, config) in stacks.items():
+            lm.model = cls(config=config, quant_config=None, prefix="model")
+            lm.load_weights(_checkpoint_weights(model_path))
+            DefaultModelLoader.postprocess_weights(lm, torch.device(model_runner.device))
+            out[name] = {"class": f"{type(lm.model).__module__}.{type(lm.model).__qualname__}",
+                         **run_case(model_runner, encoder, hf_config, model_path, case, max_new_tokens=2)}
+    finally:
+        lm.model = original
+    return out
 
 
 def _mrope(hf_config, input_ids: torch.Tensor, grid):
@@ -144,7 +236,6 @@ def run_case(model_runner, encoder, hf_config, model_path: str, case, max_new_to
 
     from sglang.benchmark import one_batch as ob
     from sglang.srt.managers.schedule_batch import MultimodalInputs, Req
-    from sglang.srt.models.qwen3_vl_moe_encoder import encode
     from sglang.srt.sampling.sampling_params import SamplingParams
 
     from epd_testbed.hf_reference import _tok_and_proc, render_prompt
@@ -157,12 +248,13 @@ def run_case(model_runner, encoder, hf_config, model_path: str, case, max_new_to
     lm = model_runner.model
     embed = lm.model.embed_tokens
     with torch.no_grad():
+        text_embeds = embed(ids)  # the language side embeds the prompt's text itself
         if images:
-            encoded = encode(encoder, ids, inputs["pixel_values"], inputs["image_grid_thw"])
-            input_embeds, deepstack = encoded.language_inputs(ids, embed)
+            encoded = encoder.encode(ids, _mm_items(inputs))
+            input_embeds, deepstack = encoded.scatter(text_embeds)
             grid = inputs["image_grid_thw"]
         else:
-            input_embeds, deepstack, grid = embed(ids).clone(), None, None
+            input_embeds, deepstack, grid = text_embeds.clone(), None, None
     mrope_positions, delta = _mrope(hf_config, ids, grid)
 
     def make_req() -> Req:
@@ -224,15 +316,21 @@ def main(argv: list[str] | None = None) -> None:
     assert not any(n.startswith(("visual", "model.visual")) for n, _ in lm.named_parameters())
     hf_config = runner.model_config.hf_config
     encoder = _load_encoder(args.model_path, hf_config)
-    results = {"__meta__": {"vision_weights_skipped": vars(lm.vision_weights_skipped),
+    enc_params = dict(encoder.model.named_parameters())
+    results = {"__meta__": {"vision_weights_skipped": dict(vars(lm.vision_weights_skipped)),
                             "language_params": sum(p.numel() for p in lm.parameters()),
-                            "encoder_params": sum(p.numel() for p in encoder.parameters()),
-                            "encoder_modules": sorted({n.split(".")[0] for n, _ in encoder.named_parameters()}),
-                            "encoder_non_vision_params": sorted(n for n, _ in encoder.named_parameters()
+                            "language_config_flags": [f for f in ("encoder_only", "language_only")
+                                                      if hasattr(lm.config, f)],
+                            "encoder_params": sum(p.numel() for p in enc_params.values()),
+                            "encoder_modules": sorted({n.split(".")[0] for n in enc_params}),
+                            "encoder_non_vision_params": sorted(n for n in enc_params
                                                                 if not n.startswith("visual."))}}
     for case in cases:
         results[case.name] = run_case(runner, encoder, hf_config, args.model_path, case, args.max_new_tokens)
         print(case.name, results[case.name]["tokens"], flush=True)
+    results["__encode__"] = encode_against_hf(encoder, args.model_path)
+    one_image = next(c for c in VL_CASES if c.name == "one_image")
+    results["__text_stacks__"] = text_stacks(runner, encoder, hf_config, args.model_path, one_image)
     torch.save(results, args.out)
 
 

@@ -12,7 +12,11 @@ What is compared, exactly:
     (``output_logits``), max |diff| <= 1e-4. The colocated server exposes no raw logits; it
     equals HF token for token (test_qwen3_vl_moe.py), so HF stands in for it there;
   * split prefill: the same prefill through ``ModelRunner.forward_split_prefill`` one layer per
-    call gives the same first-step logits (within 1e-4) as the plain prefill.
+    call gives the same first-step logits (within 1e-4) as the plain prefill;
+  * the encode-only construction's rows for an image and a video equal Hugging Face's vision
+    tower output for the same pixels;
+  * InternS1Pro's and Qwen3-Omni's text stacks (built on upstream's former ``Qwen3MoeLLMModel``,
+    now ``Qwen3MoeModel``) construct, load and run the image prefill with deepstack.
 """
 from __future__ import annotations
 
@@ -109,6 +113,49 @@ def test_language_side_loads_no_vision_weights(vl_model, language_side) -> None:
     skipped = meta["vision_weights_skipped"]
     assert (skipped["tensors"], skipped["parameters"]) == tuple(vision)
     assert skipped["bytes"] == 4 * vision[1]  # fp32
-    # the encode-only construction: vision tower + token embeddings, nothing else
-    assert meta["encoder_modules"] == ["model", "visual"]
-    assert meta["encoder_non_vision_params"] == ["model.embed_tokens.weight"]
+    # issue 7 item 5: the shared loader plants no encoder_only / language_only on the text config
+    assert meta["language_config_flags"] == []
+
+
+def test_encode_side_holds_the_vision_tower_only(language_side) -> None:
+    """issue 7 item 6: the encode-only construction loads no token embeddings (the language
+    side embeds text itself): only ``visual.*`` parameters exist."""
+    meta = language_side["__meta__"]
+    assert meta["encoder_modules"] == ["visual"]
+    assert meta["encoder_non_vision_params"] == []
+
+
+ENCODE_TOL = 1e-5
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_encode_only_matches_hf_vision_tower(language_side, spec_name, kind) -> None:
+    """issue 7 item 6: the encode side runs upstream's own get_image_feature /
+    get_video_feature and separate_deepstack_embeds, so an image and a video give Hugging
+    Face's merged rows and deepstack features (fp32), at the placeholder positions."""
+    got = language_side["__encode__"][kind]
+    k = len(SPECS[spec_name].deepstack_visual_indexes)
+    assert got["deepstack"].shape == (got["mm_embeds"].shape[0], k * got["mm_embeds"].shape[1])
+    assert got["mm_embeds"].shape == got["hf_mm_embeds"].shape and got["mm_embeds"].shape[0] > 0
+    assert (got["mm_embeds"] - got["hf_mm_embeds"]).abs().max().item() <= ENCODE_TOL
+    assert (got["deepstack"] - got["hf_deepstack"]).abs().max().item() <= ENCODE_TOL
+    assert got["mm_positions"].tolist() == got["placeholder_positions"].tolist()
+
+
+STACK_CLASSES = {"interns1pro": "sglang.srt.models.interns1pro.InternS1ProTextModel",
+                 # the alias of the removed Qwen3MoeLLMModel that qwen3_omni_moe imports
+                 "qwen3_omni_moe": "sglang.srt.models.qwen3_moe.Qwen3MoeModel"}
+
+
+@pytest.mark.parametrize("stack", list(STACK_CLASSES))
+def test_text_stacks_of_models_that_used_qwen3_moe_llm_model(language_side, stack) -> None:
+    """issue 7 item 2 (alias coverage): InternS1Pro's text stack (InternS1ProTextModel) and
+    Qwen3-Omni's (qwen3_omni_moe.Qwen3MoeLLMModel) construct on the checkpoint's text config,
+    load through the language-side loader and run the image prefill with deepstack and M-RoPE
+    positions, giving Qwen3MoeModel's tokens and logits (same weights, same math)."""
+    got = language_side["__text_stacks__"][stack]
+    reference = language_side["one_image"]
+    assert got["class"] == STACK_CLASSES[stack]
+    assert got["num_image_rows"] > 0
+    assert got["tokens"] == reference["tokens"][:2]
+    assert (got["logits"] - reference["logits"][:2]).abs().max().item() <= 1e-5

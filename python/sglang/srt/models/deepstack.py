@@ -24,34 +24,36 @@ The language model receives them as one tensor ``input_deepstack_embeds`` of sha
 
 This module is the single implementation used by every class that runs a Qwen-MoE
 decoder stack (``Qwen2MoeModel`` and its subclass ``Qwen3MoeModel``, hence
-``Qwen3MoeForCausalLM`` and ``Qwen3VLMoeForConditionalGeneration``):
+``Qwen3MoeForCausalLM`` and ``Qwen3VLMoeForConditionalGeneration``). It owns K
+(:func:`deepstack_layer_count`), the validation of the tensor, which slices a pipeline
+stage owns, and the per-layer steps; the model's own layer loops (``forward`` and split
+prefill) call those steps, each of which does nothing for ``None``:
 
-* :func:`deepstack_layer_count` resolves K from a (VL or text) config, never a constant;
-* :class:`DeepStack` validates the width, knows which slices a pipeline stage owns, runs
-  the stage's layers adding its slices, and forwards the tensor to later pipeline
-  stages that still need slices (a first stage shorter than K layers);
-* :func:`text_config_for_language_model` unwraps a VL config for the language side.
-
-The model's own layer loop is left untouched: the model branches once per forward on
-``input_deepstack_embeds is not None`` and calls :meth:`DeepStack.run_layers`, so a
-forward without deepstack does no extra work per layer.
+* :meth:`DeepStack.layer_kwargs` before layer ``i`` (HF order only: the slice that goes
+  into the layer's input after the residual);
+* :meth:`DeepStack.after_layer` after layer ``i`` (inference order: slice ``i`` is added
+  to the layer's output);
+* :meth:`DeepStack.final_norm_kwargs` for the final norm (HF order: the last slice);
+* :meth:`DeepStack.to_pp` / :meth:`DeepStack.from_pp` between pipeline stages.
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-# Attribute set on a text config (by the VL class or the language-side loader) carrying
-# K from the enclosing VL config, because the decoder stack only sees the text config.
+# Attribute set on a text config (by the VL class or the language-side construction)
+# carrying K from the enclosing VL config, because the decoder stack only sees the text
+# config.
 NUM_DEEPSTACK_LAYERS_ATTR = "num_deepstack_layers"
 # Key under which a pipeline stage forwards the deepstack tensor to the next stage.
 PP_PROXY_KEY = "input_deepstack_embeds"
+# What a step returns when it has nothing to add (shared, never mutated).
+_NO_KWARGS: dict = {}
 
 
 def deepstack_layer_count(config: Any) -> int:
@@ -74,47 +76,6 @@ def attach_deepstack_count(text_config: Any, vl_config: Any) -> int:
     return k
 
 
-def is_vl_config(config: Any) -> bool:
-    return (
-        getattr(config, "text_config", None) is not None
-        and getattr(config, "vision_config", None) is not None
-    )
-
-
-def text_config_for_language_model(config: Any) -> Any:
-    """The config the language model of ``config`` is built from.
-
-    A text-only config is returned unchanged. A VL config (e.g. ``Qwen3VLMoeConfig``)
-    yields its ``text_config`` with K attached and ``tie_word_embeddings`` taken from the
-    VL config (transformers 5 defaults it to True on the text config, while the released
-    checkpoints have a separate ``lm_head``; upstream's VL class does the same).
-    """
-    if not is_vl_config(config):
-        return config
-    text = config.text_config
-    attach_deepstack_count(text, config)
-    if hasattr(config, "tie_word_embeddings"):
-        text.tie_word_embeddings = config.tie_word_embeddings
-    return text
-
-
-def rope_parameters(config: Any) -> Dict[str, Any]:
-    return (
-        getattr(config, "rope_parameters", None)
-        or getattr(config, "rope_scaling", None)
-        or {}
-    )
-
-
-def uses_mrope(config: Any) -> bool:
-    """M-RoPE iff the rope parameters declare ``mrope_section``.
-
-    Keyed on ``mrope_section`` itself, not on the presence of rope scaling, so a text-only
-    checkpoint with YaRN (or any other rope type) keeps 1-D positions.
-    """
-    return "mrope_section" in rope_parameters(config)
-
-
 def stage_slices(num_deepstack: int, start_layer: int, end_layer: int) -> range:
     """Slices ``k`` a pipeline stage owning layers ``[start_layer, end_layer)`` adds
     (inference order: slice ``k`` after layer ``k``). Empty when the stage starts at or
@@ -127,7 +88,8 @@ def hf_order_stage_slices(
 ) -> range:
     """Slices a stage consumes in the HF order (RL on-policy): slice ``k`` is added after
     the residual, at the start of layer ``k + 1`` (or in the final norm when ``k`` is the
-    last layer), so a stage consumes ``[start - 1, end - 1)`` plus ``end - 1`` if last."""
+    last layer), so a stage consumes ``[start - 1, end - 1)`` plus ``end - 1`` if last.
+    """
     lo = max(0, start_layer - 1)
     hi = min(num_deepstack, end_layer if is_last_stage else end_layer - 1)
     return range(lo, max(lo, hi))
@@ -155,6 +117,7 @@ class DeepStack:
         num_hidden_layers: int,
         is_last_stage: bool = True,
         hf_order: bool = False,
+        mrope: bool = False,
     ) -> None:
         self.num_deepstack = num_deepstack
         self.hidden_size = hidden_size
@@ -172,6 +135,11 @@ class DeepStack:
         self.forwards_to_next_stage = needed_after_stage(
             num_deepstack, end_layer, is_last_stage, hf_order
         )
+        # Two-batch overlap splits ``positions`` on dim 0 (M-RoPE positions are [3, T])
+        # and has no deepstack step: such stacks never take the overlapped schedule. A
+        # property of the model, so every DP rank decides alike (the scheduler's TBO vote
+        # excludes M-RoPE models too: two_batch_overlap.model_supports_tbo).
+        self.allows_two_batch_overlap = num_deepstack == 0 and not mrope
         if num_deepstack > num_hidden_layers:
             logger.warning(
                 "deepstack: the checkpoint declares K=%d deepstack slices but the text "
@@ -180,7 +148,6 @@ class DeepStack:
                 num_hidden_layers,
                 num_hidden_layers,
             )
-        self._warned_tbo = False
 
     @classmethod
     def from_config(
@@ -191,6 +158,8 @@ class DeepStack:
         is_last_stage: bool = True,
         hf_order: Optional[bool] = None,
     ) -> "DeepStack":
+        from sglang.srt.models.qwen3_vl_moe_language import uses_mrope
+
         if hf_order is None:
             hf_order = _hf_order_requested()
         return cls(
@@ -201,6 +170,7 @@ class DeepStack:
             config.num_hidden_layers,
             is_last_stage=is_last_stage,
             hf_order=hf_order,
+            mrope=uses_mrope(config),
         )
 
     # ---- validation --------------------------------------------------------------
@@ -209,9 +179,11 @@ class DeepStack:
         return self.num_deepstack * self.hidden_size
 
     def check(
-        self, input_deepstack_embeds: torch.Tensor, num_tokens: Optional[int] = None
+        self, input_deepstack_embeds: torch.Tensor, hidden_states: torch.Tensor
     ) -> None:
-        """Raise a ValueError naming the expected layout unless the tensor fits."""
+        """Raise a ValueError naming the expected layout unless the tensor fits the
+        batch's ``hidden_states`` (the input embeddings): shape, row count, dtype and
+        device. Nothing is broadcast or cast silently."""
         t = input_deepstack_embeds
         if self.num_deepstack == 0:
             raise ValueError(
@@ -225,10 +197,17 @@ class DeepStack:
                 f"[num_tokens, {self.num_deepstack} * {self.hidden_size}] (width "
                 f"{self.width}), got {tuple(t.shape)}"
             )
-        if num_tokens is not None and t.shape[0] != num_tokens:
+        if t.shape[0] != hidden_states.shape[0]:
             raise ValueError(
                 f"input_deepstack_embeds has {t.shape[0]} rows but the batch has "
-                f"{num_tokens} tokens (one row per token, zeros for text tokens)"
+                f"{hidden_states.shape[0]} tokens (one row per token, zeros for text "
+                "tokens)"
+            )
+        if t.dtype != hidden_states.dtype or t.device != hidden_states.device:
+            raise ValueError(
+                "input_deepstack_embeds must have the hidden states' dtype and device "
+                f"({hidden_states.dtype} on {hidden_states.device}), got {t.dtype} on "
+                f"{t.device}"
             )
 
     def slice(self, input_deepstack_embeds: torch.Tensor, k: int) -> torch.Tensor:
@@ -242,78 +221,66 @@ class DeepStack:
             return None
         return pp_proxy_tensors.tensors.get(PP_PROXY_KEY)
 
-    def to_pp(self, pp_proxy_tensors: Any, input_deepstack_embeds: torch.Tensor):
+    def to_pp(
+        self, pp_proxy_tensors: Any, input_deepstack_embeds: Optional[torch.Tensor]
+    ):
         """Forward the tensor to the next stage when it still owns a slice."""
-        if self.forwards_to_next_stage:
+        if input_deepstack_embeds is not None and self.forwards_to_next_stage:
             pp_proxy_tensors.tensors[PP_PROXY_KEY] = input_deepstack_embeds
         return pp_proxy_tensors
 
-    # ---- the layer loop with deepstack -------------------------------------------
-    def final_norm_kwargs(self, input_deepstack_embeds: torch.Tensor) -> dict:
-        """HF order only: the slice of the last layer goes into the final norm."""
-        last = self.end_layer - 1
-        if self.hf_order and self.is_last_stage and last in self.slices:
-            return {"post_residual_addition": self.slice(input_deepstack_embeds, last)}
-        return {}
+    # ---- the steps the model's layer loops call ----------------------------------
+    def layer_kwargs(
+        self, layer_id: int, input_deepstack_embeds: Optional[torch.Tensor]
+    ) -> dict:
+        """Extra arguments of decoder layer ``layer_id``. HF order only: slice
+        ``layer_id - 1`` goes into the layer's input, after the residual
+        (``post_residual_addition``)."""
+        if (
+            input_deepstack_embeds is None
+            or not self.hf_order
+            or (layer_id - 1) not in self.slices
+        ):
+            return _NO_KWARGS
+        return {
+            "post_residual_addition": self.slice(input_deepstack_embeds, layer_id - 1)
+        }
 
-    def run_layers(
+    def after_layer(
         self,
-        model: Any,
-        positions: torch.Tensor,
+        layer_id: int,
         hidden_states: Any,
         forward_batch: Any,
-        input_deepstack_embeds: torch.Tensor,
-        aux_hidden_states: Any = None,
-        start: Optional[int] = None,
-        end: Optional[int] = None,
-        record_expert_layer: bool = True,
+        input_deepstack_embeds: Optional[torch.Tensor],
     ) -> Any:
-        """Run ``model.layers[start:end]`` adding this stage's deepstack slices.
-
-        Inference order (default): slice ``k`` is added to the layer's completed output
-        (``residual_batch.add_to_output``) right after layer ``k``; the residual update
-        stays pending for the next layer, exactly as upstream's VL path did.
-        HF order (``rl_on_policy_target`` set): slice ``k - 1`` is passed to layer ``k``
-        as ``post_residual_addition`` (and the last one to the final norm).
-
-        Two-batch overlap is not used for a batch that carries deepstack (it would split
-        the batch into micro-batches whose per-layer additions the overlapped schedule
-        cannot express); such batches (multimodal prefills) run the plain per-layer loop,
-        which is what upstream's VL language model always did.
-        """
+        """Inference order: add slice ``layer_id`` to the layer's completed output
+        (``residual_batch.add_to_output``), leaving the residual update pending for the
+        next layer's fused add-norm, exactly as upstream's VL path did."""
+        if (
+            input_deepstack_embeds is None
+            or self.hf_order
+            or layer_id not in self.slices
+        ):
+            return hidden_states
         from sglang.srt.layers.layer_boundary.residual import batch as residual_batch
 
-        start = model.start_layer if start is None else start
-        end = model.end_layer if end is None else end
-        if getattr(forward_batch, "can_run_tbo", False) and not self._warned_tbo:
-            self._warned_tbo = True
-            logger.info(
-                "deepstack: batches carrying input_deepstack_embeds run without "
-                "two-batch overlap (plain layer loop)"
-            )
-        recorder = None
-        if record_expert_layer:
-            recorder = _expert_recorder()
-        slices = self.slices
-        for i in range(start, end):
-            layer = model.layers[i]
-            kwargs = {}
-            if aux_hidden_states is not None and getattr(
-                layer, "_is_layer_to_capture", False
-            ):
-                kwargs["captured_last_layer_outputs"] = aux_hidden_states
-            if self.hf_order and (i - 1) in slices:
-                kwargs["post_residual_addition"] = self.slice(
-                    input_deepstack_embeds, i - 1
-                )
-            ctx = recorder(i) if recorder is not None else nullcontext()
-            with ctx:
-                hidden_states = layer(positions, hidden_states, forward_batch, **kwargs)
-            if not self.hf_order and i in slices:
-                hidden_states = residual_batch.add_to_output(
-                    hidden_states, forward_batch, self.slice(input_deepstack_embeds, i)
-                )
-        return hidden_states
+        return residual_batch.add_to_output(
+            hidden_states,
+            forward_batch,
+            self.slice(input_deepstack_embeds, layer_id),
+        )
+
+    def final_norm_kwargs(self, input_deepstack_embeds: Optional[torch.Tensor]) -> dict:
+        """HF order only: the slice of the last layer goes into the final norm."""
+        last = self.end_layer - 1
+        if (
+            input_deepstack_embeds is None
+            or not self.hf_order
+            or not self.is_last_stage
+            or last not in self.slices
+        ):
+            return _NO_KWARGS
+        return {"post_residual_addition": self.slice(input_deepstack_embeds, last)}
 
 
 def _hf_order_requested() -> bool:
@@ -324,23 +291,3 @@ def _hf_order_requested() -> bool:
         return get_exec().deterministic.rl_on_policy_target is not None
     except Exception:  # no runtime context (unit tests, tools)
         return False
-
-
-def _expert_recorder():
-    """Per-layer context of the expert distribution recorder (as the model loop uses),
-    or None when piecewise CUDA graphs are on (the model loop skips it then too)."""
-    try:
-        from sglang.srt.eplb.expert_distribution import (
-            get_global_expert_distribution_recorder,
-        )
-        from sglang.srt.model_executor.cuda_graph_config import (
-            Backend,
-            Phase,
-            check_cuda_graph_backend,
-        )
-    except Exception:
-        return None
-    if check_cuda_graph_backend(Phase.PREFILL, Backend.TC_PIECEWISE):
-        return None
-    rec = get_global_expert_distribution_recorder()
-    return rec.with_current_layer

@@ -15,12 +15,15 @@
 
 The language server of an encode/language disaggregated deployment serves only the LLM
 of a Qwen3-VL-MoE checkpoint. It builds ``Qwen3MoeForCausalLM`` from the VL config's
-``text_config`` (with K, the deepstack count, attached: see ``deepstack.py``) and loads:
+``text_config`` (:func:`text_config_for_language_model`: K, the deepstack count, attached,
+see ``deepstack.py``), uses M-RoPE positions iff the rope parameters declare them
+(:func:`uses_mrope`) and loads:
 
 * the LLM weights, ``model.language_model.*`` (renamed to ``model.*``) and ``lm_head``,
   with fused experts in the released layout (``experts.gate_up_proj [E, H, 2I]``,
-  ``experts.down_proj [E, I, H]``), through the VL class's own weight loader, so the
-  two classes cannot disagree on the mapping;
+  ``experts.down_proj [E, I, H]``), through the loader body the VL class runs too
+  (``Qwen3VLMoeForConditionalGeneration.load_weights_into``), so the two classes cannot
+  disagree on the mapping;
 * nothing of the vision tower: no vision module is built, and every ``model.visual.*``
   tensor is skipped by the safetensors iterators from its header alone, before it is read
   (``skip_checkpoint_tensor``, the model-loader seam); other iterators (``.bin``, ...) yield it
@@ -34,13 +37,56 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Tuple
+from typing import Any, Dict, Iterable, Iterator, Tuple
 
 import torch
+
+from sglang.srt.models.deepstack import attach_deepstack_count
 
 logger = logging.getLogger(__name__)
 
 VISION_PREFIXES = ("model.visual.", "visual.")
+
+
+def is_vl_config(config: Any) -> bool:
+    return (
+        getattr(config, "text_config", None) is not None
+        and getattr(config, "vision_config", None) is not None
+    )
+
+
+def text_config_for_language_model(config: Any) -> Any:
+    """The config the language model of ``config`` is built from.
+
+    A text-only config is returned unchanged. A VL config (e.g. ``Qwen3VLMoeConfig``)
+    yields its ``text_config`` with K attached and ``tie_word_embeddings`` taken from the
+    VL config (transformers 5 defaults it to True on the text config, while the released
+    checkpoints have a separate ``lm_head``; upstream's VL class does the same).
+    """
+    if not is_vl_config(config):
+        return config
+    text = config.text_config
+    attach_deepstack_count(text, config)
+    if hasattr(config, "tie_word_embeddings"):
+        text.tie_word_embeddings = config.tie_word_embeddings
+    return text
+
+
+def rope_parameters(config: Any) -> Dict[str, Any]:
+    return (
+        getattr(config, "rope_parameters", None)
+        or getattr(config, "rope_scaling", None)
+        or {}
+    )
+
+
+def uses_mrope(config: Any) -> bool:
+    """M-RoPE iff the rope parameters declare ``mrope_section``.
+
+    Keyed on ``mrope_section`` itself, not on the presence of rope scaling, so a text-only
+    checkpoint with YaRN (or any other rope type) keeps 1-D positions.
+    """
+    return "mrope_section" in rope_parameters(config)
 
 
 def is_vision_weight(name: str) -> bool:
@@ -93,15 +139,11 @@ def load_language_weights(model, weights: Iterable[Tuple[str, torch.Tensor]]):
     # Imported here: qwen3_vl_moe imports qwen3_moe, which calls this function.
     from sglang.srt.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
 
-    # The VL loader reads these switches from the (text) config it was built with.
-    for flag in ("encoder_only", "language_only"):
-        if not hasattr(model.config, flag):
-            setattr(model.config, flag, False)
     itemsize = next(model.parameters()).element_size()
     # Tensors the loader already skipped unread were counted by vision_tensor_skipper.
     skipped = getattr(model, "vision_weights_skipped", None) or SkippedWeights()
-    Qwen3VLMoeForConditionalGeneration.load_weights(
-        model, _drop_vision(weights, skipped, itemsize)
+    Qwen3VLMoeForConditionalGeneration.load_weights_into(
+        model, _drop_vision(weights, skipped, itemsize), language_only=True
     )
     model.vision_weights_skipped = skipped
     logger.info(
