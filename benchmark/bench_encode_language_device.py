@@ -94,14 +94,17 @@ def run(iters: int) -> list[tuple]:
         enc.write_request(blocks, payload)
         for s, d in zip(enc.slots(), lang.slots()):
             d.copy_(s)  # stands in for the Mooncake write (measured elsewhere)
-        got = lang.read_round(blocks, T, T)
-        assert torch.equal(got[3], payload.embeddings.cpu()) and torch.equal(got[4], payload.deepstack.cpu())
-        assert torch.equal(got[0], payload.fill_ids.cpu()) and torch.equal(got[1], payload.mrope_positions.cpu())
+        stamp = buffers.RoundStamp(room=0, generation=0, first_block=0)
+        _, got = lang.read_round(blocks, T, T, stamp)
+        assert torch.equal(got.embeddings, payload.embeddings.cpu())
+        assert torch.equal(got.deepstack, payload.deepstack.cpu())
+        assert torch.equal(got.fill_ids, payload.fill_ids.cpu())
+        assert torch.equal(got.mrope_positions, payload.mrope_positions.cpu())
         nbytes = (payload.embeddings.numel() + payload.deepstack.numel()) * 2 + T * 16
 
         def read_h2d():
-            ids, pos, mask, emb, ds = lang.read_round(blocks, T, T, device=dev)
-            pos.to(dev)
+            _, got = lang.read_round(blocks, T, T, stamp, device=dev)
+            got.mrope_positions.to(dev)
 
         flat_dev = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         flat_pin = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)

@@ -33,6 +33,7 @@ from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
     MultimodalDataBuffers,
     MultimodalPayload,
+    RoundStamp,
 )
 from sglang.srt.disaggregation.encode_language.connection import ConnectionConfig
 from sglang.srt.disaggregation.encode_language.receiver import LanguageManager
@@ -112,7 +113,7 @@ def main():
         read_t = []
         for _ in range(args.iters):
             t = time.perf_counter()
-            out = lang.buffers.read_round(blocks, T, IMAGE_TOKENS)
+            _, out = lang.buffers.read_round(blocks, T, IMAGE_TOKENS, RoundStamp(0, 0, 0))
             if args.device == "cuda":
                 [x.to("cuda", non_blocking=True) for x in out if x is not None]
                 torch.cuda.synchronize()
@@ -124,7 +125,10 @@ def main():
             t = time.perf_counter()
             a.send(room)
             assert a.recv() == KVPoll.Success
-            assert lang.wait_until(lambda: rx.poll() == KVPoll.Success, 60)
+            deadline = time.monotonic() + 60
+            while rx.poll() != KVPoll.Success:
+                assert time.monotonic() < deadline and rx.poll() != KVPoll.Failed, rx.reason
+                time.sleep(0.001)
             rx.take()
             e2e_t.append(time.perf_counter() - t)
         a.send(None)

@@ -19,6 +19,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import el_helpers  # noqa: E402,F401
+from el_helpers import accounting_ok, wait_until  # noqa: E402
 from sglang.srt.disaggregation.base.conn import KVPoll  # noqa: E402
 from sglang.srt.disaggregation.encode_language.buffers import MultimodalBufferConfig  # noqa: E402
 from sglang.srt.disaggregation.encode_language.connection import ConnectionConfig  # noqa: E402
@@ -103,16 +104,12 @@ class EncodePeer:
                 self.proc.join(5)
 
     def assert_idle(self):
-        """Every encode block free, no room left, threads alive (bounded wait for in-flight ends)."""
-        import time
-
-        deadline = time.monotonic() + 10
-        while True:
-            st = self.state()
-            if st["rooms"] == 0 and st["free"] == st["total"]:
-                break
-            assert time.monotonic() < deadline, f"encode side not idle: {st}"
-            time.sleep(0.02)
+        """Every encode block free, no room or payload left, threads alive (bounded wait for
+        in-flight ends)."""
+        idle = lambda st: st["rooms"] == 0 and st["free"] == st["total"]  # noqa: E731
+        assert wait_until(lambda: idle(self.state()), 10, 0.02), f"encode side not idle: {self.state()}"
+        st = self.state()
+        assert st["inflight_payload_bytes"] == 0 and st["pending_writes"] == 0, st
         assert st["workers_alive"] and st["control_alive"] and st["thread_errors"] == 0, st
 
 
@@ -153,7 +150,7 @@ def peers(mp_ctx):
 
 def wait_final(mgr, rx, timeout=20.0):
     """Bounded wait until a receiver is Success or Failed and its blocks are released."""
-    ok = mgr.wait_until(lambda: rx.poll() in (KVPoll.Success, KVPoll.Failed) and rx.finished, timeout)
+    ok = wait_until(lambda: rx.poll() in (KVPoll.Success, KVPoll.Failed) and rx.finished, timeout)
     assert ok, f"receiver of room {rx.room} stuck: status={rx.poll()} phase={rx.phase}"
     return rx.poll()
 
@@ -171,7 +168,10 @@ def make_lang():
     yield make
     try:
         for m in made:
-            assert m.wait_until(lambda: m.num_active_rooms() == 0, 15), f"language rooms left: {list(m.rooms)}"
+            assert wait_until(lambda: m.num_active_rooms() == 0 and not m.fences, 15), (
+                f"language rooms left: {list(m.rooms)}; fences: {list(m.fences)}"
+            )
+            accounting_ok(m.allocator)
             m.allocator.assert_all_free()
             assert m.thread_errors == 0
     finally:

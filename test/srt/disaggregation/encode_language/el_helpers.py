@@ -3,13 +3,17 @@ forkserver children can unpickle the peer entry point)."""
 from __future__ import annotations
 
 import os
+import time
+from typing import Callable, Union
 
 os.environ.setdefault("MC_FORCE_TCP", "1")
 os.environ.setdefault("MOONCAKE_PROTOCOL", "tcp")
 
 import torch
+import zmq
 
 from sglang.srt.disaggregation.encode_language.buffers import MultimodalPayload
+from sglang.srt.disaggregation.encode_language.manifest import encode_message
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -46,3 +50,39 @@ def assert_same(received, payload) -> None:
         assert received.deepstack is None
     else:
         assert torch.equal(received.deepstack.view(torch.uint8), payload.deepstack.view(torch.uint8))
+
+
+def wait_until(pred: Callable[[], bool], timeout_s: float, interval_s: float = 0.01) -> bool:
+    """Bounded wait for ``pred``; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval_s)
+    return bool(pred())
+
+
+def send_control(endpoint: str, msg: Union[bytes, object]) -> None:
+    """Deliver one control message (or raw bytes, for garbage tests) to a manager's endpoint
+    from a socket of its own, as a foreign or misbehaving peer would."""
+    data = msg if isinstance(msg, bytes) else encode_message(msg)
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(f"tcp://{endpoint}")
+    sock.send(data)
+    sock.close()
+
+
+def accounting_ok(allocator) -> dict:
+    """The pool's accounting snapshot, asserted consistent: free + quarantined + used == total."""
+    a = allocator.accounting()
+    assert a["free"] + a["quarantined"] + a["used"] == a["total"], a
+    return a
+
+
+def free_raw(allocator, blocks, owner) -> None:
+    """Free raw block ids as a caller that only kept ids would (double-free tests)."""
+    from sglang.srt.disaggregation.encode_language.allocator import BlockHandle
+
+    BlockHandle(allocator, blocks, owner).free()

@@ -11,6 +11,23 @@ from el_helpers import make_payload
 from sglang.srt.disaggregation.encode_language.sender import EncodeManager
 
 
+def room_state(mgr, room: int):
+    """A snapshot of one encode room, for assertions."""
+    with mgr.lock:
+        r = mgr.rooms.get(room)
+        if r is None:
+            return None
+        return dict(
+            round=r.round,
+            num_ranks=r.num_ranks,
+            ready=sum(1 for d in r.dests.values() if d.round == r.round),
+            token_sent=r.token_sent,
+            mm_sent=r.mm_sent,
+            in_flight=r.in_flight,
+            has_payload=r.payload is not None,
+        )
+
+
 def peer_main(conn, buffer_config, conn_config) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     mgr = EncodeManager(buffer_config, conn_config)
@@ -48,7 +65,7 @@ def peer_main(conn, buffer_config, conn_config) -> None:
                 senders[args[0]].abort()
                 out = None
             elif cmd == "room_state":
-                out = mgr.room_state(args[0])
+                out = room_state(mgr, args[0])
             elif cmd == "probe":
                 out = mgr.probe(args[0])
             elif cmd == "state":
@@ -58,6 +75,12 @@ def peer_main(conn, buffer_config, conn_config) -> None:
                     rooms=mgr.num_active_rooms(),
                     rejected=mgr.channel.rejected,
                     refused_registrations=mgr.refused_registrations,
+                    peers=sorted(mgr.peers),
+                    health={ep: h.dead for ep, h in mgr.health.items()},
+                    push_endpoints=mgr.channel.peer_endpoints(),
+                    quarantined=mgr.allocator.num_quarantined(),
+                    inflight_payload_bytes=mgr.inflight_payload_bytes,
+                    pending_writes=len(mgr._pending_writes),
                     thread_errors=mgr.thread_errors,
                     workers_alive=all(w.is_alive() for w in mgr._workers),
                     control_alive=mgr._thread.is_alive(),

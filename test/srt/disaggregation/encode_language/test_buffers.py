@@ -8,6 +8,7 @@ from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
     MultimodalDataBuffers,
     ReceivedData,
+    RoundStamp,
 )
 from sglang.srt.disaggregation.encode_language.connection import make_transfer_engine
 
@@ -20,8 +21,9 @@ def bufs(k=3, h=16, b=4, n=8, dtype="bfloat16"):
 def test_slots_and_sizes(k):
     m = bufs(k=k)
     n, B, H = 9, 4, 16  # 8 blocks + scratch
-    assert [tuple(t.shape) for t in m.slots()] == [(n, B, H), (n, B), (n, 3, B), (n, 56)] + ([(n, B, k * H)] if k else [])
-    assert m.slot_block_bytes() == [B * H * 2, B * 4, 3 * B * 4, 56] + ([B * k * H * 2] if k else [])
+    assert [tuple(t.shape) for t in m.slots()] == [(n, B, H), (n, B), (n, 3, B), (n, 72)] + ([(n, B, k * H)] if k else [])
+    assert m.slot_block_bytes() == [B * H * 2, B * 4, 3 * B * 4, 72] + ([B * k * H * 2] if k else [])
+    assert m.slot_block_bytes() == [t[0].numel() * t.element_size() for t in m.slots()]
     assert m.nbytes() == n * sum(m.slot_block_bytes())
     assert (m.deepstack is None) == (k == 0)
     assert m.pinned is torch.cuda.is_available()
@@ -33,11 +35,12 @@ def test_write_read_byte_exact(k, total, mm):
     m = bufs(k=k)
     p = make_payload(total * 7 + mm, total, mm, 16, k)
     blocks = [5, 2, 7, 0][: -(-total // 4)]
-    man = m.write_request(blocks, p)
-    ids, pos, mask, emb, ds = m.read_round(blocks, total, mm)
-    assert_same(ReceivedData(man, ids, pos, mask, emb, ds), p)
-    got, idx = m.read_manifest(blocks[-1])
-    assert got == man and idx == len(blocks) - 1
+    man = m.write_request(blocks, p, room=77, generation=5)
+    got_man, data = m.read_round(blocks, total, mm, RoundStamp(77, 5, 0))
+    assert got_man == man
+    assert_same(ReceivedData(man, *data), p)
+    got, stamp = m.read_manifest(blocks[-1])
+    assert got == man and (stamp.block_index, stamp.room, stamp.generation) == (len(blocks) - 1, 77, 5)
 
 
 def test_round_segments_move_only_valid_rows():
