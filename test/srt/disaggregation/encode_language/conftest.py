@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import el_helpers  # noqa: E402,F401
-from el_helpers import accounting_ok, wait_until  # noqa: E402
+from el_helpers import accounting_ok, assert_same, make_payload, wait_until  # noqa: E402
 from sglang.srt.disaggregation.base.conn import KVPoll  # noqa: E402
 from sglang.srt.disaggregation.encode_language.buffers import MultimodalBufferConfig  # noqa: E402
 from sglang.srt.disaggregation.encode_language.connection import ConnectionConfig  # noqa: E402
@@ -146,6 +146,16 @@ def peers(mp_ctx):
     yield get
     for p in started.values():
         p.close()
+
+
+def ok_transfer(peer, lang, seed=1, total=3 * RESERVE, mm=20, k=3):
+    """The side that survived a fault still serves a normal multi-round request."""
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room)
+    peer.call("send", room, seed, total, mm)
+    assert peer.call("wait", room, 20) == (KVPoll.Success, "")
+    assert wait_final(lang, rx) == KVPoll.Success, rx.reason
+    assert_same(rx.take(), make_payload(seed, total, mm, H, k))
 
 
 def wait_final(mgr, rx, timeout=20.0):

@@ -86,3 +86,42 @@ def free_raw(allocator, blocks, owner) -> None:
     from sglang.srt.disaggregation.encode_language.allocator import BlockHandle
 
     BlockHandle(allocator, blocks, owner).free()
+
+
+class FakePeer:
+    """A control endpoint the test speaks for, as a misbehaving or foreign peer would: it
+    receives what a manager sends it and sends what the test wants, in order, on one socket."""
+
+    def __init__(self):
+        from sglang.srt.disaggregation.encode_language.manifest import decode_message
+
+        self._decode = decode_message
+        ctx = zmq.Context.instance()
+        self.pull = ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        port = self.pull.bind_to_random_port("tcp://127.0.0.1")
+        self.addr = f"127.0.0.1:{port}"
+        self._push = {}
+
+    def send(self, endpoint: str, msg) -> None:
+        sock = self._push.get(endpoint)
+        if sock is None:
+            sock = self._push[endpoint] = zmq.Context.instance().socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://{endpoint}")
+        sock.send(encode_message(msg))
+
+    def expect(self, cls, timeout_s: float = 10.0):
+        """The next message of type ``cls`` (others are skipped); bounded."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.pull.poll(int(max(0.0, deadline - time.monotonic()) * 1000)):
+                msg = self._decode(self.pull.recv())
+                if isinstance(msg, cls):
+                    return msg
+        raise TimeoutError(f"no {cls.__name__} within {timeout_s}s")
+
+    def close(self) -> None:
+        for s in self._push.values():
+            s.close()
+        self.pull.close()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import traceback
 
 import el_helpers  # noqa: F401  (sets the Mooncake TCP environment)
@@ -28,11 +29,38 @@ def room_state(mgr, room: int):
         )
 
 
+def stall_next_write(mgr, mode: str, release: threading.Event) -> None:
+    """Fault injection into the next transfer-engine write of this (real) encoder process; the
+    write itself stays real:
+
+    * ``"sigstop_mid"``: write every segment but the multimodal rows (the last two, embeddings
+      and deepstack, when the blocks are contiguous), then SIGSTOP this whole process; on
+      SIGCONT write the rest. That is an encoder
+      stalled mid-write at a known point (the test cannot hit a random point reliably).
+    * ``"hang"``: the write blocks until ``release`` is set (bounded: 120 s), then runs. A hung
+      Mooncake write cannot be produced on loopback without stopping the test process itself.
+    """
+    engine = mgr.engine
+    real = engine.batch_transfer_sync
+
+    def stalled(session_id, srcs, dsts, lens):
+        engine.batch_transfer_sync = real  # one write only
+        if mode == "hang":
+            release.wait(120)
+            return real(session_id, srcs, dsts, lens)
+        ret = real(session_id, srcs[:-2], dsts[:-2], lens[:-2])
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return min(ret, real(session_id, srcs[-2:], dsts[-2:], lens[-2:]))
+
+    engine.batch_transfer_sync = stalled
+
+
 def peer_main(conn, buffer_config, conn_config) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     mgr = EncodeManager(buffer_config, conn_config)
     senders = {}
     H, K = buffer_config.hidden_size, buffer_config.deepstack_count
+    release = threading.Event()
     conn.send(("ok", (mgr.bootstrap_addr, os.getpid())))
     while True:
         try:
@@ -66,6 +94,16 @@ def peer_main(conn, buffer_config, conn_config) -> None:
                 out = None
             elif cmd == "room_state":
                 out = room_state(mgr, args[0])
+            elif cmd == "declare_dead":  # what the heartbeat does after missed pongs
+                mgr._declare_dead(args[0], "declared dead by the test")
+                out = None
+            elif cmd == "stall_next_write":
+                release.clear()
+                stall_next_write(mgr, args[0], release)
+                out = None
+            elif cmd == "release_write":
+                release.set()
+                out = None
             elif cmd == "probe":
                 out = mgr.probe(args[0])
             elif cmd == "state":

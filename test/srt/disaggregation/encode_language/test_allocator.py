@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import threading
+
 import pytest
 from el_helpers import free_raw
 
@@ -85,3 +87,48 @@ def test_assert_all_free_reports_owners():
         a.assert_all_free()
     a.cancel_resume("nobody")
     h.free()
+
+
+def test_quarantine_is_counted_apart_and_released_by_free():
+    """issue 7 item 10: quarantined blocks are neither free nor in use until freed; the three
+    counts always add up to the pool."""
+    a = BlockAllocator(4)
+    h = a.alloc(3, owner="room-1")
+    h.quarantine()
+    h.quarantine()  # idempotent
+    assert h.quarantined
+    assert a.accounting() == dict(free=1, quarantined=3, used=0, total=4)
+    assert a.alloc(2, owner="room-2") is None  # fenced blocks are not handed out
+    with pytest.raises(DoubleFreeError):
+        a.realloc(h, 1)
+    with pytest.raises(AssertionError, match="quarantined: {0: 'room-1', 1: 'room-1', 2: 'room-1'}"):
+        a.assert_all_free()
+    h.free()
+    assert a.accounting() == dict(free=4, quarantined=0, used=0, total=4) and not h.quarantined
+    h.free()  # idempotent
+    a.assert_all_free()
+
+
+def test_alloc_wait_wakes_on_free_and_on_cancel():
+    """issue 7 item 11: a staging wait blocks on the allocator's condition (woken by a free or
+    by notify_waiters for a cancelled request), bounded by its timeout."""
+    a = BlockAllocator(2)
+    h = a.alloc(2, owner="x")
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(a.alloc_wait(2, "y", 30)))
+    waiter.start()
+    h.free()
+    waiter.join(30)
+    assert not waiter.is_alive() and got[0] is not None and got[0].owner == "y"
+    cancelled = threading.Event()
+    waiter = threading.Thread(
+        target=lambda: got.append(a.alloc_wait(1, "z", 30, cancelled=cancelled.is_set))
+    )
+    waiter.start()
+    cancelled.set()
+    a.notify_waiters()
+    waiter.join(30)
+    assert not waiter.is_alive() and got[1] is None
+    assert a.alloc_wait(1, "w", 0.01) is None  # times out
+    got[0].free()
+    a.assert_all_free()

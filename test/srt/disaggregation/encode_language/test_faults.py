@@ -7,23 +7,13 @@ import random
 import signal
 
 import pytest
-from conftest import H, RESERVE, EncodePeer, buffer_config, conn_config, new_room, wait_final
+from conftest import H, RESERVE, EncodePeer, buffer_config, conn_config, new_room, ok_transfer, wait_final
 from el_helpers import accounting_ok, assert_same, make_payload, send_control, wait_until
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.receiver import Phase
 from sglang.srt.disaggregation.encode_language.allocator import OversizeError
 from sglang.srt.disaggregation.encode_language.manifest import Abort, encode_message, make
-
-
-def ok_transfer(peer, lang, seed=1, total=3 * RESERVE, mm=20, k=3):
-    """The side that survived a fault still serves a normal multi-round request."""
-    room = new_room()
-    rx = lang.create_receiver(peer.addr, room)
-    peer.call("send", room, seed, total, mm)
-    assert peer.call("wait", room, 20) == (KVPoll.Success, "")
-    assert wait_final(lang, rx) == KVPoll.Success, rx.reason
-    assert_same(rx.take(), make_payload(seed, total, mm, H, k))
 
 
 def stuck_in_resume(peer, lang, room, total=4 * RESERVE):
