@@ -125,3 +125,8 @@ class FakePeer:
         for s in self._push.values():
             s.close()
         self.pull.close()
+
+
+def declare_dead(mgr, endpoint: str) -> None:
+    """Force the heartbeat's verdict "peer dead" on a manager (the peer may well be alive)."""
+    mgr._declare_dead(endpoint, "declared dead by the test")

@@ -7,7 +7,7 @@ import threading
 import traceback
 
 import el_helpers  # noqa: F401  (sets the Mooncake TCP environment)
-from el_helpers import make_payload
+from el_helpers import declare_dead, make_payload
 
 from sglang.srt.disaggregation.encode_language.sender import EncodeManager
 
@@ -95,7 +95,7 @@ def peer_main(conn, buffer_config, conn_config) -> None:
             elif cmd == "room_state":
                 out = room_state(mgr, args[0])
             elif cmd == "declare_dead":  # what the heartbeat does after missed pongs
-                mgr._declare_dead(args[0], "declared dead by the test")
+                declare_dead(mgr, args[0])
                 out = None
             elif cmd == "stall_next_write":
                 release.clear()

@@ -17,7 +17,7 @@ from conftest import (
     ok_transfer,
     wait_final,
 )
-from el_helpers import accounting_ok, assert_same, make_payload, wait_until
+from el_helpers import accounting_ok, assert_same, declare_dead, make_payload, wait_until
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.receiver import Phase
@@ -41,21 +41,28 @@ def test_false_dead_on_encoder_side_then_20_requests_succeed(peers, make_lang):
 
 
 def test_dead_peer_is_heartbeated_revived_and_dead_again(mp_ctx, make_lang):
-    """issue 7 item 9: a peer declared dead is still pinged; a pong revives it; it can be
-    declared dead again. Its fenced blocks come back on its abort_ack once it answers."""
+    """issue 7 item 9: a peer declared dead is still pinged and a pong revives it; then it is
+    declared dead again (really stopped) and revived again. The first verdict is forced on a live
+    peer, so only pings sent after it can revive it. Its fenced blocks come back on its
+    abort_ack once it answers."""
     victim = EncodePeer(mp_ctx, buffer_config(), conn_config(heartbeat_interval_s=30))
     lang = make_lang()
     try:
-        for _ in range(2):  # dead -> alive -> dead -> alive
+        for stop in (False, True):
             room = new_room()
             rx = lang.create_receiver(victim.addr, room)
             assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
-            os.kill(victim.pid, signal.SIGSTOP)
-            assert wait_until(lambda: lang.peer_is_dead(victim.addr), 10)
+            if stop:
+                os.kill(victim.pid, signal.SIGSTOP)
+                assert wait_until(lambda: lang.peer_is_dead(victim.addr), 10)
+            else:
+                declare_dead(lang, victim.addr)
             assert wait_final(lang, rx) == KVPoll.Failed
-            assert rx.reason.startswith(f"peer {victim.addr} is unreachable")
-            assert accounting_ok(lang.allocator)["quarantined"] == len(lang.fences[(victim.addr, room)].handle)
-            os.kill(victim.pid, signal.SIGCONT)
+            assert "unreachable" in rx.reason or rx.reason == "declared dead by the test"
+            fenced = len(lang.fences[(victim.addr, room)].handle)
+            assert accounting_ok(lang.allocator)["quarantined"] == fenced > 0
+            if stop:
+                os.kill(victim.pid, signal.SIGCONT)
             assert wait_until(lambda: not lang.peer_is_dead(victim.addr), 10)  # revived by a pong
             assert wait_until(lambda: not lang.fences, 10)  # released by its abort_ack
             assert accounting_ok(lang.allocator)["quarantined"] == 0
