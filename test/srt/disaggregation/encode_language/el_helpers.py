@@ -1,5 +1,6 @@
 """Helpers shared by the encode_language tests and their peer processes (importable by name, so
 forkserver children can unpickle the peer entry point)."""
+
 from __future__ import annotations
 
 import os
@@ -11,14 +12,19 @@ os.environ.setdefault("MOONCAKE_PROTOCOL", "tcp")
 
 import torch
 import zmq
-
 from sglang.srt.disaggregation.encode_language.buffers import MultimodalPayload
 from sglang.srt.disaggregation.encode_language.manifest import encode_message
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
 
 
-def make_payload(seed: int, total: int, mm: int, hidden: int, k: int, dtype: str = "bfloat16") -> MultimodalPayload:
+def make_payload(
+    seed: int, total: int, mm: int, hidden: int, k: int, dtype: str = "bfloat16"
+) -> MultimodalPayload:
     """Deterministic random request: ``mm`` multimodal tokens at random positions among ``total``."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(total, dtype=torch.bool)
@@ -29,7 +35,9 @@ def make_payload(seed: int, total: int, mm: int, hidden: int, k: int, dtype: str
     ds = torch.randn(mm, k * hidden, generator=g).to(dt) if k else None
     return MultimodalPayload(
         fill_ids=torch.randint(0, 150_000, (total,), generator=g, dtype=torch.int32),
-        mrope_positions=torch.randint(0, 1 << 20, (3, total), generator=g, dtype=torch.int32),
+        mrope_positions=torch.randint(
+            0, 1 << 20, (3, total), generator=g, dtype=torch.int32
+        ),
         mm_mask=mask,
         embeddings=emb,
         deepstack=ds,
@@ -40,19 +48,32 @@ def make_payload(seed: int, total: int, mm: int, hidden: int, k: int, dtype: str
 def assert_same(received, payload) -> None:
     """Byte-for-byte equality of every slot the receiver took out."""
     m = received.manifest
-    assert (m.total_tokens, m.mm_tokens, m.mrope_delta) == (payload.total_tokens, payload.mm_tokens, payload.mrope_delta)
+    assert (m.total_tokens, m.mm_tokens, m.mrope_delta) == (
+        payload.total_tokens,
+        payload.mm_tokens,
+        payload.mrope_delta,
+    )
     assert torch.equal(received.fill_ids, payload.fill_ids.to(received.fill_ids.dtype))
-    assert torch.equal(received.mrope_positions, payload.mrope_positions.to(received.mrope_positions.dtype))
+    assert torch.equal(
+        received.mrope_positions,
+        payload.mrope_positions.to(received.mrope_positions.dtype),
+    )
     assert torch.equal(received.mm_mask, payload.mm_mask)
     assert received.embeddings.dtype == payload.embeddings.dtype
-    assert torch.equal(received.embeddings.view(torch.uint8), payload.embeddings.view(torch.uint8))
+    assert torch.equal(
+        received.embeddings.view(torch.uint8), payload.embeddings.view(torch.uint8)
+    )
     if payload.deepstack is None:
         assert received.deepstack is None
     else:
-        assert torch.equal(received.deepstack.view(torch.uint8), payload.deepstack.view(torch.uint8))
+        assert torch.equal(
+            received.deepstack.view(torch.uint8), payload.deepstack.view(torch.uint8)
+        )
 
 
-def wait_until(pred: Callable[[], bool], timeout_s: float, interval_s: float = 0.01) -> bool:
+def wait_until(
+    pred: Callable[[], bool], timeout_s: float, interval_s: float = 0.01
+) -> bool:
     """Bounded wait for ``pred``; returns its last value."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -90,7 +111,8 @@ def free_raw(allocator, blocks, owner) -> None:
 
 class FakePeer:
     """A control endpoint the test speaks for, as a misbehaving or foreign peer would: it
-    receives what a manager sends it and sends what the test wants, in order, on one socket."""
+    receives what a manager sends it and sends what the test wants, in order, on one socket.
+    """
 
     def __init__(self):
         from sglang.srt.disaggregation.encode_language.manifest import decode_message

@@ -1,4 +1,5 @@
 """The encode side as a real second process, driven over a pipe by the tests."""
+
 from __future__ import annotations
 
 import os
@@ -8,7 +9,6 @@ import traceback
 
 import el_helpers  # noqa: F401  (sets the Mooncake TCP environment)
 from el_helpers import declare_dead, make_payload
-
 from sglang.srt.disaggregation.encode_language.sender import EncodeManager
 
 
@@ -80,7 +80,9 @@ def peer_main(conn, buffer_config, conn_config) -> None:
                 room, seed, total, mm = args
                 if room not in senders:
                     senders[room] = mgr.create_sender(room)
-                senders[room].send(make_payload(seed, total, mm, H, K, buffer_config.embed_dtype))
+                senders[room].send(
+                    make_payload(seed, total, mm, H, K, buffer_config.embed_dtype)
+                )
                 out = None
             elif cmd == "wait":
                 room, timeout = args

@@ -1,14 +1,23 @@
 """Blocks a peer may still write: fenced (quarantined) until its abort_ack or the fence timeout,
 late writes detected by the next owner, every transfer-engine write bounded in time."""
+
 from __future__ import annotations
 
 import logging
 import os
 import signal
 
-from conftest import B, H, EncodePeer, buffer_config, conn_config, new_room, ok_transfer, wait_final
+from conftest import (
+    B,
+    EncodePeer,
+    H,
+    buffer_config,
+    conn_config,
+    new_room,
+    ok_transfer,
+    wait_final,
+)
 from el_helpers import accounting_ok, assert_same, make_payload, wait_until
-
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.receiver import Phase
 
@@ -18,7 +27,9 @@ def process_state(pid: int) -> str:
         return f.read().rsplit(")", 1)[1].split()[0]
 
 
-def test_stalled_encoder_late_write_never_passes_wrong_bytes(mp_ctx, peers, make_lang, caplog):
+def test_stalled_encoder_late_write_never_passes_wrong_bytes(
+    mp_ctx, peers, make_lang, caplog
+):
     """issue 7 item 10: an encoder process stopped (SIGSTOP) mid-write past the heartbeat budget
     is declared dead; its blocks are quarantined (not free, not in use) until the fence timeout
     (logged), then a second request from another encoder reuses them. The stalled encoder resumes
@@ -28,7 +39,9 @@ def test_stalled_encoder_late_write_never_passes_wrong_bytes(mp_ctx, peers, make
     free + quarantined + in use == total at every check."""
     caplog.set_level(logging.WARNING)
     victim = EncodePeer(mp_ctx, buffer_config(), conn_config(heartbeat_interval_s=30))
-    healthy = peers(heartbeat_interval_s=30)  # must not give up on us while we hold our lock
+    healthy = peers(
+        heartbeat_interval_s=30
+    )  # must not give up on us while we hold our lock
     lang = make_lang(num_blocks=2, fence_timeout_s=1.0)  # the pool is one reservation
     try:
         room_a, room_b = new_room(), new_room()
@@ -36,17 +49,25 @@ def test_stalled_encoder_late_write_never_passes_wrong_bytes(mp_ctx, peers, make
         assert wait_until(lambda: rx_a.phase == Phase.RESERVED, 10)
         a_blocks = rx_a.handle.blocks
         victim.call("stall_next_write", "sigstop_mid")
-        victim.conn.send(("send", (room_a, 1, 2 * B, 2 * B - 3)))  # answered after SIGCONT
-        assert wait_until(lambda: process_state(victim.pid) == "T", 20)  # stopped mid-write
+        victim.conn.send(
+            ("send", (room_a, 1, 2 * B, 2 * B - 3))
+        )  # answered after SIGCONT
+        assert wait_until(
+            lambda: process_state(victim.pid) == "T", 20
+        )  # stopped mid-write
         assert wait_until(lambda: lang.peer_is_dead(victim.addr), 10)
         assert rx_a.poll() == KVPoll.Failed and "unreachable" in rx_a.reason
-        assert accounting_ok(lang.allocator) == dict(free=0, quarantined=2, used=0, total=2)
+        assert accounting_ok(lang.allocator) == dict(
+            free=0, quarantined=2, used=0, total=2
+        )
         rx_b = lang.create_receiver(healthy.addr, room_b)
         assert rx_b.phase == Phase.ALLOC  # fenced blocks are not handed out
         assert wait_until(lambda: rx_b.phase == Phase.RESERVED, 10)  # fence timeout
         assert "fence timeout: releasing 2 blocks of room" in caplog.text
         assert rx_b.handle.blocks == a_blocks
-        assert accounting_ok(lang.allocator) == dict(free=0, quarantined=0, used=2, total=2)
+        assert accounting_ok(lang.allocator) == dict(
+            free=0, quarantined=0, used=2, total=2
+        )
         with lang.lock:  # the language side is slow to copy out
             healthy.call("send", room_b, 2, 2 * B, 2 * B - 5)
             assert healthy.call("wait", room_b, 20) == (KVPoll.Success, "")  # B written
@@ -83,15 +104,24 @@ def test_hung_write_is_bounded_and_its_blocks_fenced(mp_ctx, make_lang):
         assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
         victim.call("stall_next_write", "hang")
         victim.call("send", room, 1, 2 * B, 9)
-        reason = f"data write to {lang.manager_id} timed out after 0.5s (it may still land)"
+        reason = (
+            f"data write to {lang.manager_id} timed out after 0.5s (it may still land)"
+        )
         assert victim.call("wait", room, 20) == (KVPoll.Failed, reason)
-        assert wait_final(lang, rx) == KVPoll.Failed and rx.reason == f"encoder {victim.addr} aborted: {reason}"
-        assert accounting_ok(lang.allocator)["quarantined"] == 2  # fenced: the write may land
+        assert (
+            wait_final(lang, rx) == KVPoll.Failed
+            and rx.reason == f"encoder {victim.addr} aborted: {reason}"
+        )
+        assert (
+            accounting_ok(lang.allocator)["quarantined"] == 2
+        )  # fenced: the write may land
         st = victim.state()
         assert (st["quarantined"], st["pending_writes"]) == (2, 1)  # staging blocks too
         ok_transfer(victim, lang)  # the worker is not held by the hung write
         victim.call("release_write")
-        assert wait_until(lambda: not lang.fences, 10)  # AbortAck once the write returned
+        assert wait_until(
+            lambda: not lang.fences, 10
+        )  # AbortAck once the write returned
         assert accounting_ok(lang.allocator)["quarantined"] == 0
         victim.assert_idle()
     finally:

@@ -1,6 +1,7 @@
 """Liveness between real processes: registrations that recover from a one-sided "peer dead",
 dead peers heartbeated and revived, idle and dead peers forgotten, the encoder's in-flight payload
 bound."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,8 @@ import signal
 
 from conftest import (
     RESERVE,
-    H,
     EncodePeer,
+    H,
     PeerError,
     buffer_config,
     conn_config,
@@ -17,8 +18,13 @@ from conftest import (
     ok_transfer,
     wait_final,
 )
-from el_helpers import accounting_ok, assert_same, declare_dead, make_payload, wait_until
-
+from el_helpers import (
+    accounting_ok,
+    assert_same,
+    declare_dead,
+    make_payload,
+    wait_until,
+)
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.receiver import Phase
 from sglang.srt.disaggregation.encode_language.sender import payload_nbytes
@@ -58,15 +64,21 @@ def test_dead_peer_is_heartbeated_revived_and_dead_again(mp_ctx, make_lang):
             else:
                 declare_dead(lang, victim.addr)
             assert wait_final(lang, rx) == KVPoll.Failed
-            assert "unreachable" in rx.reason or rx.reason == "declared dead by the test"
+            assert (
+                "unreachable" in rx.reason or rx.reason == "declared dead by the test"
+            )
             fenced = len(lang.fences[(victim.addr, room)].handle)
             assert accounting_ok(lang.allocator)["quarantined"] == fenced > 0
             if stop:
                 os.kill(victim.pid, signal.SIGCONT)
-            assert wait_until(lambda: not lang.peer_is_dead(victim.addr), 10)  # revived by a pong
+            assert wait_until(
+                lambda: not lang.peer_is_dead(victim.addr), 10
+            )  # revived by a pong
             assert wait_until(lambda: not lang.fences, 10)  # released by its abort_ack
             assert accounting_ok(lang.allocator)["quarantined"] == 0
-            assert wait_until(lambda: victim.state()["rooms"] == 0, 10)  # it dropped the room
+            assert wait_until(
+                lambda: victim.state()["rooms"] == 0, 10
+            )  # it dropped the room
         ok_transfer(victim, lang)
         victim.assert_idle()
     finally:
@@ -76,19 +88,27 @@ def test_dead_peer_is_heartbeated_revived_and_dead_again(mp_ctx, make_lang):
 
 def test_idle_and_dead_peers_are_forgotten(mp_ctx, peers, make_lang):
     """issue 7 item 13: a peer idle (or dead) for peer_prune_s is forgotten on both sides:
-    health entry, registration and PUSH socket; it registers again when it comes back."""
+    health entry, registration and PUSH socket; it registers again when it comes back.
+    """
     peer = peers(peer_prune_s=0.5)
     lang = make_lang(peer_prune_s=0.5, fence_timeout_s=0.5)
     ok_transfer(peer, lang)
 
     def forgotten_here(ep):
-        return ep not in lang.registrations and ep not in lang.health and ep not in lang.channel.peer_endpoints()
+        return (
+            ep not in lang.registrations
+            and ep not in lang.health
+            and ep not in lang.channel.peer_endpoints()
+        )
 
     assert wait_until(lambda: forgotten_here(peer.addr), 10)
 
     def forgotten_there():
         st = peer.state()
-        return lang.manager_id not in st["peers"] + st["push_endpoints"] and not st["health"]
+        return (
+            lang.manager_id not in st["peers"] + st["push_endpoints"]
+            and not st["health"]
+        )
 
     assert wait_until(forgotten_there, 10)
     ok_transfer(peer, lang)  # both sides meet again
@@ -104,7 +124,8 @@ def test_idle_and_dead_peers_are_forgotten(mp_ctx, peers, make_lang):
 def test_inflight_payload_bytes_are_bounded(peers, make_lang):
     """issue 7 item 13: the encoder holds payloads by reference until their last round; a
     send() past max_inflight_payload_bytes raises PayloadBudgetError and changes nothing, so the
-    same request is admitted once earlier ones finished; a payload over the whole bound fails."""
+    same request is admitted once earlier ones finished; a payload over the whole bound fails.
+    """
     total, mm = 3 * RESERVE, 20
     nbytes = payload_nbytes(make_payload(1, total, mm, H, 3))
     peer = peers(max_inflight_payload_bytes=nbytes + nbytes // 2)
@@ -117,7 +138,9 @@ def test_inflight_payload_bytes_are_bounded(peers, make_lang):
         raise AssertionError("second payload admitted past the bound")
     except PeerError as e:
         assert e.kind == "PayloadBudgetError"
-        assert f"encoder holds {nbytes} payload bytes; {nbytes} more would exceed" in e.msg
+        assert (
+            f"encoder holds {nbytes} payload bytes; {nbytes} more would exceed" in e.msg
+        )
     assert peer.call("poll", second) == (KVPoll.Bootstrapping, "")  # nothing changed
     rx1 = lang.create_receiver(peer.addr, first)
     assert peer.call("wait", first, 20) == (KVPoll.Success, "")

@@ -19,6 +19,7 @@ them. ``num_free() + num_quarantined() + num_used() == num_total()`` at every mo
 
 ``alloc_wait`` waits on a condition that every free and every ``notify_waiters()`` signals.
 """
+
 from __future__ import annotations
 
 import enum
@@ -93,9 +94,13 @@ class BlockAllocator:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.name = name
         self._total = num_blocks
-        self._free: List[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives low ids first
+        self._free: List[int] = list(
+            range(num_blocks - 1, -1, -1)
+        )  # pop() gives low ids first
         self._owner: Dict[int, Hashable] = {}  # blocks in use
-        self._quarantine: Dict[int, Hashable] = {}  # blocks fenced off, not free, not in use
+        self._quarantine: Dict[int, Hashable] = (
+            {}
+        )  # blocks fenced off, not free, not in use
         self._resume_demand: Dict[Hashable, int] = {}
         self._lock = threading.Lock()
         self._freed_cond = threading.Condition(self._lock)
@@ -213,7 +218,9 @@ class BlockAllocator:
         self.check_fits(num_blocks)
         with self._lock:
             if handle._freed or handle._quarantined:
-                raise DoubleFreeError(f"{self.name}: realloc of a released handle {handle!r}")
+                raise DoubleFreeError(
+                    f"{self.name}: realloc of a released handle {handle!r}"
+                )
             avail = len(self._free) + len(handle._blocks)
             if priority == Priority.NEW:
                 avail -= sum(self._resume_demand.values())
@@ -234,14 +241,18 @@ class BlockAllocator:
             self._resume_demand.pop(owner, None)
 
     # Free ---------------------------------------------------------------------------------
-    def _check_owned_locked(self, handle: BlockHandle, table: Dict[int, Hashable]) -> None:
+    def _check_owned_locked(
+        self, handle: BlockHandle, table: Dict[int, Hashable]
+    ) -> None:
         for b in handle._blocks:
             if table.get(b, _MISSING) is _MISSING:
                 raise DoubleFreeError(
                     f"{self.name}: block {b} of {handle!r} is not allocated (double free)"
                 )
             if table[b] != handle.owner:
-                raise DoubleFreeError(f"{self.name}: block {b} of {handle!r} belongs to {table[b]!r}")
+                raise DoubleFreeError(
+                    f"{self.name}: block {b} of {handle!r} belongs to {table[b]!r}"
+                )
 
     def _release_locked(self, handle: BlockHandle) -> None:
         table = self._quarantine if handle._quarantined else self._owner

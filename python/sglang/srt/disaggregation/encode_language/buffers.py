@@ -38,6 +38,7 @@ there and only there (lesson 1: a warm-up write must never land in a real reques
 Host tensors are allocated once, registered once with the transfer engine, and pinned when a CUDA
 GPU is present.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,7 +48,6 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-
 from sglang.srt.disaggregation.encode_language.manifest import (
     AUX_HEADER_BYTES,
     BlockStamp,
@@ -73,8 +73,14 @@ class MultimodalBufferConfig:
     pin_memory: Optional[bool] = None  # None = pin iff torch.cuda.is_available()
 
     @classmethod
-    def from_server_args(cls, server_args, *, hidden_size: int, deepstack_count: int,
-                         embed_dtype: str = "bfloat16") -> "MultimodalBufferConfig":
+    def from_server_args(
+        cls,
+        server_args,
+        *,
+        hidden_size: int,
+        deepstack_count: int,
+        embed_dtype: str = "bfloat16",
+    ) -> "MultimodalBufferConfig":
         """Sizes from the server arguments; H, K and dtype from the model."""
         return cls(
             hidden_size=hidden_size,
@@ -136,19 +142,29 @@ class MultimodalPayload:
         if self.fill_ids.dim() != 1:
             raise ValueError(f"fill_ids must be [T], got {tuple(self.fill_ids.shape)}")
         if tuple(self.mrope_positions.shape) != (3, T):
-            raise ValueError(f"mrope_positions must be [3, {T}], got {tuple(self.mrope_positions.shape)}")
+            raise ValueError(
+                f"mrope_positions must be [3, {T}], got {tuple(self.mrope_positions.shape)}"
+            )
         if tuple(self.mm_mask.shape) != (T,) or self.mm_mask.dtype != torch.bool:
             raise ValueError(f"mm_mask must be bool [{T}]")
         n_mask = int(self.mm_mask.sum())
         if n_mask != M:
-            raise ValueError(f"mm_mask marks {n_mask} multimodal tokens but embeddings has {M} rows")
+            raise ValueError(
+                f"mm_mask marks {n_mask} multimodal tokens but embeddings has {M} rows"
+            )
         if tuple(self.embeddings.shape) != (M, H):
-            raise ValueError(f"embeddings must be [{M}, {H}], got {tuple(self.embeddings.shape)}")
+            raise ValueError(
+                f"embeddings must be [{M}, {H}], got {tuple(self.embeddings.shape)}"
+            )
         if self.embeddings.dtype != dtype_from_name(layout.embed_dtype):
-            raise ValueError(f"embeddings dtype {self.embeddings.dtype} != layout {layout.embed_dtype}")
+            raise ValueError(
+                f"embeddings dtype {self.embeddings.dtype} != layout {layout.embed_dtype}"
+            )
         if K == 0:
             if self.deepstack is not None and self.deepstack.numel() != 0:
-                raise ValueError("layout has no deepstack slot (K = 0) but the payload carries deepstack")
+                raise ValueError(
+                    "layout has no deepstack slot (K = 0) but the payload carries deepstack"
+                )
         else:
             if self.deepstack is None or tuple(self.deepstack.shape) != (M, K * H):
                 got = None if self.deepstack is None else tuple(self.deepstack.shape)
@@ -157,9 +173,9 @@ class MultimodalPayload:
                 raise ValueError("deepstack dtype differs from embeddings dtype")
 
 
-@dataclasses.dataclass
-class ReceivedData:
-    """What the language side takes out: copies, never views into blocks."""
+class ReceivedData(NamedTuple):
+    """What the language side takes out of the blocks, for one round (T = the round's tokens,
+    M its multimodal rows) or, concatenated, the whole request: copies, never views."""
 
     manifest: RequestManifest
     fill_ids: torch.Tensor  # [T]
@@ -167,16 +183,6 @@ class ReceivedData:
     mm_mask: torch.Tensor  # [T] bool
     embeddings: torch.Tensor  # [M, H]
     deepstack: Optional[torch.Tensor]  # [M, K*H] or None when K = 0
-
-
-class RoundData(NamedTuple):
-    """One round taken out of the blocks: fresh tensors, never views."""
-
-    fill_ids: torch.Tensor  # [c]
-    mrope_positions: torch.Tensor  # [3, c]
-    mm_mask: torch.Tensor  # [c] bool
-    embeddings: torch.Tensor  # [m, H]
-    deepstack: Optional[torch.Tensor]  # [m, K*H] or None when K = 0
 
 
 class RoundStamp(NamedTuple):
@@ -202,7 +208,11 @@ class MultimodalDataBuffers:
         self.block_size = B = L.block_size
         self.scratch_block = L.num_blocks  # never allocated to a request
         n = L.num_blocks + 1
-        pin = torch.cuda.is_available() if config.pin_memory is None else config.pin_memory
+        pin = (
+            torch.cuda.is_available()
+            if config.pin_memory is None
+            else config.pin_memory
+        )
         self.pinned = bool(pin)
         edt = dtype_from_name(L.embed_dtype)
 
@@ -214,7 +224,9 @@ class MultimodalDataBuffers:
         self.mrope_positions = alloc((n, 3, B), dtype_from_name(L.pos_dtype))
         self.aux = alloc((n, L.aux_bytes), torch.uint8)
         self.deepstack = (
-            alloc((n, B, L.deepstack_count * L.hidden_size), edt) if L.deepstack_count > 0 else None
+            alloc((n, B, L.deepstack_count * L.hidden_size), edt)
+            if L.deepstack_count > 0
+            else None
         )
         self._registered_with = None
         logger.info(
@@ -250,7 +262,9 @@ class MultimodalDataBuffers:
         if self._registered_with is not None:
             if self._registered_with is engine:
                 return
-            raise RuntimeError("MultimodalDataBuffers are already registered with another engine")
+            raise RuntimeError(
+                "MultimodalDataBuffers are already registered with another engine"
+            )
         for t in self.slots():
             engine.register(t.data_ptr(), t.numel() * t.element_size())
         self._registered_with = engine
@@ -274,12 +288,24 @@ class MultimodalDataBuffers:
 
     # Encode side: write a request -----------------------------------------------------------
     def write_request(
-        self, blocks: Sequence[int], payload: MultimodalPayload, room: int = 0, generation: int = 0
+        self,
+        blocks: Sequence[int],
+        payload: MultimodalPayload,
+        room: int = 0,
+        generation: int = 0,
     ) -> RequestManifest:
         """Copy a whole ``payload`` into ``blocks`` (token stream and multimodal-row stream, see
-        the module docstring). Returns the request manifest written into every aux slot."""
+        the module docstring). Returns the request manifest written into every aux slot.
+        """
         return self.write_range(
-            blocks, payload, 0, payload.total_tokens, 0, payload.mm_tokens, room, generation
+            blocks,
+            payload,
+            0,
+            payload.total_tokens,
+            0,
+            payload.mm_tokens,
+            room,
+            generation,
         )
 
     def write_range(
@@ -301,9 +327,13 @@ class MultimodalDataBuffers:
         payload.validate(L)
         T, M = payload.total_tokens, payload.mm_tokens
         if token_start % B or not (0 < token_count and token_start + token_count <= T):
-            raise ValueError(f"bad token range [{token_start}, +{token_count}) for {T} tokens, B={B}")
+            raise ValueError(
+                f"bad token range [{token_start}, +{token_count}) for {T} tokens, B={B}"
+            )
         if mm_count and (mm_start % B or mm_start + mm_count > M):
-            raise ValueError(f"bad multimodal range [{mm_start}, +{mm_count}) for {M} rows, B={B}")
+            raise ValueError(
+                f"bad multimodal range [{mm_start}, +{mm_count}) for {M} rows, B={B}"
+            )
         nb = blocks_for_tokens(token_count, B)
         self._check_blocks(blocks, nb)
         manifest = payload.manifest(L)
@@ -313,7 +343,9 @@ class MultimodalDataBuffers:
         rows = []
         for j in range(nb):
             b = blocks[j]
-            t0, t1 = token_start + j * B, min(token_start + token_count, token_start + (j + 1) * B)
+            t0, t1 = token_start + j * B, min(
+                token_start + token_count, token_start + (j + 1) * B
+            )
             c = t1 - t0
             self.fill_ids[b, :c].copy_(ids[t0:t1], non_blocking=True)
             self.mrope_positions[b, :, :c].copy_(pos[:, t0:t1], non_blocking=True)
@@ -325,26 +357,39 @@ class MultimodalDataBuffers:
             mc = max(0, m1 - m0)
             rows.append((b, c, mc))
             if mc:
-                self.embeddings[b, :mc].copy_(payload.embeddings[m0:m1], non_blocking=True)
+                self.embeddings[b, :mc].copy_(
+                    payload.embeddings[m0:m1], non_blocking=True
+                )
                 if self.deepstack is not None:
-                    self.deepstack[b, :mc].copy_(payload.deepstack[m0:m1], non_blocking=True)
+                    self.deepstack[b, :mc].copy_(
+                        payload.deepstack[m0:m1], non_blocking=True
+                    )
         if payload.embeddings.is_cuda:
             torch.cuda.current_stream().synchronize()
         for j, (b, c, mc) in enumerate(rows):
-            bits = self.aux[b, AUX_HEADER_BYTES : AUX_HEADER_BYTES + (c + 7) // 8].numpy()
-            stamp = BlockStamp(token_start // B + j, room, generation, self._checksum(b, c, mc, bits))
+            bits = self.aux[
+                b, AUX_HEADER_BYTES : AUX_HEADER_BYTES + (c + 7) // 8
+            ].numpy()
+            stamp = BlockStamp(
+                token_start // B + j, room, generation, self._checksum(b, c, mc, bits)
+            )
             header = manifest.pack(stamp)
-            self.aux[b, : len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+            self.aux[b, : len(header)] = torch.frombuffer(
+                bytearray(header), dtype=torch.uint8
+            )
         return manifest
 
     def restamp(self, blocks: Sequence[int], token_count: int, generation: int) -> None:
         """Set the reservation generation in the aux headers of a staged round (one staging
-        serves every destination rank; each rank's reservation has its own generation)."""
+        serves every destination rank; each rank's reservation has its own generation).
+        """
         for b in blocks[: blocks_for_tokens(token_count, self.block_size)]:
             data = self.aux[b, :AUX_HEADER_BYTES].numpy().tobytes()
             manifest, stamp = RequestManifest.unpack(data)
             header = manifest.pack(stamp._replace(generation=generation))
-            self.aux[b, : len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+            self.aux[b, : len(header)] = torch.frombuffer(
+                bytearray(header), dtype=torch.uint8
+            )
 
     def _checksum(self, b: int, c: int, mc: int, bits: np.ndarray) -> int:
         """CRC32 of what a round puts into block ``b``: bitmap, ``c`` ids and positions, ``mc``
@@ -370,9 +415,9 @@ class MultimodalDataBuffers:
         mm_count: int,
         expect: RoundStamp,
         device: Optional[torch.device] = None,
-    ) -> Tuple[RequestManifest, RoundData]:
-        """Check and copy a round out of ``blocks``: returns the request manifest and the round's
-        data as fresh tensors (copies, never views: lesson 2).
+    ) -> ReceivedData:
+        """Check and copy a round out of ``blocks``: the request manifest and the round's data as
+        fresh tensors (copies, never views: lesson 2).
 
         Before copying, every block's aux header must carry ``expect``'s room and generation, the
         right block index and the same manifest; after copying, every block's checksum must
@@ -386,7 +431,9 @@ class MultimodalDataBuffers:
         nb = blocks_for_tokens(max(token_count, 1), B)
         self._check_blocks(blocks, nb)
         if mm_count > nb * B:
-            raise ProtocolError(f"round has {mm_count} rows but {nb} blocks hold at most {nb * B}")
+            raise ProtocolError(
+                f"round has {mm_count} rows but {nb} blocks hold at most {nb * B}"
+            )
         auxes = [self.aux[blocks[j]].clone().numpy() for j in range(nb)]
         manifest = None
         for j, a in enumerate(auxes):
@@ -399,27 +446,50 @@ class MultimodalDataBuffers:
                     f"{want}: written by another reservation (a late write)"
                 )
             if manifest is not None and m != manifest:
-                raise ProtocolError(f"block {blocks[j]} carries another request manifest")
+                raise ProtocolError(
+                    f"block {blocks[j]} carries another request manifest"
+                )
             manifest = m
         idx = torch.tensor(list(blocks[:nb]), dtype=torch.long)
         ids = self.fill_ids[idx].reshape(-1)[:token_count].clone()
-        pos = self.mrope_positions[idx].permute(1, 0, 2).reshape(3, -1)[:, :token_count].clone()
-        bits = np.stack([a[AUX_HEADER_BYTES : AUX_HEADER_BYTES + (B + 7) // 8] for a in auxes])
-        mask = np.unpackbits(bits, axis=1, count=B, bitorder="little").reshape(-1)[:token_count]
+        pos = (
+            self.mrope_positions[idx]
+            .permute(1, 0, 2)
+            .reshape(3, -1)[:, :token_count]
+            .clone()
+        )
+        bits = np.stack(
+            [a[AUX_HEADER_BYTES : AUX_HEADER_BYTES + (B + 7) // 8] for a in auxes]
+        )
+        mask = np.unpackbits(bits, axis=1, count=B, bitorder="little").reshape(-1)[
+            :token_count
+        ]
         mask = torch.from_numpy(mask.astype(np.bool_))
         device = torch.device("cpu") if device is None else torch.device(device)
-        emb = torch.empty((mm_count, self.layout.hidden_size), dtype=self.embeddings.dtype, device=device)
+        emb = torch.empty(
+            (mm_count, self.layout.hidden_size),
+            dtype=self.embeddings.dtype,
+            device=device,
+        )
         ds = (
-            torch.empty((mm_count, self.deepstack.shape[-1]), dtype=self.deepstack.dtype, device=device)
+            torch.empty(
+                (mm_count, self.deepstack.shape[-1]),
+                dtype=self.deepstack.dtype,
+                device=device,
+            )
             if self.deepstack is not None
             else None
         )
         non_blocking = self.pinned and device.type == "cuda"
         for j in range(blocks_for_tokens(mm_count, B)):
             r0, r1 = j * B, min(mm_count, (j + 1) * B)
-            emb[r0:r1].copy_(self.embeddings[blocks[j], : r1 - r0], non_blocking=non_blocking)
+            emb[r0:r1].copy_(
+                self.embeddings[blocks[j], : r1 - r0], non_blocking=non_blocking
+            )
             if ds is not None:
-                ds[r0:r1].copy_(self.deepstack[blocks[j], : r1 - r0], non_blocking=non_blocking)
+                ds[r0:r1].copy_(
+                    self.deepstack[blocks[j], : r1 - r0], non_blocking=non_blocking
+                )
         if non_blocking:
             # The blocks may be freed and rewritten as soon as this returns.
             torch.cuda.current_stream(device).synchronize()
@@ -428,13 +498,15 @@ class MultimodalDataBuffers:
             c = min(B, token_count - j * B)
             mc = max(0, min(B, mm_count - j * B))
             _, stamp = RequestManifest.unpack(a.tobytes())
-            got = self._checksum(blocks[j], c, mc, a[AUX_HEADER_BYTES : AUX_HEADER_BYTES + (c + 7) // 8])
+            got = self._checksum(
+                blocks[j], c, mc, a[AUX_HEADER_BYTES : AUX_HEADER_BYTES + (c + 7) // 8]
+            )
             if got != stamp.checksum:
                 raise ProtocolError(
                     f"block {blocks[j]} checksum {got:#010x} != {stamp.checksum:#010x} in its aux "
                     f"header: torn or late write"
                 )
-        return manifest, RoundData(ids, pos, mask, emb, ds)
+        return ReceivedData(manifest, ids, pos, mask, emb, ds)
 
     # Transfer plan ------------------------------------------------------------------------------
     def round_segments(
@@ -453,7 +525,9 @@ class MultimodalDataBuffers:
         local_ptrs = self.slot_ptrs()
         blk = self.slot_block_bytes()
         if len(remote_ptrs) != len(local_ptrs):
-            raise ValueError(f"peer registered {len(remote_ptrs)} slots, this side has {len(local_ptrs)}")
+            raise ValueError(
+                f"peer registered {len(remote_ptrs)} slots, this side has {len(local_ptrs)}"
+            )
         srcs: List[int] = []
         dsts: List[int] = []
         lens: List[int] = []
@@ -471,9 +545,12 @@ class MultimodalDataBuffers:
         nb = blocks_for_tokens(token_count, B)
         nmb = blocks_for_tokens(mm_count, B)
         if len(src_blocks) < nb or len(dst_blocks) < nb:
-            raise ValueError(f"round needs {nb} blocks: src has {len(src_blocks)}, dst {len(dst_blocks)}")
+            raise ValueError(
+                f"round needs {nb} blocks: src has {len(src_blocks)}, dst {len(dst_blocks)}"
+            )
         id_sz = self.fill_ids.element_size()
         pos_sz = self.mrope_positions.element_size()
+
         def block(slot: Slot, k: int, offset: int, n: int) -> None:
             add(
                 local_ptrs[slot] + src_blocks[k] * blk[slot] + offset,
@@ -503,10 +580,15 @@ class MultimodalDataBuffers:
 
     # Scratch (warm-up / health) ---------------------------------------------------------------
     def scratch_aux_address(self) -> int:
-        return self.aux.data_ptr() + self.scratch_block * self.layout.slot_block_bytes[Slot.AUX]
+        return (
+            self.aux.data_ptr()
+            + self.scratch_block * self.layout.slot_block_bytes[Slot.AUX]
+        )
 
     def write_scratch_nonce(self, nonce: int) -> None:
-        self.aux[self.scratch_block, :8].copy_(torch.tensor([nonce], dtype=torch.int64).view(torch.uint8))
+        self.aux[self.scratch_block, :8].copy_(
+            torch.tensor([nonce], dtype=torch.int64).view(torch.uint8)
+        )
 
     def read_scratch_nonce(self) -> int:
         return int(self.aux[self.scratch_block, :8].view(torch.int64).item())
@@ -517,7 +599,6 @@ __all__ = [
     "MultimodalDataBuffers",
     "MultimodalPayload",
     "ReceivedData",
-    "RoundData",
     "RoundStamp",
     "blocks_for_tokens",
 ]

@@ -20,6 +20,7 @@
 The encode side lives in ``sender.py``, the language side in ``receiver.py``; docs/transport.md
 describes the state machine.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,11 +32,7 @@ import time
 from typing import Dict, List, Optional, Protocol
 
 import zmq
-
 from sglang.srt.disaggregation.base.conn import KVPoll
-from sglang.srt.distributed.device_communicators.mooncake_transfer_engine import (
-    MooncakeTransferEngine,
-)
 from sglang.srt.disaggregation.encode_language.allocator import BlockAllocator
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
@@ -49,6 +46,9 @@ from sglang.srt.disaggregation.encode_language.manifest import (
     decode_message,
     encode_message,
     make,
+)
+from sglang.srt.distributed.device_communicators.mooncake_transfer_engine import (
+    MooncakeTransferEngine,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,10 +67,16 @@ class ConnectionConfig:
     # Timeouts (seconds).
     bootstrap_timeout_s: float = 30.0  # peer registered + every destination reserved
     waiting_timeout_s: float = 300.0  # language: reserved -> first round arrives
-    transfer_timeout_s: float = 60.0  # language: a further round requested -> it arrives
-    resume_timeout_s: float = 60.0  # encoder: partial round -> all destinations ask for more;
+    transfer_timeout_s: float = (
+        60.0  # language: a further round requested -> it arrives
+    )
+    resume_timeout_s: float = (
+        60.0  # encoder: partial round -> all destinations ask for more;
+    )
     #                                 language: waiting for resume blocks
-    abort_ack_timeout_s: float = 30.0  # language: abort sent -> encoder confirms no write in flight
+    abort_ack_timeout_s: float = (
+        30.0  # language: abort sent -> encoder confirms no write in flight
+    )
     heartbeat_interval_s: float = 2.0
     heartbeat_max_failures: int = 3  # missed pongs in a row = peer dead
     num_transfer_workers: int = 2  # encode side
@@ -93,12 +99,18 @@ class ConnectionConfig:
         overrides; an unknown key is an error naming the valid ones."""
         overrides = json.loads(server_args.disaggregation_mm_transfer_config or "{}")
         if not isinstance(overrides, dict):
-            raise ValueError("--disaggregation-mm-transfer-config must be a JSON object")
+            raise ValueError(
+                "--disaggregation-mm-transfer-config must be a JSON object"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise ValueError(f"unknown transfer setting(s) {unknown}; valid: {sorted(names)}")
-        overrides.setdefault("default_reserve_tokens", server_args.disaggregation_mm_reserve_tokens)
+            raise ValueError(
+                f"unknown transfer setting(s) {unknown}; valid: {sorted(names)}"
+            )
+        overrides.setdefault(
+            "default_reserve_tokens", server_args.disaggregation_mm_reserve_tokens
+        )
         return cls(**overrides)
 
 
@@ -117,7 +129,8 @@ class RoomInUseError(RuntimeError):
 
 class TransferRequest(Protocol):
     """What a scheduler loop calls on one request's sender or receiver (the subset of upstream's
-    ``BaseKVSender``/``BaseKVReceiver`` this transport implements, with the same meaning)."""
+    ``BaseKVSender``/``BaseKVReceiver`` this transport implements, with the same meaning).
+    """
 
     def poll(self) -> int:
         """A ``KVPoll`` state: Bootstrapping, WaitingForInput, Transferring, Success, Failed."""
@@ -162,7 +175,11 @@ class ControlChannel:
                 sock.send(data, zmq.NOBLOCK)
                 return True
             except zmq.Again:
-                logger.warning("control queue to %s is full; dropped %s", endpoint, type(msg).__name__)
+                logger.warning(
+                    "control queue to %s is full; dropped %s",
+                    endpoint,
+                    type(msg).__name__,
+                )
                 return False
 
     def close_peer(self, endpoint: str) -> None:
@@ -232,19 +249,29 @@ class ManagerBase:
         self.config = config or ConnectionConfig()
         self.buffers = MultimodalDataBuffers(buffer_config)
         self.layout = self.buffers.layout
-        self.allocator = BlockAllocator(self.layout.num_blocks, name=f"{self.role} blocks")
-        self.engine = engine if engine is not None else make_transfer_engine(self.config.host)
+        self.allocator = BlockAllocator(
+            self.layout.num_blocks, name=f"{self.role} blocks"
+        )
+        self.engine = (
+            engine if engine is not None else make_transfer_engine(self.config.host)
+        )
         self.session_id = self.engine.get_session_id()
         self.buffers.register(self.engine)
         self.channel = ControlChannel(self.config.host, self.config.port)
         self.manager_id = self.channel.endpoint
         self.lock = threading.RLock()
         self.health: Dict[str, PeerHealth] = {}
-        self.last_active: Dict[str, float] = {}  # peer -> last time it had a live request here
+        self.last_active: Dict[str, float] = (
+            {}
+        )  # peer -> last time it had a live request here
         self._nonce = itertools.count(1)
         self._closed = threading.Event()
-        self.thread_errors = 0  # exceptions caught in handlers (each failed one request at most)
-        self._thread = threading.Thread(target=self._control_loop, name=f"el-{self.role}-control", daemon=True)
+        self.thread_errors = (
+            0  # exceptions caught in handlers (each failed one request at most)
+        )
+        self._thread = threading.Thread(
+            target=self._control_loop, name=f"el-{self.role}-control", daemon=True
+        )
         self._thread.start()
 
     @property
@@ -265,11 +292,16 @@ class ManagerBase:
                 if self._closed.is_set():
                     return
                 self.thread_errors += 1
-                logger.exception("%s control thread: error handling a message or timer", self.role)
+                logger.exception(
+                    "%s control thread: error handling a message or timer", self.role
+                )
 
     def _dispatch(self, msg: Message) -> None:
         if isinstance(msg, Ping):
-            self.channel.send(msg.manager_id, make(Pong, manager_id=self.manager_id, nonce=self._pong_nonce(msg)))
+            self.channel.send(
+                msg.manager_id,
+                make(Pong, manager_id=self.manager_id, nonce=self._pong_nonce(msg)),
+            )
         elif isinstance(msg, Pong):
             revived = False
             with self.lock:
@@ -281,7 +313,11 @@ class ManagerBase:
                         h.dead_since = None
                         revived = True
             if revived:
-                logger.warning("%s: peer %s answers heartbeats again; revived", self.role, msg.manager_id)
+                logger.warning(
+                    "%s: peer %s answers heartbeats again; revived",
+                    self.role,
+                    msg.manager_id,
+                )
                 self._on_peer_revived(msg.manager_id)
             self._on_pong(msg)
         else:
@@ -314,7 +350,9 @@ class ManagerBase:
         with self.lock:
             for ep in active:
                 self.last_active[ep] = now
-                self.health.setdefault(ep, PeerHealth(ep, next_ping=now + cfg.heartbeat_interval_s))
+                self.health.setdefault(
+                    ep, PeerHealth(ep, next_ping=now + cfg.heartbeat_interval_s)
+                )
             for ep, h in list(self.health.items()):
                 if h.dead and now - h.dead_since > cfg.peer_prune_s:
                     forget.append(ep)
@@ -331,13 +369,27 @@ class ManagerBase:
                         dead.append(ep)
                 h.outstanding = next(self._nonce)
                 h.next_ping = now + cfg.heartbeat_interval_s
-                self.channel.send(ep, make(Ping, manager_id=self.manager_id, nonce=h.outstanding))
+                self.channel.send(
+                    ep, make(Ping, manager_id=self.manager_id, nonce=h.outstanding)
+                )
             for ep, t in self.last_active.items():
-                if ep not in active and ep not in self.health and now - t > cfg.peer_prune_s:
+                if (
+                    ep not in active
+                    and ep not in self.health
+                    and now - t > cfg.peer_prune_s
+                ):
                     forget.append(ep)
         for ep in dead:
-            logger.error("%s: peer %s missed %d heartbeats; failing its requests", self.role, ep, cfg.heartbeat_max_failures)
-            self._on_peer_dead(ep, f"peer {ep} is unreachable (missed {cfg.heartbeat_max_failures} heartbeats)")
+            logger.error(
+                "%s: peer %s missed %d heartbeats; failing its requests",
+                self.role,
+                ep,
+                cfg.heartbeat_max_failures,
+            )
+            self._on_peer_dead(
+                ep,
+                f"peer {ep} is unreachable (missed {cfg.heartbeat_max_failures} heartbeats)",
+            )
         for ep in forget:
             self.forget_peer(ep)
 

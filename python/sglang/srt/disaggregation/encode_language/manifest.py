@@ -13,6 +13,7 @@ Three things live here because both sides must agree on them byte for byte:
   as msgpack maps (named fields, never positional frames). ``decode_message`` rejects anything
   malformed, unknown or of another version with a ``ProtocolError``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,9 @@ from typing import List, NamedTuple, Tuple, Union
 import msgspec
 import torch
 
-LAYOUT_VERSION = 2  # 2: aux header carries room, reservation generation and a block checksum
+LAYOUT_VERSION = (
+    2  # 2: aux header carries room, reservation generation and a block checksum
+)
 PROTOCOL_VERSION = 2  # 2: epochs, generations, sender ids, Unregistered
 
 # dtype <-> wire name; the names are what manifests carry.
@@ -137,8 +140,8 @@ class RequestManifest:
         """Returns (manifest, stamp); ProtocolError on a header that is not ours."""
         if len(data) < AUX_HEADER_BYTES:
             raise ProtocolError(f"aux header too short: {len(data)} bytes")
-        magic, ver, code, k, h, total, mm, delta, block_index, crc, room, gen = _AUX_HEADER.unpack(
-            bytes(data[:AUX_HEADER_BYTES])
+        magic, ver, code, k, h, total, mm, delta, block_index, crc, room, gen = (
+            _AUX_HEADER.unpack(bytes(data[:AUX_HEADER_BYTES]))
         )
         if magic != AUX_MAGIC:
             raise ProtocolError(f"aux header has bad magic {magic!r}")
@@ -228,19 +231,31 @@ class LayoutManifest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if not isinstance(self.block_size, int) or self.block_size <= 0:
             bad("block_size", f"must be a positive int, got {self.block_size!r}")
         if self.embed_dtype not in _DTYPE_CODES:
-            bad("embed_dtype", f"must be one of {sorted(_DTYPE_CODES)}, got {self.embed_dtype!r}")
+            bad(
+                "embed_dtype",
+                f"must be one of {sorted(_DTYPE_CODES)}, got {self.embed_dtype!r}",
+            )
         for f in ("id_dtype", "pos_dtype"):
             if getattr(self, f) not in ("int32", "int64"):
                 bad(f, f"must be int32 or int64, got {getattr(self, f)!r}")
         if self.aux_bytes < aux_slot_bytes(self.block_size):
-            bad("aux_bytes", f"must be >= {aux_slot_bytes(self.block_size)}, got {self.aux_bytes}")
+            bad(
+                "aux_bytes",
+                f"must be >= {aux_slot_bytes(self.block_size)}, got {self.aux_bytes}",
+            )
         expect_slots = 5 if self.deepstack_count > 0 else 4
         if self.num_slots != expect_slots:
-            bad("num_slots", f"must be {expect_slots} for deepstack_count={self.deepstack_count}")
+            bad(
+                "num_slots",
+                f"must be {expect_slots} for deepstack_count={self.deepstack_count}",
+            )
         if not isinstance(self.num_blocks, int) or self.num_blocks < 0:
             bad("num_blocks", f"must be an int >= 0, got {self.num_blocks!r}")
         if self.layout_version != LAYOUT_VERSION:
-            bad("layout_version", f"{self.layout_version} is not supported (this build: {LAYOUT_VERSION})")
+            bad(
+                "layout_version",
+                f"{self.layout_version} is not supported (this build: {LAYOUT_VERSION})",
+            )
 
     def check_compatible(self, remote: "LayoutManifest", where: str = "") -> None:
         for field in self.COMPARED:
@@ -288,12 +303,19 @@ class LayoutManifest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def wire_bytes(self, total_tokens: int, mm_tokens: int) -> int:
         """Bytes one request moves: every token's ids and positions, multimodal rows only, aux."""
         nblocks = -(-total_tokens // self.block_size)
-        return total_tokens * self.token_bytes + mm_tokens * self.mm_row_bytes + nblocks * self.aux_bytes
+        return (
+            total_tokens * self.token_bytes
+            + mm_tokens * self.mm_row_bytes
+            + nblocks * self.aux_bytes
+        )
 
     def dense_wire_bytes(self, total_tokens: int) -> int:
         """What a layout that ships an embedding and deepstack row for every token would move."""
         nblocks = -(-total_tokens // self.block_size)
-        return total_tokens * (self.token_bytes + self.mm_row_bytes) + nblocks * self.aux_bytes
+        return (
+            total_tokens * (self.token_bytes + self.mm_row_bytes)
+            + nblocks * self.aux_bytes
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,7 +337,9 @@ class Register(_Msg, tag="register"):
     session_id: str  # Mooncake session id of the language engine
     layout: LayoutManifest
     slot_ptrs: List[int]  # base address of each slot buffer, in Slot order
-    slot_block_bytes: List[int]  # bytes one block occupies in each slot; must match layout
+    slot_block_bytes: List[
+        int
+    ]  # bytes one block occupies in each slot; must match layout
 
 
 class RegisterAck(_Msg, tag="register_ack"):

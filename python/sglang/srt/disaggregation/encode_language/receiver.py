@@ -25,6 +25,7 @@ not in ``_TRANSITIONS``.
   ``Unregistered``; the registration is dropped and round-0 receivers register again.
 * Status tables are dropped as soon as a request ends; a receiver keeps its own result.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,13 +36,11 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
-
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.allocator import BlockHandle, Priority
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
     ReceivedData,
-    RoundData,
     RoundStamp,
     blocks_for_tokens,
 )
@@ -74,7 +73,9 @@ class Phase(enum.Enum):
     ALLOC = "alloc"  # waiting for blocks
     REGISTER = "register"  # waiting for the encoder to accept our registration
     RESERVED = "reserved"  # Reserve sent: the encoder may be writing our blocks
-    RESUME_ALLOC = "resume_alloc"  # round copied out; waiting for the next round's blocks
+    RESUME_ALLOC = (
+        "resume_alloc"  # round copied out; waiting for the next round's blocks
+    )
     DONE = "done"  # ended; blocks freed or fenced
 
 
@@ -150,7 +151,9 @@ class LanguageManager(ManagerBase):
                     f"bootstrap room {room} is still fenced: encoder {bootstrap_addr} may be writing "
                     f"its earlier blocks"
                 )
-            r = LanguageReceiver(self, bootstrap_addr, room, rank, num_ranks, nb, max_tokens)
+            r = LanguageReceiver(
+                self, bootstrap_addr, room, rank, num_ranks, nb, max_tokens
+            )
             self.rooms[room] = r
             self._advance_locked(r, time.monotonic())
             return r
@@ -227,7 +230,9 @@ class LanguageManager(ManagerBase):
             with self.lock:
                 self._release_fence_locked((msg.manager_id, msg.room), "abort_ack")
         else:
-            logger.warning("language: unexpected control message %s; dropped", type(msg).__name__)
+            logger.warning(
+                "language: unexpected control message %s; dropped", type(msg).__name__
+            )
             self.channel.rejected += 1
 
     def _room_from(self, msg, encoder: str) -> Optional["LanguageReceiver"]:
@@ -278,7 +283,9 @@ class LanguageManager(ManagerBase):
             r = self._room_from(msg, msg.manager_id)
             if r is None or r.phase != Phase.RESERVED or r.epoch != msg.epoch:
                 return
-            if r.round == 0:  # the encoder refused before keeping anything: reserve again
+            if (
+                r.round == 0
+            ):  # the encoder refused before keeping anything: reserve again
                 r._transition(Phase.REGISTER, now)
                 self._advance_locked(r, now)
             else:
@@ -312,14 +319,22 @@ class LanguageManager(ManagerBase):
         with self.lock:
             r = self._room_from(msg, msg.manager_id)
             if r is None or r.phase != Phase.RESERVED or msg.round != r.round:
-                logger.debug("language: stale RoundDone for room %d round %d", msg.room, msg.round)
+                logger.debug(
+                    "language: stale RoundDone for room %d round %d",
+                    msg.room,
+                    msg.round,
+                )
                 return
             try:
                 self._take_round_locked(r, msg)
             except Exception as e:
-                logger.exception("language: bad round %d of room %d", msg.round, msg.room)
+                logger.exception(
+                    "language: bad round %d of room %d", msg.round, msg.room
+                )
                 # The encoder finished writing this round: nothing is in flight.
-                self._fail_locked(r, f"invalid data in round {msg.round}: {e}", fence=False)
+                self._fail_locked(
+                    r, f"invalid data in round {msg.round}: {e}", fence=False
+                )
                 return
             if msg.last:
                 r._set_status(KVPoll.Success)
@@ -361,12 +376,18 @@ class LanguageManager(ManagerBase):
                 f"request has {msg.total_tokens} tokens, this rank accepts {r.max_tokens}"
             )
         expect = RoundStamp(r.room, r.generation, msg.token_start // B)
-        manifest, data = self.buffers.read_round(
+        data = self.buffers.read_round(
             r.handle.blocks, msg.token_count, msg.mm_count, expect
         )
+        manifest = data.manifest
         manifest.check_against(self.layout)
-        if (manifest.total_tokens, manifest.mm_tokens) != (msg.total_tokens, msg.mm_tokens):
-            raise ProtocolError("aux manifest and RoundDone disagree on the request size")
+        if (manifest.total_tokens, manifest.mm_tokens) != (
+            msg.total_tokens,
+            msg.mm_tokens,
+        ):
+            raise ProtocolError(
+                "aux manifest and RoundDone disagree on the request size"
+            )
         if r.manifest is not None and manifest != r.manifest:
             raise ProtocolError("request manifest changed between rounds")
         mm_bits = r.mm_bits + int(data.mm_mask.sum())
@@ -394,14 +415,19 @@ class LanguageManager(ManagerBase):
         B = self.layout.block_size
         remaining = r.manifest.total_tokens - r.tokens_received
         tokens = min(remaining, self.config.resume_tokens or r.reserve_blocks * B)
-        h = self.allocator.realloc(r.handle, blocks_for_tokens(tokens, B), Priority.RESUME)
+        h = self.allocator.realloc(
+            r.handle, blocks_for_tokens(tokens, B), Priority.RESUME
+        )
         if h is None:
             return
         r.handle = h
         reg = self.registrations.get(r.encoder)
         if reg is None or not reg.ok:
             self._fail_locked(
-                r, f"encoder {r.encoder} is no longer registered", fence=False, notify=False
+                r,
+                f"encoder {r.encoder} is no longer registered",
+                fence=False,
+                notify=False,
             )
             return
         self._reserve_locked(r, reg.epoch, now)
@@ -426,7 +452,9 @@ class LanguageManager(ManagerBase):
         if fence and r.handle is not None:
             now = time.monotonic()
             r.handle.quarantine()
-            self.fences[(r.encoder, r.room)] = _Fence(r.encoder, r.room, r.handle, now, now, reason)
+            self.fences[(r.encoder, r.room)] = _Fence(
+                r.encoder, r.room, r.handle, now, now, reason
+            )
             r.handle = None
             self._send_abort(r.encoder, r.room, reason)
         elif notify and r.reserved_once:
@@ -434,12 +462,19 @@ class LanguageManager(ManagerBase):
         self._release_locked(r)
 
     def _send_abort(self, encoder: str, room: int, reason: str) -> None:
-        self.channel.send(encoder, make(Abort, room=room, manager_id=self.manager_id, reason=reason))
+        self.channel.send(
+            encoder, make(Abort, room=room, manager_id=self.manager_id, reason=reason)
+        )
 
     def _release_fence_locked(self, key: Tuple[str, int], why: str) -> None:
         f = self.fences.pop(key, None)
         if f is not None:
-            logger.info("language: room %d: %d fenced blocks released (%s)", f.room, len(f.handle), why)
+            logger.info(
+                "language: room %d: %d fenced blocks released (%s)",
+                f.room,
+                len(f.handle),
+                why,
+            )
             f.handle.free()
 
     def _release_locked(self, r: "LanguageReceiver") -> None:
@@ -464,7 +499,11 @@ class LanguageManager(ManagerBase):
             # Resumes first (they hold partial data), then new admissions in arrival order.
             for r in [x for x in self.rooms.values() if x.phase == Phase.RESUME_ALLOC]:
                 self._try_resume_locked(r, now)
-            for r in [x for x in self.rooms.values() if x.phase in (Phase.ALLOC, Phase.REGISTER)]:
+            for r in [
+                x
+                for x in self.rooms.values()
+                if x.phase in (Phase.ALLOC, Phase.REGISTER)
+            ]:
                 self._advance_locked(r, now)
             for r in list(self.rooms.values()):
                 self._check_timeouts_locked(r, now)
@@ -489,7 +528,9 @@ class LanguageManager(ManagerBase):
         cfg = self.config
         age = now - r.phase_since
         if r.phase == Phase.ALLOC and age > cfg.waiting_timeout_s:
-            self._fail_locked(r, f"waiting timeout: no free blocks within {cfg.waiting_timeout_s}s")
+            self._fail_locked(
+                r, f"waiting timeout: no free blocks within {cfg.waiting_timeout_s}s"
+            )
         elif r.phase == Phase.REGISTER and age > cfg.bootstrap_timeout_s:
             self.registrations.pop(r.encoder, None)
             self._fail_locked(
@@ -499,7 +540,8 @@ class LanguageManager(ManagerBase):
             )
         elif r.phase == Phase.RESERVED and r.round == 0 and age > cfg.waiting_timeout_s:
             self._fail_locked(
-                r, f"waiting timeout: no data from encoder within {cfg.waiting_timeout_s}s"
+                r,
+                f"waiting timeout: no data from encoder within {cfg.waiting_timeout_s}s",
             )
         elif r.phase == Phase.RESERVED and r.round > 0 and age > cfg.transfer_timeout_s:
             self._fail_locked(
@@ -509,7 +551,8 @@ class LanguageManager(ManagerBase):
         elif r.phase == Phase.RESUME_ALLOC and age > cfg.resume_timeout_s:
             # The encoder is not writing (it waits for our Reserve): released at once.
             self._fail_locked(
-                r, f"resume timeout: no blocks for round {r.round} within {cfg.resume_timeout_s}s"
+                r,
+                f"resume timeout: no blocks for round {r.round} within {cfg.resume_timeout_s}s",
             )
 
     def _active_peers(self) -> List[str]:
@@ -518,7 +561,9 @@ class LanguageManager(ManagerBase):
             return list(live | {f.encoder for f in self.fences.values()})
 
     def _pong_nonce(self, ping) -> int:
-        if ping.nonce < 0:  # health probe: report the nonce the encoder wrote into our scratch block
+        if (
+            ping.nonce < 0
+        ):  # health probe: report the nonce the encoder wrote into our scratch block
             return -self.buffers.read_scratch_nonce()
         return ping.nonce
 
@@ -565,7 +610,7 @@ class LanguageReceiver:
         self.reason = ""
         self.reserved_once = False
         self.manifest: Optional[RequestManifest] = None
-        self.parts: List[RoundData] = []
+        self.parts: List[ReceivedData] = []  # one per round
         self.tokens_received = 0
         self.mm_received = 0
         self.mm_bits = 0  # multimodal tokens the received bitmaps mark
@@ -593,7 +638,8 @@ class LanguageReceiver:
         """The received request as fresh tensors (copies; safe after every block is reused)."""
         if self.status != KVPoll.Success:
             raise TransferError(
-                self.room, f"take() before Success (status {self.status}; {self.reason})"
+                self.room,
+                f"take() before Success (status {self.status}; {self.reason})",
             )
         parts, self.parts = self.parts, []
         if not parts:
@@ -604,13 +650,19 @@ class LanguageReceiver:
             torch.cat([p.mrope_positions for p in parts], dim=1),
             torch.cat([p.mm_mask for p in parts]),
             torch.cat([p.embeddings for p in parts]),
-            torch.cat([p.deepstack for p in parts]) if parts[0].deepstack is not None else None,
+            (
+                torch.cat([p.deepstack for p in parts])
+                if parts[0].deepstack is not None
+                else None
+            ),
         )
 
     # Manager callbacks ------------------------------------------------------------------------
     def _transition(self, phase: Phase, now: float) -> None:
         if phase not in _TRANSITIONS[self.phase]:
-            raise RuntimeError(f"room {self.room}: illegal phase change {self.phase} -> {phase}")
+            raise RuntimeError(
+                f"room {self.room}: illegal phase change {self.phase} -> {phase}"
+            )
         self.phase, self.phase_since = phase, now
 
     def _set_status(self, status: int) -> None:

@@ -38,6 +38,7 @@ would take the bytes held past ``max_inflight_payload_bytes`` raises ``PayloadBu
 changes nothing (the caller keeps the request and retries after others finish); a payload larger
 than the whole bound fails the request (``OversizeError``).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -49,7 +50,10 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from sglang.srt.disaggregation.base.conn import KVPoll, KVTransferMetric
-from sglang.srt.disaggregation.encode_language.allocator import BlockHandle, OversizeError
+from sglang.srt.disaggregation.encode_language.allocator import (
+    BlockHandle,
+    OversizeError,
+)
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
     MultimodalPayload,
@@ -123,7 +127,9 @@ class _Room:
     in_flight: bool = False
     waiting_since: float = 0.0  # start of the current wait for destinations
     failed: Optional[str] = None  # reason, once failed
-    ack_to: List[str] = dataclasses.field(default_factory=list)  # managers that asked to abort
+    ack_to: List[str] = dataclasses.field(
+        default_factory=list
+    )  # managers that asked to abort
     bytes_sent: int = 0
     first_send: Optional[float] = None
 
@@ -210,7 +216,9 @@ class EncodeManager(ManagerBase):
         done = threading.Event()
         with self.lock:
             self._probes[nonce] = done
-        self.channel.send(manager_id, make(Ping, manager_id=self.manager_id, nonce=-nonce))
+        self.channel.send(
+            manager_id, make(Ping, manager_id=self.manager_id, nonce=-nonce)
+        )
         ok = done.wait(timeout_s)
         with self.lock:
             self._probes.pop(nonce, None)
@@ -232,13 +240,17 @@ class EncodeManager(ManagerBase):
         elif isinstance(msg, Abort):
             self._on_abort(msg)
         else:
-            logger.warning("encode: unexpected control message %s; dropped", type(msg).__name__)
+            logger.warning(
+                "encode: unexpected control message %s; dropped", type(msg).__name__
+            )
             self.channel.rejected += 1
 
     def _on_register(self, msg: Register) -> None:
         remote = msg.layout
         try:
-            self.layout.check_compatible(remote, where=f"language peer {msg.manager_id}")
+            self.layout.check_compatible(
+                remote, where=f"language peer {msg.manager_id}"
+            )
             if len(msg.slot_ptrs) != remote.num_slots:
                 raise ProtocolError(
                     f"peer sent {len(msg.slot_ptrs)} slot addresses, layout has {remote.num_slots}"
@@ -304,7 +316,12 @@ class EncodeManager(ManagerBase):
                 )
                 self.channel.send(
                     msg.manager_id,
-                    make(Unregistered, manager_id=self.manager_id, room=msg.room, epoch=msg.epoch),
+                    make(
+                        Unregistered,
+                        manager_id=self.manager_id,
+                        room=msg.room,
+                        epoch=msg.epoch,
+                    ),
                 )
                 return
             nb = peer.layout.num_blocks
@@ -321,7 +338,9 @@ class EncodeManager(ManagerBase):
                 if msg.round != 0:
                     return refuse("unknown room (already finished or failed)")
                 now = time.monotonic()
-                r = self.rooms[msg.room] = _Room(room=msg.room, created=now, waiting_since=now)
+                r = self.rooms[msg.room] = _Room(
+                    room=msg.room, created=now, waiting_since=now
+                )
             if r.failed:
                 return refuse(f"request already failed: {r.failed}")
             if r.num_ranks is None:
@@ -337,7 +356,12 @@ class EncodeManager(ManagerBase):
                         f"bootstrap room {msg.room} is already in use (rank {msg.rank} already reserved)"
                     )
                 r.dests[msg.rank] = _Dest(
-                    msg.manager_id, msg.rank, 0, msg.generation, list(msg.blocks), msg.max_tokens
+                    msg.manager_id,
+                    msg.rank,
+                    0,
+                    msg.generation,
+                    list(msg.blocks),
+                    msg.max_tokens,
                 )
             else:
                 if (
@@ -349,14 +373,20 @@ class EncodeManager(ManagerBase):
                     return refuse(
                         f"unexpected reservation for round {msg.round} (room is at round {r.round})"
                     )
-                d.round, d.generation, d.blocks = msg.round, msg.generation, list(msg.blocks)
+                d.round, d.generation, d.blocks = (
+                    msg.round,
+                    msg.generation,
+                    list(msg.blocks),
+                )
             self._update_sender_status(r)
             self._maybe_schedule(r)
 
     def _on_abort(self, msg: Abort) -> None:
         with self.lock:
             r = self.rooms.get(msg.room)
-            if r is None or all(d.manager_id != msg.manager_id for d in r.dests.values()):
+            if r is None or all(
+                d.manager_id != msg.manager_id for d in r.dests.values()
+            ):
                 # Nothing of ours writes for that manager, unless a timed-out write has not
                 # returned yet: its AbortAck follows when it does.
                 if (msg.room, msg.manager_id) not in self._pending_writes:
@@ -364,7 +394,9 @@ class EncodeManager(ManagerBase):
                     self.channel.send(msg.manager_id, ack)
                 return
             r.ack_to.append(msg.manager_id)
-            self._fail_locked(r, f"aborted by language side {msg.manager_id}: {msg.reason}")
+            self._fail_locked(
+                r, f"aborted by language side {msg.manager_id}: {msg.reason}"
+            )
 
     # Scheduling -------------------------------------------------------------------------------
     def _update_sender_status(self, r: _Room) -> None:
@@ -394,7 +426,9 @@ class EncodeManager(ManagerBase):
         with self.lock:
             r = self.rooms.get(sender.room)
             if r is None or r.sender is not sender:
-                raise TransferError(sender.room, sender.reason or "request is no longer active")
+                raise TransferError(
+                    sender.room, sender.reason or "request is no longer active"
+                )
             if r.payload is not None:
                 raise TransferError(sender.room, "send() called twice")
             if bound and nbytes > bound:
@@ -430,8 +464,14 @@ class EncodeManager(ManagerBase):
                 if isinstance(e, WriteTimeoutError):
                     logger.error("encode: %s", e)
                 else:
-                    logger.exception("encode: round %d of room %d failed", r.round, room)
-                reason = e.reason if isinstance(e, TransferError) else f"transfer failed: {e}"
+                    logger.exception(
+                        "encode: round %d of room %d failed", r.round, room
+                    )
+                reason = (
+                    e.reason
+                    if isinstance(e, TransferError)
+                    else f"transfer failed: {e}"
+                )
                 with self.lock:
                     self._fail_locked(r, reason)
             finally:
@@ -459,7 +499,9 @@ class EncodeManager(ManagerBase):
         T, M = payload.total_tokens, payload.mm_tokens
         for d, p in zip(dests, peers):
             if p is None:
-                raise TransferError(r.room, f"destination {d.manager_id} is no longer registered")
+                raise TransferError(
+                    r.room, f"destination {d.manager_id} is no longer registered"
+                )
             if d.max_tokens and T > d.max_tokens:
                 raise OversizeError(
                     f"request has {T} tokens but language rank {d.rank} accepts at most {d.max_tokens}"
@@ -486,11 +528,15 @@ class EncodeManager(ManagerBase):
                     if r.failed:
                         return
                 self.buffers.restamp(staging.blocks, ct, d.generation)
-                segs = self.buffers.round_segments(staging.blocks, d.blocks, ct, cm, p.slot_ptrs)
+                segs = self.buffers.round_segments(
+                    staging.blocks, d.blocks, ct, cm, p.slot_ptrs
+                )
                 self._bounded_write(r.room, d.manager_id, p.session_id, segs, staging)
                 nbytes += sum(segs[2])
         finally:
-            if not staging.quarantined:  # else the pending write frees it when it returns
+            if (
+                not staging.quarantined
+            ):  # else the pending write frees it when it returns
                 staging.free()
         with self.lock:
             if r.failed:
@@ -521,12 +567,16 @@ class EncodeManager(ManagerBase):
                 r.round += 1
                 r.waiting_since = time.monotonic()
 
-    def _bounded_write(self, room, manager_id, session_id, segments, staging: BlockHandle) -> None:
+    def _bounded_write(
+        self, room, manager_id, session_id, segments, staging: BlockHandle
+    ) -> None:
         """One transfer-engine write, waited for at most ``data_write_timeout_s``. On timeout the
         write keeps running (Mooncake cannot cancel it): the staging blocks are quarantined and
         the destination is owed an AbortAck until it returns."""
         timeout = self.config.data_write_timeout_s
-        fut = self._writer.submit(self.engine.batch_transfer_sync, session_id, *segments)
+        fut = self._writer.submit(
+            self.engine.batch_transfer_sync, session_id, *segments
+        )
         try:
             ret = fut.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
@@ -538,14 +588,21 @@ class EncodeManager(ManagerBase):
                 key = (room, manager_id)
                 self._pending_writes[key] = self._pending_writes.get(key, 0) + 1
                 staging.quarantine()
-            fut.add_done_callback(lambda _: self._late_write_returned(room, manager_id, staging))
+            fut.add_done_callback(
+                lambda _: self._late_write_returned(room, manager_id, staging)
+            )
             raise WriteTimeoutError(
-                room, f"data write to {manager_id} timed out after {timeout}s (it may still land)"
+                room,
+                f"data write to {manager_id} timed out after {timeout}s (it may still land)",
             ) from None
         if ret < 0:
-            raise TransferError(room, f"Mooncake write to {manager_id} failed (ret={ret})")
+            raise TransferError(
+                room, f"Mooncake write to {manager_id} failed (ret={ret})"
+            )
 
-    def _late_write_returned(self, room: int, manager_id: str, staging: BlockHandle) -> None:
+    def _late_write_returned(
+        self, room: int, manager_id: str, staging: BlockHandle
+    ) -> None:
         with self.lock:
             key = (room, manager_id)
             self._pending_writes[key] -= 1
@@ -553,9 +610,13 @@ class EncodeManager(ManagerBase):
                 del self._pending_writes[key]
             staging.free()
         logger.warning(
-            "encode: timed-out write of room %d to %s returned; acknowledging", room, manager_id
+            "encode: timed-out write of room %d to %s returned; acknowledging",
+            room,
+            manager_id,
         )
-        self.channel.send(manager_id, make(AbortAck, room=room, manager_id=self.manager_id))
+        self.channel.send(
+            manager_id, make(AbortAck, room=room, manager_id=self.manager_id)
+        )
 
     # Failure ------------------------------------------------------------------------------------
     def _fail_locked(self, r: _Room, reason: str) -> None:
@@ -590,7 +651,9 @@ class EncodeManager(ManagerBase):
                 )
             self.channel.send(d.manager_id, msg)
         for m in set(r.ack_to) - {d.manager_id for d in r.dests.values()}:
-            self.channel.send(m, make(AbortAck, room=r.room, manager_id=self.manager_id))
+            self.channel.send(
+                m, make(AbortAck, room=r.room, manager_id=self.manager_id)
+            )
         self._drop_room_locked(r)
         if r.sender is not None:
             r.sender._finish(KVPoll.Failed, r.failed, r)
@@ -634,7 +697,9 @@ class EncodeManager(ManagerBase):
 
     def _active_peers(self) -> List[str]:
         with self.lock:
-            return list({d.manager_id for r in self.rooms.values() for d in r.dests.values()})
+            return list(
+                {d.manager_id for r in self.rooms.values() for d in r.dests.values()}
+            )
 
     def _on_peer_dead(self, endpoint: str, reason: str) -> None:
         with self.lock:
@@ -722,7 +787,9 @@ class EncodeSender:
         else:
             self._status = KVPoll.Success
         self._metric = KVTransferMetric(
-            transfer_latency_s=(time.monotonic() - r.first_send) if r.first_send else None,
+            transfer_latency_s=(
+                (time.monotonic() - r.first_send) if r.first_send else None
+            ),
             transfer_total_bytes=r.bytes_sent,
         )
         self._done.set()
