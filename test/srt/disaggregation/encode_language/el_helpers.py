@@ -152,3 +152,9 @@ class FakePeer:
 def declare_dead(mgr, endpoint: str) -> None:
     """Force the heartbeat's verdict "peer dead" on a manager (the peer may well be alive)."""
     mgr._declare_dead(endpoint, "declared dead by the test")
+
+
+def push_endpoints(channel) -> list:
+    """The peers a ControlChannel holds an open PUSH socket to."""
+    with channel._lock:
+        return sorted(channel._push)

@@ -8,7 +8,7 @@ import threading
 import traceback
 
 import el_helpers  # noqa: F401  (sets the Mooncake TCP environment)
-from el_helpers import declare_dead, make_payload
+from el_helpers import declare_dead, make_payload, push_endpoints
 from sglang.srt.disaggregation.encode_language.sender import EncodeManager
 
 
@@ -117,7 +117,7 @@ def peer_main(conn, buffer_config, conn_config) -> None:
                     refused_registrations=mgr.refused_registrations,
                     peers=sorted(mgr.peers),
                     health={ep: h.dead for ep, h in mgr.health.items()},
-                    push_endpoints=mgr.channel.peer_endpoints(),
+                    push_endpoints=push_endpoints(mgr.channel),
                     quarantined=mgr.allocator.num_quarantined(),
                     inflight_payload_bytes=mgr.inflight_payload_bytes,
                     pending_writes=len(mgr._pending_writes),

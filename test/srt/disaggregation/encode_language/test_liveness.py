@@ -23,6 +23,7 @@ from el_helpers import (
     assert_same,
     declare_dead,
     make_payload,
+    push_endpoints,
     wait_until,
 )
 from sglang.srt.disaggregation.base.conn import KVPoll
@@ -98,7 +99,7 @@ def test_idle_and_dead_peers_are_forgotten(mp_ctx, peers, make_lang):
         return (
             ep not in lang.registrations
             and ep not in lang.health
-            and ep not in lang.channel.peer_endpoints()
+            and ep not in push_endpoints(lang.channel)
         )
 
     assert wait_until(lambda: forgotten_here(peer.addr), 10)

@@ -189,11 +189,6 @@ class ControlChannel:
             if sock is not None:
                 sock.close()
 
-    def peer_endpoints(self) -> List[str]:
-        """Peers this channel holds a PUSH socket to."""
-        with self._lock:
-            return sorted(self._push)
-
     def recv(self, timeout_s: float) -> Optional[Message]:
         """One decoded message, or None on timeout or a rejected message."""
         if not self.pull.poll(int(timeout_s * 1000)):
@@ -365,8 +360,10 @@ class ManagerBase:
                 if h.outstanding is not None and not h.dead:
                     h.missed += 1
                     if h.missed >= cfg.heartbeat_max_failures:
-                        h.dead_since = now
-                        dead.append(ep)
+                        dead.append(
+                            ep
+                        )  # declared below; pinged from the next interval on
+                        continue
                 h.outstanding = next(self._nonce)
                 h.next_ping = now + cfg.heartbeat_interval_s
                 self.channel.send(
@@ -380,21 +377,14 @@ class ManagerBase:
                 ):
                     forget.append(ep)
         for ep in dead:
-            logger.error(
-                "%s: peer %s missed %d heartbeats; failing its requests",
-                self.role,
-                ep,
-                cfg.heartbeat_max_failures,
-            )
-            self._on_peer_dead(
-                ep,
-                f"peer {ep} is unreachable (missed {cfg.heartbeat_max_failures} heartbeats)",
-            )
+            n = cfg.heartbeat_max_failures
+            self._declare_dead(ep, f"peer {ep} is unreachable (missed {n} heartbeats)")
         for ep in forget:
             self.forget_peer(ep)
 
     def _declare_dead(self, endpoint: str, reason: str) -> None:
-        """What the heartbeat does when a peer misses too many pongs."""
+        """Mark a peer dead (only a pong to a later ping revives it) and fail its requests."""
+        logger.error("%s: %s; failing its requests", self.role, reason)
         with self.lock:
             h = self.health.setdefault(endpoint, PeerHealth(endpoint))
             h.dead_since = time.monotonic()
