@@ -8,6 +8,7 @@ import pytest
 from conftest import B, H, buffer_config, new_room, wait_final
 from el_helpers import FakePeer, accounting_ok, make_payload, wait_until
 from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.encode_language.connection import RoomInUseError
 from sglang.srt.disaggregation.encode_language.manifest import (
     AUX_HEADER_BYTES,
     AbortAck,
@@ -137,6 +138,10 @@ def test_abort_ack_checked_against_sender(fake, make_lang):
     assert rx.finished and accounting_ok(lang.allocator)["quarantined"] == len(
         res.blocks
     )
+    with pytest.raises(
+        RoomInUseError, match=f"bootstrap room {res.room} is still fenced"
+    ):
+        lang.create_receiver(fake.addr, res.room)
     fake.send(lang.manager_id, make(AbortAck, room=res.room, manager_id=FOREIGN))
     processed(fake, lang)
     assert (fake.addr, res.room) in lang.fences
