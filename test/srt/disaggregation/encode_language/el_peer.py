@@ -29,19 +29,25 @@ def room_state(mgr, room: int):
         )
 
 
+STALLED_WRITES = []  # (first part's ret, late part's ret) of "sigstop_mid" writes
+
+
 def stall_next_write(mgr, mode: str, release: threading.Event) -> None:
     """Fault injection into the next transfer-engine write of this (real) encoder process; the
     write itself stays real:
 
     * ``"sigstop_mid"``: write every segment but the multimodal rows (the last two, embeddings
-      and deepstack, when the blocks are contiguous), then SIGSTOP this whole process; on
-      SIGCONT write the rest. That is an encoder
-      stalled mid-write at a known point (the test cannot hit a random point reliably).
+      and deepstack, when the blocks are contiguous), then SIGSTOP this whole process, and
+      write the rest once the test's SIGCONT arrived: an encoder stalled mid-write at a known
+      point (the test cannot hit a random point reliably).
     * ``"hang"``: the write blocks until ``release`` is set (bounded: 120 s), then runs. A hung
       Mooncake write cannot be produced on loopback without stopping the test process itself.
     """
     engine = mgr.engine
     real = engine.batch_transfer_sync
+    continued = threading.Event()
+    if mode == "sigstop_mid":  # handlers are installed from the main thread (this one)
+        signal.signal(signal.SIGCONT, lambda *_: continued.set())
 
     def stalled(session_id, srcs, dsts, lens):
         engine.batch_transfer_sync = real  # one write only
@@ -50,7 +56,11 @@ def stall_next_write(mgr, mode: str, release: threading.Event) -> None:
             return real(session_id, srcs, dsts, lens)
         ret = real(session_id, srcs[:-2], dsts[:-2], lens[:-2])
         os.kill(os.getpid(), signal.SIGSTOP)
-        return min(ret, real(session_id, srcs[-2:], dsts[-2:], lens[-2:]))
+        # The rest only after the test's SIGCONT, however late the stop takes hold here.
+        continued.wait(120)
+        late = real(session_id, srcs[-2:], dsts[-2:], lens[-2:])
+        STALLED_WRITES.append((ret, late))
+        return min(ret, late)
 
     engine.batch_transfer_sync = stalled
 
@@ -103,6 +113,8 @@ def peer_main(conn, buffer_config, conn_config) -> None:
                 release.clear()
                 stall_next_write(mgr, args[0], release)
                 out = None
+            elif cmd == "stalled_writes":
+                out = list(STALLED_WRITES)
             elif cmd == "release_write":
                 release.set()
                 out = None

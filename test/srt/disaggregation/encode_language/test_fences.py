@@ -8,6 +8,7 @@ import os
 import signal
 
 import pytest
+import torch
 from conftest import (
     B,
     EncodePeer,
@@ -69,28 +70,39 @@ def test_stalled_encoder_late_write_never_passes_wrong_bytes(
         counts = accounting_ok(lang.allocator)
         assert counts == dict(free=0, quarantined=0, used=2, total=2)
 
+        pa, pb = make_payload(1, 2 * B, 2 * B - 3, H, 3), make_payload(*payload_b, H, 3)
+        rows = lang.buffers.embeddings[
+            a_blocks[0]
+        ]  # first block's embedding rows, live view
+
         def resume_victim():
+            """SIGCONT; wait until A's late rows are visible in the blocks (the engine may
+            report the write done before the peer's memory has it)."""
             os.kill(victim.pid, signal.SIGCONT)
             assert victim._reply(30) is None  # the send command's answer
             victim.call("wait", room_a, 20)  # A's late write has returned
+            assert victim.call("stalled_writes") == [(0, 0)]  # both parts written
+            landed = wait_until(lambda: torch.equal(rows, pa.embeddings[:B]), 10)
             accounting_ok(lang.allocator)
+            return landed
 
         if late_write == "before_b_is_written":
-            resume_victim()
+            assert resume_victim()
             healthy.call("send", room_b, *payload_b)
             assert healthy.call("wait", room_b, 20) == (KVPoll.Success, "")
         else:
             with lang.lock:  # the language side is slow to copy out
                 healthy.call("send", room_b, *payload_b)
                 assert healthy.call("wait", room_b, 20) == (KVPoll.Success, "")
-                resume_victim()
+                assert torch.equal(rows, pb.embeddings[:B])  # B's own write is in
+                assert resume_victim()  # and A's late rows over it
         status = wait_final(lang, rx_b)
         accounting_ok(lang.allocator)
         if status == KVPoll.Success:
-            assert_same(rx_b.take(), make_payload(*payload_b, H, 3))
+            assert_same(rx_b.take(), pb)
         else:
             assert "late write" in rx_b.reason, rx_b.reason
-        # This ordering is deterministic: the late write must have been seen (or overwritten).
+        # The ordering is known: the late rows were overwritten by B, or are in B's blocks.
         expected = (
             KVPoll.Success if late_write == "before_b_is_written" else KVPoll.Failed
         )
