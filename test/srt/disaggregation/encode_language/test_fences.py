@@ -138,16 +138,14 @@ def test_hung_write_is_bounded_and_its_blocks_fenced(mp_ctx, make_lang):
             wait_final(lang, rx) == KVPoll.Failed
             and rx.reason == f"encoder {victim.addr} aborted: {reason}"
         )
-        assert (
-            accounting_ok(lang.allocator)["quarantined"] == 2
-        )  # fenced: the write may land
+        # fenced: the write may land
+        assert accounting_ok(lang.allocator)["quarantined"] == 2
         st = victim.state()
         assert (st["quarantined"], st["pending_writes"]) == (2, 1)  # staging blocks too
         ok_transfer(victim, lang)  # the worker is not held by the hung write
         victim.call("release_write")
-        assert wait_until(
-            lambda: not lang.fences, 10
-        )  # AbortAck once the write returned
+        # AbortAck once the write returned
+        assert wait_until(lambda: not lang.fences, 10)
         assert accounting_ok(lang.allocator)["quarantined"] == 0
         victim.assert_idle()
     finally:

@@ -72,14 +72,12 @@ def test_dead_peer_is_heartbeated_revived_and_dead_again(mp_ctx, make_lang):
             assert accounting_ok(lang.allocator)["quarantined"] == fenced > 0
             if stop:
                 os.kill(victim.pid, signal.SIGCONT)
-            assert wait_until(
-                lambda: not lang.peer_is_dead(victim.addr), 10
-            )  # revived by a pong
+            # revived by a pong
+            assert wait_until(lambda: not lang.peer_is_dead(victim.addr), 10)
             assert wait_until(lambda: not lang.fences, 10)  # released by its abort_ack
             assert accounting_ok(lang.allocator)["quarantined"] == 0
-            assert wait_until(
-                lambda: victim.state()["rooms"] == 0, 10
-            )  # it dropped the room
+            # it dropped the room
+            assert wait_until(lambda: victim.state()["rooms"] == 0, 10)
         ok_transfer(victim, lang)
         victim.assert_idle()
     finally:

@@ -94,13 +94,11 @@ class BlockAllocator:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.name = name
         self._total = num_blocks
-        self._free: List[int] = list(
-            range(num_blocks - 1, -1, -1)
-        )  # pop() gives low ids first
+        # pop() gives low ids first
+        self._free: List[int] = list(range(num_blocks - 1, -1, -1))
         self._owner: Dict[int, Hashable] = {}  # blocks in use
-        self._quarantine: Dict[int, Hashable] = (
-            {}
-        )  # blocks fenced off, not free, not in use
+        # blocks fenced off: not free, not in use
+        self._quarantine: Dict[int, Hashable] = {}
         self._resume_demand: Dict[Hashable, int] = {}
         self._lock = threading.Lock()
         self._freed_cond = threading.Condition(self._lock)

@@ -256,14 +256,12 @@ class ManagerBase:
         self.manager_id = self.channel.endpoint
         self.lock = threading.RLock()
         self.health: Dict[str, PeerHealth] = {}
-        self.last_active: Dict[str, float] = (
-            {}
-        )  # peer -> last time it had a live request here
+        # peer -> last time it had a live request (or registered) here
+        self.last_active: Dict[str, float] = {}
         self._nonce = itertools.count(1)
         self._closed = threading.Event()
-        self.thread_errors = (
-            0  # exceptions caught in handlers (each failed one request at most)
-        )
+        # exceptions caught in handlers (each failed one request at most)
+        self.thread_errors = 0
         self._thread = threading.Thread(
             target=self._control_loop, name=f"el-{self.role}-control", daemon=True
         )
@@ -360,9 +358,8 @@ class ManagerBase:
                 if h.outstanding is not None and not h.dead:
                     h.missed += 1
                     if h.missed >= cfg.heartbeat_max_failures:
-                        dead.append(
-                            ep
-                        )  # declared below; pinged from the next interval on
+                        # declared below; pinged from the next interval on
+                        dead.append(ep)
                         continue
                 h.outstanding = next(self._nonce)
                 h.next_ping = now + cfg.heartbeat_interval_s

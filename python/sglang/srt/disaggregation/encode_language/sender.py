@@ -127,9 +127,8 @@ class _Room:
     in_flight: bool = False
     waiting_since: float = 0.0  # start of the current wait for destinations
     failed: Optional[str] = None  # reason, once failed
-    ack_to: List[str] = dataclasses.field(
-        default_factory=list
-    )  # managers that asked to abort
+    # managers that asked to abort
+    ack_to: List[str] = dataclasses.field(default_factory=list)
     bytes_sent: int = 0
     first_send: Optional[float] = None
 
