@@ -92,16 +92,16 @@ def test_two_destination_ranks_wait_for_each_other(peers, make_lang):
     )
     peer.call("send", room, seed, total, mm)
     st = peer.call("room_state", room)
-    assert (
-        st["token_sent"] == 0 and not st["in_flight"] and st["ready"] == 1
-    )  # waits for rank 1
+    # waits for rank 1
+    assert st["token_sent"] == 0 and not st["in_flight"] and st["ready"] == 1
     # Rank 1 resumes with 4 blocks but a blocker holds 2 of its 4: its resume allocation waits.
     blocker = r1.allocator.alloc(2, owner="blocker")
-    rx1 = r1.create_receiver(
-        peer.addr, room, rank=1, num_ranks=2
-    )  # gets the other 2 blocks
+    # gets the other 2 blocks
+    rx1 = r1.create_receiver(peer.addr, room, rank=1, num_ranks=2)
     assert wait_until(lambda: rx0.phase == Phase.RESERVED and rx0.round == 1, 10)
     assert wait_until(lambda: rx1.phase == Phase.RESUME_ALLOC, 10)
+    # rank 0's next reservation reaches the encoder (a control message) a little later
+    assert wait_until(lambda: peer.call("room_state", room)["ready"] == 1, 10)
     st = peer.call("room_state", room)
     assert (
         st["round"] == 1
