@@ -15,6 +15,7 @@ times, with CUDA events / synchronised host clocks, median of --iters:
 The Mooncake transfer between hosts is measured by bench_encode_language_transport.py.
 Run: python benchmark/bench_encode_language_device.py [--iters 20] [--out results.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,41 +81,61 @@ def run(iters: int) -> list[tuple]:
         g = torch.Generator().manual_seed(0)
         T = IMAGE_TOKENS
         payload = buffers.MultimodalPayload(
-            fill_ids=torch.randint(0, 150000, (T,), generator=g, dtype=torch.int32).to(dev),
-            mrope_positions=torch.randint(0, 4096, (3, T), generator=g, dtype=torch.int32).to(dev),
+            fill_ids=torch.randint(0, 150000, (T,), generator=g, dtype=torch.int32).to(
+                dev
+            ),
+            mrope_positions=torch.randint(
+                0, 4096, (3, T), generator=g, dtype=torch.int32
+            ).to(dev),
             mm_mask=torch.ones(T, dtype=torch.bool, device=dev),
             embeddings=torch.randn(T, hidden, generator=g).to(torch.bfloat16).to(dev),
-            deepstack=torch.randn(T, K * hidden, generator=g).to(torch.bfloat16).to(dev),
+            deepstack=torch.randn(T, K * hidden, generator=g)
+            .to(torch.bfloat16)
+            .to(dev),
             mrope_delta=-100,
         )
-        cfg = buffers.MultimodalBufferConfig(hidden_size=hidden, deepstack_count=K, block_size=BLOCK,
-                                             num_blocks=T // BLOCK, embed_dtype="bfloat16", pin_memory=cuda)
-        enc, lang = buffers.MultimodalDataBuffers(cfg), buffers.MultimodalDataBuffers(cfg)
+        cfg = buffers.MultimodalBufferConfig(
+            hidden_size=hidden,
+            deepstack_count=K,
+            block_size=BLOCK,
+            num_blocks=T // BLOCK,
+            embed_dtype="bfloat16",
+            pin_memory=cuda,
+        )
+        enc, lang = buffers.MultimodalDataBuffers(cfg), buffers.MultimodalDataBuffers(
+            cfg
+        )
         blocks = list(range(T // BLOCK))
         enc.write_request(blocks, payload)
         for s, d in zip(enc.slots(), lang.slots()):
             d.copy_(s)  # stands in for the Mooncake write (measured elsewhere)
-        got = lang.read_round(blocks, T, T)
-        assert torch.equal(got[3], payload.embeddings.cpu()) and torch.equal(got[4], payload.deepstack.cpu())
-        assert torch.equal(got[0], payload.fill_ids.cpu()) and torch.equal(got[1], payload.mrope_positions.cpu())
+        stamp = buffers.RoundStamp(room=0, generation=0, first_block=0)
+        got = lang.read_round(blocks, T, T, stamp)
+        assert torch.equal(got.embeddings, payload.embeddings.cpu())
+        assert torch.equal(got.deepstack, payload.deepstack.cpu())
+        assert torch.equal(got.fill_ids, payload.fill_ids.cpu())
+        assert torch.equal(got.mrope_positions, payload.mrope_positions.cpu())
         nbytes = (payload.embeddings.numel() + payload.deepstack.numel()) * 2 + T * 16
 
         def read_h2d():
-            ids, pos, mask, emb, ds = lang.read_round(blocks, T, T, device=dev)
-            pos.to(dev)
+            got = lang.read_round(blocks, T, T, stamp, device=dev)
+            got.mrope_positions.to(dev)
 
         flat_dev = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         flat_pin = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
         flat_page = torch.empty(nbytes, dtype=torch.uint8)
         flat_page2 = torch.empty(nbytes, dtype=torch.uint8)
         flat_page.fill_(1)
-        row = [model, nbytes,
-               timed(lambda: enc.write_request(blocks, payload), iters, cuda),
-               timed(read_h2d, iters, cuda),
-               timed(lambda: flat_pin.copy_(flat_dev), iters, cuda),
-               timed(lambda: flat_dev.copy_(flat_pin), iters, cuda),
-               timed(lambda: flat_page.copy_(flat_dev), iters, cuda),
-               timed(lambda: flat_page2.copy_(flat_page), iters, False)]
+        row = [
+            model,
+            nbytes,
+            timed(lambda: enc.write_request(blocks, payload), iters, cuda),
+            timed(read_h2d, iters, cuda),
+            timed(lambda: flat_pin.copy_(flat_dev), iters, cuda),
+            timed(lambda: flat_dev.copy_(flat_pin), iters, cuda),
+            timed(lambda: flat_page.copy_(flat_dev), iters, cuda),
+            timed(lambda: flat_page2.copy_(flat_page), iters, False),
+        ]
         rows.append(tuple(row))
         print(f"[{model}] done", file=sys.stderr, flush=True)
     return rows
@@ -122,14 +143,21 @@ def run(iters: int) -> list[tuple]:
 
 def table(rows, device_name: str) -> str:
     cols = ["write", "read+h2d", "d2h_pin", "h2d_pin", "d2h_page", "memcpy"]
-    out = [f"Device: {device_name}; median times, GB/s = payload bytes / time; ratio = write or read vs the pinned copy",
-           "",
-           "| payload | MiB | " + " | ".join(f"{c} ms (GB/s)" for c in cols) + " | write efficiency (d2h_pin / write) | read efficiency (h2d_pin / read+h2d) |",
-           "|---|---:|" + "---:|" * (len(cols) + 2)]
+    out = [
+        f"Device: {device_name}; median times, GB/s = payload bytes / time; ratio = write or read vs the pinned copy",
+        "",
+        "| payload | MiB | "
+        + " | ".join(f"{c} ms (GB/s)" for c in cols)
+        + " | write efficiency (d2h_pin / write) | read efficiency (h2d_pin / read+h2d) |",
+        "|---|---:|" + "---:|" * (len(cols) + 2),
+    ]
     for model, nbytes, *ts in rows:
         cells = [f"{t * 1e3:.2f} ({nbytes / t / 1e9:.1f})" for t in ts]
-        out.append(f"| {model} | {nbytes / 2**20:.1f} | " + " | ".join(cells)
-                   + f" | {ts[2] / ts[0]:.2f} | {ts[3] / ts[1]:.2f} |")
+        out.append(
+            f"| {model} | {nbytes / 2**20:.1f} | "
+            + " | ".join(cells)
+            + f" | {ts[2] / ts[0]:.2f} | {ts[3] / ts[1]:.2f} |"
+        )
     return "\n".join(out)
 
 
@@ -138,7 +166,11 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no CUDA: pageable buffers)"
+    name = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else "CPU (no CUDA: pageable buffers)"
+    )
     text = table(run(args.iters), name)
     print(text)
     if args.out:

@@ -11,6 +11,7 @@ Models: Qwen3-VL-30B-A3B (H=2048, K=3) and 235B-A22B (H=4096, K=3), bf16, 1024 i
 Run:  .fork/venv/bin/python benchmark/bench_encode_language_transport.py [--device cuda] [--iters N]
 With --device cuda the payload lives on the GPU and the host buffers are pinned.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,12 +28,12 @@ os.environ.setdefault("MC_FORCE_TCP", "1")
 os.environ.setdefault("MOONCAKE_PROTOCOL", "tcp")
 
 import torch
-
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
     MultimodalDataBuffers,
     MultimodalPayload,
+    RoundStamp,
 )
 from sglang.srt.disaggregation.encode_language.connection import ConnectionConfig
 from sglang.srt.disaggregation.encode_language.receiver import LanguageManager
@@ -48,23 +49,40 @@ def payload(hidden: int, device: str) -> MultimodalPayload:
     mask = torch.zeros(T, dtype=torch.bool)
     mask[TEXT_TOKENS // 2 : TEXT_TOKENS // 2 + IMAGE_TOKENS] = True
     return MultimodalPayload(
-        fill_ids=torch.randint(0, 150000, (T,), generator=g, dtype=torch.int32).to(device),
-        mrope_positions=torch.randint(0, 4096, (3, T), generator=g, dtype=torch.int32).to(device),
+        fill_ids=torch.randint(0, 150000, (T,), generator=g, dtype=torch.int32).to(
+            device
+        ),
+        mrope_positions=torch.randint(
+            0, 4096, (3, T), generator=g, dtype=torch.int32
+        ).to(device),
         mm_mask=mask.to(device),
-        embeddings=torch.randn(IMAGE_TOKENS, hidden, generator=g).to(torch.bfloat16).to(device),
-        deepstack=torch.randn(IMAGE_TOKENS, K * hidden, generator=g).to(torch.bfloat16).to(device),
+        embeddings=torch.randn(IMAGE_TOKENS, hidden, generator=g)
+        .to(torch.bfloat16)
+        .to(device),
+        deepstack=torch.randn(IMAGE_TOKENS, K * hidden, generator=g)
+        .to(torch.bfloat16)
+        .to(device),
         mrope_delta=-100,
     )
 
 
 def cfg(hidden: int, pin: bool) -> MultimodalBufferConfig:
-    return MultimodalBufferConfig(hidden_size=hidden, deepstack_count=K, block_size=BLOCK, num_blocks=16,
-                                  embed_dtype="bfloat16", pin_memory=pin)
+    return MultimodalBufferConfig(
+        hidden_size=hidden,
+        deepstack_count=K,
+        block_size=BLOCK,
+        num_blocks=16,
+        embed_dtype="bfloat16",
+        pin_memory=pin,
+    )
 
 
 def encoder_process(conn, hidden, device, pin, iters):
     """The encode side: staging write + transfer timings, then end-to-end sends."""
-    enc = EncodeManager(cfg(hidden, pin), ConnectionConfig(default_reserve_tokens=IMAGE_TOKENS + TEXT_TOKENS))
+    enc = EncodeManager(
+        cfg(hidden, pin),
+        ConnectionConfig(default_reserve_tokens=IMAGE_TOKENS + TEXT_TOKENS),
+    )
     conn.send(enc.bootstrap_addr)
     lang_id, session, ptrs = conn.recv()
     p = payload(hidden, device)
@@ -100,9 +118,14 @@ def main():
     ctx = mp.get_context("spawn")
     rows = []
     for name, hidden in MODELS.items():
-        lang = LanguageManager(cfg(hidden, pin), ConnectionConfig(default_reserve_tokens=IMAGE_TOKENS + TEXT_TOKENS))
+        lang = LanguageManager(
+            cfg(hidden, pin),
+            ConnectionConfig(default_reserve_tokens=IMAGE_TOKENS + TEXT_TOKENS),
+        )
         a, b = ctx.Pipe()
-        proc = ctx.Process(target=encoder_process, args=(b, hidden, args.device, pin, args.iters))
+        proc = ctx.Process(
+            target=encoder_process, args=(b, hidden, args.device, pin, args.iters)
+        )
         proc.start()
         enc_addr = a.recv()
         a.send((lang.manager_id, lang.session_id, lang.buffers.slot_ptrs()))
@@ -112,7 +135,9 @@ def main():
         read_t = []
         for _ in range(args.iters):
             t = time.perf_counter()
-            out = lang.buffers.read_round(blocks, T, IMAGE_TOKENS)
+            out = lang.buffers.read_round(blocks, T, IMAGE_TOKENS, RoundStamp(0, 0, 0))[
+                1:
+            ]
             if args.device == "cuda":
                 [x.to("cuda", non_blocking=True) for x in out if x is not None]
                 torch.cuda.synchronize()
@@ -124,7 +149,12 @@ def main():
             t = time.perf_counter()
             a.send(room)
             assert a.recv() == KVPoll.Success
-            assert lang.wait_until(lambda: rx.poll() == KVPoll.Success, 60)
+            deadline = time.monotonic() + 60
+            while rx.poll() != KVPoll.Success:
+                assert (
+                    time.monotonic() < deadline and rx.poll() != KVPoll.Failed
+                ), rx.reason
+                time.sleep(0.001)
             rx.take()
             e2e_t.append(time.perf_counter() - t)
         a.send(None)
@@ -137,7 +167,13 @@ def main():
             t = time.perf_counter()
             dst.copy_(src)
             mem_t.append(time.perf_counter() - t)
-        for phase, ts in (("write", write_t), ("transfer", xfer_t), ("read", read_t), ("e2e", e2e_t), ("memcpy", mem_t)):
+        for phase, ts in (
+            ("write", write_t),
+            ("transfer", xfer_t),
+            ("read", read_t),
+            ("e2e", e2e_t),
+            ("memcpy", mem_t),
+        ):
             med = statistics.median(ts)
             rows.append((name, phase, nbytes, med * 1e3, nbytes / med / 1e9))
     print(f"device={args.device} pinned={pin} iters={args.iters} (median)")

@@ -6,6 +6,7 @@ process on the CPU test machine, so each peer is forked from that preloaded serv
 being spawned from scratch. Peers talk to the in-test language managers over Mooncake TCP on
 loopback; the tests drive them over a pipe.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -19,10 +20,23 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import el_helpers  # noqa: E402,F401
+from el_helpers import (  # noqa: E402
+    accounting_ok,
+    assert_same,
+    make_payload,
+    wait_until,
+)
+
 from sglang.srt.disaggregation.base.conn import KVPoll  # noqa: E402
-from sglang.srt.disaggregation.encode_language.buffers import MultimodalBufferConfig  # noqa: E402
-from sglang.srt.disaggregation.encode_language.connection import ConnectionConfig  # noqa: E402
-from sglang.srt.disaggregation.encode_language.receiver import LanguageManager  # noqa: E402
+from sglang.srt.disaggregation.encode_language.buffers import (  # noqa: E402
+    MultimodalBufferConfig,
+)
+from sglang.srt.disaggregation.encode_language.connection import (  # noqa: E402
+    ConnectionConfig,
+)
+from sglang.srt.disaggregation.encode_language.receiver import (  # noqa: E402
+    LanguageManager,
+)
 
 H = 32  # hidden size used by the transfer tests
 B = 8  # block size
@@ -35,8 +49,16 @@ def new_room() -> int:
     return next(_rooms)
 
 
-def buffer_config(k: int = 3, num_blocks: int = 32, hidden: int = H, dtype: str = "bfloat16") -> MultimodalBufferConfig:
-    return MultimodalBufferConfig(hidden_size=hidden, deepstack_count=k, block_size=B, num_blocks=num_blocks, embed_dtype=dtype)
+def buffer_config(
+    k: int = 3, num_blocks: int = 32, hidden: int = H, dtype: str = "bfloat16"
+) -> MultimodalBufferConfig:
+    return MultimodalBufferConfig(
+        hidden_size=hidden,
+        deepstack_count=k,
+        block_size=B,
+        num_blocks=num_blocks,
+        embed_dtype=dtype,
+    )
 
 
 def conn_config(**kw) -> ConnectionConfig:
@@ -108,17 +130,17 @@ class EncodePeer:
                 self.proc.join(5)
 
     def assert_idle(self):
-        """Every encode block free, no room left, threads alive (bounded wait for in-flight ends)."""
-        import time
-
-        deadline = time.monotonic() + 10
-        while True:
-            st = self.state()
-            if st["rooms"] == 0 and st["free"] == st["total"]:
-                break
-            assert time.monotonic() < deadline, f"encode side not idle: {st}"
-            time.sleep(0.02)
-        assert st["workers_alive"] and st["control_alive"] and st["thread_errors"] == 0, st
+        """Every encode block free, no room or payload left, threads alive (bounded wait for
+        in-flight ends)."""
+        idle = lambda st: st["rooms"] == 0 and st["free"] == st["total"]  # noqa: E731
+        assert wait_until(
+            lambda: idle(self.state()), 10, 0.02
+        ), f"encode side not idle: {self.state()}"
+        st = self.state()
+        assert st["inflight_payload_bytes"] == 0 and st["pending_writes"] == 0, st
+        assert (
+            st["workers_alive"] and st["control_alive"] and st["thread_errors"] == 0
+        ), st
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +148,9 @@ def mp_ctx():
     # Python 3.11's forkserver ignores the sys.path it is given: pass this directory by
     # environment, and preload the package by name as well.
     here = os.path.dirname(os.path.abspath(__file__))
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (here, os.environ.get("PYTHONPATH")) if p
+    )
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(
         [
@@ -148,7 +172,9 @@ def peers(mp_ctx):
         key = (k, num_blocks, hidden, tuple(sorted(cc.items())))
         p = started.get(key)
         if p is None or not p.proc.is_alive():
-            p = started[key] = EncodePeer(mp_ctx, buffer_config(k, num_blocks, hidden), conn_config(**cc))
+            p = started[key] = EncodePeer(
+                mp_ctx, buffer_config(k, num_blocks, hidden), conn_config(**cc)
+            )
         return p
 
     yield get
@@ -156,9 +182,21 @@ def peers(mp_ctx):
         p.close()
 
 
+def ok_transfer(peer, lang, seed=1, total=3 * RESERVE, mm=20, k=3):
+    """The side that survived a fault still serves a normal multi-round request."""
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room)
+    peer.call("send", room, seed, total, mm)
+    assert peer.call("wait", room, 20) == (KVPoll.Success, "")
+    assert wait_final(lang, rx) == KVPoll.Success, rx.reason
+    assert_same(rx.take(), make_payload(seed, total, mm, H, k))
+
+
 def wait_final(mgr, rx, timeout=20.0):
     """Bounded wait until a receiver is Success or Failed and its blocks are released."""
-    ok = mgr.wait_until(lambda: rx.poll() in (KVPoll.Success, KVPoll.Failed) and rx.finished, timeout)
+    ok = wait_until(
+        lambda: rx.poll() in (KVPoll.Success, KVPoll.Failed) and rx.finished, timeout
+    )
     assert ok, f"receiver of room {rx.room} stuck: status={rx.poll()} phase={rx.phase}"
     return rx.poll()
 
@@ -176,7 +214,10 @@ def make_lang():
     yield make
     try:
         for m in made:
-            assert m.wait_until(lambda: m.num_active_rooms() == 0, 15), f"language rooms left: {list(m.rooms)}"
+            assert wait_until(
+                lambda: m.num_active_rooms() == 0 and not m.fences, 15
+            ), f"language rooms left: {list(m.rooms)}; fences: {list(m.fences)}"
+            accounting_ok(m.allocator)
             m.allocator.assert_all_free()
             assert m.thread_errors == 0
     finally:

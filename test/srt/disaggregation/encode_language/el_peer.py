@@ -1,14 +1,69 @@
 """The encode side as a real second process, driven over a pipe by the tests."""
+
 from __future__ import annotations
 
 import os
 import signal
+import threading
 import traceback
 
 import el_helpers  # noqa: F401  (sets the Mooncake TCP environment)
-from el_helpers import make_payload
+from el_helpers import declare_dead, make_payload, push_endpoints
 
 from sglang.srt.disaggregation.encode_language.sender import EncodeManager
+
+
+def room_state(mgr, room: int):
+    """A snapshot of one encode room, for assertions."""
+    with mgr.lock:
+        r = mgr.rooms.get(room)
+        if r is None:
+            return None
+        return dict(
+            round=r.round,
+            num_ranks=r.num_ranks,
+            ready=sum(1 for d in r.dests.values() if d.round == r.round),
+            token_sent=r.token_sent,
+            mm_sent=r.mm_sent,
+            in_flight=r.in_flight,
+            has_payload=r.payload is not None,
+        )
+
+
+STALLED_WRITES = []  # (first part's ret, late part's ret) of "sigstop_mid" writes
+
+
+def stall_next_write(mgr, mode: str, release: threading.Event) -> None:
+    """Fault injection into the next transfer-engine write of this (real) encoder process; the
+    write itself stays real:
+
+    * ``"sigstop_mid"``: write every segment but the multimodal rows (the last two, embeddings
+      and deepstack, when the blocks are contiguous), then SIGSTOP this whole process, and
+      write the rest once the test's SIGCONT arrived: an encoder stalled mid-write at a known
+      point (the test cannot hit a random point reliably).
+    * ``"hang"``: the write blocks until ``release`` is set (bounded: 120 s), then runs. A hung
+      Mooncake write cannot be produced on loopback without stopping the test process itself.
+    """
+    engine = mgr.engine
+    real = engine.batch_transfer_sync
+    continued = threading.Event()
+    if mode == "sigstop_mid":  # handlers are installed from the main thread (this one)
+        signal.signal(signal.SIGCONT, lambda *_: continued.set())
+
+    def stalled(session_id, srcs, dsts, lens):
+        engine.batch_transfer_sync = real  # one write only
+        if mode == "hang":
+            release.wait(120)
+            return real(session_id, srcs, dsts, lens)
+        ret = real(session_id, srcs[:-2], dsts[:-2], lens[:-2])
+        os.kill(os.getpid(), signal.SIGSTOP)
+        # The rest only after the test's SIGCONT, however late the stop takes hold here.
+        continued.wait(120)
+        late = real(session_id, srcs[-2:], dsts[-2:], lens[-2:])
+        STALLED_WRITES.append((ret, late))
+        return min(ret, late)
+
+    engine.batch_transfer_sync = stalled
 
 
 def peer_main(conn, buffer_config, conn_config) -> None:
@@ -16,6 +71,7 @@ def peer_main(conn, buffer_config, conn_config) -> None:
     mgr = EncodeManager(buffer_config, conn_config)
     senders = {}
     H, K = buffer_config.hidden_size, buffer_config.deepstack_count
+    release = threading.Event()
     conn.send(("ok", (mgr.bootstrap_addr, os.getpid())))
     while True:
         try:
@@ -35,7 +91,9 @@ def peer_main(conn, buffer_config, conn_config) -> None:
                 room, seed, total, mm = args
                 if room not in senders:
                     senders[room] = mgr.create_sender(room)
-                senders[room].send(make_payload(seed, total, mm, H, K, buffer_config.embed_dtype))
+                senders[room].send(
+                    make_payload(seed, total, mm, H, K, buffer_config.embed_dtype)
+                )
                 out = None
             elif cmd == "wait":
                 room, timeout = args
@@ -48,7 +106,19 @@ def peer_main(conn, buffer_config, conn_config) -> None:
                 senders[args[0]].abort()
                 out = None
             elif cmd == "room_state":
-                out = mgr.room_state(args[0])
+                out = room_state(mgr, args[0])
+            elif cmd == "declare_dead":  # what the heartbeat does after missed pongs
+                declare_dead(mgr, args[0])
+                out = None
+            elif cmd == "stall_next_write":
+                release.clear()
+                stall_next_write(mgr, args[0], release)
+                out = None
+            elif cmd == "stalled_writes":
+                out = list(STALLED_WRITES)
+            elif cmd == "release_write":
+                release.set()
+                out = None
             elif cmd == "probe":
                 out = mgr.probe(args[0])
             elif cmd == "state":
@@ -58,6 +128,12 @@ def peer_main(conn, buffer_config, conn_config) -> None:
                     rooms=mgr.num_active_rooms(),
                     rejected=mgr.channel.rejected,
                     refused_registrations=mgr.refused_registrations,
+                    peers=sorted(mgr.peers),
+                    health={ep: h.dead for ep, h in mgr.health.items()},
+                    push_endpoints=push_endpoints(mgr.channel),
+                    quarantined=mgr.allocator.num_quarantined(),
+                    inflight_payload_bytes=mgr.inflight_payload_bytes,
+                    pending_writes=len(mgr._pending_writes),
                     thread_errors=mgr.thread_errors,
                     workers_alive=all(w.is_alive() for w in mgr._workers),
                     control_alive=mgr._thread.is_alive(),
@@ -67,7 +143,6 @@ def peer_main(conn, buffer_config, conn_config) -> None:
             conn.send(("ok", out))
         except Exception as e:  # report to the test, keep serving
             conn.send(("err", (type(e).__name__, str(e), traceback.format_exc())))
-
 
 
 def serve(conn, mgr, handle) -> None:

@@ -7,21 +7,37 @@ from el_helpers import assert_same, make_payload
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
     MultimodalDataBuffers,
-    ReceivedData,
+    RoundStamp,
 )
 from sglang.srt.disaggregation.encode_language.connection import make_transfer_engine
 
 
 def bufs(k=3, h=16, b=4, n=8, dtype="bfloat16"):
-    return MultimodalDataBuffers(MultimodalBufferConfig(hidden_size=h, deepstack_count=k, block_size=b, num_blocks=n, embed_dtype=dtype))
+    return MultimodalDataBuffers(
+        MultimodalBufferConfig(
+            hidden_size=h,
+            deepstack_count=k,
+            block_size=b,
+            num_blocks=n,
+            embed_dtype=dtype,
+        )
+    )
 
 
 @pytest.mark.parametrize("k", [0, 2, 3])
 def test_slots_and_sizes(k):
     m = bufs(k=k)
     n, B, H = 9, 4, 16  # 8 blocks + scratch
-    assert [tuple(t.shape) for t in m.slots()] == [(n, B, H), (n, B), (n, 3, B), (n, 56)] + ([(n, B, k * H)] if k else [])
-    assert m.slot_block_bytes() == [B * H * 2, B * 4, 3 * B * 4, 56] + ([B * k * H * 2] if k else [])
+    assert [tuple(t.shape) for t in m.slots()] == [
+        (n, B, H),
+        (n, B),
+        (n, 3, B),
+        (n, 72),
+    ] + ([(n, B, k * H)] if k else [])
+    assert m.slot_block_bytes() == [B * H * 2, B * 4, 3 * B * 4, 72] + (
+        [B * k * H * 2] if k else []
+    )
+    assert m.slot_block_bytes() == [t[0].numel() * t.element_size() for t in m.slots()]
     assert m.nbytes() == n * sum(m.slot_block_bytes())
     assert (m.deepstack is None) == (k == 0)
     assert m.pinned is torch.cuda.is_available()
@@ -33,11 +49,16 @@ def test_write_read_byte_exact(k, total, mm):
     m = bufs(k=k)
     p = make_payload(total * 7 + mm, total, mm, 16, k)
     blocks = [5, 2, 7, 0][: -(-total // 4)]
-    man = m.write_request(blocks, p)
-    ids, pos, mask, emb, ds = m.read_round(blocks, total, mm)
-    assert_same(ReceivedData(man, ids, pos, mask, emb, ds), p)
-    got, idx = m.read_manifest(blocks[-1])
-    assert got == man and idx == len(blocks) - 1
+    man = m.write_request(blocks, p, room=77, generation=5)
+    data = m.read_round(blocks, total, mm, RoundStamp(77, 5, 0))
+    assert data.manifest == man
+    assert_same(data, p)
+    got, stamp = m.read_manifest(blocks[-1])
+    assert got == man and (stamp.block_index, stamp.room, stamp.generation) == (
+        len(blocks) - 1,
+        77,
+        5,
+    )
 
 
 def test_round_segments_move_only_valid_rows():
@@ -49,7 +70,9 @@ def test_round_segments_move_only_valid_rows():
     assert sum(lens) == m.layout.wire_bytes(total, mm)
     assert m.layout.dense_wire_bytes(total) - sum(lens) == (total - mm) * 4 * 16 * 2
     # contiguous blocks on both sides merge: fill ids of 3 blocks -> one segment
-    assert (m.fill_ids.data_ptr(), remote[1] + 4 * 16, 40) in list(zip(srcs, dsts, lens))
+    assert (m.fill_ids.data_ptr(), remote[1] + 4 * 16, 40) in list(
+        zip(srcs, dsts, lens)
+    )
 
 
 def test_payload_validation_messages():
@@ -60,7 +83,9 @@ def test_payload_validation_messages():
         m.write_request([0, 1], p)
     p = make_payload(1, 5, 2, 16, 3)
     p.mm_mask[:] = False
-    with pytest.raises(ValueError, match="mm_mask marks 0 multimodal tokens but embeddings has 2 rows"):
+    with pytest.raises(
+        ValueError, match="mm_mask marks 0 multimodal tokens but embeddings has 2 rows"
+    ):
         m.write_request([0, 1], p)
     with pytest.raises(ValueError, match="block 8 out of range"):
         m.write_request([8, 1], make_payload(1, 5, 2, 16, 3))

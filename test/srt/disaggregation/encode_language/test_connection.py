@@ -1,14 +1,16 @@
 """Two real processes, real Mooncake TCP transfers: encode peer process -> language managers here."""
+
 from __future__ import annotations
 
 import random
 
 import pytest
-from conftest import B, H, RESERVE, new_room, wait_final
-from el_helpers import assert_same, make_payload
+from conftest import RESERVE, B, H, new_room, wait_final
+from el_helpers import assert_same, make_payload, wait_until
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.connection import RoomInUseError
+from sglang.srt.disaggregation.encode_language.receiver import Phase
 
 
 def transfer(peer, lang, total, mm, k, seed, **rx_kw):
@@ -86,17 +88,28 @@ def test_two_destination_ranks_wait_for_each_other(peers, make_lang):
     r0, r1 = make_lang(), make_lang(num_blocks=4, resume_tokens=2 * RESERVE)
     room, seed, total, mm = new_room(), 11, 3 * RESERVE, 20
     rx0 = r0.create_receiver(peer.addr, room, rank=0, num_ranks=2)
-    assert r0.wait_until(lambda: (peer.call("room_state", room) or {}).get("ready") == 1, 10)
+    assert wait_until(
+        lambda: (peer.call("room_state", room) or {}).get("ready") == 1, 10
+    )
     peer.call("send", room, seed, total, mm)
     st = peer.call("room_state", room)
-    assert st["token_sent"] == 0 and not st["in_flight"] and st["ready"] == 1  # waits for rank 1
+    # waits for rank 1
+    assert st["token_sent"] == 0 and not st["in_flight"] and st["ready"] == 1
     # Rank 1 resumes with 4 blocks but a blocker holds 2 of its 4: its resume allocation waits.
     blocker = r1.allocator.alloc(2, owner="blocker")
-    rx1 = r1.create_receiver(peer.addr, room, rank=1, num_ranks=2)  # gets the other 2 blocks
-    assert r0.wait_until(lambda: rx0.phase == "reserved" and rx0.round == 1, 10)
-    assert r1.wait_until(lambda: rx1.phase == "resume_alloc", 10)
+    # gets the other 2 blocks
+    rx1 = r1.create_receiver(peer.addr, room, rank=1, num_ranks=2)
+    assert wait_until(lambda: rx0.phase == Phase.RESERVED and rx0.round == 1, 10)
+    assert wait_until(lambda: rx1.phase == Phase.RESUME_ALLOC, 10)
+    # rank 0's next reservation reaches the encoder (a control message) a little later
+    assert wait_until(lambda: peer.call("room_state", room)["ready"] == 1, 10)
     st = peer.call("room_state", room)
-    assert st["round"] == 1 and st["token_sent"] == RESERVE and st["ready"] == 1 and not st["in_flight"]
+    assert (
+        st["round"] == 1
+        and st["token_sent"] == RESERVE
+        and st["ready"] == 1
+        and not st["in_flight"]
+    )
     blocker.free()
     assert peer.call("wait", room, 20) == (KVPoll.Success, "")
     p = make_payload(seed, total, mm, H, 3)
@@ -112,7 +125,7 @@ def test_health_probe_uses_scratch_block_only(peers, make_lang):
     lang = make_lang()
     room = new_room()
     rx = lang.create_receiver(peer.addr, room)
-    assert lang.wait_until(lambda: rx.phase == "reserved", 10)
+    assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
     for _ in range(3):
         assert peer.call("probe", lang.manager_id) is True
     assert lang.buffers.scratch_block not in lang.allocator.owners()
@@ -128,7 +141,9 @@ def test_reused_room_is_a_clear_error_both_sides(peers, make_lang):
     lang = make_lang()
     room = new_room()
     rx = lang.create_receiver(peer.addr, room)
-    with pytest.raises(RoomInUseError, match=f"bootstrap room {room} is already in use"):
+    with pytest.raises(
+        RoomInUseError, match=f"bootstrap room {room} is already in use"
+    ):
         lang.create_receiver(peer.addr, room)
     peer.call("create", room)
     with pytest.raises(Exception, match=f"bootstrap room {room} is already in use"):

@@ -1,5 +1,6 @@
 """Faults between two real processes: each ends with the expected error, the other side still
 serving, and every block free on both sides (make_lang's teardown and peer.assert_idle)."""
+
 from __future__ import annotations
 
 import os
@@ -7,39 +8,51 @@ import random
 import signal
 
 import pytest
-from conftest import H, RESERVE, EncodePeer, buffer_config, conn_config, new_room, wait_final
-from el_helpers import assert_same, make_payload
+from conftest import (
+    RESERVE,
+    EncodePeer,
+    H,
+    buffer_config,
+    conn_config,
+    new_room,
+    ok_transfer,
+    wait_final,
+)
+from el_helpers import (
+    accounting_ok,
+    assert_same,
+    make_payload,
+    send_control,
+    wait_until,
+)
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.allocator import OversizeError
-from sglang.srt.disaggregation.encode_language.manifest import Abort, encode_message, make
-
-
-def ok_transfer(peer, lang, seed=1, total=3 * RESERVE, mm=20, k=3):
-    """The side that survived a fault still serves a normal multi-round request."""
-    room = new_room()
-    rx = lang.create_receiver(peer.addr, room)
-    peer.call("send", room, seed, total, mm)
-    assert peer.call("wait", room, 20) == (KVPoll.Success, "")
-    assert wait_final(lang, rx) == KVPoll.Success, rx.reason
-    assert_same(rx.take(), make_payload(seed, total, mm, H, k))
+from sglang.srt.disaggregation.encode_language.manifest import (
+    Abort,
+    encode_message,
+    make,
+)
+from sglang.srt.disaggregation.encode_language.receiver import Phase
 
 
 def stuck_in_resume(peer, lang, room, total=4 * RESERVE):
     """Start a request and park it between rounds: the language side cannot get resume blocks
     because a blocker holds the rest of its pool. Returns (receiver, blocker handle)."""
     rx = lang.create_receiver(peer.addr, room)
-    assert lang.wait_until(lambda: rx.phase == "reserved", 10)
+    assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
     blocker = lang.allocator.alloc(lang.allocator.num_free(), owner="blocker")
     lang.config.resume_tokens = 2 * RESERVE  # needs more blocks than the request holds
     peer.call("send", room, 9, total, 10)
-    assert lang.wait_until(lambda: rx.phase == "resume_alloc", 10)
+    assert wait_until(lambda: rx.phase == Phase.RESUME_ALLOC, 10)
     return rx, blocker
 
 
 def test_sender_process_killed_mid_transfer(mp_ctx, peers, make_lang):
+    """A killed encoder looks like a stalled one: its reserved blocks are fenced until the fence
+    timeout (no abort_ack can come), then released."""
     victim = EncodePeer(mp_ctx, buffer_config(), conn_config())
-    lang = make_lang()
+    lang = make_lang(fence_timeout_s=1.0)
     room = new_room()
     rx, blocker = stuck_in_resume(victim, lang, room)
     victim.kill()
@@ -47,6 +60,8 @@ def test_sender_process_killed_mid_transfer(mp_ctx, peers, make_lang):
     assert wait_final(lang, rx) == KVPoll.Failed
     assert f"peer {victim.addr} is unreachable" in rx.reason
     ok_transfer(peers(), lang)  # the language side keeps serving other encoders
+    assert wait_until(lambda: not lang.fences, 10)
+    assert accounting_ok(lang.allocator)["quarantined"] == 0
 
 
 def test_receiver_abort_mid_transfer(peers, make_lang):
@@ -55,8 +70,14 @@ def test_receiver_abort_mid_transfer(peers, make_lang):
     room = new_room()
     rx, blocker = stuck_in_resume(peer, lang, room)
     rx.abort()
-    assert wait_final(lang, rx) == KVPoll.Failed and rx.reason == "aborted by language side"
-    assert peer.call("wait", room, 10) == (KVPoll.Failed, f"aborted by language side {lang.manager_id}: aborted by language side")
+    assert (
+        wait_final(lang, rx) == KVPoll.Failed
+        and rx.reason == "aborted by language side"
+    )
+    assert peer.call("wait", room, 10) == (
+        KVPoll.Failed,
+        f"aborted by language side {lang.manager_id}: aborted by language side",
+    )
     blocker.free()
     lang.config.resume_tokens = None
     ok_transfer(peer, lang)
@@ -69,7 +90,7 @@ def test_receiver_abort_while_encoder_may_write_waits_for_ack(peers, make_lang):
     lang = make_lang()
     room = new_room()
     rx = lang.create_receiver(peer.addr, room)
-    assert lang.wait_until(lambda: rx.phase == "reserved", 10)
+    assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
     peer.call("create", room)
     rx.abort("client went away")
     assert rx.poll() == KVPoll.Failed
@@ -99,7 +120,9 @@ def test_bootstrap_timeout_language_side(make_lang, peers):
     lang = make_lang(bootstrap_timeout_s=0.5)
     rx = lang.create_receiver("127.0.0.1:9", new_room())
     assert wait_final(lang, rx) == KVPoll.Failed
-    assert rx.reason.startswith("bootstrap timeout: encoder 127.0.0.1:9 did not answer registration")
+    assert rx.reason.startswith(
+        "bootstrap timeout: encoder 127.0.0.1:9 did not answer registration"
+    )
     ok_transfer(peers(), lang)
 
 
@@ -110,7 +133,10 @@ def test_bootstrap_timeout_encoder_side(peers, make_lang):
     room = new_room()
     rx = lang.create_receiver(peer.addr, room, rank=0, num_ranks=2)
     peer.call("create", room)
-    assert peer.call("wait", room, 10) == (KVPoll.Failed, "bootstrap timeout: 1/2 destinations reserved within 0.5s")
+    assert peer.call("wait", room, 10) == (
+        KVPoll.Failed,
+        "bootstrap timeout: 1/2 destinations reserved within 0.5s",
+    )
     assert wait_final(lang, rx) == KVPoll.Failed and "bootstrap timeout" in rx.reason
     ok_transfer(peer, lang)
     peer.assert_idle()
@@ -140,9 +166,15 @@ def test_transfer_timeout_encoder_stopped(mp_ctx, make_lang, peers):
         rx, blocker = stuck_in_resume(victim, lang, room)
         os.kill(victim.pid, signal.SIGSTOP)
         blocker.free()
-        assert lang.wait_until(lambda: rx.poll() == KVPoll.Failed, 10)
+        assert wait_until(lambda: rx.poll() == KVPoll.Failed, 10)
         assert rx.reason == "transfer timeout: round 1 did not arrive within 0.5s"
-        assert not rx.finished  # blocks held: the encoder might still write
+        # Blocks fenced, not freed: the encoder might still write.
+        assert wait_until(lambda: rx.finished, 10)
+        assert (
+            accounting_ok(lang.allocator)["quarantined"]
+            == len(lang.fences[(victim.addr, room)].handle)
+            > 0
+        )
         os.kill(victim.pid, signal.SIGCONT)
         assert wait_final(lang, rx) == KVPoll.Failed
         assert victim.call("wait", room, 10)[0] == KVPoll.Failed
@@ -157,7 +189,10 @@ def test_resume_timeout_both_sides(peers, make_lang):
     lang = make_lang(resume_timeout_s=60)
     room = new_room()
     rx, blocker = stuck_in_resume(peer, lang, room)
-    assert peer.call("wait", room, 10) == (KVPoll.Failed, "resume timeout: 0/1 destinations asked for round 1 within 0.5s")
+    assert peer.call("wait", room, 10) == (
+        KVPoll.Failed,
+        "resume timeout: 0/1 destinations asked for round 1 within 0.5s",
+    )
     assert wait_final(lang, rx) == KVPoll.Failed and "resume timeout" in rx.reason
     blocker.free()
     lang.config.resume_tokens = None
@@ -180,7 +215,10 @@ def test_layout_mismatch_both_sides(peers, make_lang):
     lang = make_lang(hidden=H * 2)
     rx = lang.create_receiver(peer.addr, new_room())
     assert wait_final(lang, rx) == KVPoll.Failed
-    assert "buffer layout mismatch with encoder: field 'hidden_size' is 64 here but 32 on the peer" in rx.reason
+    assert (
+        "buffer layout mismatch with encoder: field 'hidden_size' is 64 here but 32 on the peer"
+        in rx.reason
+    )
     assert peer.state()["refused_registrations"] == refused + 1
     lang_k = make_lang(k=2)
     rx = lang_k.create_receiver(peer.addr, new_room())
@@ -195,12 +233,17 @@ def test_garbage_control_messages(peers, make_lang):
     peer = peers()
     lang = make_lang()
     before = peer.state()["rejected"]
-    garbage = [b"", b"\xff\xfe", b"not msgpack", encode_message(make(Abort, room=1, manager_id="x", reason="r"))[:-3],
-               b"\x82\xa4type\xa7unknown\xa7version\x01"]
+    garbage = [
+        b"",
+        b"\xff\xfe",
+        b"not msgpack",
+        encode_message(make(Abort, room=1, manager_id="x", reason="r"))[:-3],
+        b"\x82\xa4type\xa7unknown\xa7version\x01",
+    ]
     for g in garbage:
-        lang.channel.send_raw(peer.addr, g)
-        lang.channel.send_raw(lang.manager_id, g)
-    assert lang.wait_until(lambda: lang.channel.rejected == len(garbage), 10)
+        send_control(peer.addr, g)
+        send_control(lang.manager_id, g)
+    assert wait_until(lambda: lang.channel.rejected == len(garbage), 10)
     assert peer.state()["rejected"] == before + len(garbage)
     ok_transfer(peer, lang)
     peer.assert_idle()
@@ -215,9 +258,20 @@ def test_bad_reservation_fails_only_that_request(peers, make_lang):
     ok_transfer(peer, lang)  # registers lang with the peer
     room = new_room()
     rx = lang.create_receiver(peer.addr, room)
-    assert lang.wait_until(lambda: rx.phase == "reserved", 10)
-    lang.channel.send(peer.addr, make(Reserve, room=new_room(), manager_id=lang.manager_id, rank=0, num_ranks=1,
-                                      round=0, blocks=[10_000], max_tokens=0))
+    assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
+    bad = make(
+        Reserve,
+        room=new_room(),
+        manager_id=lang.manager_id,
+        epoch=rx.epoch,
+        rank=0,
+        num_ranks=1,
+        round=0,
+        generation=1,
+        blocks=[10_000],
+        max_tokens=0,
+    )
+    lang.channel.send(peer.addr, bad)
     peer.call("send", room, 2, 20, 3)
     assert peer.call("wait", room, 10)[0] == KVPoll.Success
     assert wait_final(lang, rx) == KVPoll.Success
@@ -227,13 +281,18 @@ def test_bad_reservation_fails_only_that_request(peers, make_lang):
 def test_oversize_rejected_up_front(peers, make_lang):
     peer = peers()
     lang = make_lang(num_blocks=4)
-    with pytest.raises(OversizeError, match="request needs 5 blocks but the whole pool has 4"):
+    with pytest.raises(
+        OversizeError, match="request needs 5 blocks but the whole pool has 4"
+    ):
         lang.create_receiver(peer.addr, new_room(), reserve_tokens=33)
     room = new_room()
     rx = lang.create_receiver(peer.addr, room, max_tokens=40)
     peer.call("send", room, 1, 41, 4)
     status, reason = peer.call("wait", room, 10)
-    assert status == KVPoll.Failed and "request has 41 tokens but language rank 0 accepts at most 40" in reason
+    assert (
+        status == KVPoll.Failed
+        and "request has 41 tokens but language rank 0 accepts at most 40" in reason
+    )
     assert wait_final(lang, rx) == KVPoll.Failed and "accepts at most 40" in rx.reason
     ok_transfer(peer, lang)
     peer.assert_idle()
@@ -270,8 +329,15 @@ def test_randomized_faults_no_leak_no_hang(peers, make_lang):
                 except Exception:
                     pass  # encoder already finished or never had it
     for room, (rx, total, mm, seed) in live.items():
-        if rx.poll() not in (KVPoll.Success, KVPoll.Failed) and rx.phase in ("alloc", "register", "reserved"):
-            if lang.wait_until(lambda: rx.poll() in (KVPoll.Success, KVPoll.Failed), 3) is False:
+        if rx.poll() not in (KVPoll.Success, KVPoll.Failed) and rx.phase in (
+            Phase.ALLOC,
+            Phase.REGISTER,
+            Phase.RESERVED,
+        ):
+            if (
+                wait_until(lambda: rx.poll() in (KVPoll.Success, KVPoll.Failed), 3)
+                is False
+            ):
                 rx.abort("test cleanup")
         st = wait_final(lang, rx, 30)
         if st == KVPoll.Success:

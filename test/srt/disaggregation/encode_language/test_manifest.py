@@ -7,6 +7,7 @@ import pytest
 
 from sglang.srt.disaggregation.encode_language import manifest as mf
 from sglang.srt.disaggregation.encode_language.manifest import (
+    BlockStamp,
     LayoutManifest,
     LayoutMismatchError,
     ProtocolError,
@@ -22,19 +23,28 @@ def layout(**kw):
 
 def test_derived_fields():
     L = layout()
-    assert (L.aux_bytes, L.num_slots) == (64, 5)  # 48-byte header + 16-byte bitmap
+    assert (L.aux_bytes, L.num_slots) == (80, 5)  # 64-byte header + 16-byte bitmap
     assert layout(deepstack_count=0).num_slots == 4
-    assert layout(block_size=1).aux_bytes == 56
+    assert layout(block_size=1).aux_bytes == 72
 
 
 @pytest.mark.parametrize(
     "field,value",
-    [("hidden_size", 1024), ("deepstack_count", 2), ("block_size", 64), ("embed_dtype", "float16"),
-     ("id_dtype", "int64"), ("pos_dtype", "int64")],
+    [
+        ("hidden_size", 1024),
+        ("deepstack_count", 2),
+        ("block_size", 64),
+        ("embed_dtype", "float16"),
+        ("id_dtype", "int64"),
+        ("pos_dtype", "int64"),
+    ],
 )
 def test_mismatch_names_the_field(field, value):
     a, b = layout(), layout(**{field: value})
-    with pytest.raises(LayoutMismatchError, match=f"field '{field}' is {getattr(a, field)!r} here but {value!r} on the peer") as e:
+    with pytest.raises(
+        LayoutMismatchError,
+        match=f"field '{field}' is {getattr(a, field)!r} here but {value!r} on the peer",
+    ) as e:
         a.check_compatible(b)
     assert e.value.field == field
 
@@ -45,38 +55,72 @@ def test_num_blocks_is_local():
 
 @pytest.mark.parametrize(
     "kw,msg",
-    [(dict(hidden_size=0), "hidden_size must be a positive int"),
-     (dict(deepstack_count=-1), "deepstack_count must be an int >= 0"),
-     (dict(block_size=0), "block_size must be a positive int"),
-     (dict(embed_dtype="int8"), "embed_dtype must be one of"),
-     (dict(aux_bytes=8), "aux_bytes must be >= 64"),
-     (dict(num_slots=5, deepstack_count=0), "num_slots must be 4 for deepstack_count=0"),
-     (dict(layout_version=99), "layout_version 99 is not supported")],
+    [
+        (dict(hidden_size=0), "hidden_size must be a positive int"),
+        (dict(deepstack_count=-1), "deepstack_count must be an int >= 0"),
+        (dict(block_size=0), "block_size must be a positive int"),
+        (dict(embed_dtype="int8"), "embed_dtype must be one of"),
+        (dict(aux_bytes=8), "aux_bytes must be >= 80"),
+        (
+            dict(num_slots=5, deepstack_count=0),
+            "num_slots must be 4 for deepstack_count=0",
+        ),
+        (dict(layout_version=99), "layout_version 99 is not supported"),
+    ],
 )
 def test_invalid_layout(kw, msg):
     with pytest.raises(ValueError, match=msg):
         layout(**kw)
 
 
-def test_layout_dict_roundtrip_and_rejects_unknown_fields():
+def test_register_layout_is_a_typed_struct():
+    """issue 7 item 12: Register.layout is decoded as a LayoutManifest: an unknown field, a
+    wrong type or an invalid value is a ProtocolError when the message is decoded."""
     L = layout(num_blocks=7)
-    assert LayoutManifest.from_dict(L.to_dict()) == L
-    with pytest.raises(ProtocolError, match=r"unknown fields \['bogus'\]"):
-        LayoutManifest.from_dict({**L.to_dict(), "bogus": 1})
-    with pytest.raises(ProtocolError, match="must be a map"):
-        LayoutManifest.from_dict([1, 2])
+    reg = dict(
+        type="register",
+        version=mf.PROTOCOL_VERSION,
+        manager_id="h:1",
+        epoch=1,
+        session_id="s",
+        slot_ptrs=[],
+        slot_block_bytes=[],
+    )
+    got = mf.decode_message(
+        msgspec.msgpack.encode({**reg, "layout": msgspec.to_builtins(L)})
+    )
+    assert isinstance(got.layout, LayoutManifest) and got.layout == L
+    for bad, msg in [
+        ({**msgspec.to_builtins(L), "bogus": 1}, "unknown field `bogus`"),
+        ({**msgspec.to_builtins(L), "hidden_size": "x"}, "Expected `int`"),
+        (
+            {**msgspec.to_builtins(L), "hidden_size": 0},
+            "hidden_size must be a positive int",
+        ),
+    ]:
+        with pytest.raises(ProtocolError, match=msg):
+            mf.decode_message(msgspec.msgpack.encode({**reg, "layout": bad}))
 
 
 def test_request_manifest_roundtrip_and_checks():
-    m = RequestManifest(total_tokens=1100, mm_tokens=1024, mrope_delta=-77, deepstack_count=3,
-                        embed_dtype="bfloat16", hidden_size=2048)
-    got, idx = RequestManifest.unpack(m.pack(5) + b"\0" * 16)
-    assert (got, idx) == (m, 5)
+    m = RequestManifest(
+        total_tokens=1100,
+        mm_tokens=1024,
+        mrope_delta=-77,
+        deepstack_count=3,
+        embed_dtype="bfloat16",
+        hidden_size=2048,
+    )
+    stamp = BlockStamp(block_index=5, room=2**62 + 3, generation=9, checksum=0xDEADBEEF)
+    got, got_stamp = RequestManifest.unpack(m.pack(stamp) + b"\0" * 16)
+    assert (got, got_stamp) == (m, stamp)
     m.check_against(layout())
-    with pytest.raises(LayoutMismatchError, match="field 'deepstack_count' is 2 here but 3"):
+    with pytest.raises(
+        LayoutMismatchError, match="field 'deepstack_count' is 2 here but 3"
+    ):
         m.check_against(layout(deepstack_count=2))
     with pytest.raises(ProtocolError, match="bad magic"):
-        RequestManifest.unpack(b"XXXX" + m.pack(0)[4:])
+        RequestManifest.unpack(b"XXXX" + m.pack(stamp)[4:])
     with pytest.raises(ProtocolError, match="too short"):
         RequestManifest.unpack(b"ELMM")
     bad = dataclasses.replace(m, mm_tokens=2000)
@@ -85,12 +129,47 @@ def test_request_manifest_roundtrip_and_checks():
 
 
 ALL = [
-    mf.make(mf.Register, manager_id="h:1", session_id="h:2", layout=layout().to_dict(), slot_ptrs=[1, 2], slot_block_bytes=[3, 4]),
-    mf.make(mf.RegisterAck, manager_id="h:3", ok=False, error="x", layout={}),
-    mf.make(mf.Reserve, room=1, manager_id="h:1", rank=0, num_ranks=2, round=3, blocks=[4, 5], max_tokens=0),
-    mf.make(mf.RoundDone, room=1, round=0, token_start=0, token_count=3, mm_start=0, mm_count=1, total_tokens=3, mm_tokens=1, last=True),
-    mf.make(mf.Abort, room=1, manager_id="h:1", reason="r"),
-    mf.make(mf.AbortAck, room=1),
+    mf.make(
+        mf.Register,
+        manager_id="h:1",
+        epoch=1,
+        session_id="h:2",
+        layout=layout(),
+        slot_ptrs=[1, 2],
+        slot_block_bytes=[3, 4],
+    ),
+    mf.make(
+        mf.RegisterAck, manager_id="h:3", epoch=1, ok=False, error="x", layout=layout()
+    ),
+    mf.make(mf.Unregistered, manager_id="h:3", room=1, epoch=2),
+    mf.make(
+        mf.Reserve,
+        room=1,
+        manager_id="h:1",
+        epoch=1,
+        rank=0,
+        num_ranks=2,
+        round=3,
+        generation=4,
+        blocks=[4, 5],
+        max_tokens=0,
+    ),
+    mf.make(
+        mf.RoundDone,
+        room=1,
+        manager_id="h:3",
+        round=0,
+        generation=4,
+        token_start=0,
+        token_count=3,
+        mm_start=0,
+        mm_count=1,
+        total_tokens=3,
+        mm_tokens=1,
+        last=True,
+    ),
+    mf.make(mf.Abort, room=1, manager_id="h:1", reason="r", writes_pending=True),
+    mf.make(mf.AbortAck, room=1, manager_id="h:3"),
     mf.make(mf.Ping, manager_id="h", nonce=-3),
     mf.make(mf.Pong, manager_id="h", nonce=3),
 ]
@@ -101,18 +180,52 @@ def test_message_roundtrip_is_named_map(msg):
     data = mf.encode_message(msg)
     assert mf.decode_message(data) == msg
     decoded = msgspec.msgpack.decode(data)
-    assert isinstance(decoded, dict) and decoded["version"] == mf.PROTOCOL_VERSION and "type" in decoded
+    assert (
+        isinstance(decoded, dict)
+        and decoded["version"] == mf.PROTOCOL_VERSION
+        and "type" in decoded
+    )
 
 
 @pytest.mark.parametrize(
     "data,msg",
-    [(b"", "undecodable"), (b"\xc1", "undecodable"),
-     (msgspec.msgpack.encode({"type": "nope", "version": 1}), "invalid control message"),
-     (msgspec.msgpack.encode([1, 2, 3]), "invalid control message"),
-     (msgspec.msgpack.encode({"type": "abort_ack", "version": 1, "room": "x"}), "Expected `int`"),
-     (msgspec.msgpack.encode({"type": "abort_ack", "version": 1, "room": 1, "extra": 0}), "unknown field"),
-     (msgspec.msgpack.encode({"type": "abort_ack", "room": 1}), "missing required field `version`"),
-     (msgspec.msgpack.encode({"type": "abort_ack", "version": 2, "room": 1}), "protocol version 2, expected 1")],
+    [
+        (b"", "undecodable"),
+        (b"\xc1", "undecodable"),
+        (
+            msgspec.msgpack.encode({"type": "nope", "version": 1}),
+            "invalid control message",
+        ),
+        (msgspec.msgpack.encode([1, 2, 3]), "invalid control message"),
+        (
+            msgspec.msgpack.encode(
+                {"type": "abort_ack", "version": 2, "room": "x", "manager_id": "h"}
+            ),
+            "Expected `int`",
+        ),
+        (
+            msgspec.msgpack.encode(
+                {
+                    "type": "abort_ack",
+                    "version": 2,
+                    "room": 1,
+                    "manager_id": "h",
+                    "extra": 0,
+                }
+            ),
+            "unknown field",
+        ),
+        (
+            msgspec.msgpack.encode({"type": "abort_ack", "room": 1, "manager_id": "h"}),
+            "missing required field `version`",
+        ),
+        (
+            msgspec.msgpack.encode(
+                {"type": "abort_ack", "version": 1, "room": 1, "manager_id": "h"}
+            ),
+            "protocol version 1, expected 2",
+        ),
+    ],
 )
 def test_malformed_messages_rejected(data, msg):
     with pytest.raises(ProtocolError, match=msg):

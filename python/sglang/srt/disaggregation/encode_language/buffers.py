@@ -6,9 +6,9 @@ H hidden size; K deepstack layers; E = embedding itemsize)::
     slot 0  embeddings  [N+1, B, H]     embed dtype   B*H*E bytes per block
     slot 1  fill_ids    [N+1, B]        int32         4*B
     slot 2  mrope_pos   [N+1, 3, B]     int32         12*B
-    slot 3  aux         [N+1, A]        uint8         A = 48-byte RequestManifest header
+    slot 3  aux         [N+1, A]        uint8         A = 64-byte RequestManifest header
                                                           + ceil(B/8) bytes of multimodal bitmap,
-                                                          rounded up to 8 (64 for B = 128)
+                                                          rounded up to 8 (80 for B = 128)
     slot 4  deepstack   [N+1, B, K*H]   embed dtype   B*K*H*E  (absent, zero bytes, when K = 0)
 
 A request of T tokens of which M are multimodal occupies ceil(T/B) blocks and uses them as two
@@ -25,7 +25,12 @@ Saving versus a dense layout: (T - M) * (1+K) * H * E bytes per request; for Qwe
 (docs/transport.md works the numbers for a 1024-image-token request).
 
 The aux bitmap tells the language side which tokens of a block are multimodal, so the received
-rows are placed exactly, without guessing from token ids.
+rows are placed exactly, without guessing from token ids. Each aux header also carries a
+``BlockStamp``: the bootstrap room, the generation of the reservation written, the block's index
+in the request and a CRC32 of what the round wrote into the block (bitmap, ids, positions, rows).
+``read_round`` checks room, generation and index before copying out and the checksum after, so a
+late write from an earlier owner of the block (an encoder that stalled past its fence) fails the
+request instead of passing wrong bytes.
 
 The scratch block (index N) is never handed out by the allocator: warm-up and health probes write
 there and only there (lesson 1: a warm-up write must never land in a real request's block).
@@ -33,27 +38,28 @@ there and only there (lesson 1: a warm-up write must never land in a real reques
 Host tensors are allocated once, registered once with the transfer engine, and pinned when a CUDA
 GPU is present.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import List, Optional, Sequence, Tuple
+import zlib
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from sglang.srt.disaggregation.encode_language.manifest import (
     AUX_HEADER_BYTES,
+    BlockStamp,
     LayoutManifest,
     ProtocolError,
     RequestManifest,
+    Slot,
     dtype_from_name,
-    dtype_name,
 )
 
 logger = logging.getLogger(__name__)
-
-SLOT_NAMES = ("embeddings", "fill_ids", "mrope_positions", "aux", "deepstack")
 
 
 @dataclasses.dataclass
@@ -68,8 +74,14 @@ class MultimodalBufferConfig:
     pin_memory: Optional[bool] = None  # None = pin iff torch.cuda.is_available()
 
     @classmethod
-    def from_server_args(cls, server_args, *, hidden_size: int, deepstack_count: int,
-                         embed_dtype: str = "bfloat16") -> "MultimodalBufferConfig":
+    def from_server_args(
+        cls,
+        server_args,
+        *,
+        hidden_size: int,
+        deepstack_count: int,
+        embed_dtype: str = "bfloat16",
+    ) -> "MultimodalBufferConfig":
         """Sizes from the server arguments; H, K and dtype from the model."""
         return cls(
             hidden_size=hidden_size,
@@ -131,19 +143,29 @@ class MultimodalPayload:
         if self.fill_ids.dim() != 1:
             raise ValueError(f"fill_ids must be [T], got {tuple(self.fill_ids.shape)}")
         if tuple(self.mrope_positions.shape) != (3, T):
-            raise ValueError(f"mrope_positions must be [3, {T}], got {tuple(self.mrope_positions.shape)}")
+            raise ValueError(
+                f"mrope_positions must be [3, {T}], got {tuple(self.mrope_positions.shape)}"
+            )
         if tuple(self.mm_mask.shape) != (T,) or self.mm_mask.dtype != torch.bool:
             raise ValueError(f"mm_mask must be bool [{T}]")
         n_mask = int(self.mm_mask.sum())
         if n_mask != M:
-            raise ValueError(f"mm_mask marks {n_mask} multimodal tokens but embeddings has {M} rows")
+            raise ValueError(
+                f"mm_mask marks {n_mask} multimodal tokens but embeddings has {M} rows"
+            )
         if tuple(self.embeddings.shape) != (M, H):
-            raise ValueError(f"embeddings must be [{M}, {H}], got {tuple(self.embeddings.shape)}")
+            raise ValueError(
+                f"embeddings must be [{M}, {H}], got {tuple(self.embeddings.shape)}"
+            )
         if self.embeddings.dtype != dtype_from_name(layout.embed_dtype):
-            raise ValueError(f"embeddings dtype {self.embeddings.dtype} != layout {layout.embed_dtype}")
+            raise ValueError(
+                f"embeddings dtype {self.embeddings.dtype} != layout {layout.embed_dtype}"
+            )
         if K == 0:
             if self.deepstack is not None and self.deepstack.numel() != 0:
-                raise ValueError("layout has no deepstack slot (K = 0) but the payload carries deepstack")
+                raise ValueError(
+                    "layout has no deepstack slot (K = 0) but the payload carries deepstack"
+                )
         else:
             if self.deepstack is None or tuple(self.deepstack.shape) != (M, K * H):
                 got = None if self.deepstack is None else tuple(self.deepstack.shape)
@@ -152,9 +174,9 @@ class MultimodalPayload:
                 raise ValueError("deepstack dtype differs from embeddings dtype")
 
 
-@dataclasses.dataclass
-class ReceivedData:
-    """What the language side takes out: copies, never views into blocks."""
+class ReceivedData(NamedTuple):
+    """What the language side takes out of the blocks, for one round (T = the round's tokens,
+    M its multimodal rows) or, concatenated, the whole request: copies, never views."""
 
     manifest: RequestManifest
     fill_ids: torch.Tensor  # [T]
@@ -162,6 +184,14 @@ class ReceivedData:
     mm_mask: torch.Tensor  # [T] bool
     embeddings: torch.Tensor  # [M, H]
     deepstack: Optional[torch.Tensor]  # [M, K*H] or None when K = 0
+
+
+class RoundStamp(NamedTuple):
+    """What the receiver expects in every aux header of a round."""
+
+    room: int
+    generation: int
+    first_block: int  # index within the request of the round's first block
 
 
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
@@ -179,7 +209,11 @@ class MultimodalDataBuffers:
         self.block_size = B = L.block_size
         self.scratch_block = L.num_blocks  # never allocated to a request
         n = L.num_blocks + 1
-        pin = torch.cuda.is_available() if config.pin_memory is None else config.pin_memory
+        pin = (
+            torch.cuda.is_available()
+            if config.pin_memory is None
+            else config.pin_memory
+        )
         self.pinned = bool(pin)
         edt = dtype_from_name(L.embed_dtype)
 
@@ -191,7 +225,9 @@ class MultimodalDataBuffers:
         self.mrope_positions = alloc((n, 3, B), dtype_from_name(L.pos_dtype))
         self.aux = alloc((n, L.aux_bytes), torch.uint8)
         self.deepstack = (
-            alloc((n, B, L.deepstack_count * L.hidden_size), edt) if L.deepstack_count > 0 else None
+            alloc((n, B, L.deepstack_count * L.hidden_size), edt)
+            if L.deepstack_count > 0
+            else None
         )
         self._registered_with = None
         logger.info(
@@ -217,7 +253,7 @@ class MultimodalDataBuffers:
         return [t.data_ptr() for t in self.slots()]
 
     def slot_block_bytes(self) -> List[int]:
-        return [t[0].numel() * t.element_size() for t in self.slots()]
+        return self.layout.slot_block_bytes
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.slots())
@@ -227,7 +263,9 @@ class MultimodalDataBuffers:
         if self._registered_with is not None:
             if self._registered_with is engine:
                 return
-            raise RuntimeError("MultimodalDataBuffers are already registered with another engine")
+            raise RuntimeError(
+                "MultimodalDataBuffers are already registered with another engine"
+            )
         for t in self.slots():
             engine.register(t.data_ptr(), t.numel() * t.element_size())
         self._registered_with = engine
@@ -250,10 +288,26 @@ class MultimodalDataBuffers:
                 raise ValueError(f"block {b} out of range 0..{self.num_blocks - 1}")
 
     # Encode side: write a request -----------------------------------------------------------
-    def write_request(self, blocks: Sequence[int], payload: MultimodalPayload) -> RequestManifest:
+    def write_request(
+        self,
+        blocks: Sequence[int],
+        payload: MultimodalPayload,
+        room: int = 0,
+        generation: int = 0,
+    ) -> RequestManifest:
         """Copy a whole ``payload`` into ``blocks`` (token stream and multimodal-row stream, see
-        the module docstring). Returns the request manifest written into every aux slot."""
-        return self.write_range(blocks, payload, 0, payload.total_tokens, 0, payload.mm_tokens)
+        the module docstring). Returns the request manifest written into every aux slot.
+        """
+        return self.write_range(
+            blocks,
+            payload,
+            0,
+            payload.total_tokens,
+            0,
+            payload.mm_tokens,
+            room,
+            generation,
+        )
 
     def write_range(
         self,
@@ -263,54 +317,113 @@ class MultimodalDataBuffers:
         token_count: int,
         mm_start: int,
         mm_count: int,
+        room: int = 0,
+        generation: int = 0,
     ) -> RequestManifest:
         """Stage tokens ``[token_start, +token_count)`` and multimodal rows ``[mm_start, +mm_count)``
         of ``payload`` into ``blocks`` (block k holds the k-th B tokens / rows of the range).
-        ``token_start`` is a multiple of B; each aux slot gets the manifest, the block's index in
-        the request and its multimodal bitmap."""
+        ``token_start`` is a multiple of B; each aux slot gets the manifest, its multimodal bitmap
+        and a ``BlockStamp`` (room, ``generation``, block index, checksum)."""
         L, B = self.layout, self.block_size
         payload.validate(L)
         T, M = payload.total_tokens, payload.mm_tokens
         if token_start % B or not (0 < token_count and token_start + token_count <= T):
-            raise ValueError(f"bad token range [{token_start}, +{token_count}) for {T} tokens, B={B}")
+            raise ValueError(
+                f"bad token range [{token_start}, +{token_count}) for {T} tokens, B={B}"
+            )
         if mm_count and (mm_start % B or mm_start + mm_count > M):
-            raise ValueError(f"bad multimodal range [{mm_start}, +{mm_count}) for {M} rows, B={B}")
+            raise ValueError(
+                f"bad multimodal range [{mm_start}, +{mm_count}) for {M} rows, B={B}"
+            )
         nb = blocks_for_tokens(token_count, B)
         self._check_blocks(blocks, nb)
         manifest = payload.manifest(L)
         ids = payload.fill_ids.to(self.fill_ids.dtype)
         pos = payload.mrope_positions.to(self.mrope_positions.dtype)
         mask = payload.mm_mask.to("cpu").numpy()
+        rows = []
         for j in range(nb):
             b = blocks[j]
-            t0, t1 = token_start + j * B, min(token_start + token_count, token_start + (j + 1) * B)
+            t0, t1 = token_start + j * B, min(
+                token_start + token_count, token_start + (j + 1) * B
+            )
             c = t1 - t0
             self.fill_ids[b, :c].copy_(ids[t0:t1], non_blocking=True)
             self.mrope_positions[b, :, :c].copy_(pos[:, t0:t1], non_blocking=True)
             a = self.aux[b].numpy()
             a[:] = 0
-            header = manifest.pack(t0 // B)
             bits = np.packbits(mask[t0:t1], bitorder="little")
-            a[: len(header)] = np.frombuffer(header, dtype=np.uint8)
             a[AUX_HEADER_BYTES : AUX_HEADER_BYTES + len(bits)] = bits
             m0, m1 = mm_start + j * B, min(mm_start + mm_count, mm_start + (j + 1) * B)
-            if m1 > m0:
-                self.embeddings[b, : m1 - m0].copy_(payload.embeddings[m0:m1], non_blocking=True)
+            mc = max(0, m1 - m0)
+            rows.append((b, c, mc))
+            if mc:
+                self.embeddings[b, :mc].copy_(
+                    payload.embeddings[m0:m1], non_blocking=True
+                )
                 if self.deepstack is not None:
-                    self.deepstack[b, : m1 - m0].copy_(payload.deepstack[m0:m1], non_blocking=True)
+                    self.deepstack[b, :mc].copy_(
+                        payload.deepstack[m0:m1], non_blocking=True
+                    )
         if payload.embeddings.is_cuda:
             torch.cuda.current_stream().synchronize()
+        for j, (b, c, mc) in enumerate(rows):
+            bits = self.aux[
+                b, AUX_HEADER_BYTES : AUX_HEADER_BYTES + (c + 7) // 8
+            ].numpy()
+            stamp = BlockStamp(
+                token_start // B + j, room, generation, self._checksum(b, c, mc, bits)
+            )
+            header = manifest.pack(stamp)
+            self.aux[b, : len(header)] = torch.frombuffer(
+                bytearray(header), dtype=torch.uint8
+            )
         return manifest
 
+    def restamp(self, blocks: Sequence[int], token_count: int, generation: int) -> None:
+        """Set the reservation generation in the aux headers of a staged round (one staging
+        serves every destination rank; each rank's reservation has its own generation).
+        """
+        for b in blocks[: blocks_for_tokens(token_count, self.block_size)]:
+            data = self.aux[b, :AUX_HEADER_BYTES].numpy().tobytes()
+            manifest, stamp = RequestManifest.unpack(data)
+            header = manifest.pack(stamp._replace(generation=generation))
+            self.aux[b, : len(header)] = torch.frombuffer(
+                bytearray(header), dtype=torch.uint8
+            )
+
+    def _checksum(self, b: int, c: int, mc: int, bits: np.ndarray) -> int:
+        """CRC32 of what a round puts into block ``b``: bitmap, ``c`` ids and positions, ``mc``
+        embedding and deepstack rows (the order both sides use)."""
+        crc = zlib.crc32(np.ascontiguousarray(bits))
+        crc = zlib.crc32(self.fill_ids[b, :c].numpy(), crc)
+        for r in range(3):
+            crc = zlib.crc32(self.mrope_positions[b, r, :c].numpy(), crc)
+        if mc:
+            crc = zlib.crc32(self.embeddings[b, :mc].view(torch.uint8).numpy(), crc)
+            if self.deepstack is not None:
+                crc = zlib.crc32(self.deepstack[b, :mc].view(torch.uint8).numpy(), crc)
+        return crc
+
     # Language side: read a round out ---------------------------------------------------------
-    def read_manifest(self, block: int) -> Tuple[RequestManifest, int]:
+    def read_manifest(self, block: int) -> Tuple[RequestManifest, BlockStamp]:
         return RequestManifest.unpack(self.aux[block].numpy().tobytes())
 
     def read_round(
-        self, blocks: Sequence[int], token_count: int, mm_count: int, device: Optional[torch.device] = None
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """Copy a round's data out of ``blocks``: (fill_ids [c], positions [3, c], mm_mask [c],
-        embeddings [m, H], deepstack [m, K*H] or None). Copies, never views (lesson 2).
+        self,
+        blocks: Sequence[int],
+        token_count: int,
+        mm_count: int,
+        expect: RoundStamp,
+        device: Optional[torch.device] = None,
+    ) -> ReceivedData:
+        """Check and copy a round out of ``blocks``: the request manifest and the round's data as
+        fresh tensors (copies, never views: lesson 2).
+
+        Before copying, every block's aux header must carry ``expect``'s room and generation, the
+        right block index and the same manifest; after copying, every block's checksum must
+        match what is in the blocks now. Otherwise ``ProtocolError``: the blocks were written by
+        someone else (a late write of an earlier reservation), and no data is returned.
 
         Embedding and deepstack rows are copied block by block straight into tensors on
         ``device`` (default: host), once: from pinned buffers to a GPU that is one H2D copy per
@@ -318,29 +431,83 @@ class MultimodalDataBuffers:
         B = self.block_size
         nb = blocks_for_tokens(max(token_count, 1), B)
         self._check_blocks(blocks, nb)
+        if mm_count > nb * B:
+            raise ProtocolError(
+                f"round has {mm_count} rows but {nb} blocks hold at most {nb * B}"
+            )
+        auxes = [self.aux[blocks[j]].clone().numpy() for j in range(nb)]
+        manifest = None
+        for j, a in enumerate(auxes):
+            m, stamp = RequestManifest.unpack(a.tobytes())
+            want = (expect.room, expect.generation, expect.first_block + j)
+            got = (stamp.room, stamp.generation, stamp.block_index)
+            if got != want:
+                raise ProtocolError(
+                    f"block {blocks[j]} holds (room, generation, block index) {got}, expected "
+                    f"{want}: written by another reservation (a late write)"
+                )
+            if manifest is not None and m != manifest:
+                raise ProtocolError(
+                    f"block {blocks[j]} carries another request manifest"
+                )
+            manifest = m
         idx = torch.tensor(list(blocks[:nb]), dtype=torch.long)
         ids = self.fill_ids[idx].reshape(-1)[:token_count].clone()
-        pos = self.mrope_positions[idx].permute(1, 0, 2).reshape(3, -1)[:, :token_count].clone()
-        bits = self.aux[idx][:, AUX_HEADER_BYTES : AUX_HEADER_BYTES + (B + 7) // 8].numpy()
-        mask = np.unpackbits(bits, axis=1, count=B, bitorder="little").reshape(-1)[:token_count]
+        pos = (
+            self.mrope_positions[idx]
+            .permute(1, 0, 2)
+            .reshape(3, -1)[:, :token_count]
+            .clone()
+        )
+        bits = np.stack(
+            [a[AUX_HEADER_BYTES : AUX_HEADER_BYTES + (B + 7) // 8] for a in auxes]
+        )
+        mask = np.unpackbits(bits, axis=1, count=B, bitorder="little").reshape(-1)[
+            :token_count
+        ]
         mask = torch.from_numpy(mask.astype(np.bool_))
         device = torch.device("cpu") if device is None else torch.device(device)
-        emb = torch.empty((mm_count, self.layout.hidden_size), dtype=self.embeddings.dtype, device=device)
+        emb = torch.empty(
+            (mm_count, self.layout.hidden_size),
+            dtype=self.embeddings.dtype,
+            device=device,
+        )
         ds = (
-            torch.empty((mm_count, self.deepstack.shape[-1]), dtype=self.deepstack.dtype, device=device)
+            torch.empty(
+                (mm_count, self.deepstack.shape[-1]),
+                dtype=self.deepstack.dtype,
+                device=device,
+            )
             if self.deepstack is not None
             else None
         )
         non_blocking = self.pinned and device.type == "cuda"
         for j in range(blocks_for_tokens(mm_count, B)):
             r0, r1 = j * B, min(mm_count, (j + 1) * B)
-            emb[r0:r1].copy_(self.embeddings[blocks[j], : r1 - r0], non_blocking=non_blocking)
+            emb[r0:r1].copy_(
+                self.embeddings[blocks[j], : r1 - r0], non_blocking=non_blocking
+            )
             if ds is not None:
-                ds[r0:r1].copy_(self.deepstack[blocks[j], : r1 - r0], non_blocking=non_blocking)
+                ds[r0:r1].copy_(
+                    self.deepstack[blocks[j], : r1 - r0], non_blocking=non_blocking
+                )
         if non_blocking:
             # The blocks may be freed and rewritten as soon as this returns.
             torch.cuda.current_stream(device).synchronize()
-        return ids, pos, mask, emb, ds
+        # Checked after the copy: a byte that came from a late write is still in the block.
+        for j, a in enumerate(auxes):
+            c = min(B, token_count - j * B)
+            mc = max(0, min(B, mm_count - j * B))
+            _, stamp = RequestManifest.unpack(a.tobytes())
+            got = self._checksum(
+                blocks[j], c, mc, a[AUX_HEADER_BYTES : AUX_HEADER_BYTES + (c + 7) // 8]
+            )
+            if got != stamp.checksum:
+                raise ProtocolError(
+                    f"block {blocks[j]} checksum {got:#010x} != {stamp.checksum:#010x} in its aux "
+                    f"header: torn or late write"
+                )
+        return ReceivedData(manifest, ids, pos, mask, emb, ds)
 
     # Transfer plan ------------------------------------------------------------------------------
     def round_segments(
@@ -359,7 +526,9 @@ class MultimodalDataBuffers:
         local_ptrs = self.slot_ptrs()
         blk = self.slot_block_bytes()
         if len(remote_ptrs) != len(local_ptrs):
-            raise ValueError(f"peer registered {len(remote_ptrs)} slots, this side has {len(local_ptrs)}")
+            raise ValueError(
+                f"peer registered {len(remote_ptrs)} slots, this side has {len(local_ptrs)}"
+            )
         srcs: List[int] = []
         dsts: List[int] = []
         lens: List[int] = []
@@ -377,51 +546,53 @@ class MultimodalDataBuffers:
         nb = blocks_for_tokens(token_count, B)
         nmb = blocks_for_tokens(mm_count, B)
         if len(src_blocks) < nb or len(dst_blocks) < nb:
-            raise ValueError(f"round needs {nb} blocks: src has {len(src_blocks)}, dst {len(dst_blocks)}")
+            raise ValueError(
+                f"round needs {nb} blocks: src has {len(src_blocks)}, dst {len(dst_blocks)}"
+            )
         id_sz = self.fill_ids.element_size()
         pos_sz = self.mrope_positions.element_size()
-        # slot 1: fill ids
+
+        def block(slot: Slot, k: int, offset: int, n: int) -> None:
+            add(
+                local_ptrs[slot] + src_blocks[k] * blk[slot] + offset,
+                remote_ptrs[slot] + dst_blocks[k] * blk[slot] + offset,
+                n,
+            )
+
         for k in range(nb):
             c = min(B, token_count - k * B)
-            add(local_ptrs[1] + src_blocks[k] * blk[1], remote_ptrs[1] + dst_blocks[k] * blk[1], c * id_sz)
-        # slot 2: positions, three rows of B per block
-        for k in range(nb):
+            block(Slot.FILL_IDS, k, 0, c * id_sz)
+        for k in range(nb):  # three rows of B positions per block
             c = min(B, token_count - k * B)
             if c == B:
-                add(local_ptrs[2] + src_blocks[k] * blk[2], remote_ptrs[2] + dst_blocks[k] * blk[2], blk[2])
+                block(Slot.MROPE_POSITIONS, k, 0, blk[Slot.MROPE_POSITIONS])
             else:
                 for r in range(3):
-                    off = r * B * pos_sz
-                    add(local_ptrs[2] + src_blocks[k] * blk[2] + off, remote_ptrs[2] + dst_blocks[k] * blk[2] + off, c * pos_sz)
-        # slot 3: aux, whole slot
-        for k in range(nb):
-            add(local_ptrs[3] + src_blocks[k] * blk[3], remote_ptrs[3] + dst_blocks[k] * blk[3], blk[3])
-        # slots 0 and 4: multimodal rows only
-        row_slots = [(0, L.embed_row_bytes)]
+                    block(Slot.MROPE_POSITIONS, k, r * B * pos_sz, c * pos_sz)
+        for k in range(nb):  # aux: the whole slot
+            block(Slot.AUX, k, 0, blk[Slot.AUX])
+        row_slots = [(Slot.EMBEDDINGS, L.embed_row_bytes)]
         if self.deepstack is not None:
-            row_slots.append((4, L.deepstack_row_bytes))
-        for slot, row_bytes in row_slots:
+            row_slots.append((Slot.DEEPSTACK, L.deepstack_row_bytes))
+        for slot, row_bytes in row_slots:  # multimodal rows only
             for k in range(nmb):
-                c = min(B, mm_count - k * B)
-                add(local_ptrs[slot] + src_blocks[k] * blk[slot], remote_ptrs[slot] + dst_blocks[k] * blk[slot], c * row_bytes)
+                block(slot, k, 0, min(B, mm_count - k * B) * row_bytes)
         return srcs, dsts, lens
 
     # Scratch (warm-up / health) ---------------------------------------------------------------
     def scratch_aux_address(self) -> int:
-        return self.aux.data_ptr() + self.scratch_block * self.aux[0].numel()
+        return (
+            self.aux.data_ptr()
+            + self.scratch_block * self.layout.slot_block_bytes[Slot.AUX]
+        )
 
     def write_scratch_nonce(self, nonce: int) -> None:
-        self.aux[self.scratch_block, :8].copy_(torch.tensor([nonce], dtype=torch.int64).view(torch.uint8))
+        self.aux[self.scratch_block, :8].copy_(
+            torch.tensor([nonce], dtype=torch.int64).view(torch.uint8)
+        )
 
     def read_scratch_nonce(self) -> int:
         return int(self.aux[self.scratch_block, :8].view(torch.int64).item())
-
-
-def describe_layout(layout: LayoutManifest) -> str:
-    return (
-        f"H={layout.hidden_size} K={layout.deepstack_count} B={layout.block_size} "
-        f"{layout.embed_dtype} slots={layout.num_slots}"
-    )
 
 
 __all__ = [
@@ -429,6 +600,6 @@ __all__ = [
     "MultimodalDataBuffers",
     "MultimodalPayload",
     "ReceivedData",
+    "RoundStamp",
     "blocks_for_tokens",
-    "dtype_name",
 ]

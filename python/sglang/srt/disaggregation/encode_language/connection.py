@@ -4,14 +4,22 @@
 * ``ControlChannel``: one ZMQ PULL socket per manager (its endpoint is the manager id) plus a
   PUSH socket per peer, guarded by a lock, never blocking: control messages are the typed
   structures of ``manifest.py``; a malformed or unknown one is logged, counted and dropped.
-* ``ManagerBase``: a ``BaseKVManager`` that owns the buffers, the block allocator and one control
-  thread, and uses this process's one Mooncake engine (upstream's shared
-  ``MooncakeTransferEngine``, see ``make_transfer_engine``). The control thread handles every
-  message and every timer (timeouts, heartbeat); an exception while handling one message fails at
-  most the request it concerns, never the thread.
+* ``ManagerBase``: owns the buffers, the block allocator and one control thread, and uses this
+  process's one Mooncake engine (upstream's shared ``MooncakeTransferEngine``, see
+  ``make_transfer_engine``). The control thread handles every message and every timer (timeouts,
+  heartbeat, fences, pruning); an exception while handling one message fails at most the request
+  it concerns, never the thread.
 * Addressing: ``ConnectionConfig.resolve_addresses`` (advertised vs bind address); the encode
   side's control socket listens on the bootstrap port (docs/transport.md, "Deploying across
   nodes / addressing").
+* Liveness: peers with live requests are pinged every ``heartbeat_interval_s``; one that misses
+  ``heartbeat_max_failures`` pongs in a row is declared dead (its requests fail) but is still
+  pinged, and a pong revives it. A peer dead, or without a live request, for ``peer_prune_s`` is
+  forgotten: health entry, registration and PUSH socket.
+* ``TransferRequest``: the small protocol the per-request objects (``EncodeSender``,
+  ``LanguageReceiver``) implement for a scheduler loop. They do not subclass upstream's
+  ``BaseKVSender``/``BaseKVReceiver``: those constructors take KV arguments and ``send`` takes KV
+  indices, which a multimodal payload transport does not have.
 
 The encode side lives in ``sender.py``, the language side in ``receiver.py``; docs/transport.md
 describes the state machine.
@@ -25,11 +33,11 @@ import json
 import logging
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Protocol, Tuple
 
 import zmq
 
-from sglang.srt.disaggregation.base.conn import BaseKVManager, KVPoll
+from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.allocator import BlockAllocator
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
@@ -91,6 +99,17 @@ class ConnectionConfig:
     heartbeat_max_failures: int = 3  # missed pongs in a row = peer dead
     num_transfer_workers: int = 2  # encode side
     tick_s: float = 0.02  # control-thread poll period
+    # Encoder: one transfer-engine write (one round to one destination) may take this long;
+    # past it the room fails and the destination is told a write may still land.
+    data_write_timeout_s: float = 30.0
+    # Language: blocks a peer may still write (declared dead, or its write timed out) stay
+    # quarantined until its abort_ack or this long, whichever comes first (logged when it fires).
+    fence_timeout_s: float = 120.0
+    # Both: a peer dead, or without a live request, this long is forgotten.
+    peer_prune_s: float = 300.0
+    # Encoder: payload bytes held by reference until their last round; send() past the bound
+    # raises PayloadBudgetError and changes nothing (0 = unbounded).
+    max_inflight_payload_bytes: int = 8 << 30
 
     @classmethod
     def from_server_args(cls, server_args, *, gpu_id: int = 0) -> "ConnectionConfig":
@@ -167,6 +186,24 @@ class RoomInUseError(RuntimeError):
     pass
 
 
+class TransferRequest(Protocol):
+    """What a scheduler loop calls on one request's sender or receiver (the subset of upstream's
+    ``BaseKVSender``/``BaseKVReceiver`` this transport implements, with the same meaning).
+    """
+
+    def poll(self) -> int:
+        """A ``KVPoll`` state: Bootstrapping, WaitingForInput, Transferring, Success, Failed."""
+
+    def failure_exception(self) -> None:
+        """Raise ``TransferError`` with the reason the request failed."""
+
+    def abort(self) -> None:
+        """End the request; a no-op once it succeeded or failed."""
+
+    def clear(self) -> None:
+        """Drop what the request still holds after the scheduler is done with it."""
+
+
 class ControlChannel:
     """Typed control messages over ZMQ PUSH/PULL. The PULL socket binds ``bind_host:port``; its
     ``endpoint`` (the manager id peers send to) names ``advertise_host`` and the bound port, so a
@@ -218,14 +255,12 @@ class ControlChannel:
                 )
                 return False
 
-    def send_raw(self, endpoint: str, data: bytes) -> None:
-        """For tests of garbage handling only."""
+    def close_peer(self, endpoint: str) -> None:
+        """Close the PUSH socket to a peer that went away (a later send reconnects)."""
         with self._lock:
-            sock = self.ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 1000)
-            _connect(sock, endpoint)
-            sock.send(data)
-            sock.close()
+            sock = self._push.pop(endpoint, None)
+            if sock is not None:
+                sock.close()
 
     def recv(self, timeout_s: float) -> Optional[Message]:
         """One decoded message, or None on timeout or a rejected message."""
@@ -266,7 +301,11 @@ class PeerHealth:
     missed: int = 0
     outstanding: Optional[int] = None  # nonce of the unanswered ping
     next_ping: float = 0.0
-    dead: bool = False
+    dead_since: Optional[float] = None  # when it was declared dead; None = alive
+
+    @property
+    def dead(self) -> bool:
+        return self.dead_since is not None
 
 
 def make_transfer_engine(
@@ -289,7 +328,7 @@ def make_transfer_engine(
     return engine
 
 
-class ManagerBase(BaseKVManager):
+class ManagerBase:
     """Buffers + allocator + engine + control thread. Subclasses handle messages and timers."""
 
     role = "base"
@@ -300,7 +339,6 @@ class ManagerBase(BaseKVManager):
         config: Optional[ConnectionConfig] = None,
         engine=None,
     ):
-        # BaseKVManager.__init__ is abstract with KV-cache arguments; nothing to call.
         self.config = config or ConnectionConfig()
         self.buffers = MultimodalDataBuffers(buffer_config)
         self.layout = self.buffers.layout
@@ -325,6 +363,8 @@ class ManagerBase(BaseKVManager):
             raise
         self.lock = threading.RLock()
         self.health: Dict[str, PeerHealth] = {}
+        # peer -> last time it had a live request (or registered) here
+        self.last_active: Dict[str, float] = {}
         self._nonce = itertools.count(1)
         self._closed = threading.Event()
         # exceptions caught in handlers (each failed one request at most)
@@ -337,11 +377,6 @@ class ManagerBase(BaseKVManager):
     def _control_port(self) -> int:
         """Port of this side's control socket: any free one (the manager id tells peers)."""
         return 0
-
-    # BaseKVManager --------------------------------------------------------------------------
-    def register_to_bootstrap(self):
-        """The control endpoint is the bootstrap address; nothing else to register."""
-        return self.manager_id
 
     @property
     def bootstrap_addr(self) -> str:
@@ -372,11 +407,22 @@ class ManagerBase(BaseKVManager):
                 make(Pong, manager_id=self.manager_id, nonce=self._pong_nonce(msg)),
             )
         elif isinstance(msg, Pong):
+            revived = False
             with self.lock:
                 h = self.health.get(msg.manager_id)
                 if h is not None and h.outstanding is not None:
                     h.outstanding = None
                     h.missed = 0
+                    if h.dead:
+                        h.dead_since = None
+                        revived = True
+            if revived:
+                logger.warning(
+                    "%s: peer %s answers heartbeats again; revived",
+                    self.role,
+                    msg.manager_id,
+                )
+                self._on_peer_revived(msg.manager_id)
             self._on_pong(msg)
         else:
             self._handle(msg)
@@ -394,27 +440,36 @@ class ManagerBase(BaseKVManager):
         self._heartbeat(now)
 
     def _active_peers(self) -> List[str]:
-        """Peers with at least one live request; only those are pinged."""
+        """Peers with at least one live request; they are pinged, and kept."""
         raise NotImplementedError
 
     def _heartbeat(self, now: float) -> None:
+        """Ping every peer with a live request and every peer declared dead (a pong revives
+        it); declare dead after ``heartbeat_max_failures`` missed pongs; forget a peer dead or
+        idle for ``peer_prune_s``."""
         cfg = self.config
-        peers = set(self._active_peers())
+        active = set(self._active_peers())
         dead: List[str] = []
+        forget: List[str] = []
         with self.lock:
-            for ep in list(self.health):
-                if ep not in peers and not self.health[ep].dead:
-                    del self.health[ep]
-            for ep in peers:
-                h = self.health.setdefault(
+            for ep in active:
+                self.last_active[ep] = now
+                self.health.setdefault(
                     ep, PeerHealth(ep, next_ping=now + cfg.heartbeat_interval_s)
                 )
-                if h.dead or now < h.next_ping:
+            for ep, h in list(self.health.items()):
+                if h.dead and now - h.dead_since > cfg.peer_prune_s:
+                    forget.append(ep)
                     continue
-                if h.outstanding is not None:
+                if not h.dead and ep not in active:
+                    del self.health[ep]  # alive and idle: nothing to watch
+                    continue
+                if now < h.next_ping:
+                    continue
+                if h.outstanding is not None and not h.dead:
                     h.missed += 1
                     if h.missed >= cfg.heartbeat_max_failures:
-                        h.dead = True
+                        # declared below; pinged from the next interval on
                         dead.append(ep)
                         continue
                 h.outstanding = next(self._nonce)
@@ -422,42 +477,58 @@ class ManagerBase(BaseKVManager):
                 self.channel.send(
                     ep, make(Ping, manager_id=self.manager_id, nonce=h.outstanding)
                 )
+            for ep, t in self.last_active.items():
+                if (
+                    ep not in active
+                    and ep not in self.health
+                    and now - t > cfg.peer_prune_s
+                ):
+                    forget.append(ep)
         for ep in dead:
-            logger.error(
-                "%s: peer %s missed %d heartbeats; failing its requests",
-                self.role,
+            n = cfg.heartbeat_max_failures
+            self._declare_dead(
                 ep,
-                cfg.heartbeat_max_failures,
+                f"peer {ep} is unreachable (missed {n} heartbeats): it is down, cannot "
+                f"reach this side's advertised address {self.manager_id}, or answers "
+                f"under another address than {ep}",
             )
-            self._on_peer_dead(
-                ep,
-                f"peer {ep} is unreachable (missed {cfg.heartbeat_max_failures} heartbeats): "
-                f"it is down, cannot reach this side's advertised address {self.manager_id}, or "
-                f"answers under another address than {ep}",
-            )
+        for ep in forget:
+            self.forget_peer(ep)
+
+    def _declare_dead(self, endpoint: str, reason: str) -> None:
+        """Mark a peer dead (only a pong to a later ping revives it) and fail its requests."""
+        logger.error("%s: %s; failing its requests", self.role, reason)
+        with self.lock:
+            h = self.health.setdefault(endpoint, PeerHealth(endpoint))
+            h.dead_since = time.monotonic()
+            h.outstanding = None
+        self._on_peer_dead(endpoint, reason)
 
     def _on_peer_dead(self, endpoint: str, reason: str) -> None:
         raise NotImplementedError
+
+    def _on_peer_revived(self, endpoint: str) -> None:
+        pass
 
     def peer_is_dead(self, endpoint: str) -> bool:
         with self.lock:
             h = self.health.get(endpoint)
             return bool(h and h.dead)
 
-    def revive_peer(self, endpoint: str) -> None:
-        """Forget that a peer was declared dead (e.g. it restarted on the same address)."""
+    def forget_peer(self, endpoint: str) -> None:
+        """Drop everything kept for a peer that went away (dead or idle for ``peer_prune_s``):
+        health, registration, PUSH socket. It registers again if it comes back."""
         with self.lock:
             self.health.pop(endpoint, None)
+            self.last_active.pop(endpoint, None)
+            self._drop_registration(endpoint)
+        self.channel.close_peer(endpoint)
+        logger.info("%s: forgot peer %s", self.role, endpoint)
+
+    def _drop_registration(self, endpoint: str) -> None:
+        raise NotImplementedError
 
     # Lifecycle ------------------------------------------------------------------------------
-    def wait_until(self, pred: Callable[[], bool], timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if pred():
-                return True
-            time.sleep(0.01)
-        return pred()
-
     def close(self) -> None:
         if self._closed.is_set():
             return
@@ -480,4 +551,5 @@ __all__ = [
     "make_transfer_engine",
     "peer_endpoint",
     "TransferError",
+    "TransferRequest",
 ]

@@ -13,17 +13,21 @@ Three things live here because both sides must agree on them byte for byte:
   as msgpack maps (named fields, never positional frames). ``decode_message`` rejects anything
   malformed, unknown or of another version with a ``ProtocolError``.
 """
+
 from __future__ import annotations
 
 import dataclasses
+import enum
 import struct
-from typing import List, Optional, Union
+from typing import List, NamedTuple, Tuple, Union
 
 import msgspec
 import torch
 
-LAYOUT_VERSION = 1
-PROTOCOL_VERSION = 1
+LAYOUT_VERSION = (
+    2  # 2: aux header carries room, reservation generation and a block checksum
+)
+PROTOCOL_VERSION = 2  # 2: epochs, generations, sender ids, Unregistered
 
 # dtype <-> wire name; the names are what manifests carry.
 _DTYPES = {
@@ -53,13 +57,6 @@ class ProtocolError(ValueError):
     """A control message (or aux header) that is malformed, unknown or of another version."""
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    for name, dt in _DTYPES.items():
-        if dt == dtype:
-            return name
-    raise ValueError(f"unsupported dtype {dtype}")
-
-
 def dtype_from_name(name: str) -> torch.dtype:
     try:
         return _DTYPES[name]
@@ -71,14 +68,37 @@ def itemsize(name: str) -> int:
     return torch.empty((), dtype=dtype_from_name(name)).element_size()
 
 
+class Slot(enum.IntEnum):
+    """The buffer slots, in registration order (``Register.slot_ptrs`` follows it)."""
+
+    EMBEDDINGS = 0
+    FILL_IDS = 1
+    MROPE_POSITIONS = 2
+    AUX = 3
+    DEEPSTACK = 4  # absent when deepstack_count == 0
+
+
 # --------------------------------------------------------------------------------------------
 # Per-request manifest (aux slot)
 # --------------------------------------------------------------------------------------------
 
-# magic, layout version, dtype code, K, H, total tokens, mm tokens, mrope delta, block index
-_AUX_HEADER = struct.Struct("<4sHHiiqqqi4x")
+# magic, layout version, dtype code, K, H, total tokens, mm tokens, mrope delta, block index,
+# block checksum, bootstrap room, reservation generation
+_AUX_HEADER = struct.Struct("<4sHHiiqqqiIqq")
 AUX_MAGIC = b"ELMM"
-AUX_HEADER_BYTES = _AUX_HEADER.size  # 48
+AUX_HEADER_BYTES = _AUX_HEADER.size  # 64
+
+
+class BlockStamp(NamedTuple):
+    """Per-block part of an aux header: which request, which reservation, which block of the
+    request, and a CRC32 of the bytes the round wrote into the block. The receiver compares all
+    four with what it expects, so a late write from an earlier reservation of the same block is
+    an error, never data."""
+
+    block_index: int
+    room: int
+    generation: int
+    checksum: int
 
 
 def aux_slot_bytes(block_size: int) -> int:
@@ -99,7 +119,7 @@ class RequestManifest:
     hidden_size: int
     layout_version: int = LAYOUT_VERSION
 
-    def pack(self, block_index: int) -> bytes:
+    def pack(self, stamp: BlockStamp) -> bytes:
         return _AUX_HEADER.pack(
             AUX_MAGIC,
             self.layout_version,
@@ -109,16 +129,19 @@ class RequestManifest:
             self.total_tokens,
             self.mm_tokens,
             self.mrope_delta,
-            block_index,
+            stamp.block_index,
+            stamp.checksum,
+            stamp.room,
+            stamp.generation,
         )
 
     @staticmethod
-    def unpack(data: bytes) -> tuple["RequestManifest", int]:
-        """Returns (manifest, block index); ProtocolError on a header that is not ours."""
+    def unpack(data: bytes) -> Tuple["RequestManifest", BlockStamp]:
+        """Returns (manifest, stamp); ProtocolError on a header that is not ours."""
         if len(data) < AUX_HEADER_BYTES:
             raise ProtocolError(f"aux header too short: {len(data)} bytes")
-        magic, ver, code, k, h, total, mm, delta, block_index = _AUX_HEADER.unpack(
-            bytes(data[:AUX_HEADER_BYTES])
+        magic, ver, code, k, h, total, mm, delta, block_index, crc, room, gen = (
+            _AUX_HEADER.unpack(bytes(data[:AUX_HEADER_BYTES]))
         )
         if magic != AUX_MAGIC:
             raise ProtocolError(f"aux header has bad magic {magic!r}")
@@ -135,7 +158,7 @@ class RequestManifest:
                 hidden_size=h,
                 layout_version=ver,
             ),
-            block_index,
+            BlockStamp(block_index, room, gen, crc),
         )
 
     def check_against(self, layout: "LayoutManifest") -> None:
@@ -160,9 +183,11 @@ class RequestManifest:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class LayoutManifest:
-    """Shape of one side's buffers. Everything but ``num_blocks`` must match the peer's."""
+class LayoutManifest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Shape of one side's buffers. Everything but ``num_blocks`` must match the peer's.
+
+    A msgspec struct, so ``Register``/``RegisterAck`` carry it typed: unknown fields, wrong types
+    and invalid values (``validate``) are rejected when the message is decoded."""
 
     hidden_size: int
     deepstack_count: int
@@ -190,9 +215,9 @@ class LayoutManifest:
 
     def __post_init__(self):
         if self.aux_bytes == 0:
-            object.__setattr__(self, "aux_bytes", aux_slot_bytes(self.block_size))
+            self.aux_bytes = aux_slot_bytes(self.block_size)
         if self.num_slots == 0:
-            object.__setattr__(self, "num_slots", 5 if self.deepstack_count > 0 else 4)
+            self.num_slots = 5 if self.deepstack_count > 0 else 4
         self.validate()
 
     def validate(self) -> None:
@@ -206,19 +231,31 @@ class LayoutManifest:
         if not isinstance(self.block_size, int) or self.block_size <= 0:
             bad("block_size", f"must be a positive int, got {self.block_size!r}")
         if self.embed_dtype not in _DTYPE_CODES:
-            bad("embed_dtype", f"must be one of {sorted(_DTYPE_CODES)}, got {self.embed_dtype!r}")
+            bad(
+                "embed_dtype",
+                f"must be one of {sorted(_DTYPE_CODES)}, got {self.embed_dtype!r}",
+            )
         for f in ("id_dtype", "pos_dtype"):
             if getattr(self, f) not in ("int32", "int64"):
                 bad(f, f"must be int32 or int64, got {getattr(self, f)!r}")
         if self.aux_bytes < aux_slot_bytes(self.block_size):
-            bad("aux_bytes", f"must be >= {aux_slot_bytes(self.block_size)}, got {self.aux_bytes}")
+            bad(
+                "aux_bytes",
+                f"must be >= {aux_slot_bytes(self.block_size)}, got {self.aux_bytes}",
+            )
         expect_slots = 5 if self.deepstack_count > 0 else 4
         if self.num_slots != expect_slots:
-            bad("num_slots", f"must be {expect_slots} for deepstack_count={self.deepstack_count}")
+            bad(
+                "num_slots",
+                f"must be {expect_slots} for deepstack_count={self.deepstack_count}",
+            )
         if not isinstance(self.num_blocks, int) or self.num_blocks < 0:
             bad("num_blocks", f"must be an int >= 0, got {self.num_blocks!r}")
         if self.layout_version != LAYOUT_VERSION:
-            bad("layout_version", f"{self.layout_version} is not supported (this build: {LAYOUT_VERSION})")
+            bad(
+                "layout_version",
+                f"{self.layout_version} is not supported (this build: {LAYOUT_VERSION})",
+            )
 
     def check_compatible(self, remote: "LayoutManifest", where: str = "") -> None:
         for field in self.COMPARED:
@@ -226,23 +263,21 @@ class LayoutManifest:
             if mine != theirs:
                 raise LayoutMismatchError(field, mine, theirs, where)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @staticmethod
-    def from_dict(d: dict) -> "LayoutManifest":
-        if not isinstance(d, dict):
-            raise ProtocolError(f"layout manifest must be a map, got {type(d).__name__}")
-        names = {f.name for f in dataclasses.fields(LayoutManifest)}
-        unknown = set(d) - names
-        if unknown:
-            raise ProtocolError(f"layout manifest has unknown fields {sorted(unknown)}")
-        try:
-            return LayoutManifest(**d)
-        except (TypeError, ValueError) as e:
-            raise ProtocolError(f"invalid layout manifest: {e}") from e
-
     # Sizes -------------------------------------------------------------------------------
+    @property
+    def slot_block_bytes(self) -> List[int]:
+        """Bytes one block occupies in each slot, in ``Slot`` order (no deepstack slot when K=0)."""
+        B = self.block_size
+        sizes = [
+            B * self.embed_row_bytes,
+            B * itemsize(self.id_dtype),
+            3 * B * itemsize(self.pos_dtype),
+            self.aux_bytes,
+        ]
+        if self.deepstack_count > 0:
+            sizes.append(B * self.deepstack_row_bytes)
+        return sizes
+
     @property
     def embed_itemsize(self) -> int:
         return itemsize(self.embed_dtype)
@@ -268,12 +303,19 @@ class LayoutManifest:
     def wire_bytes(self, total_tokens: int, mm_tokens: int) -> int:
         """Bytes one request moves: every token's ids and positions, multimodal rows only, aux."""
         nblocks = -(-total_tokens // self.block_size)
-        return total_tokens * self.token_bytes + mm_tokens * self.mm_row_bytes + nblocks * self.aux_bytes
+        return (
+            total_tokens * self.token_bytes
+            + mm_tokens * self.mm_row_bytes
+            + nblocks * self.aux_bytes
+        )
 
     def dense_wire_bytes(self, total_tokens: int) -> int:
         """What a layout that ships an embedding and deepstack row for every token would move."""
         nblocks = -(-total_tokens // self.block_size)
-        return total_tokens * (self.token_bytes + self.mm_row_bytes) + nblocks * self.aux_bytes
+        return (
+            total_tokens * (self.token_bytes + self.mm_row_bytes)
+            + nblocks * self.aux_bytes
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,32 +328,51 @@ class _Msg(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, frozen=
 
 
 class Register(_Msg, tag="register"):
-    """Language manager -> encoder: who I am, where my buffers are, what they look like."""
+    """Language manager -> encoder: who I am, where my buffers are, what they look like.
+    ``epoch`` numbers this manager's registrations with that encoder; reservations name the
+    epoch they rely on."""
 
     manager_id: str  # the language manager's control endpoint "host:port"
+    epoch: int
     session_id: str  # Mooncake session id of the language engine
-    layout: dict
-    slot_ptrs: List[int]  # base address of each slot buffer, in slot order
-    slot_block_bytes: List[int]  # bytes one block occupies in each slot
+    layout: LayoutManifest
+    slot_ptrs: List[int]  # base address of each slot buffer, in Slot order
+    slot_block_bytes: List[
+        int
+    ]  # bytes one block occupies in each slot; must match layout
 
 
 class RegisterAck(_Msg, tag="register_ack"):
-    """Encoder -> language manager: accepted, or the reason not (layout mismatch)."""
+    """Encoder -> language manager: registration ``epoch`` accepted, or the reason not."""
 
     manager_id: str  # the encoder's control endpoint
+    epoch: int
     ok: bool
     error: str
-    layout: dict  # the encoder's layout, so the language side validates too
+    layout: LayoutManifest  # the encoder's layout, so the language side validates too
+
+
+class Unregistered(_Msg, tag="unregistered"):
+    """Encoder -> language manager: a reservation relied on registration ``epoch``, which this
+    encoder does not hold (it declared the manager dead, pruned it, or restarted). The language
+    side registers again and re-sends round-0 reservations."""
+
+    manager_id: str  # the encoder
+    room: int
+    epoch: int
 
 
 class Reserve(_Msg, tag="reserve"):
-    """Language rank -> encoder: blocks reserved for round ``round`` of ``room``."""
+    """Language rank -> encoder: blocks reserved for round ``round`` of ``room``. ``generation``
+    is unique per reservation; the encoder stamps it into every aux slot it writes."""
 
     room: int
     manager_id: str
+    epoch: int  # the registration this reservation relies on
     rank: int
     num_ranks: int
     round: int
+    generation: int
     blocks: List[int]
     max_tokens: int  # most tokens this rank accepts for one request; 0 = no limit
 
@@ -320,7 +381,9 @@ class RoundDone(_Msg, tag="round_done"):
     """Encoder -> language rank: round written; token/mm ranges it covered; last or not."""
 
     room: int
+    manager_id: str  # the encoder; must be the room's encoder
     round: int
+    generation: int  # of the reservation written
     token_start: int
     token_count: int
     mm_start: int
@@ -331,18 +394,22 @@ class RoundDone(_Msg, tag="round_done"):
 
 
 class Abort(_Msg, tag="abort"):
-    """Either direction: the request is over. From the encoder it also means 'no write in
-    flight any more'; from the language side it asks for an AbortAck."""
+    """Either direction: the request is over; from the language side it asks for an AbortAck.
+    From the encoder, ``writes_pending`` False means no write for the room is in flight; True
+    means a write timed out and may still land (the language side fences the blocks until the
+    encoder's AbortAck)."""
 
     room: int
     manager_id: str
     reason: str
+    writes_pending: bool = False
 
 
 class AbortAck(_Msg, tag="abort_ack"):
     """Encoder -> language rank: no write for ``room`` is in flight or will start."""
 
     room: int
+    manager_id: str  # the encoder; must be the room's encoder
 
 
 class Ping(_Msg, tag="ping"):
@@ -355,7 +422,9 @@ class Pong(_Msg, tag="pong"):
     nonce: int
 
 
-Message = Union[Register, RegisterAck, Reserve, RoundDone, Abort, AbortAck, Ping, Pong]
+Message = Union[
+    Register, RegisterAck, Unregistered, Reserve, RoundDone, Abort, AbortAck, Ping, Pong
+]
 _decoder = msgspec.msgpack.Decoder(Message)
 _encoder = msgspec.msgpack.Encoder()
 

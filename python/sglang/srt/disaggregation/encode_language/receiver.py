@@ -1,36 +1,48 @@
 """Language side: ``LanguageManager`` (one per language rank) and ``LanguageReceiver`` (per request).
 
-Lifecycle of a receiver (``KVPoll`` values in brackets)::
+Lifecycle of a receiver (``Phase``; ``KVPoll`` values in brackets)::
 
-    create_receiver ─> waiting for blocks [Bootstrapping] ─> registering with the encoder
-      [Bootstrapping] ─> Reserve(round 0) sent [WaitingForInput] ─> RoundDone(partial)
-      [Transferring]: copy the round out, resize the reservation (resume priority), Reserve(next)
-      ─> ... any number of rounds ... ─> RoundDone(last) [Success] ─> take()
+    create_receiver ─> ALLOC [Bootstrapping] ─blocks─> REGISTER [Bootstrapping] ─ack ok─>
+      RESERVED r=0 [WaitingForInput] ─RoundDone(partial)─> RESUME_ALLOC [Transferring]
+      ─blocks─> RESERVED r+1 [Transferring] ─ ... ─> RoundDone(last) ─> DONE [Success] ─> take()
+    RESERVED r=0 ─Unregistered─> REGISTER (register again, same blocks)
+    any ─failure─> DONE [Failed]
+
+``Phase`` has one transition function (``LanguageReceiver._transition``) that refuses any edge
+not in ``_TRANSITIONS``.
 
 * Resume: after a partial round the received rows are *copied* into the request's own tensors
   (lesson 2), then the reservation is resized atomically to ``min(remaining, resume_tokens)`` with
   ``Priority.RESUME``; with the default ``resume_tokens`` (= the initial reservation) that reuses
   the request's own blocks and can never wait. Data already received is never asked for again.
-* Blocks are released only when the encoder cannot be writing into them: after ``RoundDone``, an
-  ``Abort`` from the encoder, an ``AbortAck`` for our own ``Abort``, or the encoder declared dead.
-  A failure while the encoder may write (timeout, local abort, bad data) sends ``Abort`` and keeps
-  the blocks until one of those arrives (``Abort`` is re-sent every ``abort_ack_timeout_s``).
+* The encoder may write a request's blocks only while it is RESERVED. A request that fails there
+  (timeout, local abort, encoder declared dead, encoder's write timed out) does not free its
+  blocks: they are *fenced* (quarantined in the allocator, counted apart from free and in use)
+  and the encoder is asked to abort, every ``abort_ack_timeout_s``, until its ``AbortAck`` for the
+  room, or until ``fence_timeout_s`` (logged). A late write that still lands after that is caught
+  by the generation/room/checksum check of the next owner's ``read_round``.
+* Registrations carry an epoch. An encoder that no longer holds ours answers a reservation with
+  ``Unregistered``; the registration is dropped and round-0 receivers register again.
 * Status tables are dropped as soon as a request ends; a receiver keeps its own result.
 """
+
 from __future__ import annotations
 
 import dataclasses
+import enum
+import itertools
 import logging
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from sglang.srt.disaggregation.base.conn import BaseKVReceiver, KVPoll
+from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.allocator import BlockHandle, Priority
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
     ReceivedData,
+    RoundStamp,
     blocks_for_tokens,
 )
 from sglang.srt.disaggregation.encode_language.connection import (
@@ -43,29 +55,58 @@ from sglang.srt.disaggregation.encode_language.connection import (
 from sglang.srt.disaggregation.encode_language.manifest import (
     Abort,
     AbortAck,
-    LayoutManifest,
     LayoutMismatchError,
     ProtocolError,
     Register,
     RegisterAck,
+    RequestManifest,
     Reserve,
     RoundDone,
+    Unregistered,
     make,
 )
 
 logger = logging.getLogger(__name__)
 
-# Receiver phases (finer than KVPoll).
-ALLOC, REGISTER, RESERVED, RESUME_ALLOC, ABORTING, DONE = (
-    "alloc", "register", "reserved", "resume_alloc", "aborting", "done",
-)
+
+class Phase(enum.Enum):
+    """Where a receiver is; finer than ``KVPoll``."""
+
+    ALLOC = "alloc"  # waiting for blocks
+    REGISTER = "register"  # waiting for the encoder to accept our registration
+    RESERVED = "reserved"  # Reserve sent: the encoder may be writing our blocks
+    RESUME_ALLOC = (
+        "resume_alloc"  # round copied out; waiting for the next round's blocks
+    )
+    DONE = "done"  # ended; blocks freed or fenced
+
+
+_TRANSITIONS = {
+    Phase.ALLOC: {Phase.REGISTER, Phase.DONE},
+    Phase.REGISTER: {Phase.RESERVED, Phase.DONE},
+    Phase.RESERVED: {Phase.RESUME_ALLOC, Phase.REGISTER, Phase.DONE},
+    Phase.RESUME_ALLOC: {Phase.RESERVED, Phase.DONE},
+    Phase.DONE: set(),
+}
 
 
 @dataclasses.dataclass
 class _Registration:
+    epoch: int
     ok: Optional[bool] = None  # None = pending
     error: str = ""
-    sent_at: float = 0.0
+
+
+@dataclasses.dataclass
+class _Fence:
+    """Blocks of a failed request that its encoder may still write."""
+
+    encoder: str
+    room: int
+    handle: BlockHandle
+    since: float
+    asked_at: float
+    reason: str
 
 
 class LanguageManager(ManagerBase):
@@ -73,9 +114,17 @@ class LanguageManager(ManagerBase):
 
     role = "language"
 
-    def __init__(self, buffer_config: MultimodalBufferConfig, config: Optional[ConnectionConfig] = None, engine=None):
+    def __init__(
+        self,
+        buffer_config: MultimodalBufferConfig,
+        config: Optional[ConnectionConfig] = None,
+        engine=None,
+    ):
         self.rooms: Dict[int, "LanguageReceiver"] = {}
         self.registrations: Dict[str, _Registration] = {}
+        self.fences: Dict[Tuple[str, int], _Fence] = {}
+        self._epochs = itertools.count(1)
+        self._generations = itertools.count(1)
         super().__init__(buffer_config, config, engine)
 
     # Public API -----------------------------------------------------------------------------
@@ -90,15 +139,26 @@ class LanguageManager(ManagerBase):
     ) -> "LanguageReceiver":
         """Start receiving request ``room`` from the encoder at ``bootstrap_addr``. Raises
         OversizeError when the reservation can never fit this pool, RoomInUseError when the room
-        is live here."""
-        bootstrap_addr = peer_endpoint(bootstrap_addr)  # as the encoder's manager id spells it
+        is live (or still fenced) here."""
+        bootstrap_addr = peer_endpoint(
+            bootstrap_addr
+        )  # as the encoder's manager id spells it
         reserve = reserve_tokens or self.config.default_reserve_tokens
         nb = blocks_for_tokens(reserve, self.layout.block_size)
         self.allocator.check_fits(nb)
         with self.lock:
             if room in self.rooms:
-                raise RoomInUseError(f"bootstrap room {room} is already in use by an active request on this language rank")
-            r = LanguageReceiver(self, bootstrap_addr, room, rank, num_ranks, nb, max_tokens)
+                raise RoomInUseError(
+                    f"bootstrap room {room} is already in use by an active request on this language rank"
+                )
+            if (bootstrap_addr, room) in self.fences:
+                raise RoomInUseError(
+                    f"bootstrap room {room} is still fenced: encoder {bootstrap_addr} may be writing "
+                    f"its earlier blocks"
+                )
+            r = LanguageReceiver(
+                self, bootstrap_addr, room, rank, num_ranks, nb, max_tokens
+            )
             self.rooms[room] = r
             self._advance_locked(r, time.monotonic())
             return r
@@ -110,101 +170,186 @@ class LanguageManager(ManagerBase):
     # Progress ---------------------------------------------------------------------------------
     def _advance_locked(self, r: "LanguageReceiver", now: float) -> None:
         """Move a receiver forward as far as possible without waiting."""
-        if r.phase == ALLOC:
+        if r.phase == Phase.ALLOC:
             h = self.allocator.alloc(r.reserve_blocks, owner=("room", r.room))
             if h is None:
                 return
             r.handle = h
-            r._enter(REGISTER, now)
-        if r.phase == REGISTER:
+            r._transition(Phase.REGISTER, now)
+        if r.phase == Phase.REGISTER:
             reg = self.registrations.get(r.encoder)
             if reg is None or (reg.ok is False and self.peer_is_dead(r.encoder)):
-                reg = self.registrations[r.encoder] = _Registration(sent_at=now)
-                self.channel.send(
-                    r.encoder,
-                    make(Register, manager_id=self.manager_id, session_id=self.session_id,
-                         layout=self.layout.to_dict(), slot_ptrs=self.buffers.slot_ptrs(),
-                         slot_block_bytes=self.buffers.slot_block_bytes()),
-                )
+                reg = self._register_locked(r.encoder, now)
             if reg.ok is None:
                 return
             if reg.ok is False:
-                self._fail_locked(r, reg.error, encoder_may_write=False)
+                self._fail_locked(r, reg.error)
                 return
-            self._reserve_locked(r, now)
+            self._reserve_locked(r, reg.epoch, now)
 
-    def _reserve_locked(self, r: "LanguageReceiver", now: float) -> None:
-        r._enter(RESERVED, now)
-        r.encoder_may_write = True
+    def _register_locked(self, encoder: str, now: float) -> _Registration:
+        reg = self.registrations[encoder] = _Registration(epoch=next(self._epochs))
+        self.last_active[encoder] = now
+        msg = make(
+            Register,
+            manager_id=self.manager_id,
+            epoch=reg.epoch,
+            session_id=self.session_id,
+            layout=self.layout,
+            slot_ptrs=self.buffers.slot_ptrs(),
+            slot_block_bytes=self.buffers.slot_block_bytes(),
+        )
+        self.channel.send(encoder, msg)
+        return reg
+
+    def _reserve_locked(self, r: "LanguageReceiver", epoch: int, now: float) -> None:
+        r._transition(Phase.RESERVED, now)
+        r.epoch = epoch
+        r.generation = next(self._generations)
         r.reserved_once = True
         r._set_status(KVPoll.WaitingForInput if r.round == 0 else KVPoll.Transferring)
-        self.channel.send(
-            r.encoder,
-            make(Reserve, room=r.room, manager_id=self.manager_id, rank=r.rank, num_ranks=r.num_ranks,
-                 round=r.round, blocks=r.handle.blocks, max_tokens=r.max_tokens),
+        msg = make(
+            Reserve,
+            room=r.room,
+            manager_id=self.manager_id,
+            epoch=epoch,
+            rank=r.rank,
+            num_ranks=r.num_ranks,
+            round=r.round,
+            generation=r.generation,
+            blocks=r.handle.blocks,
+            max_tokens=r.max_tokens,
         )
+        self.channel.send(r.encoder, msg)
 
     def _handle(self, msg) -> None:
         if isinstance(msg, RegisterAck):
             self._on_register_ack(msg)
+        elif isinstance(msg, Unregistered):
+            self._on_unregistered(msg)
         elif isinstance(msg, RoundDone):
             self._on_round_done(msg)
         elif isinstance(msg, Abort):
-            with self.lock:
-                r = self.rooms.get(msg.room)
-                if r is None or r.encoder != msg.manager_id:
-                    return
-                # The encoder sends Abort only when none of its writes is in flight.
-                r.encoder_may_write = False
-                self._fail_locked(r, f"encoder {msg.manager_id} aborted: {msg.reason}", encoder_may_write=False, notify=False)
+            self._on_abort(msg)
         elif isinstance(msg, AbortAck):
             with self.lock:
-                r = self.rooms.get(msg.room)
-                if r is not None and r.phase == ABORTING:
-                    r.encoder_may_write = False
-                    self._release_locked(r)
+                self._release_fence_locked((msg.manager_id, msg.room), "abort_ack")
         else:
-            logger.warning("language: unexpected control message %s; dropped", type(msg).__name__)
+            logger.warning(
+                "language: unexpected control message %s; dropped", type(msg).__name__
+            )
             self.channel.rejected += 1
+
+    def _room_from(self, msg, encoder: str) -> Optional["LanguageReceiver"]:
+        """The live receiver ``msg`` concerns, if ``encoder`` (the message's sender) is its
+        encoder; a message about a room from another manager is logged and dropped."""
+        r = self.rooms.get(msg.room)
+        if r is not None and r.encoder != encoder:
+            logger.warning(
+                "language: %s for room %d from %s, but the room's encoder is %s; dropped",
+                type(msg).__name__,
+                msg.room,
+                encoder,
+                r.encoder,
+            )
+            self.channel.rejected += 1
+            return None
+        return r
 
     def _on_register_ack(self, msg: RegisterAck) -> None:
         now = time.monotonic()
         with self.lock:
-            ep = msg.manager_id
-            if ep not in self.registrations:
+            reg = self.registrations.get(msg.manager_id)
+            if reg is None or reg.epoch != msg.epoch:
+                # an answer to a registration we no longer wait for; or an encoder that advertises
+                # another address than the bootstrap address the router handed out
                 logger.warning(
-                    "language: RegisterAck from %s, which no request here names (pending: %s): a late "
-                    "answer, or the encoder advertises another address than its bootstrap address",
-                    ep, sorted(self.registrations),
+                    "language: RegisterAck from %s (epoch %s) that no pending registration "
+                    "names (pending: %s): a late answer, or the encoder advertises another "
+                    "address than its bootstrap address",
+                    msg.manager_id,
+                    msg.epoch,
+                    sorted(self.registrations),
                 )
                 return
-            error = msg.error
-            ok = msg.ok
+            ok, error = msg.ok, msg.error
             try:
-                remote = LayoutManifest.from_dict(msg.layout)
-                self.layout.check_compatible(remote, where="encoder")
-            except (LayoutMismatchError, ProtocolError) as e:
+                self.layout.check_compatible(msg.layout, where="encoder")
+            except LayoutMismatchError as e:
                 ok, error = False, str(e)
             if not ok:
                 logger.error("language: registration refused: %s", error)
-            self.registrations[ep] = _Registration(ok=ok, error=error, sent_at=now)
+            reg.ok, reg.error = ok, error
             for r in list(self.rooms.values()):
-                if r.phase == REGISTER:
+                if r.phase == Phase.REGISTER:
                     self._advance_locked(r, now)
+
+    def _on_unregistered(self, msg: Unregistered) -> None:
+        now = time.monotonic()
+        with self.lock:
+            reg = self.registrations.get(msg.manager_id)
+            if reg is not None and reg.epoch == msg.epoch:
+                logger.warning(
+                    "language: encoder %s no longer holds registration epoch %d; registering again",
+                    msg.manager_id,
+                    msg.epoch,
+                )
+                del self.registrations[msg.manager_id]
+            r = self._room_from(msg, msg.manager_id)
+            if r is None or r.phase != Phase.RESERVED or r.epoch != msg.epoch:
+                return
+            if (
+                r.round == 0
+            ):  # the encoder refused before keeping anything: reserve again
+                r._transition(Phase.REGISTER, now)
+                self._advance_locked(r, now)
+            else:
+                self._fail_locked(
+                    r,
+                    f"encoder {r.encoder} dropped our registration during the request",
+                    fence=False,
+                    notify=False,
+                )
+
+    def _on_abort(self, msg: Abort) -> None:
+        with self.lock:
+            key = (msg.manager_id, msg.room)
+            if key in self.fences and not msg.writes_pending:
+                self._release_fence_locked(key, "abort from the encoder")
+                return
+            r = self._room_from(msg, msg.manager_id)
+            if r is None:
+                return
+            # The encoder sends Abort with writes_pending=False only when none of its writes
+            # is in flight; with True, a timed-out write may still land.
+            self._fail_locked(
+                r,
+                f"encoder {msg.manager_id} aborted: {msg.reason}",
+                fence=msg.writes_pending and r.phase == Phase.RESERVED,
+                notify=False,
+            )
 
     def _on_round_done(self, msg: RoundDone) -> None:
         now = time.monotonic()
         with self.lock:
-            r = self.rooms.get(msg.room)
-            if r is None or r.phase != RESERVED or msg.round != r.round:
-                logger.debug("language: stale RoundDone for room %d round %d", msg.room, msg.round)
+            r = self._room_from(msg, msg.manager_id)
+            if r is None or r.phase != Phase.RESERVED or msg.round != r.round:
+                logger.debug(
+                    "language: stale RoundDone for room %d round %d",
+                    msg.room,
+                    msg.round,
+                )
                 return
-            r.encoder_may_write = False
             try:
                 self._take_round_locked(r, msg)
             except Exception as e:
-                logger.exception("language: bad round %d of room %d", msg.round, msg.room)
-                self._fail_locked(r, f"invalid data in round {msg.round}: {e}", encoder_may_write=False)
+                logger.exception(
+                    "language: bad round %d of room %d", msg.round, msg.room
+                )
+                # The encoder finished writing this round: nothing is in flight.
+                self._fail_locked(
+                    r, f"invalid data in round {msg.round}: {e}", fence=False
+                )
                 return
             if msg.last:
                 r._set_status(KVPoll.Success)
@@ -212,123 +357,229 @@ class LanguageManager(ManagerBase):
                 return
             r.round += 1
             r._set_status(KVPoll.Transferring)
-            r._enter(RESUME_ALLOC, now)
+            r._transition(Phase.RESUME_ALLOC, now)
             self._try_resume_locked(r, now)
 
     def _take_round_locked(self, r: "LanguageReceiver", msg: RoundDone) -> None:
         B = self.layout.block_size
         cap = len(r.handle) * B
+        if msg.generation != r.generation:
+            raise ProtocolError(
+                f"round_done names reservation generation {msg.generation}, ours is {r.generation}"
+            )
         if msg.token_start != r.tokens_received or msg.mm_start != r.mm_received:
             raise ProtocolError(
                 f"round covers tokens from {msg.token_start} / rows from {msg.mm_start}, "
                 f"expected {r.tokens_received} / {r.mm_received}"
             )
         if not (0 < msg.token_count <= cap) or not (0 <= msg.mm_count <= cap):
-            raise ProtocolError(f"round of {msg.token_count} tokens / {msg.mm_count} rows exceeds {cap} reserved")
-        manifest, block_index = self.buffers.read_manifest(r.handle.blocks[0])
+            raise ProtocolError(
+                f"round of {msg.token_count} tokens / {msg.mm_count} rows exceeds {cap} reserved"
+            )
+        if msg.token_start + msg.token_count > msg.total_tokens:
+            raise ProtocolError(
+                f"round_done tokens [{msg.token_start}, {msg.token_start + msg.token_count}) "
+                f"exceed total_tokens {msg.total_tokens}"
+            )
+        if msg.mm_start + msg.mm_count > msg.mm_tokens:
+            raise ProtocolError(
+                f"round_done rows [{msg.mm_start}, {msg.mm_start + msg.mm_count}) "
+                f"exceed mm_tokens {msg.mm_tokens}"
+            )
+        if r.max_tokens and msg.total_tokens > r.max_tokens:
+            raise ProtocolError(
+                f"request has {msg.total_tokens} tokens, this rank accepts {r.max_tokens}"
+            )
+        expect = RoundStamp(r.room, r.generation, msg.token_start // B)
+        data = self.buffers.read_round(
+            r.handle.blocks, msg.token_count, msg.mm_count, expect
+        )
+        manifest = data.manifest
         manifest.check_against(self.layout)
-        if block_index * B != msg.token_start:
-            raise ProtocolError(f"aux says block {block_index}, round starts at token {msg.token_start}")
-        if (manifest.total_tokens, manifest.mm_tokens) != (msg.total_tokens, msg.mm_tokens):
-            raise ProtocolError("aux manifest and RoundDone disagree on the request size")
+        if (manifest.total_tokens, manifest.mm_tokens) != (
+            msg.total_tokens,
+            msg.mm_tokens,
+        ):
+            raise ProtocolError(
+                "aux manifest and RoundDone disagree on the request size"
+            )
         if r.manifest is not None and manifest != r.manifest:
             raise ProtocolError("request manifest changed between rounds")
-        if r.max_tokens and manifest.total_tokens > r.max_tokens:
-            raise ProtocolError(f"request has {manifest.total_tokens} tokens, this rank accepts {r.max_tokens}")
-        r.manifest = manifest
-        parts = self.buffers.read_round(r.handle.blocks, msg.token_count, msg.mm_count)
-        r.parts.append(parts)
-        r.tokens_received += msg.token_count
-        r.mm_received += msg.mm_count
-        if msg.last and (r.tokens_received, r.mm_received) != (manifest.total_tokens, manifest.mm_tokens):
+        mm_bits = r.mm_bits + int(data.mm_mask.sum())
+        done_tokens = r.tokens_received + msg.token_count
+        done_rows = r.mm_received + msg.mm_count
+        if mm_bits > manifest.mm_tokens:
             raise ProtocolError(
-                f"last round ends at {r.tokens_received} tokens / {r.mm_received} rows, manifest says "
-                f"{manifest.total_tokens} / {manifest.mm_tokens}"
+                f"multimodal bitmap marks {mm_bits} tokens so far, manifest says {manifest.mm_tokens}"
             )
+        if msg.last:
+            if (done_tokens, done_rows) != (manifest.total_tokens, manifest.mm_tokens):
+                raise ProtocolError(
+                    f"last round ends at {done_tokens} tokens / {done_rows} rows, manifest says "
+                    f"{manifest.total_tokens} / {manifest.mm_tokens}"
+                )
+            if mm_bits != manifest.mm_tokens:
+                raise ProtocolError(
+                    f"multimodal bitmap marks {mm_bits} tokens, manifest says {manifest.mm_tokens}"
+                )
+        r.manifest = manifest
+        r.parts.append(data)
+        r.tokens_received, r.mm_received, r.mm_bits = done_tokens, done_rows, mm_bits
 
     def _try_resume_locked(self, r: "LanguageReceiver", now: float) -> None:
+        B = self.layout.block_size
         remaining = r.manifest.total_tokens - r.tokens_received
-        tokens = min(remaining, self.config.resume_tokens or r.reserve_blocks * self.layout.block_size)
-        h = self.allocator.realloc(r.handle, blocks_for_tokens(tokens, self.layout.block_size), Priority.RESUME)
+        tokens = min(remaining, self.config.resume_tokens or r.reserve_blocks * B)
+        h = self.allocator.realloc(
+            r.handle, blocks_for_tokens(tokens, B), Priority.RESUME
+        )
         if h is None:
             return
         r.handle = h
-        self._reserve_locked(r, now)
+        reg = self.registrations.get(r.encoder)
+        if reg is None or not reg.ok:
+            self._fail_locked(
+                r,
+                f"encoder {r.encoder} is no longer registered",
+                fence=False,
+                notify=False,
+            )
+            return
+        self._reserve_locked(r, reg.epoch, now)
 
     # Failure / release ----------------------------------------------------------------------------
     def _fail_locked(
-        self, r: "LanguageReceiver", reason: str, encoder_may_write: Optional[bool] = None, notify: bool = True
+        self,
+        r: "LanguageReceiver",
+        reason: str,
+        fence: Optional[bool] = None,
+        notify: bool = True,
     ) -> None:
-        """Fail ``r``. While the encoder may be writing into its blocks, ask it to stop and keep
-        the blocks until it confirms; otherwise tell it (if it knows the room) and release."""
-        if encoder_may_write is not None:
-            r.encoder_may_write = encoder_may_write
+        """Fail ``r`` and end it. ``fence`` (default: the encoder may be writing, i.e. RESERVED)
+        quarantines its blocks and asks the encoder to abort; otherwise the blocks are freed and
+        the encoder, if it knows the room and ``notify``, is told."""
+        if fence is None:
+            fence = r.phase == Phase.RESERVED
         if r.status != KVPoll.Failed:
             r.reason = reason
             r._set_status(KVPoll.Failed)
             logger.info("language: room %d failed: %s", r.room, reason)
-        if r.encoder_may_write:
-            # Blocks stay ours until the encoder confirms nothing is being written.
-            if r.phase != ABORTING:
-                r._enter(ABORTING, time.monotonic())
-                self.channel.send(r.encoder, make(Abort, room=r.room, manager_id=self.manager_id, reason=reason))
-            return
-        if notify and r.reserved_once:
-            self.channel.send(r.encoder, make(Abort, room=r.room, manager_id=self.manager_id, reason=reason))
+        if fence and r.handle is not None:
+            now = time.monotonic()
+            r.handle.quarantine()
+            self.fences[(r.encoder, r.room)] = _Fence(
+                r.encoder, r.room, r.handle, now, now, reason
+            )
+            r.handle = None
+            self._send_abort(r.encoder, r.room, reason)
+        elif notify and r.reserved_once:
+            self._send_abort(r.encoder, r.room, reason)
         self._release_locked(r)
+
+    def _send_abort(self, encoder: str, room: int, reason: str) -> None:
+        self.channel.send(
+            encoder, make(Abort, room=room, manager_id=self.manager_id, reason=reason)
+        )
+
+    def _release_fence_locked(self, key: Tuple[str, int], why: str) -> None:
+        f = self.fences.pop(key, None)
+        if f is not None:
+            logger.info(
+                "language: room %d: %d fenced blocks released (%s)",
+                f.room,
+                len(f.handle),
+                why,
+            )
+            f.handle.free()
 
     def _release_locked(self, r: "LanguageReceiver") -> None:
         self.allocator.cancel_resume(("room", r.room))
         if r.handle is not None:
             r.handle.free()
             r.handle = None
-        r._enter(DONE, time.monotonic())
+        r._transition(Phase.DONE, time.monotonic())
         if self.rooms.get(r.room) is r:
             del self.rooms[r.room]
-        r._done()
+        r._finished = True
 
     def _abort_receiver(self, r: "LanguageReceiver", reason: str) -> None:
         with self.lock:
-            if r.phase == DONE:
-                return
-            self._fail_locked(r, reason)
+            if r.phase != Phase.DONE:
+                self._fail_locked(r, reason)
 
     # Timers ---------------------------------------------------------------------------------------
     def _tick(self, now: float) -> None:
         cfg = self.config
         with self.lock:
             # Resumes first (they hold partial data), then new admissions in arrival order.
-            for r in [x for x in self.rooms.values() if x.phase == RESUME_ALLOC]:
+            for r in [x for x in self.rooms.values() if x.phase == Phase.RESUME_ALLOC]:
                 self._try_resume_locked(r, now)
-            for r in [x for x in self.rooms.values() if x.phase in (ALLOC, REGISTER)]:
+            for r in [
+                x
+                for x in self.rooms.values()
+                if x.phase in (Phase.ALLOC, Phase.REGISTER)
+            ]:
                 self._advance_locked(r, now)
             for r in list(self.rooms.values()):
-                age = now - r.phase_since
-                if r.phase == ALLOC and age > cfg.waiting_timeout_s:
-                    self._fail_locked(r, f"waiting timeout: no free blocks within {cfg.waiting_timeout_s}s")
-                elif r.phase == REGISTER and age > cfg.bootstrap_timeout_s:
-                    self.registrations.pop(r.encoder, None)
-                    self._fail_locked(r, f"bootstrap timeout: encoder {r.encoder} did not answer registration within {cfg.bootstrap_timeout_s}s "
-                                          f"(is it listening there, and can it reach this side's advertised address {self.manager_id}?)")
-                elif r.phase == RESERVED and r.round == 0 and age > cfg.waiting_timeout_s:
-                    self._fail_locked(r, f"waiting timeout: no data from encoder within {cfg.waiting_timeout_s}s")
-                elif r.phase == RESERVED and r.round > 0 and age > cfg.transfer_timeout_s:
-                    self._fail_locked(r, f"transfer timeout: round {r.round} did not arrive within {cfg.transfer_timeout_s}s")
-                elif r.phase == RESUME_ALLOC and age > cfg.resume_timeout_s:
-                    # Encoder is not writing (it waits for our Reserve): release at once.
-                    self._fail_locked(r, f"resume timeout: no blocks for round {r.round} within {cfg.resume_timeout_s}s", encoder_may_write=False)
-                elif r.phase == ABORTING and age > cfg.abort_ack_timeout_s:
-                    r.phase_since = now
-                    logger.warning("language: no AbortAck for room %d from %s; asking again", r.room, r.encoder)
-                    self.channel.send(r.encoder, make(Abort, room=r.room, manager_id=self.manager_id, reason=r.reason))
+                self._check_timeouts_locked(r, now)
+            for key, f in list(self.fences.items()):
+                if now - f.since > cfg.fence_timeout_s:
+                    logger.warning(
+                        "language: fence timeout: releasing %d blocks of room %d that encoder %s "
+                        "may still write (no abort_ack within %.1fs); a late write is caught by "
+                        "the next owner's generation check",
+                        len(f.handle),
+                        f.room,
+                        f.encoder,
+                        cfg.fence_timeout_s,
+                    )
+                    self._release_fence_locked(key, "fence timeout")
+                elif now - f.asked_at > cfg.abort_ack_timeout_s:
+                    f.asked_at = now
+                    self._send_abort(f.encoder, f.room, f.reason)
         super()._tick(now)
+
+    def _check_timeouts_locked(self, r: "LanguageReceiver", now: float) -> None:
+        cfg = self.config
+        age = now - r.phase_since
+        if r.phase == Phase.ALLOC and age > cfg.waiting_timeout_s:
+            self._fail_locked(
+                r, f"waiting timeout: no free blocks within {cfg.waiting_timeout_s}s"
+            )
+        elif r.phase == Phase.REGISTER and age > cfg.bootstrap_timeout_s:
+            self.registrations.pop(r.encoder, None)
+            self._fail_locked(
+                r,
+                f"bootstrap timeout: encoder {r.encoder} did not answer registration "
+                f"within {cfg.bootstrap_timeout_s}s (is it listening there, and can it reach "
+                f"this side's advertised address {self.manager_id}?)",
+            )
+        elif r.phase == Phase.RESERVED and r.round == 0 and age > cfg.waiting_timeout_s:
+            self._fail_locked(
+                r,
+                f"waiting timeout: no data from encoder within {cfg.waiting_timeout_s}s",
+            )
+        elif r.phase == Phase.RESERVED and r.round > 0 and age > cfg.transfer_timeout_s:
+            self._fail_locked(
+                r,
+                f"transfer timeout: round {r.round} did not arrive within {cfg.transfer_timeout_s}s",
+            )
+        elif r.phase == Phase.RESUME_ALLOC and age > cfg.resume_timeout_s:
+            # The encoder is not writing (it waits for our Reserve): released at once.
+            self._fail_locked(
+                r,
+                f"resume timeout: no blocks for round {r.round} within {cfg.resume_timeout_s}s",
+            )
 
     def _active_peers(self) -> List[str]:
         with self.lock:
-            return list({r.encoder for r in self.rooms.values() if r.phase not in (ALLOC, DONE)})
+            live = {r.encoder for r in self.rooms.values() if r.phase != Phase.ALLOC}
+            return list(live | {f.encoder for f in self.fences.values()})
 
     def _pong_nonce(self, ping) -> int:
-        if ping.nonce < 0:  # health probe: report the nonce the encoder wrote into our scratch block
+        if (
+            ping.nonce < 0
+        ):  # health probe: report the nonce the encoder wrote into our scratch block
             return -self.buffers.read_scratch_nonce()
         return ping.nonce
 
@@ -337,15 +588,27 @@ class LanguageManager(ManagerBase):
             self.registrations.pop(endpoint, None)
             for r in list(self.rooms.values()):
                 if r.encoder == endpoint:
-                    # A dead encoder writes nothing: the blocks are safe to free.
-                    self._fail_locked(r, reason, encoder_may_write=False, notify=False)
+                    # A dead-declared encoder may only be stalled: RESERVED blocks are fenced.
+                    self._fail_locked(r, reason, notify=False)
+
+    def _drop_registration(self, endpoint: str) -> None:
+        self.registrations.pop(endpoint, None)
 
 
-class LanguageReceiver(BaseKVReceiver):
-    """One request on a language rank. ``poll()`` until Success, then ``take()``."""
+class LanguageReceiver:
+    """One request on a language rank (a ``TransferRequest``): ``poll()`` until Success, then
+    ``take()``."""
 
-    def __init__(self, mgr: LanguageManager, bootstrap_addr: str, room: int, rank: int, num_ranks: int,
-                 reserve_blocks: int, max_tokens: int):
+    def __init__(
+        self,
+        mgr: LanguageManager,
+        bootstrap_addr: str,
+        room: int,
+        rank: int,
+        num_ranks: int,
+        reserve_blocks: int,
+        max_tokens: int,
+    ):
         self.mgr = mgr
         self.encoder = bootstrap_addr
         self.room = room
@@ -354,66 +617,71 @@ class LanguageReceiver(BaseKVReceiver):
         self.reserve_blocks = reserve_blocks
         self.max_tokens = max_tokens
         self.handle: Optional[BlockHandle] = None
-        self.phase = ALLOC
+        self.phase = Phase.ALLOC
         self.phase_since = time.monotonic()
         self.round = 0
+        self.epoch = 0  # registration epoch of the current reservation
+        self.generation = 0  # of the current reservation
         self.status = KVPoll.Bootstrapping
         self.reason = ""
-        self.encoder_may_write = False
         self.reserved_once = False
-        self.manifest = None
-        self.parts: List[tuple] = []
+        self.manifest: Optional[RequestManifest] = None
+        self.parts: List[ReceivedData] = []  # one per round
         self.tokens_received = 0
         self.mm_received = 0
+        self.mm_bits = 0  # multimodal tokens the received bitmaps mark
         self._finished = False
 
-    # BaseKVReceiver ---------------------------------------------------------------------------
-    def init(self, prefill_dp_rank: int = 0):
-        """Nothing to do: the manager registers and reserves on its own."""
-
-    def send_metadata(self, *args, **kwargs):
-        """Reservations are sent by the manager (initial and every resume round)."""
-
-    def poll(self) -> KVPoll:
+    def poll(self) -> int:
         return self.status
 
-    def failure_exception(self):
+    def failure_exception(self) -> None:
         raise TransferError(self.room, self.reason or "failed")
 
-    def abort(self, reason: str = "aborted by language side"):
+    def abort(self, reason: str = "aborted by language side") -> None:
         self.mgr._abort_receiver(self, reason)
 
-    def clear(self):
+    def clear(self) -> None:
         """Drop received data (the manager already dropped its tables)."""
         self.parts = []
 
     @property
     def finished(self) -> bool:
-        """True once the request ended and its blocks are back in the pool."""
+        """True once the request ended and holds no blocks (freed, or fenced by the manager)."""
         return self._finished
 
     def take(self) -> ReceivedData:
         """The received request as fresh tensors (copies; safe after every block is reused)."""
         if self.status != KVPoll.Success:
-            raise TransferError(self.room, f"take() before Success (status {self.status}; {self.reason})")
+            raise TransferError(
+                self.room,
+                f"take() before Success (status {self.status}; {self.reason})",
+            )
         parts, self.parts = self.parts, []
         if not parts:
             raise TransferError(self.room, "data already taken")
-        ids = torch.cat([p[0] for p in parts])
-        pos = torch.cat([p[1] for p in parts], dim=1)
-        mask = torch.cat([p[2] for p in parts])
-        emb = torch.cat([p[3] for p in parts])
-        ds = torch.cat([p[4] for p in parts]) if parts[0][4] is not None else None
-        return ReceivedData(self.manifest, ids, pos, mask, emb, ds)
+        return ReceivedData(
+            self.manifest,
+            torch.cat([p.fill_ids for p in parts]),
+            torch.cat([p.mrope_positions for p in parts], dim=1),
+            torch.cat([p.mm_mask for p in parts]),
+            torch.cat([p.embeddings for p in parts]),
+            (
+                torch.cat([p.deepstack for p in parts])
+                if parts[0].deepstack is not None
+                else None
+            ),
+        )
 
     # Manager callbacks ------------------------------------------------------------------------
-    def _enter(self, phase: str, now: float) -> None:
+    def _transition(self, phase: Phase, now: float) -> None:
+        if phase not in _TRANSITIONS[self.phase]:
+            raise RuntimeError(
+                f"room {self.room}: illegal phase change {self.phase} -> {phase}"
+            )
         self.phase, self.phase_since = phase, now
 
     def _set_status(self, status: int) -> None:
         if self.status == KVPoll.Failed or self.status == KVPoll.Success:
             return
         self.status = status if status == KVPoll.Failed else max(self.status, status)
-
-    def _done(self) -> None:
-        self._finished = True

@@ -2,9 +2,11 @@
 
 Flow of one request (bootstrap room R) with N language destinations (language TP ranks):
 
-1. Each language manager registers once (``Register``: layout + buffer addresses). The layouts are
-   compared field by field; a mismatch is answered with ``RegisterAck(ok=False)`` naming the field,
-   logged here, and nothing is ever written to that peer.
+1. Each language manager registers (``Register``: epoch, layout, buffer addresses). The layouts
+   are compared field by field; a mismatch is answered with ``RegisterAck(ok=False)`` naming the
+   field, logged here, and nothing is ever written to that peer. A reservation naming a
+   registration this side does not hold (peer declared dead, pruned, or this process restarted)
+   is answered with ``Unregistered``, and the language side registers again.
 2. Each destination rank sends ``Reserve(room, round=0, blocks)``. A room may learn about its
    destinations before or after ``create_sender(R)``.
 3. ``sender.send(payload)`` hands over the request (the sender keeps a reference; the caller must
@@ -24,18 +26,34 @@ held only while a write is in flight, so no cycle of waits between the two pools
 Abort: ``sender.abort()`` or a language ``Abort`` fails the room; if a write is in flight, the
 worker finishes or fails it first, and only then tells the destinations (``Abort``, or
 ``AbortAck`` to the one that asked), so a language block is never freed while being written.
+
+Bounded writes: every transfer-engine write runs on a writer thread and the worker waits at most
+``data_write_timeout_s`` for it. Past that the room fails and the destination gets
+``Abort(writes_pending=True)``: the write cannot be cancelled, so the destination fences those
+blocks, and this side quarantines the staging blocks, until the write returns; then the
+destination gets ``AbortAck`` (an ``Abort`` asking about that room is answered only then).
+
+Admission: payloads are held by reference until their last round. ``send()`` of a payload that
+would take the bytes held past ``max_inflight_payload_bytes`` raises ``PayloadBudgetError`` and
+changes nothing (the caller keeps the request and retries after others finish); a payload larger
+than the whole bound fails the request (``OversizeError``).
 """
+
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import queue
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
-from sglang.srt.disaggregation.base.conn import BaseKVSender, KVPoll, KVTransferMetric
-from sglang.srt.disaggregation.encode_language.allocator import OversizeError
+from sglang.srt.disaggregation.base.conn import KVPoll, KVTransferMetric
+from sglang.srt.disaggregation.encode_language.allocator import (
+    BlockHandle,
+    OversizeError,
+)
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
     MultimodalPayload,
@@ -52,20 +70,33 @@ from sglang.srt.disaggregation.encode_language.manifest import (
     AbortAck,
     LayoutManifest,
     LayoutMismatchError,
+    Ping,
     ProtocolError,
     Register,
     RegisterAck,
     Reserve,
     RoundDone,
+    Slot,
+    Unregistered,
     make,
 )
 
 logger = logging.getLogger(__name__)
 
 
+class PayloadBudgetError(TransferError):
+    """``send()`` would take the encoder's in-flight payload bytes past
+    ``max_inflight_payload_bytes``; nothing changed, retry later."""
+
+
+class WriteTimeoutError(TransferError):
+    """A transfer-engine write did not return within ``data_write_timeout_s``."""
+
+
 @dataclasses.dataclass
 class _Peer:
     manager_id: str
+    epoch: int
     session_id: str
     layout: LayoutManifest
     slot_ptrs: List[int]
@@ -76,6 +107,7 @@ class _Dest:
     manager_id: str
     rank: int
     round: int
+    generation: int
     blocks: List[int]
     max_tokens: int = 0
 
@@ -88,15 +120,29 @@ class _Room:
     num_ranks: Optional[int] = None
     dests: Dict[int, _Dest] = dataclasses.field(default_factory=dict)
     payload: Optional[MultimodalPayload] = None
+    payload_bytes: int = 0  # counted against max_inflight_payload_bytes while held
     round: int = 0
     token_sent: int = 0
     mm_sent: int = 0
     in_flight: bool = False
     waiting_since: float = 0.0  # start of the current wait for destinations
     failed: Optional[str] = None  # reason, once failed
-    ack_to: List[str] = dataclasses.field(default_factory=list)  # managers that asked to abort
+    # managers that asked to abort
+    ack_to: List[str] = dataclasses.field(default_factory=list)
     bytes_sent: int = 0
     first_send: Optional[float] = None
+
+
+def payload_nbytes(payload: MultimodalPayload) -> int:
+    """Host or device bytes a payload holds while the encoder keeps it."""
+    tensors = (
+        payload.fill_ids,
+        payload.mrope_positions,
+        payload.mm_mask,
+        payload.embeddings,
+        payload.deepstack,
+    )
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class EncodeManager(ManagerBase):
@@ -104,16 +150,30 @@ class EncodeManager(ManagerBase):
 
     role = "encode"
 
-    def __init__(self, buffer_config: MultimodalBufferConfig, config: Optional[ConnectionConfig] = None, engine=None):
+    def __init__(
+        self,
+        buffer_config: MultimodalBufferConfig,
+        config: Optional[ConnectionConfig] = None,
+        engine=None,
+    ):
         self.peers: Dict[str, _Peer] = {}
         self.rooms: Dict[int, _Room] = {}
         self._queue: "queue.Queue[Optional[int]]" = queue.Queue()
         self._probes: Dict[int, threading.Event] = {}
+        # (room, language manager) -> timed-out writes that have not returned yet
+        self._pending_writes: Dict[Tuple[int, str], int] = {}
+        self.inflight_payload_bytes = 0
         self.refused_registrations = 0
         super().__init__(buffer_config, config, engine)
+        n = self.config.num_transfer_workers
+        self._writer = concurrent.futures.ThreadPoolExecutor(
+            n, thread_name_prefix="el-encode-write"
+        )
         self._workers = [
-            threading.Thread(target=self._worker_loop, name=f"el-encode-worker-{i}", daemon=True)
-            for i in range(self.config.num_transfer_workers)
+            threading.Thread(
+                target=self._worker_loop, name=f"el-encode-worker-{i}", daemon=True
+            )
+            for i in range(n)
         ]
         for w in self._workers:
             w.start()
@@ -127,7 +187,9 @@ class EncodeManager(ManagerBase):
         with self.lock:
             r = self.rooms.get(room)
             if r is not None and r.sender is not None:
-                raise RoomInUseError(f"bootstrap room {room} is already in use by an active request on this encoder")
+                raise RoomInUseError(
+                    f"bootstrap room {room} is already in use by an active request on this encoder"
+                )
             if r is None:
                 r = self.rooms[room] = _Room(room=room, created=time.monotonic())
             r.waiting_since = time.monotonic()
@@ -140,21 +202,6 @@ class EncodeManager(ManagerBase):
         with self.lock:
             return len(self.rooms)
 
-    def room_state(self, room: int) -> Optional[dict]:
-        with self.lock:
-            r = self.rooms.get(room)
-            if r is None:
-                return None
-            return dict(
-                round=r.round,
-                num_ranks=r.num_ranks,
-                ready=sum(1 for d in r.dests.values() if d.round == r.round),
-                token_sent=r.token_sent,
-                mm_sent=r.mm_sent,
-                in_flight=r.in_flight,
-                has_payload=r.payload is not None,
-            )
-
     def probe(self, manager_id: str, timeout_s: float = 5.0) -> bool:
         """Health check of the data path to a registered language manager: write a nonce into its
         scratch block (never a request's block) and ask it, by ping, to read it back."""
@@ -163,23 +210,21 @@ class EncodeManager(ManagerBase):
         if peer is None:
             return False
         nonce = next(self._nonce)
-        src_blocks = [self.buffers.scratch_block]
         self.buffers.write_scratch_nonce(nonce)
-        aux_block_bytes = self.buffers.slot_block_bytes()[3]
-        dst = peer.slot_ptrs[3] + peer.layout.num_blocks * aux_block_bytes
-        ret = self.engine.transfer_sync(peer.session_id, self.buffers.scratch_aux_address(), dst, 8)
-        if ret < 0:
+        aux_bytes = self.layout.slot_block_bytes[Slot.AUX]
+        dst = peer.slot_ptrs[Slot.AUX] + peer.layout.num_blocks * aux_bytes
+        src = self.buffers.scratch_aux_address()
+        if self.engine.transfer_sync(peer.session_id, src, dst, 8) < 0:
             return False
         done = threading.Event()
         with self.lock:
             self._probes[nonce] = done
-        from sglang.srt.disaggregation.encode_language.manifest import Ping
-
-        self.channel.send(manager_id, make(Ping, manager_id=self.manager_id, nonce=-nonce))
+        self.channel.send(
+            manager_id, make(Ping, manager_id=self.manager_id, nonce=-nonce)
+        )
         ok = done.wait(timeout_s)
         with self.lock:
             self._probes.pop(nonce, None)
-        del src_blocks
         return ok
 
     def _on_pong(self, msg) -> None:
@@ -198,38 +243,96 @@ class EncodeManager(ManagerBase):
         elif isinstance(msg, Abort):
             self._on_abort(msg)
         else:
-            logger.warning("encode: unexpected control message %s; dropped", type(msg).__name__)
+            logger.warning(
+                "encode: unexpected control message %s; dropped", type(msg).__name__
+            )
             self.channel.rejected += 1
 
     def _on_register(self, msg: Register) -> None:
+        remote = msg.layout
         try:
-            remote = LayoutManifest.from_dict(msg.layout)
-            self.layout.check_compatible(remote, where=f"language peer {msg.manager_id}")
-            if len(msg.slot_ptrs) != self.layout.num_slots:
-                raise ProtocolError(f"peer sent {len(msg.slot_ptrs)} slot addresses, layout has {self.layout.num_slots}")
+            self.layout.check_compatible(
+                remote, where=f"language peer {msg.manager_id}"
+            )
+            if len(msg.slot_ptrs) != remote.num_slots:
+                raise ProtocolError(
+                    f"peer sent {len(msg.slot_ptrs)} slot addresses, layout has {remote.num_slots}"
+                )
+            if list(msg.slot_block_bytes) != remote.slot_block_bytes:
+                raise ProtocolError(
+                    f"peer's slot_block_bytes {list(msg.slot_block_bytes)} do not match its layout "
+                    f"({remote.slot_block_bytes})"
+                )
         except (LayoutMismatchError, ProtocolError) as e:
             logger.error("encode: rejected registration of %s: %s", msg.manager_id, e)
             self.refused_registrations += 1
             with self.lock:
                 self.peers.pop(msg.manager_id, None)
-            self.channel.send(msg.manager_id, make(RegisterAck, manager_id=self.manager_id, ok=False, error=str(e), layout=self.layout.to_dict()))
+            ack = make(
+                RegisterAck,
+                manager_id=self.manager_id,
+                epoch=msg.epoch,
+                ok=False,
+                error=str(e),
+                layout=self.layout,
+            )
+            self.channel.send(msg.manager_id, ack)
             return
         with self.lock:
-            self.peers[msg.manager_id] = _Peer(msg.manager_id, msg.session_id, remote, list(msg.slot_ptrs))
-            self.health.pop(msg.manager_id, None)
-        self.channel.send(msg.manager_id, make(RegisterAck, manager_id=self.manager_id, ok=True, error="", layout=self.layout.to_dict()))
+            self.peers[msg.manager_id] = _Peer(
+                msg.manager_id, msg.epoch, msg.session_id, remote, list(msg.slot_ptrs)
+            )
+            self.last_active[msg.manager_id] = time.monotonic()
+        ack = make(
+            RegisterAck,
+            manager_id=self.manager_id,
+            epoch=msg.epoch,
+            ok=True,
+            error="",
+            layout=self.layout,
+        )
+        self.channel.send(msg.manager_id, ack)
 
     def _on_reserve(self, msg: Reserve) -> None:
         def refuse(reason):
-            logger.warning("encode: refused reservation of room %d rank %d from %s: %s", msg.room, msg.rank, msg.manager_id, reason)
-            self.channel.send(msg.manager_id, make(Abort, room=msg.room, manager_id=self.manager_id, reason=reason))
+            logger.warning(
+                "encode: refused reservation of room %d rank %d from %s: %s",
+                msg.room,
+                msg.rank,
+                msg.manager_id,
+                reason,
+            )
+            self.channel.send(
+                msg.manager_id,
+                make(Abort, room=msg.room, manager_id=self.manager_id, reason=reason),
+            )
 
         with self.lock:
             peer = self.peers.get(msg.manager_id)
-            if peer is None:
-                return refuse("language manager is not registered with this encoder")
+            if peer is None or peer.epoch != msg.epoch:
+                logger.warning(
+                    "encode: reservation of room %d from %s relies on registration epoch %d, "
+                    "which this encoder does not hold; asking it to register again",
+                    msg.room,
+                    msg.manager_id,
+                    msg.epoch,
+                )
+                self.channel.send(
+                    msg.manager_id,
+                    make(
+                        Unregistered,
+                        manager_id=self.manager_id,
+                        room=msg.room,
+                        epoch=msg.epoch,
+                    ),
+                )
+                return
             nb = peer.layout.num_blocks
-            if not msg.blocks or len(set(msg.blocks)) != len(msg.blocks) or any(not (0 <= b < nb) for b in msg.blocks):
+            if (
+                not msg.blocks
+                or len(set(msg.blocks)) != len(msg.blocks)
+                or any(not (0 <= b < nb) for b in msg.blocks)
+            ):
                 return refuse(f"invalid block list for a pool of {nb} blocks")
             if msg.num_ranks < 1 or not (0 <= msg.rank < msg.num_ranks):
                 return refuse(f"invalid rank {msg.rank} of {msg.num_ranks}")
@@ -237,34 +340,66 @@ class EncodeManager(ManagerBase):
             if r is None:
                 if msg.round != 0:
                     return refuse("unknown room (already finished or failed)")
-                r = self.rooms[msg.room] = _Room(room=msg.room, created=time.monotonic(), waiting_since=time.monotonic())
+                now = time.monotonic()
+                r = self.rooms[msg.room] = _Room(
+                    room=msg.room, created=now, waiting_since=now
+                )
             if r.failed:
                 return refuse(f"request already failed: {r.failed}")
             if r.num_ranks is None:
                 r.num_ranks = msg.num_ranks
             elif r.num_ranks != msg.num_ranks:
-                return refuse(f"room {msg.room} has {r.num_ranks} destinations, this one says {msg.num_ranks}")
+                return refuse(
+                    f"room {msg.room} has {r.num_ranks} destinations, this one says {msg.num_ranks}"
+                )
             d = r.dests.get(msg.rank)
             if msg.round == 0:
                 if d is not None:
-                    return refuse(f"bootstrap room {msg.room} is already in use (rank {msg.rank} already reserved)")
-                r.dests[msg.rank] = _Dest(msg.manager_id, msg.rank, 0, list(msg.blocks), msg.max_tokens)
+                    return refuse(
+                        f"bootstrap room {msg.room} is already in use (rank {msg.rank} already reserved)"
+                    )
+                r.dests[msg.rank] = _Dest(
+                    msg.manager_id,
+                    msg.rank,
+                    0,
+                    msg.generation,
+                    list(msg.blocks),
+                    msg.max_tokens,
+                )
             else:
-                if d is None or d.manager_id != msg.manager_id or msg.round != r.round or d.round == r.round:
-                    return refuse(f"unexpected reservation for round {msg.round} (room is at round {r.round})")
-                d.round, d.blocks = msg.round, list(msg.blocks)
+                if (
+                    d is None
+                    or d.manager_id != msg.manager_id
+                    or msg.round != r.round
+                    or d.round == r.round
+                ):
+                    return refuse(
+                        f"unexpected reservation for round {msg.round} (room is at round {r.round})"
+                    )
+                d.round, d.generation, d.blocks = (
+                    msg.round,
+                    msg.generation,
+                    list(msg.blocks),
+                )
             self._update_sender_status(r)
             self._maybe_schedule(r)
 
     def _on_abort(self, msg: Abort) -> None:
         with self.lock:
             r = self.rooms.get(msg.room)
-            if r is None or all(d.manager_id != msg.manager_id for d in r.dests.values()):
-                # Nothing of ours is writing for that manager: acknowledge at once.
-                self.channel.send(msg.manager_id, make(AbortAck, room=msg.room))
+            if r is None or all(
+                d.manager_id != msg.manager_id for d in r.dests.values()
+            ):
+                # Nothing of ours writes for that manager, unless a timed-out write has not
+                # returned yet: its AbortAck follows when it does.
+                if (msg.room, msg.manager_id) not in self._pending_writes:
+                    ack = make(AbortAck, room=msg.room, manager_id=self.manager_id)
+                    self.channel.send(msg.manager_id, ack)
                 return
             r.ack_to.append(msg.manager_id)
-            self._fail_locked(r, f"aborted by language side {msg.manager_id}: {msg.reason}")
+            self._fail_locked(
+                r, f"aborted by language side {msg.manager_id}: {msg.reason}"
+            )
 
     # Scheduling -------------------------------------------------------------------------------
     def _update_sender_status(self, r: _Room) -> None:
@@ -278,22 +413,40 @@ class EncodeManager(ManagerBase):
             s._set_status(KVPoll.WaitingForInput)
 
     def _maybe_schedule(self, r: _Room) -> None:
-        if r.failed or r.in_flight or r.sender is None or r.payload is None or r.num_ranks is None:
+        if r.failed or r.in_flight or r.sender is None or r.payload is None:
             return
-        if len(r.dests) != r.num_ranks or any(d.round != r.round for d in r.dests.values()):
+        if r.num_ranks is None or len(r.dests) != r.num_ranks:
+            return
+        if any(d.round != r.round for d in r.dests.values()):
             return
         r.in_flight = True
         self._queue.put(r.room)
 
     def _submit(self, sender: "EncodeSender", payload: MultimodalPayload) -> None:
         payload.validate(self.layout)
+        nbytes = payload_nbytes(payload)
+        bound = self.config.max_inflight_payload_bytes
         with self.lock:
             r = self.rooms.get(sender.room)
             if r is None or r.sender is not sender:
-                raise TransferError(sender.room, sender.reason or "request is no longer active")
+                raise TransferError(
+                    sender.room, sender.reason or "request is no longer active"
+                )
             if r.payload is not None:
                 raise TransferError(sender.room, "send() called twice")
-            r.payload = payload
+            if bound and nbytes > bound:
+                raise OversizeError(
+                    f"payload of {nbytes} bytes exceeds max_inflight_payload_bytes={bound}; "
+                    f"it can never be admitted"
+                )
+            if bound and self.inflight_payload_bytes + nbytes > bound:
+                raise PayloadBudgetError(
+                    sender.room,
+                    f"encoder holds {self.inflight_payload_bytes} payload bytes; {nbytes} more "
+                    f"would exceed max_inflight_payload_bytes={bound} (nothing changed; retry later)",
+                )
+            r.payload, r.payload_bytes = payload, nbytes
+            self.inflight_payload_bytes += nbytes
             r.first_send = time.monotonic()
             self._update_sender_status(r)
             self._maybe_schedule(r)
@@ -311,9 +464,19 @@ class EncodeManager(ManagerBase):
             try:
                 self._run_round(r)
             except Exception as e:  # one request fails, the worker lives on
-                logger.exception("encode: round %d of room %d failed", r.round, room)
+                if isinstance(e, WriteTimeoutError):
+                    logger.error("encode: %s", e)
+                else:
+                    logger.exception(
+                        "encode: round %d of room %d failed", r.round, room
+                    )
+                reason = (
+                    e.reason
+                    if isinstance(e, TransferError)
+                    else f"transfer failed: {e}"
+                )
                 with self.lock:
-                    self._fail_locked(r, f"transfer failed: {e}")
+                    self._fail_locked(r, reason)
             finally:
                 with self.lock:
                     r.in_flight = False
@@ -330,13 +493,18 @@ class EncodeManager(ManagerBase):
             if r.failed:
                 return
             payload = r.payload
-            dests = sorted(r.dests.values(), key=lambda d: d.rank)
+            dests = [
+                dataclasses.replace(d, blocks=list(d.blocks))
+                for d in sorted(r.dests.values(), key=lambda d: d.rank)
+            ]
             peers = [self.peers.get(d.manager_id) for d in dests]
             t0, m0, rnd = r.token_sent, r.mm_sent, r.round
         T, M = payload.total_tokens, payload.mm_tokens
         for d, p in zip(dests, peers):
             if p is None:
-                raise TransferError(r.room, f"destination {d.manager_id} is no longer registered")
+                raise TransferError(
+                    r.room, f"destination {d.manager_id} is no longer registered"
+                )
             if d.max_tokens and T > d.max_tokens:
                 raise OversizeError(
                     f"request has {T} tokens but language rank {d.rank} accepts at most {d.max_tokens}"
@@ -347,23 +515,32 @@ class EncodeManager(ManagerBase):
         if cm and m0 != t0:
             raise AssertionError(f"stream misalignment: token_sent={t0} mm_sent={m0}")
         nb = blocks_for_tokens(ct, B)
-        staging = self._alloc_staging(r, nb)
+        timeout = self.config.transfer_timeout_s
+        staging = self.allocator.alloc_wait(
+            nb, ("staging", r.room), timeout, cancelled=lambda: r.failed is not None
+        )
         if staging is None:
-            return  # failed while waiting
+            if r.failed:
+                return
+            raise TransferError(r.room, f"no encode staging blocks within {timeout}s")
         try:
-            self.buffers.write_range(staging.blocks, payload, t0, ct, m0, cm)
+            self.buffers.write_range(staging.blocks, payload, t0, ct, m0, cm, r.room)
             nbytes = 0
             for d, p in zip(dests, peers):
                 with self.lock:
                     if r.failed:
                         return
-                srcs, dsts, lens = self.buffers.round_segments(staging.blocks, d.blocks, ct, cm, p.slot_ptrs)
-                ret = self.engine.batch_transfer_sync(p.session_id, srcs, dsts, lens)
-                if ret < 0:
-                    raise TransferError(r.room, f"Mooncake write to {d.manager_id} failed (ret={ret})")
-                nbytes += sum(lens)
+                self.buffers.restamp(staging.blocks, ct, d.generation)
+                segs = self.buffers.round_segments(
+                    staging.blocks, d.blocks, ct, cm, p.slot_ptrs
+                )
+                self._bounded_write(r.room, d.manager_id, p.session_id, segs, staging)
+                nbytes += sum(segs[2])
         finally:
-            staging.free()
+            if (
+                not staging.quarantined
+            ):  # else the pending write frees it when it returns
+                staging.free()
         with self.lock:
             if r.failed:
                 return
@@ -371,57 +548,123 @@ class EncodeManager(ManagerBase):
             r.bytes_sent += nbytes
             last = r.token_sent == T
             for d in dests:
-                self.channel.send(
-                    d.manager_id,
-                    make(RoundDone, room=r.room, round=rnd, token_start=t0, token_count=ct, mm_start=m0,
-                         mm_count=cm, total_tokens=T, mm_tokens=M, last=last),
+                done = make(
+                    RoundDone,
+                    room=r.room,
+                    manager_id=self.manager_id,
+                    round=rnd,
+                    generation=d.generation,
+                    token_start=t0,
+                    token_count=ct,
+                    mm_start=m0,
+                    mm_count=cm,
+                    total_tokens=T,
+                    mm_tokens=M,
+                    last=last,
                 )
+                self.channel.send(d.manager_id, done)
             if last:
+                self._drop_room_locked(r)
                 r.sender._finish(KVPoll.Success, "", r)
-                del self.rooms[r.room]
             else:
                 r.round += 1
                 r.waiting_since = time.monotonic()
 
-    def _alloc_staging(self, r: _Room, nb: int):
-        deadline = time.monotonic() + self.config.transfer_timeout_s
-        while True:
-            h = self.allocator.alloc(nb, owner=("staging", r.room))
-            if h is not None:
-                return h
+    def _bounded_write(
+        self, room, manager_id, session_id, segments, staging: BlockHandle
+    ) -> None:
+        """One transfer-engine write, waited for at most ``data_write_timeout_s``. On timeout the
+        write keeps running (Mooncake cannot cancel it): the staging blocks are quarantined and
+        the destination is owed an AbortAck until it returns."""
+        timeout = self.config.data_write_timeout_s
+        fut = self._writer.submit(
+            self.engine.batch_transfer_sync, session_id, *segments
+        )
+        try:
+            ret = fut.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            if fut.cancel():
+                raise WriteTimeoutError(
+                    room, f"data write to {manager_id} did not start within {timeout}s"
+                ) from None
             with self.lock:
-                if r.failed:
-                    return None
-            if time.monotonic() > deadline:
-                raise TransferError(r.room, f"no encode staging blocks within {self.config.transfer_timeout_s}s")
-            time.sleep(0.002)
+                key = (room, manager_id)
+                self._pending_writes[key] = self._pending_writes.get(key, 0) + 1
+                staging.quarantine()
+            fut.add_done_callback(
+                lambda _: self._late_write_returned(room, manager_id, staging)
+            )
+            raise WriteTimeoutError(
+                room,
+                f"data write to {manager_id} timed out after {timeout}s (it may still land)",
+            ) from None
+        if ret < 0:
+            raise TransferError(
+                room, f"Mooncake write to {manager_id} failed (ret={ret})"
+            )
+
+    def _late_write_returned(
+        self, room: int, manager_id: str, staging: BlockHandle
+    ) -> None:
+        with self.lock:
+            key = (room, manager_id)
+            self._pending_writes[key] -= 1
+            if self._pending_writes[key] == 0:
+                del self._pending_writes[key]
+            staging.free()
+        logger.warning(
+            "encode: timed-out write of room %d to %s returned; acknowledging",
+            room,
+            manager_id,
+        )
+        self.channel.send(
+            manager_id, make(AbortAck, room=room, manager_id=self.manager_id)
+        )
 
     # Failure ------------------------------------------------------------------------------------
     def _fail_locked(self, r: _Room, reason: str) -> None:
         """Fail the room now; tell the destinations now if no write is in flight, else the
-        worker does it when the write has finished or failed."""
+        worker does it when the write has finished, failed or timed out."""
         if r.failed is None:
             r.failed = reason
             logger.info("encode: room %d failed: %s", r.room, reason)
             if r.sender is not None:
                 r.sender._set_failed(reason)
+            self.allocator.notify_waiters()  # a worker may wait for staging blocks for it
         if not r.in_flight:
             self._finish_failed_locked(r)
 
     def _finish_failed_locked(self, r: _Room) -> None:
-        """No write is in flight any more: tell every destination and drop the room."""
+        """No write is in flight any more (or one timed out): tell every destination and drop
+        the room. A destination whose write is still pending gets ``writes_pending=True`` now
+        and an AbortAck when the write returns."""
         if self.rooms.get(r.room) is not r:
             return
         for d in r.dests.values():
-            if d.manager_id in r.ack_to:
-                self.channel.send(d.manager_id, make(AbortAck, room=r.room))
+            pending = (r.room, d.manager_id) in self._pending_writes
+            if d.manager_id in r.ack_to and not pending:
+                msg = make(AbortAck, room=r.room, manager_id=self.manager_id)
             else:
-                self.channel.send(d.manager_id, make(Abort, room=r.room, manager_id=self.manager_id, reason=r.failed))
+                msg = make(
+                    Abort,
+                    room=r.room,
+                    manager_id=self.manager_id,
+                    reason=r.failed,
+                    writes_pending=pending,
+                )
+            self.channel.send(d.manager_id, msg)
         for m in set(r.ack_to) - {d.manager_id for d in r.dests.values()}:
-            self.channel.send(m, make(AbortAck, room=r.room))
-        del self.rooms[r.room]
+            self.channel.send(
+                m, make(AbortAck, room=r.room, manager_id=self.manager_id)
+            )
+        self._drop_room_locked(r)
         if r.sender is not None:
             r.sender._finish(KVPoll.Failed, r.failed, r)
+
+    def _drop_room_locked(self, r: _Room) -> None:
+        del self.rooms[r.room]
+        self.inflight_payload_bytes -= r.payload_bytes
+        r.payload, r.payload_bytes = None, 0
 
     def _tick(self, now: float) -> None:
         cfg = self.config
@@ -431,23 +674,35 @@ class EncodeManager(ManagerBase):
                     continue
                 all_reserved = r.num_ranks is not None and len(r.dests) == r.num_ranks
                 if r.sender is None and now - r.created > cfg.bootstrap_timeout_s:
-                    self._fail_locked(r, f"bootstrap timeout: no encode request for room {r.room} within {cfg.bootstrap_timeout_s}s")
-                elif r.round == 0 and not all_reserved and now - r.waiting_since > cfg.bootstrap_timeout_s:
                     self._fail_locked(
                         r,
-                        f"bootstrap timeout: {len(r.dests)}/{r.num_ranks or '?'} destinations reserved "
+                        f"bootstrap timeout: no encode request for room {r.room} "
                         f"within {cfg.bootstrap_timeout_s}s",
+                    )
+                elif (
+                    r.round == 0
+                    and not all_reserved
+                    and now - r.waiting_since > cfg.bootstrap_timeout_s
+                ):
+                    self._fail_locked(
+                        r,
+                        f"bootstrap timeout: {len(r.dests)}/{r.num_ranks or '?'} destinations "
+                        f"reserved within {cfg.bootstrap_timeout_s}s",
                     )
                 elif r.round > 0 and now - r.waiting_since > cfg.resume_timeout_s:
                     ready = sum(1 for d in r.dests.values() if d.round == r.round)
                     self._fail_locked(
-                        r, f"resume timeout: {ready}/{r.num_ranks} destinations asked for round {r.round} within {cfg.resume_timeout_s}s"
+                        r,
+                        f"resume timeout: {ready}/{r.num_ranks} destinations asked for round "
+                        f"{r.round} within {cfg.resume_timeout_s}s",
                     )
         super()._tick(now)
 
     def _active_peers(self) -> List[str]:
         with self.lock:
-            return list({d.manager_id for r in self.rooms.values() for d in r.dests.values()})
+            return list(
+                {d.manager_id for r in self.rooms.values() for d in r.dests.values()}
+            )
 
     def _on_peer_dead(self, endpoint: str, reason: str) -> None:
         with self.lock:
@@ -456,11 +711,15 @@ class EncodeManager(ManagerBase):
                 if any(d.manager_id == endpoint for d in r.dests.values()):
                     self._fail_locked(r, reason)
 
+    def _drop_registration(self, endpoint: str) -> None:
+        self.peers.pop(endpoint, None)
+
     def _close_workers(self) -> None:
         for _ in self._workers:
             self._queue.put(None)
         for w in self._workers:
             w.join(timeout=5)
+        self._writer.shutdown(wait=False, cancel_futures=True)
 
     def _abort_sender(self, sender: "EncodeSender", reason: str) -> None:
         with self.lock:
@@ -470,8 +729,9 @@ class EncodeManager(ManagerBase):
             self._fail_locked(r, reason)
 
 
-class EncodeSender(BaseKVSender):
-    """One request on the encode side. ``send(payload)``, then ``poll()`` until Success/Failed."""
+class EncodeSender:
+    """One request on the encode side (a ``TransferRequest``): ``send(payload)``, then
+    ``poll()`` until Success or Failed."""
 
     def __init__(self, mgr: EncodeManager, room: int):
         self.mgr = mgr
@@ -481,35 +741,35 @@ class EncodeSender(BaseKVSender):
         self._metric = KVTransferMetric()
         self._done = threading.Event()
 
-    # BaseKVSender ---------------------------------------------------------------------------
-    def init(self, num_kv_indices: int = 0, aux_index: Optional[int] = None):
-        """Nothing to do: destinations arrive by reservation."""
-
-    def send(self, payload: MultimodalPayload, state_indices=None, num_kv_tokens=None):  # noqa: D401
-        """Hand over the request (kept by reference; do not modify it afterwards)."""
+    def send(self, payload: MultimodalPayload) -> None:
+        """Hand over the request (kept by reference until its last round; do not modify it).
+        ``PayloadBudgetError``: over the in-flight bound, nothing changed, call again later.
+        Any other error fails the request."""
         try:
             self.mgr._submit(self, payload)
+        except PayloadBudgetError:
+            raise
         except Exception as e:
             if not isinstance(e, TransferError):
                 self.mgr._abort_sender(self, f"rejected: {e}")
             raise
 
-    def poll(self) -> KVPoll:
+    def poll(self) -> int:
         return self._status
 
-    def failure_exception(self):
+    def failure_exception(self) -> None:
         raise TransferError(self.room, self.reason or "failed")
 
     def get_transfer_metric(self) -> KVTransferMetric:
         return self._metric
 
-    def abort(self, reason: str = "aborted by encoder"):
+    def abort(self, reason: str = "aborted by encoder") -> None:
         self.mgr._abort_sender(self, reason)
 
-    def clear(self):
+    def clear(self) -> None:
         """Nothing to clear: the manager drops the room when the request ends."""
 
-    def wait(self, timeout_s: float) -> KVPoll:
+    def wait(self, timeout_s: float) -> int:
         """Block until Success or Failed (or the timeout); returns the status."""
         self._done.wait(timeout_s)
         return self._status
@@ -530,7 +790,9 @@ class EncodeSender(BaseKVSender):
         else:
             self._status = KVPoll.Success
         self._metric = KVTransferMetric(
-            transfer_latency_s=(time.monotonic() - r.first_send) if r.first_send else None,
+            transfer_latency_s=(
+                (time.monotonic() - r.first_send) if r.first_send else None
+            ),
             transfer_total_bytes=r.bytes_sent,
         )
         self._done.set()

@@ -1,0 +1,161 @@
+"""Liveness between real processes: registrations that recover from a one-sided "peer dead",
+dead peers heartbeated and revived, idle and dead peers forgotten, the encoder's in-flight payload
+bound."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from conftest import (
+    RESERVE,
+    EncodePeer,
+    H,
+    PeerError,
+    buffer_config,
+    conn_config,
+    new_room,
+    ok_transfer,
+    wait_final,
+)
+from el_helpers import (
+    accounting_ok,
+    assert_same,
+    declare_dead,
+    make_payload,
+    push_endpoints,
+    wait_until,
+)
+
+from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.encode_language.receiver import Phase
+from sglang.srt.disaggregation.encode_language.sender import payload_nbytes
+
+
+def test_false_dead_on_encoder_side_then_20_requests_succeed(peers, make_lang):
+    """issue 7 item 8: the encoder declares a live language manager dead (and drops its
+    registration); the language side's cached registration is refused with Unregistered, it
+    registers again, and every later request succeeds."""
+    peer = peers()
+    lang = make_lang()
+    ok_transfer(peer, lang)  # registered (epoch 1)
+    epoch = lang.registrations[peer.addr].epoch
+    peer.call("declare_dead", lang.manager_id)
+    assert lang.manager_id not in peer.state()["peers"]
+    for i in range(20):
+        ok_transfer(peer, lang, seed=100 + i, total=RESERVE + i, mm=i)
+    assert lang.registrations[peer.addr].epoch > epoch  # registered again, once
+    peer.assert_idle()
+
+
+def test_dead_peer_is_heartbeated_revived_and_dead_again(mp_ctx, make_lang):
+    """issue 7 item 9: a peer declared dead is still pinged and a pong revives it; then it is
+    declared dead again (really stopped) and revived again. The first verdict is forced on a live
+    peer, so only pings sent after it can revive it. Its fenced blocks come back on its
+    abort_ack once it answers."""
+    victim = EncodePeer(mp_ctx, buffer_config(), conn_config(heartbeat_interval_s=30))
+    lang = make_lang()
+    try:
+        for stop in (False, True):
+            room = new_room()
+            rx = lang.create_receiver(victim.addr, room)
+            assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
+            if stop:
+                os.kill(victim.pid, signal.SIGSTOP)
+                assert wait_until(lambda: lang.peer_is_dead(victim.addr), 10)
+            else:
+                declare_dead(lang, victim.addr)
+            assert wait_final(lang, rx) == KVPoll.Failed
+            assert (
+                "unreachable" in rx.reason or rx.reason == "declared dead by the test"
+            )
+            fenced = len(lang.fences[(victim.addr, room)].handle)
+            assert accounting_ok(lang.allocator)["quarantined"] == fenced > 0
+            if stop:
+                os.kill(victim.pid, signal.SIGCONT)
+            # revived by a pong
+            assert wait_until(lambda: not lang.peer_is_dead(victim.addr), 10)
+            assert wait_until(lambda: not lang.fences, 10)  # released by its abort_ack
+            assert accounting_ok(lang.allocator)["quarantined"] == 0
+            # it dropped the room
+            assert wait_until(lambda: victim.state()["rooms"] == 0, 10)
+        ok_transfer(victim, lang)
+        victim.assert_idle()
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+        victim.close()
+
+
+def test_idle_and_dead_peers_are_forgotten(mp_ctx, peers, make_lang):
+    """issue 7 item 13: a peer idle (or dead) for peer_prune_s is forgotten on both sides:
+    health entry, registration and PUSH socket; it registers again when it comes back.
+    """
+    peer = peers(peer_prune_s=0.5)
+    lang = make_lang(peer_prune_s=0.5, fence_timeout_s=0.5)
+    ok_transfer(peer, lang)
+
+    def forgotten_here(ep):
+        return (
+            ep not in lang.registrations
+            and ep not in lang.health
+            and ep not in push_endpoints(lang.channel)
+        )
+
+    assert wait_until(lambda: forgotten_here(peer.addr), 10)
+
+    def forgotten_there():
+        st = peer.state()
+        return (
+            lang.manager_id not in st["peers"] + st["push_endpoints"]
+            and not st["health"]
+        )
+
+    assert wait_until(forgotten_there, 10)
+    ok_transfer(peer, lang)  # both sides meet again
+    victim = EncodePeer(mp_ctx, buffer_config(), conn_config())
+    rx = lang.create_receiver(victim.addr, new_room())
+    assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
+    victim.kill()
+    assert wait_final(lang, rx) == KVPoll.Failed
+    assert wait_until(lambda: forgotten_here(victim.addr), 15)
+    peer.assert_idle()
+
+
+def test_inflight_payload_bytes_are_bounded(peers, make_lang):
+    """issue 7 item 13: the encoder holds payloads by reference until their last round; a
+    send() past max_inflight_payload_bytes raises PayloadBudgetError and changes nothing, so the
+    same request is admitted once earlier ones finished; a payload over the whole bound fails.
+    """
+    total, mm = 3 * RESERVE, 20
+    nbytes = payload_nbytes(make_payload(1, total, mm, H, 3))
+    peer = peers(max_inflight_payload_bytes=nbytes + nbytes // 2)
+    lang = make_lang()
+    first, second = new_room(), new_room()
+    peer.call("send", first, 1, total, mm)  # no destination yet: held
+    assert peer.state()["inflight_payload_bytes"] == nbytes
+    try:
+        peer.call("send", second, 2, total, mm)
+        raise AssertionError("second payload admitted past the bound")
+    except PeerError as e:
+        assert e.kind == "PayloadBudgetError"
+        assert (
+            f"encoder holds {nbytes} payload bytes; {nbytes} more would exceed" in e.msg
+        )
+    assert peer.call("poll", second) == (KVPoll.Bootstrapping, "")  # nothing changed
+    rx1 = lang.create_receiver(peer.addr, first)
+    assert peer.call("wait", first, 20) == (KVPoll.Success, "")
+    assert wait_final(lang, rx1) == KVPoll.Success
+    assert peer.state()["inflight_payload_bytes"] == 0
+    rx2 = lang.create_receiver(peer.addr, second)
+    peer.call("send", second, 2, total, mm)  # admitted now
+    assert peer.call("wait", second, 20) == (KVPoll.Success, "")
+    assert wait_final(lang, rx2) == KVPoll.Success
+    assert_same(rx2.take(), make_payload(2, total, mm, H, 3))
+    big = new_room()
+    try:
+        peer.call("send", big, 3, 4 * total, 4 * mm)
+        raise AssertionError("payload over the whole bound admitted")
+    except PeerError as e:
+        assert e.kind == "OversizeError" and "can never be admitted" in e.msg
+    assert peer.call("wait", big, 10)[0] == KVPoll.Failed
+    peer.assert_idle()
