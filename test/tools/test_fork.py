@@ -257,3 +257,10 @@ def test_lint_names_unformatted_new_modules_and_patched_lines(fake: forktool.For
     fake.refresh()
     assert fake.lint() == []
 
+
+
+def test_real_repository_passes_lint() -> None:
+    """issue 7 item 15: the fork's Python (new modules and patched upstream files) is black- and
+    isort-clean, so a formatting slip fails the suite."""
+    real = forktool.repo_fork(REPO)
+    assert real.lint() == []
