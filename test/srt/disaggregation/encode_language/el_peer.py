@@ -67,82 +67,68 @@ def stall_next_write(mgr, mode: str, release: threading.Event) -> None:
 
 
 def peer_main(conn, buffer_config, conn_config) -> None:
+    """The encode side as a real process: one EncodeManager, its senders driven by the test."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     mgr = EncodeManager(buffer_config, conn_config)
     senders = {}
     H, K = buffer_config.hidden_size, buffer_config.deepstack_count
     release = threading.Event()
-    conn.send(("ok", (mgr.bootstrap_addr, os.getpid())))
-    while True:
-        try:
-            cmd, args = conn.recv()
-        except EOFError:
-            break
-        try:
-            if cmd == "exit":
-                mgr.close()
-                conn.send(("ok", None))
-                break
-            elif cmd == "create":
-                (room,) = args
+
+    def handle(cmd, args):
+        if cmd == "create":
+            (room,) = args
+            senders[room] = mgr.create_sender(room)
+        elif cmd == "send":
+            room, seed, total, mm = args
+            if room not in senders:
                 senders[room] = mgr.create_sender(room)
-                out = None
-            elif cmd == "send":
-                room, seed, total, mm = args
-                if room not in senders:
-                    senders[room] = mgr.create_sender(room)
-                senders[room].send(
-                    make_payload(seed, total, mm, H, K, buffer_config.embed_dtype)
-                )
-                out = None
-            elif cmd == "wait":
-                room, timeout = args
-                s = senders.pop(room)
-                out = (int(s.wait(timeout)), s.reason)
-            elif cmd == "poll":
-                s = senders[args[0]]
-                out = (int(s.poll()), s.reason)
-            elif cmd == "abort":
-                senders[args[0]].abort()
-                out = None
-            elif cmd == "room_state":
-                out = room_state(mgr, args[0])
-            elif cmd == "declare_dead":  # what the heartbeat does after missed pongs
-                declare_dead(mgr, args[0])
-                out = None
-            elif cmd == "stall_next_write":
-                release.clear()
-                stall_next_write(mgr, args[0], release)
-                out = None
-            elif cmd == "stalled_writes":
-                out = list(STALLED_WRITES)
-            elif cmd == "release_write":
-                release.set()
-                out = None
-            elif cmd == "probe":
-                out = mgr.probe(args[0])
-            elif cmd == "state":
-                out = dict(
-                    free=mgr.allocator.num_free(),
-                    total=mgr.allocator.num_total(),
-                    rooms=mgr.num_active_rooms(),
-                    rejected=mgr.channel.rejected,
-                    refused_registrations=mgr.refused_registrations,
-                    peers=sorted(mgr.peers),
-                    health={ep: h.dead for ep, h in mgr.health.items()},
-                    push_endpoints=push_endpoints(mgr.channel),
-                    quarantined=mgr.allocator.num_quarantined(),
-                    inflight_payload_bytes=mgr.inflight_payload_bytes,
-                    pending_writes=len(mgr._pending_writes),
-                    thread_errors=mgr.thread_errors,
-                    workers_alive=all(w.is_alive() for w in mgr._workers),
-                    control_alive=mgr._thread.is_alive(),
-                )
-            else:
-                raise ValueError(f"unknown command {cmd}")
-            conn.send(("ok", out))
-        except Exception as e:  # report to the test, keep serving
-            conn.send(("err", (type(e).__name__, str(e), traceback.format_exc())))
+            senders[room].send(
+                make_payload(seed, total, mm, H, K, buffer_config.embed_dtype)
+            )
+        elif cmd == "wait":
+            room, timeout = args
+            s = senders.pop(room)
+            return int(s.wait(timeout)), s.reason
+        elif cmd == "poll":
+            s = senders[args[0]]
+            return int(s.poll()), s.reason
+        elif cmd == "abort":
+            senders[args[0]].abort()
+        elif cmd == "room_state":
+            return room_state(mgr, args[0])
+        elif cmd == "declare_dead":  # what the heartbeat does after missed pongs
+            declare_dead(mgr, args[0])
+        elif cmd == "stall_next_write":
+            release.clear()
+            stall_next_write(mgr, args[0], release)
+        elif cmd == "stalled_writes":
+            return list(STALLED_WRITES)
+        elif cmd == "release_write":
+            release.set()
+        elif cmd == "probe":
+            return mgr.probe(args[0])
+        elif cmd == "state":
+            return dict(
+                free=mgr.allocator.num_free(),
+                total=mgr.allocator.num_total(),
+                rooms=mgr.num_active_rooms(),
+                rejected=mgr.channel.rejected,
+                refused_registrations=mgr.refused_registrations,
+                peers=sorted(mgr.peers),
+                health={ep: h.dead for ep, h in mgr.health.items()},
+                push_endpoints=push_endpoints(mgr.channel),
+                quarantined=mgr.allocator.num_quarantined(),
+                inflight_payload_bytes=mgr.inflight_payload_bytes,
+                pending_writes=len(mgr._pending_writes),
+                thread_errors=mgr.thread_errors,
+                workers_alive=all(w.is_alive() for w in mgr._workers),
+                control_alive=mgr._thread.is_alive(),
+            )
+        else:
+            raise ValueError(f"unknown command {cmd}")
+        return None
+
+    serve(conn, mgr, handle)
 
 
 def serve(conn, mgr, handle) -> None:
