@@ -575,6 +575,22 @@ class Fork:
             chunks.append(unified_diff(rel, None, (self.new_module_root / rel).read_bytes()))
         return "".join(chunks)
 
+    def diff_stat(self) -> list[tuple[str, int, int, bool]]:
+        """(path, lines added, lines removed, is an upstream file) per file of the combined diff."""
+        out = []
+        for rel, data in sorted(self.compose_patched().items()):
+            before, after = (self.pristine_bytes(rel) or b"").decode(), (data or b"").decode()
+            plus = minus = 0
+            for ln in difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0):
+                if ln.startswith("+") and not ln.startswith("+++"):
+                    plus += 1
+                elif ln.startswith("-") and not ln.startswith("---"):
+                    minus += 1
+            out.append((UPSTREAM_PREFIX + rel, plus, minus, True))
+        for rel in self.new_modules():
+            out.append((UPSTREAM_PREFIX + rel, len((self.new_module_root / rel).read_bytes().splitlines()), 0, False))
+        return out
+
     # ---- lint ---------------------------------------------------------------------------------
     def lint(self, python: str = sys.executable) -> list[str]:
         """Upstream's pre-commit formatters (black; isort --profile black, sglang first-party) in
@@ -829,7 +845,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-m", "--subject", required=True)
     p.add_argument("--body", default="")
     sub.add_parser("lint", help="check new modules and patched upstream files with black and isort")
-    sub.add_parser("diff", help="print the combined diff against pristine upstream (the upstream PR)")
+    p = sub.add_parser("diff", help="print the combined diff against pristine upstream (the upstream PR)")
+    p.add_argument("--stat", action="store_true", help="lines added/removed per file, upstream files first")
     p = sub.add_parser("wheel", help="build sglang-<version>+<local> for deployment")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "dist")
     p.add_argument("--local", default=None, help="local version label (default: fork.g<git sha>)")
@@ -869,6 +886,15 @@ def main(argv: list[str] | None = None) -> int:
             if problems:
                 return 1
             log("lint ok: new modules and the lines the series adds pass black and isort")
+        elif args.cmd == "diff" and args.stat:
+            rows = fork.diff_stat()
+            for upstream in (True, False):
+                part = [r for r in rows if r[3] == upstream]
+                for path, plus, minus, _ in part:
+                    print(f"{'+' + str(plus):>7} {'-' + str(minus):>6}  {path}")
+                what = "upstream files changed" if upstream else "new modules"
+                print(f"{'+' + str(sum(r[1] for r in part)):>7} {'-' + str(sum(r[2] for r in part)):>6}  "
+                      f"{len(part)} {what}\n")
         elif args.cmd == "diff":
             sys.stdout.write(fork.combined_diff())
         elif args.cmd == "wheel":
