@@ -104,6 +104,7 @@ class MultimodalPayload:
     embeddings: torch.Tensor
     deepstack: Optional[torch.Tensor]
     mrope_delta: int
+    items: list = dataclasses.field(default_factory=list)  # item table, item_table.py
 
     @property
     def total_tokens(self) -> int:
@@ -162,6 +163,7 @@ class ReceivedData:
     mm_mask: torch.Tensor  # [T] bool
     embeddings: torch.Tensor  # [M, H]
     deepstack: Optional[torch.Tensor]  # [M, K*H] or None when K = 0
+    items: list = dataclasses.field(default_factory=list)  # item table, item_table.py
 
 
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:

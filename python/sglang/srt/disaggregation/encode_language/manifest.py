@@ -328,6 +328,7 @@ class RoundDone(_Msg, tag="round_done"):
     total_tokens: int
     mm_tokens: int
     last: bool
+    items: list = []  # last round only: the item table (item_table.py)
 
 
 class Abort(_Msg, tag="abort"):

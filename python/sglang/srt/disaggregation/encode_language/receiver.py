@@ -233,6 +233,7 @@ class LanguageManager(ManagerBase):
         r.parts.append(parts)
         r.tokens_received += msg.token_count
         r.mm_received += msg.mm_count
+        r.items = list(msg.items)
         if msg.last and (r.tokens_received, r.mm_received) != (manifest.total_tokens, manifest.mm_tokens):
             raise ProtocolError(
                 f"last round ends at {r.tokens_received} tokens / {r.mm_received} rows, manifest says "
@@ -357,6 +358,7 @@ class LanguageReceiver(BaseKVReceiver):
         self.parts: List[tuple] = []
         self.tokens_received = 0
         self.mm_received = 0
+        self.items: list = []  # item table of the last round
         self._finished = False
 
     # BaseKVReceiver ---------------------------------------------------------------------------
@@ -396,7 +398,7 @@ class LanguageReceiver(BaseKVReceiver):
         mask = torch.cat([p[2] for p in parts])
         emb = torch.cat([p[3] for p in parts])
         ds = torch.cat([p[4] for p in parts]) if parts[0][4] is not None else None
-        return ReceivedData(self.manifest, ids, pos, mask, emb, ds)
+        return ReceivedData(self.manifest, ids, pos, mask, emb, ds, self.items)
 
     # Manager callbacks ------------------------------------------------------------------------
     def _enter(self, phase: str, now: float) -> None:

@@ -370,7 +370,8 @@ class EncodeManager(ManagerBase):
                 self.channel.send(
                     d.manager_id,
                     make(RoundDone, room=r.room, round=rnd, token_start=t0, token_count=ct, mm_start=m0,
-                         mm_count=cm, total_tokens=T, mm_tokens=M, last=last),
+                         mm_count=cm, total_tokens=T, mm_tokens=M, last=last,
+                         items=payload.items if last else []),
                 )
             if last:
                 r.sender._finish(KVPoll.Success, "", r)
