@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from array import array
 import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING, List, Tuple
@@ -214,7 +215,7 @@ class LanguageMMReceiver:
             items.append(item)
         input_ids = data.fill_ids.tolist()
         hf = self.hf_config
-        recv_req.input_ids = input_ids
+        recv_req.input_ids = array("q", input_ids)  # what the tokenizer sends
         recv_req.mm_inputs = MultimodalProcessorOutput(
             mm_items=items,
             input_ids=input_ids,
