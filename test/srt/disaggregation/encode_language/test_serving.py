@@ -8,11 +8,11 @@ servers (read from their Prometheus endpoints, not from inside the processes).
 Real components throughout: ``python -m sglang_router.launch_router``, two
 ``python -m sglang.launch_server`` processes, Mooncake over TCP loopback, HTTP.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
 from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
 from epd_testbed.servers import encode_language_metrics, wait_all_blocks_free
@@ -36,7 +36,10 @@ def deployment(servers, vl_model):
     yield router, encoder, language
     for server in (encoder, language):
         blocks = wait_all_blocks_free(server)
-        assert blocks["in_use"] == 0 and blocks["free"] == blocks["total"] > 0, (server.spec.name, blocks)
+        assert blocks["in_use"] == 0 and blocks["free"] == blocks["total"] > 0, (
+            server.spec.name,
+            blocks,
+        )
 
 
 def _hf_reference(model_path: str, case: Case) -> tuple[list[int], list[float]]:
@@ -47,14 +50,23 @@ def _hf_reference(model_path: str, case: Case) -> tuple[list[int], list[float]]:
 
 def _generate(router, model_path: str, case: Case) -> dict:
     prompt, image_paths = render_prompt(model_path, case.messages())
-    payload = {"text": prompt, "return_logprob": True,
-               "sampling_params": {"temperature": 0.0, "max_new_tokens": MAX_NEW_TOKENS, "ignore_eos": True}}
+    payload = {
+        "text": prompt,
+        "return_logprob": True,
+        "sampling_params": {
+            "temperature": 0.0,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "ignore_eos": True,
+        },
+    }
     if image_paths:
         payload["image_data"] = image_paths
     return router.post("/generate", payload)
 
 
-@pytest.mark.parametrize("case", [CASES["one_image"], CASES["text_only"]], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case", [CASES["one_image"], CASES["text_only"]], ids=lambda c: c.name
+)
 def test_router_generate_matches_hf(deployment, vl_model, case) -> None:
     """Token ids and per-token logprobs through the router equal HF fp32; an image request
     is transferred (encode side counts a success and bytes), a text-only one is not."""
@@ -64,9 +76,15 @@ def test_router_generate_matches_hf(deployment, vl_model, case) -> None:
     out = _generate(router, vl_model, case)
     assert out["output_ids"] == expected_tokens, case.name
     got_logprobs = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
-    assert [entry[1] for entry in out["meta_info"]["output_token_logprobs"]] == expected_tokens
-    assert got_logprobs == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE), case.name
-    assert len(set(expected_tokens)) > 1, f"{case.name}: degenerate reference {expected_tokens}"
+    assert [
+        entry[1] for entry in out["meta_info"]["output_token_logprobs"]
+    ] == expected_tokens
+    assert got_logprobs == pytest.approx(
+        expected_logprobs, abs=LOGPROB_TOLERANCE
+    ), case.name
+    assert (
+        len(set(expected_tokens)) > 1
+    ), f"{case.name}: degenerate reference {expected_tokens}"
 
     after = encode_language_metrics(encoder)
     transferred = after.get("requests.success", 0) - before.get("requests.success", 0)

@@ -28,7 +28,6 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Dict, List
 
 import torch
-
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
@@ -74,7 +73,9 @@ class SchedulerDisaggregationEncodeMixin:
 
     def init_disagg_encode(self: "Scheduler") -> None:
         self.disagg_encode_waiting: List["Req"] = []  # sender created, ViT not run yet
-        self.disagg_encode_inflight: List["Req"] = []  # payload handed over, transferring
+        self.disagg_encode_inflight: List["Req"] = (
+            []
+        )  # payload handed over, transferring
         model = self.tp_worker.model_runner.model
         hf_config = self.model_config.hf_config
         disagg = get_disagg()
@@ -126,7 +127,9 @@ class SchedulerDisaggregationEncodeMixin:
         """``/abort_request`` or a client disconnect: end the room on both sides."""
         for req in self.disagg_encode_waiting + self.disagg_encode_inflight:
             if recv_req.abort_all or req.rid.startswith(recv_req.rid):
-                logger.info("encode: abort request %s (room %s)", req.rid, req.bootstrap_room)
+                logger.info(
+                    "encode: abort request %s (room %s)", req.rid, req.bootstrap_room
+                )
                 req.disagg_kv_sender.abort("aborted by the client")
 
     # Event loop -------------------------------------------------------------------------------
@@ -140,7 +143,9 @@ class SchedulerDisaggregationEncodeMixin:
                 continue
             self.run_disagg_encode_batch()
             self.process_disagg_encode_inflight()
-            self.disagg_encode_metrics.observe_blocks(self.disagg_encode_manager.allocator)
+            self.disagg_encode_metrics.observe_blocks(
+                self.disagg_encode_manager.allocator
+            )
             if self.disagg_encode_queues_empty():
                 self._sched_idled = True
                 self.on_idle()
@@ -189,7 +194,9 @@ class SchedulerDisaggregationEncodeMixin:
                 req.finished_reason = FINISH_LENGTH(length=0)
                 metric = req.disagg_kv_sender.get_transfer_metric()
                 self.disagg_encode_metrics.request_done(
-                    "success", metric.transfer_total_bytes or 0, metric.transfer_latency_s
+                    "success",
+                    metric.transfer_total_bytes or 0,
+                    metric.transfer_latency_s,
                 )
                 done.append(req)
             elif poll == KVPoll.Failed:
@@ -229,7 +236,9 @@ class SchedulerDisaggregationEncodeMixin:
                 rows[id(item)] = chunk
         return rows
 
-    def _payload(self: "Scheduler", req: "Req", rows: Dict[int, torch.Tensor]) -> MultimodalPayload:
+    def _payload(
+        self: "Scheduler", req: "Req", rows: Dict[int, torch.Tensor]
+    ) -> MultimodalPayload:
         model = self.tp_worker.model_runner.model
         mm = req.multimodal_inputs
         fill_ids = torch.tensor(list(req.origin_input_ids_unpadded), dtype=torch.int64)
@@ -244,7 +253,9 @@ class SchedulerDisaggregationEncodeMixin:
         )
         positions = mm.mrope_positions
         if positions is None or tuple(positions.shape) != (3, T):
-            raise ValueError(f"request {req.rid} has no M-RoPE positions for its {T} tokens")
+            raise ValueError(
+                f"request {req.rid} has no M-RoPE positions for its {T} tokens"
+            )
         return MultimodalPayload(
             fill_ids=fill_ids,
             mrope_positions=positions.to(torch.int64),
@@ -257,9 +268,17 @@ class SchedulerDisaggregationEncodeMixin:
 
     def _fail_disagg_encode(self: "Scheduler", req: "Req") -> None:
         reason = req.disagg_kv_sender.reason or "transfer failed"
-        logger.error("encode: request %s (room %s) failed: %s", req.rid, req.bootstrap_room, reason)
-        prepare_abort(req, f"encode/language transfer failed: {reason}",
-                      status_code=HTTPStatus.INTERNAL_SERVER_ERROR)
+        logger.error(
+            "encode: request %s (room %s) failed: %s",
+            req.rid,
+            req.bootstrap_room,
+            reason,
+        )
+        prepare_abort(
+            req,
+            f"encode/language transfer failed: {reason}",
+            status_code=HTTPStatus.INTERNAL_SERVER_ERROR,
+        )
         self._finish_disagg_encode([req], outcome="failed")
 
     def _finish_disagg_encode(self: "Scheduler", reqs: List["Req"], outcome) -> None:
@@ -267,7 +286,9 @@ class SchedulerDisaggregationEncodeMixin:
             req.time_stats.set_completion_time()
             if outcome is not None:
                 self.disagg_encode_metrics.request_done(outcome)
-        self.output_streamer.stream_output(reqs, any(r.return_logprob for r in reqs), None)
+        self.output_streamer.stream_output(
+            reqs, any(r.return_logprob for r in reqs), None
+        )
         for req in reqs:
             if req.multimodal_inputs is not None:
                 req.multimodal_inputs.release_features()

@@ -44,7 +44,12 @@ class ItemEntry:
         return _MODALITIES[self.modality]
 
     def to_wire(self) -> list:
-        return [self.modality, [list(span) for span in self.offsets], self.hash, self.identity]
+        return [
+            self.modality,
+            [list(span) for span in self.offsets],
+            self.hash,
+            self.identity,
+        ]
 
     @classmethod
     def from_wire(cls, raw: Any) -> "ItemEntry":
@@ -59,7 +64,9 @@ class ItemEntry:
         except (TypeError, ValueError) as e:
             raise ItemTableError(f"malformed item table entry {raw!r}: {e}") from None
         if entry.modality not in _MODALITIES:
-            raise ItemTableError(f"unknown modality {entry.modality!r} in the item table")
+            raise ItemTableError(
+                f"unknown modality {entry.modality!r} in the item table"
+            )
         if not entry.offsets or any(s < 0 or e < s for s, e in entry.offsets):
             raise ItemTableError(f"bad token spans {entry.offsets} in the item table")
         return entry
@@ -71,9 +78,13 @@ def item_table(mm_items: Sequence[Any]) -> List[ItemEntry]:
     entries = []
     for item in mm_items:
         if item.modality not in (Modality.IMAGE, Modality.VIDEO):
-            raise ItemTableError(f"modality {item.modality} is not supported by encode/language disaggregation")
+            raise ItemTableError(
+                f"modality {item.modality} is not supported by encode/language disaggregation"
+            )
         if item.hash is None or not item.offsets:
-            raise ItemTableError("a multimodal item without hash or offsets cannot be sent")
+            raise ItemTableError(
+                "a multimodal item without hash or offsets cannot be sent"
+            )
         entries.append(
             ItemEntry(
                 item.modality.name.lower(),
@@ -91,8 +102,12 @@ def check_against_mask(entries: Sequence[ItemEntry], mm_mask) -> None:
     for entry in entries:
         for start, end in entry.offsets:
             if end >= len(mm_mask):
-                raise ItemTableError(f"span [{start}, {end}] beyond the request's {len(mm_mask)} tokens")
+                raise ItemTableError(
+                    f"span [{start}, {end}] beyond the request's {len(mm_mask)} tokens"
+                )
             for t in range(start, end + 1):
                 covered[t] += 1
     if covered != [int(bool(m)) for m in mm_mask.tolist()]:
-        raise ItemTableError("item spans do not cover exactly the multimodal tokens of the request")
+        raise ItemTableError(
+            "item spans do not cover exactly the multimodal tokens of the request"
+        )

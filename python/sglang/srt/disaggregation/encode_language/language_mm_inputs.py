@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any, List, Optional, Tuple
 
 import torch
-
 from sglang.srt.multimodal.modality import Modality
 
 
@@ -65,7 +64,8 @@ class LanguageMultimodalInputs:
         input_deepstack_embeds: Optional[torch.Tensor] = None,
     ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(input_embeds, input_deepstack_embeds) for an extend batch that carries multimodal
-        inputs; ``(None, input_deepstack_embeds)`` otherwise (the model embeds the ids)."""
+        inputs; ``(None, input_deepstack_embeds)`` otherwise (the model embeds the ids).
+        """
         from sglang.srt.managers.mm_utils import prepare_mm_inputs
 
         mode = forward_batch.forward_mode

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from array import array
 import time
+from array import array
 from http import HTTPStatus
 from typing import TYPE_CHECKING, List, Tuple
 
 import torch
-
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.allocator import OversizeError
 from sglang.srt.disaggregation.encode_language.buffers import (
@@ -97,7 +96,9 @@ class LanguageMMReceiver:
         self.rank = get_parallel().attn_tp_rank
         self.num_ranks = get_parallel().attn_tp_size
         self.waiting_list: List[WaitingRequest] = []
-        self.metrics = EncodeLanguageMetrics("language", scheduler.metrics_reporter.enable_metrics)
+        self.metrics = EncodeLanguageMetrics(
+            "language", scheduler.metrics_reporter.enable_metrics
+        )
         self.metrics.observe_blocks(self.manager.allocator)
 
     # The mm_receiver interface ---------------------------------------------------------------
@@ -112,7 +113,9 @@ class LanguageMMReceiver:
             error = self._start(recv_req)
             if error is not None:
                 logger.error("language: request %s refused: %s", recv_req.rid, error)
-                aborts.append((self._req_for_error(recv_req), error, HTTPStatus.BAD_REQUEST))
+                aborts.append(
+                    (self._req_for_error(recv_req), error, HTTPStatus.BAD_REQUEST)
+                )
         if self.waiting_list:
             self._poll(ready, aborts)
         self.metrics.observe_blocks(self.manager.allocator)
@@ -123,7 +126,11 @@ class LanguageMMReceiver:
         poll reports the request failed."""
         for w in self.waiting_list:
             if recv_req.abort_all or w.rid.startswith(recv_req.rid):
-                logger.info("language: abort request %s (room %s)", w.rid, w.recv_req.bootstrap_room)
+                logger.info(
+                    "language: abort request %s (room %s)",
+                    w.rid,
+                    w.recv_req.bootstrap_room,
+                )
                 w.receiver.abort("aborted by the client")
 
     # Rules --------------------------------------------------------------------------------------
@@ -138,7 +145,11 @@ class LanguageMMReceiver:
 
     # Internals ----------------------------------------------------------------------------------
     def _start(self, recv_req: TokenizedGenerateReqInput):
-        if None in (recv_req.bootstrap_host, recv_req.bootstrap_port, recv_req.bootstrap_room):
+        if None in (
+            recv_req.bootstrap_host,
+            recv_req.bootstrap_port,
+            recv_req.bootstrap_room,
+        ):
             return (
                 "a request with an image or video needs bootstrap_host, bootstrap_port and "
                 "bootstrap_room (send it through sglang-router --pd-disaggregation)"
@@ -166,22 +177,37 @@ class LanguageMMReceiver:
                 try:
                     self._attach(w.recv_req, w.receiver.take())
                 except Exception as e:
-                    logger.exception("language: request %s: received data is invalid", w.rid)
+                    logger.exception(
+                        "language: request %s: received data is invalid", w.rid
+                    )
                     self.metrics.request_done("failed")
                     aborts.append(
-                        (self._req_for_error(w.recv_req), f"received multimodal data is invalid: {e}",
-                         HTTPStatus.INTERNAL_SERVER_ERROR)
+                        (
+                            self._req_for_error(w.recv_req),
+                            f"received multimodal data is invalid: {e}",
+                            HTTPStatus.INTERNAL_SERVER_ERROR,
+                        )
                     )
                     continue
-                self.metrics.request_done("success", latency_s=time.monotonic() - w.since)
+                self.metrics.request_done(
+                    "success", latency_s=time.monotonic() - w.since
+                )
                 ready.append(w.recv_req)
             elif poll == KVPoll.Failed:
                 reason = w.receiver.reason or "transfer failed"
-                logger.error("language: request %s (room %s) failed: %s", w.rid, w.recv_req.bootstrap_room, reason)
+                logger.error(
+                    "language: request %s (room %s) failed: %s",
+                    w.rid,
+                    w.recv_req.bootstrap_room,
+                    reason,
+                )
                 self.metrics.request_done("failed")
                 aborts.append(
-                    (self._req_for_error(w.recv_req), f"multimodal transfer failed: {reason}",
-                     HTTPStatus.INTERNAL_SERVER_ERROR)
+                    (
+                        self._req_for_error(w.recv_req),
+                        f"multimodal transfer failed: {reason}",
+                        HTTPStatus.INTERNAL_SERVER_ERROR,
+                    )
                 )
             else:
                 still_waiting.append(w)
@@ -219,13 +245,17 @@ class LanguageMMReceiver:
         recv_req.mm_inputs = MultimodalProcessorOutput(
             mm_items=items,
             input_ids=input_ids,
-            padded_input_ids=MultimodalProcessorOutput.build_padded_input_ids(input_ids, items),
+            padded_input_ids=MultimodalProcessorOutput.build_padded_input_ids(
+                input_ids, items
+            ),
             im_token_id=hf.image_token_id,
             im_start_id=getattr(hf, "vision_start_token_id", None),
             im_end_id=getattr(hf, "vision_end_token_id", None),
             video_token_id=hf.video_token_id,
             mrope_positions=data.mrope_positions.to(torch.int64),
-            mrope_position_delta=torch.tensor([[data.manifest.mrope_delta]], dtype=torch.int64),
+            mrope_position_delta=torch.tensor(
+                [[data.manifest.mrope_delta]], dtype=torch.int64
+            ),
         )
 
     def _req_for_error(self, recv_req: TokenizedGenerateReqInput) -> Req:

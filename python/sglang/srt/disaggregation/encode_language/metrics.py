@@ -58,7 +58,9 @@ class EncodeLanguageMetrics:
         self._blocks.labels(self.role, "in_use").set(total - free)
         self._blocks.labels(self.role, "total").set(total)
 
-    def request_done(self, outcome: str, nbytes: int = 0, latency_s: Optional[float] = None) -> None:
+    def request_done(
+        self, outcome: str, nbytes: int = 0, latency_s: Optional[float] = None
+    ) -> None:
         if not self.enabled:
             return
         self._requests.labels(self.role, outcome).inc()

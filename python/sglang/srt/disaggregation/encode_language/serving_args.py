@@ -60,7 +60,9 @@ def _handle_encode(server_args, cfg, flag: str) -> None:
             f"(--speculative-algorithm {cfg.speculative_algorithm}) cannot be used there"
         )
     if cfg.tp_size > 1:
-        raise ValueError(f"{flag} with --tp {cfg.tp_size} is not supported yet; use --tp 1")
+        raise ValueError(
+            f"{flag} with --tp {cfg.tp_size} is not supported yet; use --tp 1"
+        )
     _require_vision_config(server_args, flag)
     declare_resolution(server_args, _SOURCE, disable_overlap_schedule=True)
 
