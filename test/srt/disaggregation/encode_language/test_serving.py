@@ -64,9 +64,7 @@ def _generate(router, model_path: str, case: Case) -> dict:
     return router.post("/generate", payload)
 
 
-@pytest.mark.parametrize(
-    "case", [CASES["one_image"], CASES["text_only"]], ids=lambda c: c.name
-)
+@pytest.mark.parametrize("case", VL_CASES, ids=lambda c: c.name)
 def test_router_generate_matches_hf(deployment, vl_model, case) -> None:
     """Token ids and per-token logprobs through the router equal HF fp32; an image request
     is transferred (encode side counts a success and bytes), a text-only one is not."""
@@ -94,3 +92,46 @@ def test_router_generate_matches_hf(deployment, vl_model, case) -> None:
     else:
         assert transferred == 0 and moved == 0, (before, after)
         assert after.get("requests.local", 0) - before.get("requests.local", 0) == 1
+
+
+def test_same_image_twice_hits_the_prefix_cache(deployment, vl_model) -> None:
+    """The language side keys an image by the encoder's content hash: the second request for
+    the same image reuses the cached prefix (image tokens included) and answers the same."""
+    router, _, _ = deployment
+    case = CASES["non_square"]
+    expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
+    first = _generate(router, vl_model, case)
+    second = _generate(router, vl_model, case)
+    prompt_tokens = second["meta_info"]["prompt_tokens"]
+    assert second["meta_info"]["cached_tokens"] == prompt_tokens - 1  # all but the last token
+    for out in (first, second):
+        assert out["output_ids"] == expected_tokens
+        got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
+        assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE)
+
+
+def test_router_chat_completions_matches_hf(deployment, vl_model) -> None:
+    """OpenAI chat through the router (it rewrites the body and sends it to both servers)."""
+    from epd_testbed.hf_reference import _tok_and_proc
+
+    router, _, _ = deployment
+    case = CASES["one_image"]
+    expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
+    messages = [
+        {"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else [
+            {"type": "image_url", "image_url": {"url": _file_url(p["image_url"]["url"])}}
+            if p["type"] == "image_url" else p for p in m["content"]]}
+        for m in case.messages()
+    ]
+    out = router.post("/v1/chat/completions", {
+        "model": vl_model, "messages": messages, "temperature": 0.0, "max_tokens": MAX_NEW_TOKENS,
+        "ignore_eos": True, "logprobs": True})
+    choice = out["choices"][0]
+    got = [entry["logprob"] for entry in choice["logprobs"]["content"]]
+    assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE)
+    tokenizer, _ = _tok_and_proc(vl_model)
+    assert choice["message"]["content"] == tokenizer.decode(expected_tokens, skip_special_tokens=True)
+
+
+def _file_url(path: str) -> str:
+    return path if "://" in path or path.startswith("data:") else f"file://{path}"
