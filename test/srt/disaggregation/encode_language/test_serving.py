@@ -11,6 +11,8 @@ Real components throughout: ``python -m sglang_router.launch_router``, two
 
 from __future__ import annotations
 
+import urllib.request
+
 import pytest
 import torch
 from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
@@ -96,14 +98,17 @@ def test_router_generate_matches_hf(deployment, vl_model, case) -> None:
 
 def test_same_image_twice_hits_the_prefix_cache(deployment, vl_model) -> None:
     """The language side keys an image by the encoder's content hash: the second request for
-    the same image reuses the cached prefix (image tokens included) and answers the same."""
+    the same image reuses the cached prefix (image tokens included) and answers the same.
+    """
     router, _, _ = deployment
     case = CASES["non_square"]
     expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
     first = _generate(router, vl_model, case)
     second = _generate(router, vl_model, case)
     prompt_tokens = second["meta_info"]["prompt_tokens"]
-    assert second["meta_info"]["cached_tokens"] == prompt_tokens - 1  # all but the last token
+    assert (
+        second["meta_info"]["cached_tokens"] == prompt_tokens - 1
+    )  # all but the last token
     for out in (first, second):
         assert out["output_ids"] == expected_tokens
         got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
@@ -118,20 +123,78 @@ def test_router_chat_completions_matches_hf(deployment, vl_model) -> None:
     case = CASES["one_image"]
     expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
     messages = [
-        {"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else [
-            {"type": "image_url", "image_url": {"url": _file_url(p["image_url"]["url"])}}
-            if p["type"] == "image_url" else p for p in m["content"]]}
+        {
+            "role": m["role"],
+            "content": (
+                m["content"]
+                if isinstance(m["content"], str)
+                else [
+                    (
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": _file_url(p["image_url"]["url"])},
+                        }
+                        if p["type"] == "image_url"
+                        else p
+                    )
+                    for p in m["content"]
+                ]
+            ),
+        }
         for m in case.messages()
     ]
-    out = router.post("/v1/chat/completions", {
-        "model": vl_model, "messages": messages, "temperature": 0.0, "max_tokens": MAX_NEW_TOKENS,
-        "ignore_eos": True, "logprobs": True})
+    out = router.post(
+        "/v1/chat/completions",
+        {
+            "model": vl_model,
+            "messages": messages,
+            "temperature": 0.0,
+            "max_tokens": MAX_NEW_TOKENS,
+            "ignore_eos": True,
+            "logprobs": True,
+        },
+    )
     choice = out["choices"][0]
     got = [entry["logprob"] for entry in choice["logprobs"]["content"]]
     assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE)
     tokenizer, _ = _tok_and_proc(vl_model)
-    assert choice["message"]["content"] == tokenizer.decode(expected_tokens, skip_special_tokens=True)
+    assert choice["message"]["content"] == tokenizer.decode(
+        expected_tokens, skip_special_tokens=True
+    )
 
 
 def _file_url(path: str) -> str:
     return path if "://" in path or path.startswith("data:") else f"file://{path}"
+
+
+def test_encode_server_answers_like_a_prefill_server(deployment, vl_model) -> None:
+    """What the router gets from the encode ("prefill") side: HTTP 200 and an empty finished
+    output (no tokens, finish reason length 0, empty logprob lists the router can merge).
+    """
+    _, encoder, _ = deployment
+    prompt, _ = render_prompt(vl_model, CASES["text_only"].messages())
+    out = encoder.post(
+        "/generate",
+        {
+            "text": prompt,
+            "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 4},
+            "bootstrap_host": "127.0.0.1",
+            "bootstrap_port": 1,
+            "bootstrap_room": 12345,
+        },
+    )
+    meta = out["meta_info"]
+    assert out["output_ids"] == [] and out["text"] == ""
+    assert meta["finish_reason"] == {"type": "length", "length": 0}
+    assert meta["completion_tokens"] == 0
+    assert meta["input_token_logprobs"] == [] and meta["output_token_logprobs"] == []
+
+
+@pytest.mark.parametrize("role", ["encode", "language"])
+def test_health_generate(deployment, role) -> None:
+    """``/health_generate`` runs on each server through the fake bootstrap path (no buffer)."""
+    _, encoder, language = deployment
+    server = encoder if role == "encode" else language
+    with urllib.request.urlopen(server.url + "/health_generate", timeout=120) as r:
+        assert r.status == 200
