@@ -201,14 +201,20 @@ EL_BUFFER_ARGS = ("--disaggregation-transfer-backend", "mooncake", "--enable-met
                   "--disaggregation-mm-reserve-tokens", "64")
 
 
+# Language-side chunk size of the shared test deployment: small enough that chunks cut the
+# image spans of the test prompts (deepstack rows must follow their tokens into every chunk).
+EL_LANGUAGE_ARGS = ("--chunked-prefill-size", "16")
+
+
 def encode_language_specs(model_path: str | Path, bootstrap_port: int, *extra: str,
+                          language_args: tuple[str, ...] = EL_LANGUAGE_ARGS,
                           name: str = "el") -> tuple[ServerSpec, ServerSpec]:
     """An ``--disaggregation-mode encode`` server (control socket on ``bootstrap_port``) and an
-    ``--disaggregation-mode language`` server."""
+    ``--disaggregation-mode language`` server; ``extra`` goes to both."""
     enc = ServerSpec(str(model_path), ("--disaggregation-mode", "encode", "--disaggregation-bootstrap-port",
                                        str(bootstrap_port), *EL_BUFFER_ARGS, *extra), name=f"{name}-encode")
-    lang = ServerSpec(str(model_path), ("--disaggregation-mode", "language", *EL_BUFFER_ARGS, *extra),
-                      name=f"{name}-language")
+    lang = ServerSpec(str(model_path), ("--disaggregation-mode", "language", *EL_BUFFER_ARGS, *extra,
+                                        *language_args), name=f"{name}-language")
     return enc, lang
 
 

@@ -11,6 +11,7 @@ Real components throughout: ``python -m sglang_router.launch_router``, two
 
 from __future__ import annotations
 
+import json
 import urllib.request
 
 import pytest
@@ -117,37 +118,14 @@ def test_same_image_twice_hits_the_prefix_cache(deployment, vl_model) -> None:
 
 def test_router_chat_completions_matches_hf(deployment, vl_model) -> None:
     """OpenAI chat through the router (it rewrites the body and sends it to both servers)."""
-    from epd_testbed.hf_reference import _tok_and_proc
-
     router, _, _ = deployment
     case = CASES["one_image"]
     expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
-    messages = [
-        {
-            "role": m["role"],
-            "content": (
-                m["content"]
-                if isinstance(m["content"], str)
-                else [
-                    (
-                        {
-                            "type": "image_url",
-                            "image_url": {"url": _file_url(p["image_url"]["url"])},
-                        }
-                        if p["type"] == "image_url"
-                        else p
-                    )
-                    for p in m["content"]
-                ]
-            ),
-        }
-        for m in case.messages()
-    ]
     out = router.post(
         "/v1/chat/completions",
         {
             "model": vl_model,
-            "messages": messages,
+            "messages": _chat_messages(case),
             "temperature": 0.0,
             "max_tokens": MAX_NEW_TOKENS,
             "ignore_eos": True,
@@ -157,14 +135,25 @@ def test_router_chat_completions_matches_hf(deployment, vl_model) -> None:
     choice = out["choices"][0]
     got = [entry["logprob"] for entry in choice["logprobs"]["content"]]
     assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE)
-    tokenizer, _ = _tok_and_proc(vl_model)
-    assert choice["message"]["content"] == tokenizer.decode(
-        expected_tokens, skip_special_tokens=True
-    )
+    assert choice["message"]["content"] == _decode(vl_model, expected_tokens)
 
 
-def _file_url(path: str) -> str:
-    return path if "://" in path or path.startswith("data:") else f"file://{path}"
+def _chat_messages(case: Case) -> list[dict]:
+    """The case's messages with image paths as file:// URLs (what a chat client sends)."""
+    messages = case.messages()
+    for message in messages:
+        if isinstance(message["content"], list):
+            for part in message["content"]:
+                if part["type"] == "image_url":
+                    part["image_url"]["url"] = "file://" + part["image_url"]["url"]
+    return messages
+
+
+def _decode(model_path: str, tokens: list[int]) -> str:
+    from epd_testbed.hf_reference import _tok_and_proc
+
+    tokenizer, _ = _tok_and_proc(model_path)
+    return tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 def test_encode_server_answers_like_a_prefill_server(deployment, vl_model) -> None:
@@ -198,3 +187,38 @@ def test_health_generate(deployment, role) -> None:
     server = encoder if role == "encode" else language
     with urllib.request.urlopen(server.url + "/health_generate", timeout=120) as r:
         assert r.status == 200
+
+
+def test_router_streaming_chat_matches_hf(deployment, vl_model) -> None:
+    """Streaming chat through the router: the chunks' text and logprobs equal HF's."""
+    router, _, _ = deployment
+    case = CASES["two_images"]
+    expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
+    body = json.dumps(
+        {
+            "model": vl_model,
+            "messages": _chat_messages(case),
+            "temperature": 0.0,
+            "max_tokens": MAX_NEW_TOKENS,
+            "ignore_eos": True,
+            "logprobs": True,
+            "stream": True,
+        }
+    ).encode()
+    request = urllib.request.Request(
+        router.url + "/v1/chat/completions",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    text, logprobs = "", []
+    with urllib.request.urlopen(request, timeout=300) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[len("data:") :])["choices"][0]
+            text += choice["delta"].get("content") or ""
+            if choice.get("logprobs"):
+                logprobs += [e["logprob"] for e in choice["logprobs"]["content"]]
+    assert logprobs == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE)
+    assert text == _decode(vl_model, expected_tokens)
