@@ -43,10 +43,12 @@ class ServerPool:
         return self._group(("upstream-epd", model_path), 2,
                            lambda: srv.launch_upstream_epd(model_path, self.log_dir))
 
-    def get_encode_language(self, model_path: str) -> tuple[srv.Server, srv.Server, srv.Server]:
+    def get_encode_language(self, model_path: str, language_module: str = "sglang.launch_server",
+                            name: str = "el") -> tuple[srv.Server, srv.Server, srv.Server]:
         """(router, encode, language) of one encode/language deployment."""
-        return self._group(("encode-language", model_path), 2,
-                           lambda: srv.launch_encode_language(model_path, self.log_dir))
+        return self._group(("encode-language", model_path, language_module), 2,
+                           lambda: srv.launch_encode_language(model_path, self.log_dir,
+                                                              language_module=language_module, name=name))
 
     def _group(self, key: object, need: int, start) -> tuple:
         """A group of servers launched and stopped together; ``need`` counts SGLang servers."""
@@ -100,8 +102,8 @@ def servers(server_pool: ServerPool, request: pytest.FixtureRequest):
             used.extend(pair)
             return pair
 
-        def encode_language(self, model_path: str) -> tuple[srv.Server, srv.Server, srv.Server]:
-            group = server_pool.get_encode_language(model_path)
+        def encode_language(self, model_path: str, **kwargs) -> tuple[srv.Server, srv.Server, srv.Server]:
+            group = server_pool.get_encode_language(model_path, **kwargs)
             used.extend(group)
             return group
 

@@ -50,6 +50,7 @@ class ServerSpec:
     env: tuple[tuple[str, str], ...] = ()
     name: str = "server"
     python: str | None = None  # interpreter to launch with; None: the current one (the fork)
+    module: str = "sglang.launch_server"  # what `python -m` runs (a test-bed control wraps it)
 
 
 @dataclass
@@ -136,7 +137,7 @@ def launch(spec: ServerSpec, log_dir: Path, *, port: int | None = None, wait: bo
     port = port or free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{spec.name}-{port}.log"
-    cmd = [python, "-m", "sglang.launch_server", "--model-path", spec.model_path, "--port", str(port),
+    cmd = [python, "-m", spec.module, "--model-path", spec.model_path, "--port", str(port),
            *BASE_ARGS, *spec.args]
     env = dict(os.environ, **BASE_ENV, **dict(spec.env))
     with open(log_path, "w") as log:
@@ -208,13 +209,14 @@ EL_LANGUAGE_ARGS = ("--chunked-prefill-size", "16")
 
 def encode_language_specs(model_path: str | Path, bootstrap_port: int, *extra: str,
                           language_args: tuple[str, ...] = EL_LANGUAGE_ARGS,
+                          language_module: str = "sglang.launch_server",
                           name: str = "el") -> tuple[ServerSpec, ServerSpec]:
     """An ``--disaggregation-mode encode`` server (control socket on ``bootstrap_port``) and an
     ``--disaggregation-mode language`` server; ``extra`` goes to both."""
     enc = ServerSpec(str(model_path), ("--disaggregation-mode", "encode", "--disaggregation-bootstrap-port",
                                        str(bootstrap_port), *EL_BUFFER_ARGS, *extra), name=f"{name}-encode")
     lang = ServerSpec(str(model_path), ("--disaggregation-mode", "language", *EL_BUFFER_ARGS, *extra,
-                                        *language_args), name=f"{name}-language")
+                                        *language_args), name=f"{name}-language", module=language_module)
     return enc, lang
 
 
@@ -243,10 +245,13 @@ def launch_router(prefill: list[tuple[Server, int]], decode: list[Server], log_d
     return router.wait_ready(timeout=120)
 
 
-def launch_encode_language(model_path: str | Path, log_dir: Path, *extra: str) -> tuple[Server, Server, Server]:
+def launch_encode_language(model_path: str | Path, log_dir: Path, *extra: str,
+                           language_module: str = "sglang.launch_server",
+                           name: str = "el") -> tuple[Server, Server, Server]:
     """(router, encode, language): one encode and one language server behind the router."""
     bootstrap_port = free_port()
-    enc_spec, lang_spec = encode_language_specs(model_path, bootstrap_port, *extra)
+    enc_spec, lang_spec = encode_language_specs(model_path, bootstrap_port, *extra,
+                                                language_module=language_module, name=name)
     encoder = launch(enc_spec, log_dir, wait=False)
     language = launch(lang_spec, log_dir, wait=False)
     try:

@@ -222,3 +222,21 @@ def test_router_streaming_chat_matches_hf(deployment, vl_model) -> None:
                 logprobs += [e["logprob"] for e in choice["logprobs"]["content"]]
     assert logprobs == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE)
     assert text == _decode(vl_model, expected_tokens)
+
+
+def test_control_zeroed_deepstack_fails_the_comparison(servers, vl_model) -> None:
+    """The check's power, shown once: a language server whose received deepstack rows are
+    zeroed (``epd_testbed.zero_deepstack_server``, a test-bed switch) must not match HF within
+    the tolerance, while the same request on the real deployment does (the tests above).
+    """
+    router, _, language = servers.encode_language(
+        vl_model, language_module="epd_testbed.zero_deepstack_server", name="el-control"
+    )
+    case = CASES["one_image"]
+    expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
+    out = _generate(router, vl_model, case)
+    got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
+    worst = max(abs(a - b) for a, b in zip(got, expected_logprobs))
+    assert out["output_ids"] != expected_tokens or worst > LOGPROB_TOLERANCE, worst
+    blocks = wait_all_blocks_free(language)
+    assert blocks["in_use"] == 0 and blocks["free"] == blocks["total"] > 0, blocks
