@@ -242,7 +242,20 @@ def launch_router(prefill: list[tuple[Server, int]], decode: list[Server], log_d
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 stdin=subprocess.DEVNULL)
     router = Server(ServerSpec("router", tuple(cmd), name=name), port, proc, log_path, time.time())
-    return router.wait_ready(timeout=120)
+    router.wait_ready(timeout=120)
+    # /health answers before the workers are registered; /readiness only once they are.
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(router.url + "/readiness", timeout=5) as r:
+                if r.status == 200:
+                    return router
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        if time.time() > deadline:
+            router.stop()
+            raise ServerError(f"{name}: workers not ready after 120 s:\n{router.log_tail()}")
+        time.sleep(0.5)
 
 
 def launch_encode_language(model_path: str | Path, log_dir: Path, *extra: str,

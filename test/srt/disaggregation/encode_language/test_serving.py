@@ -224,6 +224,41 @@ def test_router_streaming_chat_matches_hf(deployment, vl_model) -> None:
     assert text == _decode(vl_model, expected_tokens)
 
 
+def test_different_images_of_equal_length_share_no_image_tokens(
+    deployment, vl_model
+) -> None:
+    """Two different images with the same token count: the second request may reuse only the
+    text before its image (pad ids come from each image's own content hash)."""
+    router, _, _ = deployment
+    first, second = (
+        Case(f"image_seed_{seed}", "What is in this image?", ((64, 64, seed),))
+        for seed in (11, 12)
+    )
+    image_start = _first_image_token(vl_model, first)
+    assert image_start == _first_image_token(vl_model, second)
+    for case in (first, second):
+        expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
+        out = _generate(router, vl_model, case)
+        assert out["output_ids"] == expected_tokens, case.name
+        got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
+        assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE), case.name
+    assert out["meta_info"]["cached_tokens"] <= image_start
+
+
+def _first_image_token(model_path: str, case: Case) -> int:
+    """Index of the first image token in the HF processor's ids for ``case``."""
+    from epd_testbed.hf_reference import _tok_and_proc
+    from PIL import Image
+
+    _, processor = _tok_and_proc(model_path)
+    prompt, paths = render_prompt(model_path, case.messages())
+    images = [Image.open(p).convert("RGB") for p in paths]
+    ids = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"][0]
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    return int((ids == image_token_id).nonzero()[0])
+
+
+# Last: it starts a second deployment, which evicts the shared one.
 def test_control_zeroed_deepstack_fails_the_comparison(servers, vl_model) -> None:
     """The check's power, shown once: a language server whose received deepstack rows are
     zeroed (``epd_testbed.zero_deepstack_server``, a test-bed switch) must not match HF within
