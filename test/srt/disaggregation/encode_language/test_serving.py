@@ -12,7 +12,11 @@ Real components throughout: ``python -m sglang_router.launch_router``, two
 from __future__ import annotations
 
 import json
+import random
+import threading
+import time
 import urllib.request
+import uuid
 
 import pytest
 import torch
@@ -256,6 +260,65 @@ def _first_image_token(model_path: str, case: Case) -> int:
     ids = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"][0]
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     return int((ids == image_token_id).nonzero()[0])
+
+
+@pytest.mark.parametrize("role", ["language", "encode"])
+def test_abort_request_ends_a_waiting_room(deployment, vl_model, role) -> None:
+    """``/abort_request`` on one server while its room waits for the other side (which never
+    gets the request): the request ends at once with the abort reason and every block is
+    free again."""
+    _, encoder, language = deployment
+    server = language if role == "language" else encoder
+    rid = f"abort-{role}-{uuid.uuid4().hex}"
+    prompt, image_paths = render_prompt(vl_model, CASES["one_image"].messages())
+    payload = {
+        "rid": rid,
+        "text": prompt,
+        "image_data": image_paths,
+        "sampling_params": {"max_new_tokens": 4},
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_room": random.getrandbits(62),
+    }
+    # language: it reserves blocks at the encoder, which never sees the request;
+    # encode: no language server ever reserves for this room.
+    payload["bootstrap_port"] = _bootstrap_port(encoder) if role == "language" else 1
+    result: dict = {}
+    worker = threading.Thread(target=_post_capturing, args=(server, payload, result))
+    worker.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and not _waiting(server):
+        time.sleep(0.2)
+    assert _waiting(server), "the request never reached the waiting state"
+    request = urllib.request.Request(
+        server.url + "/abort_request",
+        data=json.dumps({"rid": rid}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as r:  # answers with an empty body
+        assert r.status == 200
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "aborted request did not end"
+    assert "aborted by the client" in result["error"], result
+    blocks = wait_all_blocks_free(server)
+    assert blocks["in_use"] == 0 and blocks["free"] == blocks["total"] > 0, blocks
+
+
+def _post_capturing(server, payload: dict, result: dict) -> None:
+    try:
+        out = server.post("/generate", payload, timeout=120)
+        result["error"] = json.dumps(out["meta_info"]["finish_reason"])
+    except Exception as e:  # the abort may come back as an HTTP error
+        result["error"] = str(e)
+
+
+def _bootstrap_port(encoder) -> int:
+    args = encoder.spec.args
+    return int(args[args.index("--disaggregation-bootstrap-port") + 1])
+
+
+def _waiting(server) -> bool:
+    """The server holds a request whose transfer has not ended."""
+    return encode_language_metrics(server).get("waiting_requests", 0) > 0
 
 
 # Last: it starts a second deployment, which evicts the shared one.

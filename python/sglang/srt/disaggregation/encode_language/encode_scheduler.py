@@ -146,6 +146,9 @@ class SchedulerDisaggregationEncodeMixin:
             self.disagg_encode_metrics.observe_blocks(
                 self.disagg_encode_manager.allocator
             )
+            self.disagg_encode_metrics.observe_waiting(
+                len(self.disagg_encode_waiting) + len(self.disagg_encode_inflight)
+            )
             if self.disagg_encode_queues_empty():
                 self._sched_idled = True
                 self.on_idle()

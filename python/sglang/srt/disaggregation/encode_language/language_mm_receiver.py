@@ -119,6 +119,7 @@ class LanguageMMReceiver:
         if self.waiting_list:
             self._poll(ready, aborts)
         self.metrics.observe_blocks(self.manager.allocator)
+        self.metrics.observe_waiting(len(self.waiting_list))
         return ready, aborts
 
     def abort_waiting_requests(self, recv_req) -> None:

@@ -8,6 +8,7 @@ observable from outside the process::
     sglang:encode_language_requests_total{role,outcome="success|failed|local"}
     sglang:encode_language_bytes_total{role}          bytes sent (encode) / received (language)
     sglang:encode_language_transfer_seconds{role}     last request's transfer latency
+    sglang:encode_language_waiting_requests{role}     requests whose transfer is not over
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class EncodeLanguageMetrics:
         self.role = role
         self.enabled = enabled
         self._last_blocks: Optional[tuple] = None
+        self._last_waiting: Optional[int] = None
         if not enabled:
             return
         from prometheus_client import Counter, Gauge
@@ -46,6 +48,18 @@ class EncodeLanguageMetrics:
             labelnames=("role",),
             multiprocess_mode="mostrecent",
         )
+        self._waiting = Gauge(
+            name="sglang:encode_language_waiting_requests",
+            documentation="Requests whose multimodal transfer has not ended yet.",
+            labelnames=("role",),
+            multiprocess_mode="mostrecent",
+        )
+
+    def observe_waiting(self, num_requests: int) -> None:
+        if not self.enabled or num_requests == self._last_waiting:
+            return
+        self._last_waiting = num_requests
+        self._waiting.labels(self.role).set(num_requests)
 
     def observe_blocks(self, allocator) -> None:
         if not self.enabled:
