@@ -22,7 +22,11 @@ import pytest
 import torch
 from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
 from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
-from epd_testbed.servers import encode_language_metrics, wait_all_blocks_free
+from epd_testbed.servers import (
+    RequestError,
+    encode_language_metrics,
+    wait_all_blocks_free,
+)
 from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
 pytestmark = pytest.mark.server
@@ -319,6 +323,24 @@ def _bootstrap_port(encoder) -> int:
 def _waiting(server) -> bool:
     """The server holds a request whose transfer has not ended."""
     return encode_language_metrics(server).get("waiting_requests", 0) > 0
+
+
+def test_language_server_alone(deployment, vl_model) -> None:
+    """Without the router: a text-only request needs no bootstrap fields and runs locally
+    (equal to HF); a request with an image but no bootstrap room is refused with a clear 400.
+    """
+    _, _, language = deployment
+    case = CASES["text_only"]
+    expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
+    out = _generate(language, vl_model, case)
+    assert out["output_ids"] == expected_tokens
+    got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
+    assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE)
+    with pytest.raises(
+        RequestError,
+        match="HTTP 400.*needs bootstrap_host, bootstrap_port and bootstrap_room",
+    ):
+        _generate(language, vl_model, CASES["one_image"])
 
 
 # Last: it starts a second deployment, which evicts the shared one.
