@@ -12,7 +12,9 @@ Real components throughout: ``python -m sglang_router.launch_router``, two
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import threading
 import time
 import urllib.request
@@ -360,3 +362,38 @@ def test_control_zeroed_deepstack_fails_the_comparison(servers, vl_model) -> Non
     assert out["output_ids"] != expected_tokens or worst > LOGPROB_TOLERANCE, worst
     blocks = wait_all_blocks_free(language)
     assert blocks["in_use"] == 0 and blocks["free"] == blocks["total"] > 0, blocks
+
+
+def test_encoder_death_fails_waiting_requests(servers, vl_model) -> None:
+    """An encoder killed while the language side waits for it: that request fails with a clear
+    error (the transport's heartbeat declares the encoder dead, no waiting for a timeout), its
+    blocks are free, and the router, whose only encoder is gone, answers with an error, no hang.
+    A dedicated deployment: this test kills its encoder."""
+    router, encoder, language = servers.encode_language(vl_model, name="el-dying")
+    rid = f"dying-{uuid.uuid4().hex}"
+    prompt, image_paths = render_prompt(vl_model, CASES["one_image"].messages())
+    payload = {
+        "rid": rid,
+        "text": prompt,
+        "image_data": image_paths,
+        "sampling_params": {"max_new_tokens": 4},
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": _bootstrap_port(encoder),
+        "bootstrap_room": random.getrandbits(62),
+    }
+    result: dict = {}
+    worker = threading.Thread(target=_post_capturing, args=(language, payload, result))
+    worker.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and not _waiting(language):
+        time.sleep(0.2)
+    assert _waiting(language), "the request never reached the waiting state"
+    os.killpg(encoder.pid, signal.SIGKILL)
+    worker.join(timeout=60)  # the heartbeat budget is 3 x 2 s
+    assert not worker.is_alive(), "the language side kept waiting for a dead encoder"
+    assert "unreachable (missed 3 heartbeats)" in result["error"], result
+    blocks = wait_all_blocks_free(language)
+    assert blocks["in_use"] == 0 and blocks["free"] == blocks["total"] > 0, blocks
+
+    with pytest.raises(RequestError, match="HTTP 5"):
+        _generate(router, vl_model, CASES["one_image"])
