@@ -345,6 +345,25 @@ def test_language_server_alone(deployment, vl_model) -> None:
         _generate(language, vl_model, CASES["one_image"])
 
 
+def test_sixteen_concurrent_mixed_requests(deployment, vl_model) -> None:
+    """16 requests at once through the router (each VL case four times: one image, two
+    images, a non-square image, text only): every answer equals its HF reference. The encode
+    server batches the waiting requests' images into one ViT call; the language server
+    schedules received and text-only requests together."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    router, _, _ = deployment
+    references = {case.name: _hf_reference(vl_model, case) for case in VL_CASES}
+    cases = [case for case in VL_CASES for _ in range(4)]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        outs = list(pool.map(lambda case: _generate(router, vl_model, case), cases))
+    for case, out in zip(cases, outs):
+        expected_tokens, expected_logprobs = references[case.name]
+        assert out["output_ids"] == expected_tokens, case.name
+        got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
+        assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE), case.name
+
+
 # Last: it starts a second deployment, which evicts the shared one.
 def test_control_zeroed_deepstack_fails_the_comparison(servers, vl_model) -> None:
     """The check's power, shown once: a language server whose received deepstack rows are

@@ -229,6 +229,12 @@ class SchedulerDisaggregationEncodeMixin:
             if not items:
                 continue
             out = encode(items)
+            logger.info(
+                "encode: one vision-tower call for %d %s item(s) of %d request(s)",
+                len(items),
+                modality.name.lower(),
+                len(reqs),
+            )
             sizes = [sum(e - s + 1 for s, e in item.offsets) for item in items]
             if sum(sizes) != out.shape[0]:
                 raise ValueError(
