@@ -131,21 +131,24 @@ def test_router_chat_completions_matches_hf(deployment, vl_model) -> None:
     router, _, _ = deployment
     case = CASES["one_image"]
     expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
-    out = router.post(
-        "/v1/chat/completions",
-        {
-            "model": vl_model,
-            "messages": _chat_messages(case),
-            "temperature": 0.0,
-            "max_tokens": MAX_NEW_TOKENS,
-            "ignore_eos": True,
-            "logprobs": True,
-        },
-    )
+    out = router.post("/v1/chat/completions", _chat_body(vl_model, case))
     choice = out["choices"][0]
     got = [entry["logprob"] for entry in choice["logprobs"]["content"]]
     assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE)
     assert choice["message"]["content"] == _decode(vl_model, expected_tokens)
+
+
+def _chat_body(model_path: str, case: Case, stream: bool = False) -> dict:
+    """Greedy chat request for ``case`` with per-token logprobs."""
+    return {
+        "model": model_path,
+        "messages": _chat_messages(case),
+        "temperature": 0.0,
+        "max_tokens": MAX_NEW_TOKENS,
+        "ignore_eos": True,
+        "logprobs": True,
+        "stream": stream,
+    }
 
 
 def _chat_messages(case: Case) -> list[dict]:
@@ -204,17 +207,7 @@ def test_router_streaming_chat_matches_hf(deployment, vl_model) -> None:
     router, _, _ = deployment
     case = CASES["two_images"]
     expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
-    body = json.dumps(
-        {
-            "model": vl_model,
-            "messages": _chat_messages(case),
-            "temperature": 0.0,
-            "max_tokens": MAX_NEW_TOKENS,
-            "ignore_eos": True,
-            "logprobs": True,
-            "stream": True,
-        }
-    ).encode()
+    body = json.dumps(_chat_body(vl_model, case, stream=True)).encode()
     request = urllib.request.Request(
         router.url + "/v1/chat/completions",
         data=body,
@@ -275,26 +268,10 @@ def test_abort_request_ends_a_waiting_room(deployment, vl_model, role) -> None:
     free again."""
     _, encoder, language = deployment
     server = language if role == "language" else encoder
-    rid = f"abort-{role}-{uuid.uuid4().hex}"
-    prompt, image_paths = render_prompt(vl_model, CASES["one_image"].messages())
-    payload = {
-        "rid": rid,
-        "text": prompt,
-        "image_data": image_paths,
-        "sampling_params": {"max_new_tokens": 4},
-        "bootstrap_host": "127.0.0.1",
-        "bootstrap_room": random.getrandbits(62),
-    }
     # language: it reserves blocks at the encoder, which never sees the request;
     # encode: no language server ever reserves for this room.
-    payload["bootstrap_port"] = _bootstrap_port(encoder) if role == "language" else 1
-    result: dict = {}
-    worker = threading.Thread(target=_post_capturing, args=(server, payload, result))
-    worker.start()
-    deadline = time.time() + 60
-    while time.time() < deadline and not _waiting(server):
-        time.sleep(0.2)
-    assert _waiting(server), "the request never reached the waiting state"
+    port = _bootstrap_port(encoder) if role == "language" else 1
+    rid, worker, result = _start_waiting_request(server, vl_model, port)
     request = urllib.request.Request(
         server.url + "/abort_request",
         data=json.dumps({"rid": rid}).encode(),
@@ -307,6 +284,30 @@ def test_abort_request_ends_a_waiting_room(deployment, vl_model, role) -> None:
     assert "aborted by the client" in result["error"], result
     blocks = wait_all_blocks_free(server)
     assert blocks["in_use"] == 0 and blocks["free"] == blocks["total"] > 0, blocks
+
+
+def _start_waiting_request(server, model_path: str, bootstrap_port: int):
+    """Send a one-image request for a fresh room to ``server`` alone (its peer never gets it)
+    from a thread; return (rid, thread, result dict) once the room is live there."""
+    rid = f"waiting-{uuid.uuid4().hex}"
+    prompt, image_paths = render_prompt(model_path, CASES["one_image"].messages())
+    payload = {
+        "rid": rid,
+        "text": prompt,
+        "image_data": image_paths,
+        "sampling_params": {"max_new_tokens": 4},
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": bootstrap_port,
+        "bootstrap_room": random.getrandbits(62),
+    }
+    result: dict = {}
+    worker = threading.Thread(target=_post_capturing, args=(server, payload, result))
+    worker.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and not _waiting(server):
+        time.sleep(0.2)
+    assert _waiting(server), "the request never reached the waiting state"
+    return rid, worker, result
 
 
 def _post_capturing(server, payload: dict, result: dict) -> None:
@@ -389,24 +390,9 @@ def test_encoder_death_fails_waiting_requests(servers, vl_model) -> None:
     blocks are free, and the router, whose only encoder is gone, answers with an error, no hang.
     A dedicated deployment: this test kills its encoder."""
     router, encoder, language = servers.encode_language(vl_model, name="el-dying")
-    rid = f"dying-{uuid.uuid4().hex}"
-    prompt, image_paths = render_prompt(vl_model, CASES["one_image"].messages())
-    payload = {
-        "rid": rid,
-        "text": prompt,
-        "image_data": image_paths,
-        "sampling_params": {"max_new_tokens": 4},
-        "bootstrap_host": "127.0.0.1",
-        "bootstrap_port": _bootstrap_port(encoder),
-        "bootstrap_room": random.getrandbits(62),
-    }
-    result: dict = {}
-    worker = threading.Thread(target=_post_capturing, args=(language, payload, result))
-    worker.start()
-    deadline = time.time() + 60
-    while time.time() < deadline and not _waiting(language):
-        time.sleep(0.2)
-    assert _waiting(language), "the request never reached the waiting state"
+    _, worker, result = _start_waiting_request(
+        language, vl_model, _bootstrap_port(encoder)
+    )
     os.killpg(encoder.pid, signal.SIGKILL)
     worker.join(timeout=60)  # the heartbeat budget is 3 x 2 s
     assert not worker.is_alive(), "the language side kept waiting for a dead encoder"
