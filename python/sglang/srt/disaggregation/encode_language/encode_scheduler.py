@@ -22,10 +22,14 @@ Only one rank owns the transfer; ``--tp > 1`` is refused at start-up for now.
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
+import os
+import struct
 import time
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Dict, List
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import torch
 from sglang.srt.disaggregation.base.conn import KVPoll
@@ -61,6 +65,27 @@ logger = logging.getLogger(__name__)
 INFLIGHT_POLL_INTERVAL_S = 0.002
 
 
+def checkpoint_bytes_not_loaded(model_path: str) -> Optional[int]:
+    """Bytes of a local safetensors checkpoint outside the vision tower (what the encode
+    server leaves out), read from the file headers only; None when there are no local files.
+    """
+    from sglang.srt.models.qwen3_vl_moe_language import is_vision_weight
+
+    files = glob.glob(os.path.join(model_path, "*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        for name, entry in header.items():
+            if name != "__metadata__" and not is_vision_weight(name):
+                start, end = entry["data_offsets"]
+                total += end - start
+    return total
+
+
 def has_media(req: "Req") -> bool:
     mm = req.multimodal_inputs
     return mm is not None and any(
@@ -94,9 +119,12 @@ class SchedulerDisaggregationEncodeMixin:
             "encode", self.metrics_reporter.enable_metrics
         )
         self.disagg_encode_metrics.observe_blocks(self.disagg_encode_manager.allocator)
+        skipped = checkpoint_bytes_not_loaded(self.model_config.model_path)
         logger.info(
-            "encode server: vision tower only (%.1f MiB of weights), control endpoint %s",
+            "encode server: vision tower only (%.1f MiB of weights; %s of checkpoint "
+            "weights not loaded versus the full model), control endpoint %s",
             sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+            "unknown" if skipped is None else f"{skipped / 2**20:.1f} MiB",
             self.disagg_encode_manager.bootstrap_addr,
         )
 
