@@ -6,12 +6,12 @@ the per-token logprobs must differ from Hugging Face's (``test_serving.py``). Th
 at import of this module, which SGLang's spawned scheduler processes import again as their
 ``__main__``, so it holds in every process of the server.
 """
+
 from __future__ import annotations
 
 import runpy
 
 import torch
-
 from sglang.srt.disaggregation.encode_language.language_mm_inputs import (
     LanguageMultimodalInputs,
 )
