@@ -40,16 +40,27 @@ class ServerPool:
         return server
 
     def get_upstream_epd(self, model_path: str) -> tuple[srv.Server, srv.Server]:
-        key = ("upstream-epd", model_path)
+        return self._group(("upstream-epd", model_path), 2,
+                           lambda: srv.launch_upstream_epd(model_path, self.log_dir))
+
+    def get_encode_language(self, model_path: str, language_module: str = "sglang.launch_server",
+                            name: str = "el") -> tuple[srv.Server, srv.Server, srv.Server]:
+        """(router, encode, language) of one encode/language deployment."""
+        return self._group(("encode-language", model_path, language_module), 2,
+                           lambda: srv.launch_encode_language(model_path, self.log_dir,
+                                                              language_module=language_module, name=name))
+
+    def _group(self, key: object, need: int, start) -> tuple:
+        """A group of servers launched and stopped together; ``need`` counts SGLang servers."""
         group = self.live.get(key)
         if group and all(s.alive() for s in group):
             self.live.move_to_end(key)
-            return group[0], group[1]
+            return tuple(group)
         self._drop(key)
-        self._admit(key, 2)
-        enc, lang = srv.launch_upstream_epd(model_path, self.log_dir)
-        self.live[key] = [enc, lang]
-        return enc, lang
+        self._admit(key, need)
+        group = list(start())
+        self.live[key] = group
+        return tuple(group)
 
     def _drop(self, key: object) -> None:
         for s in self.live.pop(key, []):
@@ -90,6 +101,11 @@ def servers(server_pool: ServerPool, request: pytest.FixtureRequest):
             pair = server_pool.get_upstream_epd(model_path)
             used.extend(pair)
             return pair
+
+        def encode_language(self, model_path: str, **kwargs) -> tuple[srv.Server, srv.Server, srv.Server]:
+            group = server_pool.get_encode_language(model_path, **kwargs)
+            used.extend(group)
+            return group
 
     return Handle()
 

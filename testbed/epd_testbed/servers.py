@@ -50,6 +50,7 @@ class ServerSpec:
     env: tuple[tuple[str, str], ...] = ()
     name: str = "server"
     python: str | None = None  # interpreter to launch with; None: the current one (the fork)
+    module: str = "sglang.launch_server"  # what `python -m` runs (a test-bed control wraps it)
 
 
 @dataclass
@@ -136,7 +137,7 @@ def launch(spec: ServerSpec, log_dir: Path, *, port: int | None = None, wait: bo
     port = port or free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{spec.name}-{port}.log"
-    cmd = [python, "-m", "sglang.launch_server", "--model-path", spec.model_path, "--port", str(port),
+    cmd = [python, "-m", spec.module, "--model-path", spec.model_path, "--port", str(port),
            *BASE_ARGS, *spec.args]
     env = dict(os.environ, **BASE_ENV, **dict(spec.env))
     with open(log_path, "w") as log:
@@ -191,6 +192,138 @@ def launch_upstream_epd(model_path: str | Path, log_dir: Path, backend: str = "z
         language.stop()
         raise
     return encoder, language
+
+
+# Encode/language disaggregation behind SGLang's own router ------------------------------------
+
+# Small buffers so multi-round transfers happen on the tiny checkpoint (K=3, H=128, fp32).
+EL_BUFFER_ARGS = ("--disaggregation-transfer-backend", "mooncake", "--enable-metrics",
+                  "--disaggregation-mm-num-blocks", "16", "--disaggregation-mm-block-size", "32",
+                  "--disaggregation-mm-reserve-tokens", "64",
+                  # blocks a dead encoder may still write stay quarantined this long (default 120 s)
+                  "--disaggregation-mm-transfer-config", '{"fence_timeout_s": 5}')
+
+
+# Everything runs on loopback: the router hands the language side the encode server's URL host
+# (127.0.0.1) as bootstrap_host, so both sides advertise that address (upstream's discovery,
+# which the transport uses, honours SGLANG_HOST_IP; by default it picks the default route's).
+EL_ENV = (("SGLANG_HOST_IP", "127.0.0.1"),)
+
+
+# Language-side chunk size of the shared test deployment: small enough that chunks cut the
+# image spans of the test prompts (deepstack rows must follow their tokens into every chunk).
+EL_LANGUAGE_ARGS = ("--chunked-prefill-size", "16")
+
+
+def encode_language_specs(model_path: str | Path, bootstrap_port: int, *extra: str,
+                          language_args: tuple[str, ...] = EL_LANGUAGE_ARGS,
+                          language_module: str = "sglang.launch_server",
+                          name: str = "el") -> tuple[ServerSpec, ServerSpec]:
+    """An ``--disaggregation-mode encode`` server (control socket on ``bootstrap_port``) and an
+    ``--disaggregation-mode language`` server; ``extra`` goes to both."""
+    enc = ServerSpec(str(model_path), ("--disaggregation-mode", "encode", "--disaggregation-bootstrap-port",
+                                       str(bootstrap_port), *EL_BUFFER_ARGS, *extra), name=f"{name}-encode",
+                     env=EL_ENV)
+    lang = ServerSpec(str(model_path), ("--disaggregation-mode", "language", *EL_BUFFER_ARGS, *extra,
+                                        *language_args), name=f"{name}-language", module=language_module,
+                      env=EL_ENV)
+    return enc, lang
+
+
+def launch_router(prefill: list[tuple[Server, int]], decode: list[Server], log_dir: Path,
+                  *extra: str, name: str = "router") -> Server:
+    """``python -m sglang_router.launch_router --pd-disaggregation``: encode servers as prefill
+    workers (URL + bootstrap port), language servers as decode workers. Retries are off (a
+    retried pair re-encodes) and workers are probed every second at start-up."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
+           "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(free_port()),
+           "--worker-startup-check-interval", "1", "--disable-retries", "--log-level", "warn"]
+    for server, bootstrap_port in prefill:
+        cmd += ["--prefill", server.url, str(bootstrap_port)]
+    for server in decode:
+        cmd += ["--decode", server.url]
+    cmd += list(extra)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}-{port}.log"
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                stdin=subprocess.DEVNULL)
+    router = Server(ServerSpec("router", tuple(cmd), name=name), port, proc, log_path, time.time())
+    router.wait_ready(timeout=120)
+    # /health answers before the workers are registered; /readiness only once they are.
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(router.url + "/readiness", timeout=5) as r:
+                if r.status == 200:
+                    return router
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        if time.time() > deadline:
+            router.stop()
+            raise ServerError(f"{name}: workers not ready after 120 s:\n{router.log_tail()}")
+        time.sleep(0.5)
+
+
+def launch_encode_language(model_path: str | Path, log_dir: Path, *extra: str,
+                           language_module: str = "sglang.launch_server",
+                           name: str = "el") -> tuple[Server, Server, Server]:
+    """(router, encode, language): one encode and one language server behind the router."""
+    bootstrap_port = free_port()
+    enc_spec, lang_spec = encode_language_specs(model_path, bootstrap_port, *extra,
+                                                language_module=language_module, name=name)
+    encoder = launch(enc_spec, log_dir, wait=False)
+    language = launch(lang_spec, log_dir, wait=False)
+    try:
+        encoder.wait_ready()
+        language.wait_ready()
+        router = launch_router([(encoder, bootstrap_port)], [language], log_dir)
+    except Exception:
+        encoder.stop()
+        language.stop()
+        raise
+    return router, encoder, language
+
+
+def encode_language_metrics(server: Server) -> dict[str, float]:
+    """A server's ``sglang:encode_language_*`` samples from its Prometheus endpoint, keyed
+    ``"blocks.free"``, ``"blocks.in_use"``, ``"blocks.total"``, ``"requests.success"``,
+    ``"requests.local"``, ``"requests.failed"``, ``"bytes"``."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("sglang:encode_language_"):
+            continue
+        head, value = line.rsplit(" ", 1)
+        name, _, labels = head[len("sglang:encode_language_"):].partition("{")
+        name = name.removesuffix("_total")
+        label = dict(kv.split("=", 1) for kv in labels.rstrip("}").split(",") if kv)
+        key = label.get("state") or label.get("outcome")
+        samples[f"{name}.{key.strip(chr(34))}" if key else name] = float(value)
+    return samples
+
+
+def encode_language_blocks(server: Server) -> dict[str, int]:
+    """``{"free": n, "quarantined": n, "in_use": n, "total": n}`` of a server's multimodal
+    transfer buffers."""
+    m = encode_language_metrics(server)
+    return {k.split(".", 1)[1]: int(v) for k, v in m.items() if k.startswith("blocks.")}
+
+
+def wait_all_blocks_free(server: Server, timeout: float = 30.0) -> dict[str, int]:
+    """Poll until every block is free (the gauge follows the scheduler loop); returns the last
+    reading, which the caller asserts on."""
+    deadline = time.time() + timeout
+    blocks = encode_language_blocks(server)
+    while time.time() < deadline and not (
+            blocks and blocks.get("in_use") == 0 and blocks.get("quarantined") == 0):
+        time.sleep(0.5)
+        blocks = encode_language_blocks(server)
+    return blocks
 
 
 def generate(server: Server, prompt: str, images: list[str] | None = None, max_new_tokens: int = 16,

@@ -116,6 +116,7 @@ class MultimodalPayload:
     embeddings: torch.Tensor
     deepstack: Optional[torch.Tensor]
     mrope_delta: int
+    items: list = dataclasses.field(default_factory=list)  # item table, item_table.py
 
     @property
     def total_tokens(self) -> int:
@@ -184,6 +185,9 @@ class ReceivedData(NamedTuple):
     mm_mask: torch.Tensor  # [T] bool
     embeddings: torch.Tensor  # [M, H]
     deepstack: Optional[torch.Tensor]  # [M, K*H] or None when K = 0
+    items: (
+        tuple
+    ) = ()  # item table of the whole request (item_table.py); () for one round
 
 
 class RoundStamp(NamedTuple):

@@ -57,6 +57,14 @@ class ProtocolError(ValueError):
     """A control message (or aux header) that is malformed, unknown or of another version."""
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The layout's name of a model dtype (``torch.bfloat16`` -> ``"bfloat16"``)."""
+    for name, d in _DTYPES.items():
+        if d == dtype:
+            return name
+    raise ValueError(f"unsupported dtype {dtype}; supported: {sorted(_DTYPES)}")
+
+
 def dtype_from_name(name: str) -> torch.dtype:
     try:
         return _DTYPES[name]
@@ -391,6 +399,7 @@ class RoundDone(_Msg, tag="round_done"):
     total_tokens: int
     mm_tokens: int
     last: bool
+    items: list = []  # last round only: the item table (item_table.py)
 
 
 class Abort(_Msg, tag="abort"):

@@ -425,6 +425,8 @@ class LanguageManager(ManagerBase):
         r.manifest = manifest
         r.parts.append(data)
         r.tokens_received, r.mm_received, r.mm_bits = done_tokens, done_rows, mm_bits
+        if msg.last:
+            r.items = tuple(msg.items)
 
     def _try_resume_locked(self, r: "LanguageReceiver", now: float) -> None:
         B = self.layout.block_size
@@ -630,6 +632,7 @@ class LanguageReceiver:
         self.tokens_received = 0
         self.mm_received = 0
         self.mm_bits = 0  # multimodal tokens the received bitmaps mark
+        self.items: tuple = ()  # item table, from the last round (item_table.py)
         self._finished = False
 
     def poll(self) -> int:
@@ -671,6 +674,7 @@ class LanguageReceiver:
                 if parts[0].deepstack is not None
                 else None
             ),
+            self.items,
         )
 
     # Manager callbacks ------------------------------------------------------------------------

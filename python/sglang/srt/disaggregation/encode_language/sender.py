@@ -561,6 +561,7 @@ class EncodeManager(ManagerBase):
                     total_tokens=T,
                     mm_tokens=M,
                     last=last,
+                    items=payload.items if last else [],
                 )
                 self.channel.send(d.manager_id, done)
             if last:

@@ -1,0 +1,333 @@
+"""The scheduler of an encode server (``--disaggregation-mode encode``).
+
+Shaped like a PD prefill server so ``sglang-router --pd-disaggregation`` fronts it unchanged:
+
+1. ``add_disagg_encode_request``: a request with media gets an ``EncodeSender`` for its
+   bootstrap room at once (the language side may reserve before or after); a request without
+   image or video, or from the fake bootstrap host (health checks, warm-up), finishes at once
+   with nothing sent; the language side applies the same rule to the same body.
+2. ``run_disagg_encode_batch``: the images (and videos) of every waiting request go through
+   upstream's ``get_image_feature`` / ``get_video_feature`` in one call per modality, and
+   ``separate_deepstack_embeds`` splits the rows; each request's ``MultimodalPayload`` (unpadded
+   ids, M-RoPE positions and delta, multimodal mask, rows, item table) is handed to its sender.
+   The ViT does not wait for the language side's reservation: the transport starts the rounds
+   when both are there.
+3. ``process_disagg_encode_inflight``: senders are polled (MIN over the TP group, as PD
+   does); Success finishes the request with an empty output (``FINISH_LENGTH(0)``, no tokens,
+   empty logprob lists), exactly what the router merges from a prefill server; Failed answers
+   500 with the transport's reason.
+
+Only one rank owns the transfer; ``--tp > 1`` is refused at start-up for now.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import struct
+import time
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Dict, List, Optional
+
+import torch
+
+from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.encode_language.buffers import (
+    MultimodalBufferConfig,
+    MultimodalPayload,
+)
+from sglang.srt.disaggregation.encode_language.connection import (
+    ConnectionConfig,
+    RoomInUseError,
+)
+from sglang.srt.disaggregation.encode_language.item_table import item_table
+from sglang.srt.disaggregation.encode_language.manifest import dtype_name
+from sglang.srt.disaggregation.encode_language.metrics import EncodeLanguageMetrics
+from sglang.srt.disaggregation.encode_language.sender import EncodeManager
+from sglang.srt.disaggregation.utils import (
+    FAKE_BOOTSTRAP_HOST,
+    poll_and_all_reduce,
+    prepare_abort,
+)
+from sglang.srt.managers.schedule_batch import FINISH_LENGTH
+from sglang.srt.multimodal.modality import Modality
+from sglang.srt.runtime_context import get_device, get_disagg, get_parallel
+
+if TYPE_CHECKING:
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.managers.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+# Pause of the encode loop while transfers are in flight and nothing else is to do: the
+# transfer runs in the manager's threads, polling faster only burns a core.
+INFLIGHT_POLL_INTERVAL_S = 0.002
+
+
+def checkpoint_bytes_not_loaded(model_path: str) -> Optional[int]:
+    """Bytes of a local safetensors checkpoint outside the vision tower (what the encode
+    server leaves out), read from the file headers only; None when there are no local files.
+    """
+    from sglang.srt.models.qwen3_vl_moe_language import is_vision_weight
+
+    files = glob.glob(os.path.join(model_path, "*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        for name, entry in header.items():
+            if name != "__metadata__" and not is_vision_weight(name):
+                start, end = entry["data_offsets"]
+                total += end - start
+    return total
+
+
+def has_media(req: "Req") -> bool:
+    mm = req.multimodal_inputs
+    return mm is not None and any(
+        item.modality in (Modality.IMAGE, Modality.VIDEO) for item in mm.mm_items
+    )
+
+
+class SchedulerDisaggregationEncodeMixin:
+    """Encode-server parts of ``Scheduler`` (only used with ``--disaggregation-mode encode``)."""
+
+    def init_disagg_encode(self: "Scheduler") -> None:
+        self.disagg_encode_waiting: List["Req"] = []  # sender created, ViT not run yet
+        self.disagg_encode_inflight: List["Req"] = (
+            []
+        )  # payload handed over, transferring
+        model = self.tp_worker.model_runner.model
+        hf_config = self.model_config.hf_config
+        disagg = get_disagg()
+        buffer_config = MultimodalBufferConfig.from_server_args(
+            disagg,
+            hidden_size=hf_config.text_config.hidden_size,
+            deepstack_count=model.num_deepstack_embeddings,
+            embed_dtype=dtype_name(self.model_config.dtype),
+        )
+        # The control socket listens on --disaggregation-bootstrap-port (the port the router hands
+        # the language side) and advertises a routable address (docs/transport.md, addressing).
+        conn = ConnectionConfig.from_server_args(
+            self.server_args, gpu_id=get_device().gpu_id
+        )
+        self.disagg_encode_manager = EncodeManager(buffer_config, conn)
+        self.disagg_encode_metrics = EncodeLanguageMetrics(
+            "encode", self.metrics_reporter.enable_metrics
+        )
+        self.disagg_encode_metrics.observe_blocks(self.disagg_encode_manager.allocator)
+        skipped = checkpoint_bytes_not_loaded(self.model_config.model_path)
+        logger.info(
+            "encode server: vision tower only (%.1f MiB of weights; %s of checkpoint "
+            "weights not loaded versus the full model), control endpoint %s",
+            sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+            "unknown" if skipped is None else f"{skipped / 2**20:.1f} MiB",
+            self.disagg_encode_manager.bootstrap_addr,
+        )
+
+    # Queues ---------------------------------------------------------------------------------
+    def add_disagg_encode_request(self: "Scheduler", req: "Req") -> None:
+        if req.finished():  # rejected before admission (e.g. too long): answer now
+            self._finish_disagg_encode([req], outcome="failed")
+            return
+        if req.bootstrap_host == FAKE_BOOTSTRAP_HOST or not has_media(req):
+            req.finished_reason = FINISH_LENGTH(length=0)
+            self._finish_disagg_encode([req], outcome="local")
+            return
+        try:
+            req.disagg_kv_sender = self.disagg_encode_manager.create_sender(
+                req.bootstrap_room
+            )
+        except RoomInUseError as e:
+            logger.error("encode: request %s refused: %s", req.rid, e)
+            prepare_abort(req, str(e), status_code=HTTPStatus.BAD_REQUEST)
+            self._finish_disagg_encode([req], outcome="failed")
+            return
+        self.disagg_encode_waiting.append(req)
+
+    def disagg_encode_queues_empty(self: "Scheduler") -> bool:
+        return not self.disagg_encode_waiting and not self.disagg_encode_inflight
+
+    def abort_disagg_encode_requests(self: "Scheduler", recv_req) -> None:
+        """``/abort_request`` or a client disconnect: end the room on both sides."""
+        for req in self.disagg_encode_waiting + self.disagg_encode_inflight:
+            if recv_req.abort_all or req.rid.startswith(recv_req.rid):
+                logger.info(
+                    "encode: abort request %s (room %s)", req.rid, req.bootstrap_room
+                )
+                req.disagg_kv_sender.abort("aborted by the client")
+
+    # Event loop -------------------------------------------------------------------------------
+    def event_loop_disagg_encode(self: "Scheduler") -> None:
+        while True:
+            if self.gracefully_exit:
+                break
+            self.ingest_requests()
+            if self._engine_paused:
+                self._record_scheduler_state_for_paused_engine()
+                continue
+            self.run_disagg_encode_batch()
+            self.process_disagg_encode_inflight()
+            self.disagg_encode_metrics.observe_blocks(
+                self.disagg_encode_manager.allocator
+            )
+            self.disagg_encode_metrics.observe_waiting(
+                len(self.disagg_encode_waiting) + len(self.disagg_encode_inflight)
+            )
+            if self.disagg_encode_queues_empty():
+                self._sched_idled = True
+                self.on_idle()
+            else:
+                time.sleep(INFLIGHT_POLL_INTERVAL_S)
+
+    def run_disagg_encode_batch(self: "Scheduler") -> None:
+        """One ViT call per modality over every waiting request, then hand the payloads over."""
+        reqs, self.disagg_encode_waiting = self.disagg_encode_waiting, []
+        live = []
+        for req in reqs:
+            if req.disagg_kv_sender.poll() == KVPoll.Failed:  # aborted while waiting
+                self._fail_disagg_encode(req)
+            else:
+                live.append(req)
+        if not live:
+            return
+        try:
+            rows = self._encode_items(live)
+        except Exception as e:  # a bad item fails its batch, never the server
+            logger.exception("encode: vision tower failed")
+            for req in live:
+                req.disagg_kv_sender.abort(f"vision tower failed: {e}")
+                self._fail_disagg_encode(req)
+            return
+        for req in live:
+            try:
+                req.disagg_kv_sender.send(self._payload(req, rows))
+            except Exception as e:
+                logger.exception("encode: request %s could not be sent", req.rid)
+                req.disagg_kv_sender.abort(f"encode failed: {e}")
+                self._fail_disagg_encode(req)
+                continue
+            self.disagg_encode_inflight.append(req)
+
+    def process_disagg_encode_inflight(self: "Scheduler") -> None:
+        if not self.disagg_encode_inflight:
+            return
+        polls = poll_and_all_reduce(
+            [req.disagg_kv_sender for req in self.disagg_encode_inflight],
+            self.attn_tp_cpu_group,
+        )
+        done, undone = [], []
+        for req, poll in zip(self.disagg_encode_inflight, polls):
+            if poll == KVPoll.Success:
+                req.finished_reason = FINISH_LENGTH(length=0)
+                metric = req.disagg_kv_sender.get_transfer_metric()
+                self.disagg_encode_metrics.request_done(
+                    "success",
+                    metric.transfer_total_bytes or 0,
+                    metric.transfer_latency_s,
+                )
+                done.append(req)
+            elif poll == KVPoll.Failed:
+                self._fail_disagg_encode(req)
+            else:
+                undone.append(req)
+        self.disagg_encode_inflight = undone
+        if done:
+            self._finish_disagg_encode(done, outcome=None)
+
+    # Helpers ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode_items(self: "Scheduler", reqs: List["Req"]) -> Dict[int, torch.Tensor]:
+        """Rows ``[n, (1+K)*H]`` of every image/video item of ``reqs``, keyed by ``id(item)``."""
+        model = self.tp_worker.model_runner.model
+        rows: Dict[int, torch.Tensor] = {}
+        for modality, encode in (
+            (Modality.IMAGE, model.get_image_feature),
+            (Modality.VIDEO, model.get_video_feature),
+        ):
+            items = [
+                item
+                for req in reqs
+                for item in req.multimodal_inputs.mm_items
+                if item.modality == modality
+            ]
+            if not items:
+                continue
+            out = encode(items)
+            logger.info(
+                "encode: one vision-tower call for %d %s item(s) of %d request(s)",
+                len(items),
+                modality.name.lower(),
+                len(reqs),
+            )
+            sizes = [sum(e - s + 1 for s, e in item.offsets) for item in items]
+            if sum(sizes) != out.shape[0]:
+                raise ValueError(
+                    f"{modality.name.lower()} placeholders cover {sum(sizes)} tokens but the "
+                    f"vision tower produced {out.shape[0]} rows"
+                )
+            for item, chunk in zip(items, out.split(sizes)):
+                rows[id(item)] = chunk
+        return rows
+
+    def _payload(
+        self: "Scheduler", req: "Req", rows: Dict[int, torch.Tensor]
+    ) -> MultimodalPayload:
+        model = self.tp_worker.model_runner.model
+        mm = req.multimodal_inputs
+        fill_ids = torch.tensor(list(req.origin_input_ids_unpadded), dtype=torch.int64)
+        T = fill_ids.shape[0]
+        items = sorted(mm.mm_items, key=lambda it: it.offsets[0][0])
+        mm_mask = torch.zeros(T, dtype=torch.bool)
+        for item in items:
+            for s, e in item.offsets:
+                mm_mask[s : e + 1] = True
+        embeddings, deepstack = model.separate_deepstack_embeds(
+            torch.cat([rows[id(item)] for item in items])
+        )
+        positions = mm.mrope_positions
+        if positions is None or tuple(positions.shape) != (3, T):
+            raise ValueError(
+                f"request {req.rid} has no M-RoPE positions for its {T} tokens"
+            )
+        return MultimodalPayload(
+            fill_ids=fill_ids,
+            mrope_positions=positions.to(torch.int64),
+            mm_mask=mm_mask,
+            embeddings=embeddings.contiguous(),
+            deepstack=deepstack.contiguous() if deepstack.shape[-1] else None,
+            mrope_delta=int(torch.as_tensor(mm.mrope_position_delta).flatten()[0]),
+            items=[entry.to_wire() for entry in item_table(items)],
+        )
+
+    def _fail_disagg_encode(self: "Scheduler", req: "Req") -> None:
+        reason = req.disagg_kv_sender.reason or "transfer failed"
+        logger.error(
+            "encode: request %s (room %s) failed: %s",
+            req.rid,
+            req.bootstrap_room,
+            reason,
+        )
+        prepare_abort(
+            req,
+            f"encode/language transfer failed: {reason}",
+            status_code=HTTPStatus.INTERNAL_SERVER_ERROR,
+        )
+        self._finish_disagg_encode([req], outcome="failed")
+
+    def _finish_disagg_encode(self: "Scheduler", reqs: List["Req"], outcome) -> None:
+        for req in reqs:
+            req.time_stats.set_completion_time()
+            if outcome is not None:
+                self.disagg_encode_metrics.request_done(outcome)
+        self.output_streamer.stream_output(
+            reqs, any(r.return_logprob for r in reqs), None
+        )
+        for req in reqs:
+            if req.multimodal_inputs is not None:
+                req.multimodal_inputs.release_features()

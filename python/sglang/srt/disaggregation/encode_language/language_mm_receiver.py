@@ -1,0 +1,285 @@
+"""The language server's ``Scheduler.mm_receiver`` (``--disaggregation-mode language``).
+
+Implements the scheduler's multimodal-receiver duck interface (``process_waiting_requests``,
+``abort_waiting_requests``, ``waiting_list``; upstream's EPD language side uses the same seam)
+on ``LanguageManager`` / ``LanguageReceiver``:
+
+* A tokenized request whose prompt holds an image or video placeholder (the shared rule with
+  the encode server, which finishes at once when there is no media) waits here, beside the
+  normal scheduler, while its rows are received (reserve -> rounds -> take). Everything else
+  (text-only, health checks and warm-up from the fake bootstrap host) passes straight through.
+* A received request becomes an ordinary multimodal request: ``input_ids`` are the encode
+  side's expanded ids, and ``mm_inputs`` holds one precomputed ``MultimodalDataItem`` per image
+  or video (rows = embedding and deepstack concatenated on width), hashed with the encoder's
+  content hash, plus the encoder's M-RoPE positions and delta. The unchanged scheduling path
+  then pads ids by item hash (radix cache), chunks prefill, retracts and logs probabilities as
+  in colocated serving.
+* A failed transfer (encoder abort, timeout, dead peer, bad data) fails the request at once
+  with the transport's reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from array import array
+from http import HTTPStatus
+from typing import TYPE_CHECKING, List, Tuple
+
+import torch
+
+from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.encode_language.allocator import OversizeError
+from sglang.srt.disaggregation.encode_language.buffers import (
+    MultimodalBufferConfig,
+    ReceivedData,
+)
+from sglang.srt.disaggregation.encode_language.connection import (
+    ConnectionConfig,
+    RoomInUseError,
+)
+from sglang.srt.disaggregation.encode_language.item_table import (
+    ItemEntry,
+    check_against_mask,
+)
+from sglang.srt.disaggregation.encode_language.manifest import dtype_name
+from sglang.srt.disaggregation.encode_language.metrics import EncodeLanguageMetrics
+from sglang.srt.disaggregation.encode_language.receiver import (
+    LanguageManager,
+    LanguageReceiver,
+)
+from sglang.srt.disaggregation.utils import FAKE_BOOTSTRAP_HOST, poll_and_all_reduce
+from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
+from sglang.srt.managers.schedule_batch import (
+    MultimodalDataItem,
+    MultimodalProcessorOutput,
+    Req,
+)
+from sglang.srt.multimodal.modality import MultimodalInputFormat
+from sglang.srt.runtime_context import get_device, get_disagg, get_parallel
+
+if TYPE_CHECKING:
+    from sglang.srt.managers.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class WaitingRequest:
+    recv_req: TokenizedGenerateReqInput
+    receiver: LanguageReceiver
+    since: float
+
+    @property
+    def rid(self) -> str:
+        return self.recv_req.rid
+
+
+class LanguageMMReceiver:
+    def __init__(self, scheduler: "Scheduler") -> None:
+        self.scheduler = scheduler
+        hf_config = scheduler.model_config.hf_config
+        self.hf_config = hf_config
+        self.placeholder_ids = {hf_config.image_token_id, hf_config.video_token_id}
+        disagg = get_disagg()
+        buffer_config = MultimodalBufferConfig.from_server_args(
+            disagg,
+            hidden_size=hf_config.text_config.hidden_size,
+            deepstack_count=len(
+                getattr(hf_config.vision_config, "deepstack_visual_indexes", None) or []
+            ),
+            embed_dtype=dtype_name(scheduler.model_config.dtype),
+        )
+        conn = ConnectionConfig.from_server_args(
+            scheduler.server_args, gpu_id=get_device().gpu_id
+        )
+        self.manager = LanguageManager(buffer_config, conn)
+        self.rank = get_parallel().attn_tp_rank
+        self.num_ranks = get_parallel().attn_tp_size
+        self.waiting_list: List[WaitingRequest] = []
+        self.metrics = EncodeLanguageMetrics(
+            "language", scheduler.metrics_reporter.enable_metrics
+        )
+        self.metrics.observe_blocks(self.manager.allocator)
+
+    # The mm_receiver interface ---------------------------------------------------------------
+    def process_waiting_requests(self, recv_reqs: List) -> Tuple[List, List]:
+        """(requests to schedule now, [(Req, error, status)] to fail)."""
+        ready: List = []
+        aborts: List = []
+        for recv_req in recv_reqs:
+            if not self.needs_transfer(recv_req):
+                ready.append(recv_req)
+                continue
+            error = self._start(recv_req)
+            if error is not None:
+                logger.error("language: request %s refused: %s", recv_req.rid, error)
+                aborts.append(
+                    (self._req_for_error(recv_req), error, HTTPStatus.BAD_REQUEST)
+                )
+        if self.waiting_list:
+            self._poll(ready, aborts)
+        self.metrics.observe_blocks(self.manager.allocator)
+        self.metrics.observe_waiting(len(self.waiting_list))
+        return ready, aborts
+
+    def abort_waiting_requests(self, recv_req) -> None:
+        """``/abort_request`` or a client disconnect: the room ends on both sides; the next
+        poll reports the request failed."""
+        for w in self.waiting_list:
+            if recv_req.abort_all or w.rid.startswith(recv_req.rid):
+                logger.info(
+                    "language: abort request %s (room %s)",
+                    w.rid,
+                    w.recv_req.bootstrap_room,
+                )
+                w.receiver.abort("aborted by the client")
+
+    # Rules --------------------------------------------------------------------------------------
+    def needs_transfer(self, recv_req) -> bool:
+        """Same rule as the encode server: media in the prompt, not a health check."""
+        return (
+            isinstance(recv_req, TokenizedGenerateReqInput)
+            and recv_req.bootstrap_host != FAKE_BOOTSTRAP_HOST
+            and recv_req.input_ids is not None
+            and any(t in self.placeholder_ids for t in recv_req.input_ids)
+        )
+
+    # Internals ----------------------------------------------------------------------------------
+    def _start(self, recv_req: TokenizedGenerateReqInput):
+        if None in (
+            recv_req.bootstrap_host,
+            recv_req.bootstrap_port,
+            recv_req.bootstrap_room,
+        ):
+            return (
+                "a request with an image or video needs bootstrap_host, bootstrap_port and "
+                "bootstrap_room (send it through sglang-router --pd-disaggregation)"
+            )
+        try:
+            rx = self.manager.create_receiver(
+                f"{recv_req.bootstrap_host}:{recv_req.bootstrap_port}",
+                recv_req.bootstrap_room,
+                rank=self.rank,
+                num_ranks=self.num_ranks,
+                max_tokens=self.scheduler.max_req_input_len,
+            )
+        except (RoomInUseError, OversizeError) as e:
+            return str(e)
+        self.waiting_list.append(WaitingRequest(recv_req, rx, time.monotonic()))
+        return None
+
+    def _poll(self, ready: List, aborts: List) -> None:
+        polls = poll_and_all_reduce(
+            [w.receiver for w in self.waiting_list], self.scheduler.attn_tp_cpu_group
+        )
+        still_waiting = []
+        for w, poll in zip(self.waiting_list, polls):
+            if poll == KVPoll.Success:
+                try:
+                    self._attach(w.recv_req, w.receiver.take())
+                except Exception as e:
+                    logger.exception(
+                        "language: request %s: received data is invalid", w.rid
+                    )
+                    self.metrics.request_done("failed")
+                    aborts.append(
+                        (
+                            self._req_for_error(w.recv_req),
+                            f"received multimodal data is invalid: {e}",
+                            HTTPStatus.INTERNAL_SERVER_ERROR,
+                        )
+                    )
+                    continue
+                self.metrics.request_done(
+                    "success", latency_s=time.monotonic() - w.since
+                )
+                ready.append(w.recv_req)
+            elif poll == KVPoll.Failed:
+                reason = w.receiver.reason or "transfer failed"
+                logger.error(
+                    "language: request %s (room %s) failed: %s",
+                    w.rid,
+                    w.recv_req.bootstrap_room,
+                    reason,
+                )
+                self.metrics.request_done("failed")
+                aborts.append(
+                    (
+                        self._req_for_error(w.recv_req),
+                        f"multimodal transfer failed: {reason}",
+                        HTTPStatus.INTERNAL_SERVER_ERROR,
+                    )
+                )
+            else:
+                still_waiting.append(w)
+        self.waiting_list = still_waiting
+
+    def _attach(self, recv_req: TokenizedGenerateReqInput, data: ReceivedData) -> None:
+        """Turn received data into the precomputed multimodal inputs of ``recv_req``."""
+        entries = [ItemEntry.from_wire(raw) for raw in data.items]
+        if not entries:
+            raise ValueError("the encode server sent no item table")
+        check_against_mask(entries, data.mm_mask)
+        rows = (
+            data.embeddings
+            if data.deepstack is None
+            else torch.cat([data.embeddings, data.deepstack], dim=1)
+        )
+        row_of_token = torch.cumsum(data.mm_mask.to(torch.int64), 0) - 1
+        items = []
+        for entry in entries:
+            tokens = torch.cat([torch.arange(s, e + 1) for s, e in entry.offsets])
+            item = MultimodalDataItem(
+                modality=entry.sglang_modality,
+                offsets=[tuple(span) for span in entry.offsets],
+                format=MultimodalInputFormat.PRECOMPUTED_EMBEDDING,
+                precomputed_embeddings=rows[row_of_token[tokens]],
+            )
+            if entry.identity is not None:
+                item.set_identity(entry.identity)
+            else:
+                item.set_hash(entry.hash)
+            items.append(item)
+        input_ids = data.fill_ids.tolist()
+        hf = self.hf_config
+        recv_req.input_ids = array("q", input_ids)  # what the tokenizer sends
+        recv_req.mm_inputs = MultimodalProcessorOutput(
+            mm_items=items,
+            input_ids=input_ids,
+            padded_input_ids=MultimodalProcessorOutput.build_padded_input_ids(
+                input_ids, items
+            ),
+            im_token_id=hf.image_token_id,
+            im_start_id=getattr(hf, "vision_start_token_id", None),
+            im_end_id=getattr(hf, "vision_end_token_id", None),
+            video_token_id=hf.video_token_id,
+            mrope_positions=data.mrope_positions.to(torch.int64),
+            mrope_position_delta=torch.tensor(
+                [[data.manifest.mrope_delta]], dtype=torch.int64
+            ),
+        )
+
+    def _req_for_error(self, recv_req: TokenizedGenerateReqInput) -> Req:
+        """A ``Req`` that only carries an error back to the client."""
+        s = self.scheduler
+        req = Req(
+            recv_req.rid,
+            recv_req.input_text,
+            recv_req.input_ids,
+            recv_req.sampling_params,
+            return_logprob=recv_req.return_logprob,
+            top_logprobs_num=recv_req.top_logprobs_num,
+            token_ids_logprob=recv_req.token_ids_logprob,
+            stream=recv_req.stream,
+            eos_token_ids=s.model_config.hf_eos_token_id,
+            bootstrap_host=recv_req.bootstrap_host,
+            bootstrap_port=recv_req.bootstrap_port,
+            bootstrap_room=recv_req.bootstrap_room,
+            disagg_mode=s.disaggregation_mode,
+            vocab_size=s.model_config.vocab_size,
+            http_worker_ipc=recv_req.http_worker_ipc,
+        )
+        req.tokenizer = s.tokenizer
+        return req

@@ -1,0 +1,87 @@
+"""Prometheus metrics of encode/language disaggregation, on the server's ``/metrics``.
+
+Exported only with ``--enable-metrics`` (SGLang's multiprocess Prometheus directory collects
+them from the scheduler process). Blocks are published as gauges, so "all blocks free" is
+observable from outside the process::
+
+    sglang:encode_language_blocks{role="encode|language",state="free|in_use|total"}
+    sglang:encode_language_requests_total{role,outcome="success|failed|local"}
+    sglang:encode_language_bytes_total{role}          bytes sent (encode) / received (language)
+    sglang:encode_language_transfer_seconds{role}     last request's transfer latency
+    sglang:encode_language_waiting_requests{role}     requests whose transfer is not over
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class EncodeLanguageMetrics:
+    def __init__(self, role: str, enabled: bool) -> None:
+        self.role = role
+        self.enabled = enabled
+        self._last_blocks: Optional[tuple] = None
+        self._last_waiting: Optional[int] = None
+        if not enabled:
+            return
+        from prometheus_client import Counter, Gauge
+
+        self._blocks = Gauge(
+            name="sglang:encode_language_blocks",
+            documentation="Multimodal transfer buffer blocks by state: free, quarantined (a dead or timed-out peer may still write them), in_use, total.",
+            labelnames=("role", "state"),
+            multiprocess_mode="mostrecent",
+        )
+        self._requests = Counter(
+            name="sglang:encode_language_requests_total",
+            documentation="Requests by outcome: success (transferred), failed, local (nothing to transfer).",
+            labelnames=("role", "outcome"),
+        )
+        self._bytes = Counter(
+            name="sglang:encode_language_bytes_total",
+            documentation="Bytes sent (encode) or received (language) over the transfer engine.",
+            labelnames=("role",),
+        )
+        self._latency = Gauge(
+            name="sglang:encode_language_transfer_seconds",
+            documentation="Transfer latency of the last finished request.",
+            labelnames=("role",),
+            multiprocess_mode="mostrecent",
+        )
+        self._waiting = Gauge(
+            name="sglang:encode_language_waiting_requests",
+            documentation="Requests whose multimodal transfer has not ended yet.",
+            labelnames=("role",),
+            multiprocess_mode="mostrecent",
+        )
+
+    def observe_waiting(self, num_requests: int) -> None:
+        if not self.enabled or num_requests == self._last_waiting:
+            return
+        self._last_waiting = num_requests
+        self._waiting.labels(self.role).set(num_requests)
+
+    def observe_blocks(self, allocator) -> None:
+        if not self.enabled:
+            return
+        # free + quarantined (a dead or timed-out peer may still write them) + in use = total
+        acc = allocator.accounting()
+        snapshot = (acc["free"], acc["quarantined"], acc["used"], acc["total"])
+        if snapshot == self._last_blocks:
+            return
+        self._last_blocks = snapshot
+        self._blocks.labels(self.role, "free").set(acc["free"])
+        self._blocks.labels(self.role, "quarantined").set(acc["quarantined"])
+        self._blocks.labels(self.role, "in_use").set(acc["used"])
+        self._blocks.labels(self.role, "total").set(acc["total"])
+
+    def request_done(
+        self, outcome: str, nbytes: int = 0, latency_s: Optional[float] = None
+    ) -> None:
+        if not self.enabled:
+            return
+        self._requests.labels(self.role, outcome).inc()
+        if nbytes:
+            self._bytes.labels(self.role).inc(nbytes)
+        if latency_s is not None:
+            self._latency.labels(self.role).set(latency_s)

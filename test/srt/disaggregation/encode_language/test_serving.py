@@ -1,0 +1,408 @@
+"""Encode/language disaggregation end to end: SGLang's own ``sglang-router`` in PD mode
+(unchanged) in front of a ``--disaggregation-mode encode`` server (vision tower only) and a
+``--disaggregation-mode language`` server (``Qwen3MoeForCausalLM`` from the VL checkpoint), on
+the tiny K=3 checkpoint, fp32, greedy. Every answer must equal Hugging Face fp32 token for token,
+with per-token logprobs within 1e-3; after every test all transfer blocks are free on both
+servers (read from their Prometheus endpoints, not from inside the processes).
+
+Real components throughout: ``python -m sglang_router.launch_router``, two
+``python -m sglang.launch_server`` processes, Mooncake over TCP loopback, HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+import urllib.request
+import uuid
+
+import pytest
+import torch
+from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
+from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
+from epd_testbed.servers import (
+    RequestError,
+    encode_language_metrics,
+    wait_all_blocks_free,
+)
+from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
+
+pytestmark = pytest.mark.server
+
+CASES = {c.name: c for c in VL_CASES}
+LOGPROB_TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def vl_model() -> str:
+    return str(ensure_checkpoint(TinyVLMoeSpec()))
+
+
+@pytest.fixture()
+def deployment(servers, vl_model):
+    """(router, encode, language); after the test, every block is free on both servers."""
+    router, encoder, language = servers.encode_language(vl_model)
+    yield router, encoder, language
+    for server in (encoder, language):
+        blocks = wait_all_blocks_free(server)
+        assert blocks["in_use"] == 0 and blocks["free"] == blocks["total"] > 0, (
+            server.spec.name,
+            blocks,
+        )
+
+
+def _hf_reference(model_path: str, case: Case) -> tuple[list[int], list[float]]:
+    tokens, logits = hf_greedy_logits(model_path, case.messages(), MAX_NEW_TOKENS)
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    return tokens, [float(logprobs[i, t]) for i, t in enumerate(tokens)]
+
+
+def _generate(router, model_path: str, case: Case) -> dict:
+    prompt, image_paths = render_prompt(model_path, case.messages())
+    payload = {
+        "text": prompt,
+        "return_logprob": True,
+        "sampling_params": {
+            "temperature": 0.0,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "ignore_eos": True,
+        },
+    }
+    if image_paths:
+        payload["image_data"] = image_paths
+    return router.post("/generate", payload)
+
+
+@pytest.mark.parametrize("case", VL_CASES, ids=lambda c: c.name)
+def test_router_generate_matches_hf(deployment, vl_model, case) -> None:
+    """Token ids and per-token logprobs through the router equal HF fp32; an image request
+    is transferred (encode side counts a success and bytes), a text-only one is not."""
+    router, encoder, language = deployment
+    before = encode_language_metrics(encoder)
+    expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
+    out = _generate(router, vl_model, case)
+    assert out["output_ids"] == expected_tokens, case.name
+    got_logprobs = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
+    assert [
+        entry[1] for entry in out["meta_info"]["output_token_logprobs"]
+    ] == expected_tokens
+    assert got_logprobs == pytest.approx(
+        expected_logprobs, abs=LOGPROB_TOLERANCE
+    ), case.name
+    assert (
+        len(set(expected_tokens)) > 1
+    ), f"{case.name}: degenerate reference {expected_tokens}"
+
+    after = encode_language_metrics(encoder)
+    transferred = after.get("requests.success", 0) - before.get("requests.success", 0)
+    moved = after.get("bytes", 0) - before.get("bytes", 0)
+    if case.images:
+        assert transferred == 1 and moved > 0, (before, after)
+    else:
+        assert transferred == 0 and moved == 0, (before, after)
+        assert after.get("requests.local", 0) - before.get("requests.local", 0) == 1
+
+
+def test_same_image_twice_hits_the_prefix_cache(deployment, vl_model) -> None:
+    """The language side keys an image by the encoder's content hash: the second request for
+    the same image reuses the cached prefix (image tokens included) and answers the same.
+    """
+    router, _, _ = deployment
+    case = CASES["non_square"]
+    expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
+    first = _generate(router, vl_model, case)
+    second = _generate(router, vl_model, case)
+    prompt_tokens = second["meta_info"]["prompt_tokens"]
+    assert (
+        second["meta_info"]["cached_tokens"] == prompt_tokens - 1
+    )  # all but the last token
+    for out in (first, second):
+        assert out["output_ids"] == expected_tokens
+        got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
+        assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE)
+
+
+def test_router_chat_completions_matches_hf(deployment, vl_model) -> None:
+    """OpenAI chat through the router (it rewrites the body and sends it to both servers)."""
+    router, _, _ = deployment
+    case = CASES["one_image"]
+    expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
+    out = router.post("/v1/chat/completions", _chat_body(vl_model, case))
+    choice = out["choices"][0]
+    got = [entry["logprob"] for entry in choice["logprobs"]["content"]]
+    assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE)
+    assert choice["message"]["content"] == _decode(vl_model, expected_tokens)
+
+
+def _chat_body(model_path: str, case: Case, stream: bool = False) -> dict:
+    """Greedy chat request for ``case`` with per-token logprobs."""
+    return {
+        "model": model_path,
+        "messages": _chat_messages(case),
+        "temperature": 0.0,
+        "max_tokens": MAX_NEW_TOKENS,
+        "ignore_eos": True,
+        "logprobs": True,
+        "stream": stream,
+    }
+
+
+def _chat_messages(case: Case) -> list[dict]:
+    """The case's messages with image paths as file:// URLs (what a chat client sends)."""
+    messages = case.messages()
+    for message in messages:
+        if isinstance(message["content"], list):
+            for part in message["content"]:
+                if part["type"] == "image_url":
+                    part["image_url"]["url"] = "file://" + part["image_url"]["url"]
+    return messages
+
+
+def _decode(model_path: str, tokens: list[int]) -> str:
+    from epd_testbed.hf_reference import _tok_and_proc
+
+    tokenizer, _ = _tok_and_proc(model_path)
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_encode_server_answers_like_a_prefill_server(deployment, vl_model) -> None:
+    """What the router gets from the encode ("prefill") side: HTTP 200 and an empty finished
+    output (no tokens, finish reason length 0, empty logprob lists the router can merge).
+    """
+    _, encoder, _ = deployment
+    prompt, _ = render_prompt(vl_model, CASES["text_only"].messages())
+    out = encoder.post(
+        "/generate",
+        {
+            "text": prompt,
+            "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 4},
+            "bootstrap_host": "127.0.0.1",
+            "bootstrap_port": 1,
+            "bootstrap_room": 12345,
+        },
+    )
+    meta = out["meta_info"]
+    assert out["output_ids"] == [] and out["text"] == ""
+    assert meta["finish_reason"] == {"type": "length", "length": 0}
+    assert meta["completion_tokens"] == 0
+    assert meta["input_token_logprobs"] == [] and meta["output_token_logprobs"] == []
+
+
+@pytest.mark.parametrize("role", ["encode", "language"])
+def test_health_generate(deployment, role) -> None:
+    """``/health_generate`` runs on each server through the fake bootstrap path (no buffer)."""
+    _, encoder, language = deployment
+    server = encoder if role == "encode" else language
+    with urllib.request.urlopen(server.url + "/health_generate", timeout=120) as r:
+        assert r.status == 200
+
+
+def test_router_streaming_chat_matches_hf(deployment, vl_model) -> None:
+    """Streaming chat through the router: the chunks' text and logprobs equal HF's."""
+    router, _, _ = deployment
+    case = CASES["two_images"]
+    expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
+    body = json.dumps(_chat_body(vl_model, case, stream=True)).encode()
+    request = urllib.request.Request(
+        router.url + "/v1/chat/completions",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    text, logprobs = "", []
+    with urllib.request.urlopen(request, timeout=300) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[len("data:") :])["choices"][0]
+            text += choice["delta"].get("content") or ""
+            if choice.get("logprobs"):
+                logprobs += [e["logprob"] for e in choice["logprobs"]["content"]]
+    assert logprobs == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE)
+    assert text == _decode(vl_model, expected_tokens)
+
+
+def test_different_images_of_equal_length_share_no_image_tokens(
+    deployment, vl_model
+) -> None:
+    """Two different images with the same token count: the second request may reuse only the
+    text before its image (pad ids come from each image's own content hash)."""
+    router, _, _ = deployment
+    first, second = (
+        Case(f"image_seed_{seed}", "What is in this image?", ((64, 64, seed),))
+        for seed in (11, 12)
+    )
+    image_start = _first_image_token(vl_model, first)
+    assert image_start == _first_image_token(vl_model, second)
+    for case in (first, second):
+        expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
+        out = _generate(router, vl_model, case)
+        assert out["output_ids"] == expected_tokens, case.name
+        got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
+        assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE), case.name
+    assert out["meta_info"]["cached_tokens"] <= image_start
+
+
+def _first_image_token(model_path: str, case: Case) -> int:
+    """Index of the first image token in the HF processor's ids for ``case``."""
+    from epd_testbed.hf_reference import _tok_and_proc
+    from PIL import Image
+
+    _, processor = _tok_and_proc(model_path)
+    prompt, paths = render_prompt(model_path, case.messages())
+    images = [Image.open(p).convert("RGB") for p in paths]
+    ids = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"][0]
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    return int((ids == image_token_id).nonzero()[0])
+
+
+@pytest.mark.parametrize("role", ["language", "encode"])
+def test_abort_request_ends_a_waiting_room(deployment, vl_model, role) -> None:
+    """``/abort_request`` on one server while its room waits for the other side (which never
+    gets the request): the request ends at once with the abort reason and every block is
+    free again."""
+    _, encoder, language = deployment
+    server = language if role == "language" else encoder
+    # language: it reserves blocks at the encoder, which never sees the request;
+    # encode: no language server ever reserves for this room.
+    port = _bootstrap_port(encoder) if role == "language" else 1
+    rid, worker, result = _start_waiting_request(server, vl_model, port)
+    request = urllib.request.Request(
+        server.url + "/abort_request",
+        data=json.dumps({"rid": rid}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as r:  # answers with an empty body
+        assert r.status == 200
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "aborted request did not end"
+    assert "aborted by the client" in result["error"], result
+    blocks = wait_all_blocks_free(server)
+    assert blocks["in_use"] == 0 and blocks["free"] == blocks["total"] > 0, blocks
+
+
+def _start_waiting_request(server, model_path: str, bootstrap_port: int):
+    """Send a one-image request for a fresh room to ``server`` alone (its peer never gets it)
+    from a thread; return (rid, thread, result dict) once the room is live there."""
+    rid = f"waiting-{uuid.uuid4().hex}"
+    prompt, image_paths = render_prompt(model_path, CASES["one_image"].messages())
+    payload = {
+        "rid": rid,
+        "text": prompt,
+        "image_data": image_paths,
+        "sampling_params": {"max_new_tokens": 4},
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": bootstrap_port,
+        "bootstrap_room": random.getrandbits(62),
+    }
+    result: dict = {}
+    worker = threading.Thread(target=_post_capturing, args=(server, payload, result))
+    worker.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and not _waiting(server):
+        time.sleep(0.2)
+    assert _waiting(server), "the request never reached the waiting state"
+    return rid, worker, result
+
+
+def _post_capturing(server, payload: dict, result: dict) -> None:
+    try:
+        out = server.post("/generate", payload, timeout=120)
+        result["error"] = json.dumps(out["meta_info"]["finish_reason"])
+    except Exception as e:  # the abort may come back as an HTTP error
+        result["error"] = str(e)
+
+
+def _bootstrap_port(encoder) -> int:
+    args = encoder.spec.args
+    return int(args[args.index("--disaggregation-bootstrap-port") + 1])
+
+
+def _waiting(server) -> bool:
+    """The server holds a request whose transfer has not ended."""
+    return encode_language_metrics(server).get("waiting_requests", 0) > 0
+
+
+def test_language_server_alone(deployment, vl_model) -> None:
+    """Without the router: a text-only request needs no bootstrap fields and runs locally
+    (equal to HF); a request with an image but no bootstrap room is refused with a clear 400.
+    """
+    _, _, language = deployment
+    case = CASES["text_only"]
+    expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
+    out = _generate(language, vl_model, case)
+    assert out["output_ids"] == expected_tokens
+    got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
+    assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE)
+    with pytest.raises(
+        RequestError,
+        match="HTTP 400.*needs bootstrap_host, bootstrap_port and bootstrap_room",
+    ):
+        _generate(language, vl_model, CASES["one_image"])
+
+
+def test_sixteen_concurrent_mixed_requests(deployment, vl_model) -> None:
+    """16 requests at once through the router (each VL case four times: one image, two
+    images, a non-square image, text only): every answer equals its HF reference. The encode
+    server batches the waiting requests' images into one ViT call; the language server
+    schedules received and text-only requests together."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    router, _, _ = deployment
+    references = {case.name: _hf_reference(vl_model, case) for case in VL_CASES}
+    cases = [case for case in VL_CASES for _ in range(4)]
+    with ThreadPoolExecutor(len(cases)) as pool:
+        outs = list(pool.map(lambda case: _generate(router, vl_model, case), cases))
+    for case, out in zip(cases, outs):
+        expected_tokens, expected_logprobs = references[case.name]
+        assert out["output_ids"] == expected_tokens, case.name
+        got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
+        assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE), case.name
+
+
+# Last: it starts a second deployment, which evicts the shared one.
+def test_control_zeroed_deepstack_fails_the_comparison(servers, vl_model) -> None:
+    """The check's power, shown once: a language server whose received deepstack rows are
+    zeroed (``epd_testbed.zero_deepstack_server``, a test-bed switch) must not match HF within
+    the tolerance, while the same request on the real deployment does (the tests above).
+    """
+    router, _, language = servers.encode_language(
+        vl_model, language_module="epd_testbed.zero_deepstack_server", name="el-control"
+    )
+    case = CASES["one_image"]
+    expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
+    out = _generate(router, vl_model, case)
+    got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
+    worst = max(abs(a - b) for a, b in zip(got, expected_logprobs))
+    assert out["output_ids"] != expected_tokens or worst > LOGPROB_TOLERANCE, worst
+    blocks = wait_all_blocks_free(language)
+    assert blocks["in_use"] == 0 and blocks["free"] == blocks["total"] > 0, blocks
+
+
+def test_encoder_death_fails_waiting_requests(servers, vl_model) -> None:
+    """An encoder killed while the language side waits for it: that request fails with a clear
+    error (the transport's heartbeat declares the encoder dead, no waiting for a timeout), its
+    blocks are free, and the router, whose only encoder is gone, answers with an error, no hang.
+    A dedicated deployment: this test kills its encoder."""
+    router, encoder, language = servers.encode_language(vl_model, name="el-dying")
+    _, worker, result = _start_waiting_request(
+        language, vl_model, _bootstrap_port(encoder)
+    )
+    os.killpg(encoder.pid, signal.SIGKILL)
+    worker.join(timeout=60)  # the heartbeat budget is 3 x 2 s
+    assert not worker.is_alive(), "the language side kept waiting for a dead encoder"
+    assert "unreachable (missed 3 heartbeats)" in result["error"], result
+    # The dead encoder might still write its blocks (issue 7 item 10): they stay quarantined
+    # until the fence times out (5 s in the test bed), then every block is free.
+    blocks = wait_all_blocks_free(language)
+    assert blocks["in_use"] == blocks["quarantined"] == 0, blocks
+    assert blocks["free"] == blocks["total"] > 0, blocks
+    assert "fence timeout" in language.log_path.read_text(), "the blocks were never fenced"
+
+    with pytest.raises(RequestError, match="HTTP 5"):
+        _generate(router, vl_model, CASES["one_image"])
