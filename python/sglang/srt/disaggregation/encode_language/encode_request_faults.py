@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from http import HTTPStatus
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
+from sglang.srt.disaggregation.utils import FAKE_BOOTSTRAP_HOST
 from sglang.srt.managers.io_struct import AbortReq
 
 if TYPE_CHECKING:
-    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+    from sglang.srt.managers.tokenizer_manager import ReqState, TokenizerManager
 
 logger = logging.getLogger(__name__)
 
@@ -35,18 +36,33 @@ ROOM_KEY = "encode_language_failed_room"
 CLIENT_FAULT_ERRORS = (OSError, ValueError)
 
 
-def _rooms(obj) -> List[int]:
-    rooms = getattr(obj, "bootstrap_room", None)
-    if rooms is None:
-        return []
-    rooms = rooms if isinstance(rooms, list) else [rooms]
-    return [room for room in rooms if room is not None]
+def _undispatched_rooms(obj, request_states: Dict[str, "ReqState"]) -> List[int]:
+    """Bootstrap rooms of the (sub-)requests of ``obj`` that never reached the scheduler (a
+    dispatched one has a sender, which the scheduler's abort path ends)."""
+    if obj.bootstrap_room is None or obj.bootstrap_host == FAKE_BOOTSTRAP_HOST:
+        return []  # no transfer (health check, warm-up, no router)
+    rids = [obj.rid] if obj.is_single else obj.rid
+    rooms = [obj.bootstrap_room] if obj.is_single else obj.bootstrap_room
+    return [
+        room
+        for rid, room in zip(rids, rooms)
+        if room is not None
+        and rid in request_states
+        and not request_states[rid].dispatched
+    ]
 
 
 def request_refused(
-    tokenizer_manager: "TokenizerManager", obj, exc: BaseException
+    tokenizer_manager: "TokenizerManager",
+    obj,
+    request_states: Dict[str, "ReqState"],
+    exc: BaseException,
 ) -> BaseException:
-    """Fail the bootstrap rooms of ``obj`` on this encode server; returns what to raise."""
+    """Fail the bootstrap rooms of the requests of ``obj`` that ``exc`` stopped before the
+    scheduler; returns what to raise (a ValueError, i.e. HTTP 400, for a client fault)."""
+    rooms = _undispatched_rooms(obj, request_states)
+    if isinstance(exc, GeneratorExit) or not rooms:
+        return exc  # the caller stopped reading, or nothing waits for this request
     if isinstance(exc, asyncio.CancelledError):
         reason, status, to_raise = (
             "aborted by the client (disconnected)",
@@ -60,7 +76,7 @@ def request_refused(
     else:
         reason = f"encode server error: {type(exc).__name__}: {exc}"
         status, to_raise = HTTPStatus.INTERNAL_SERVER_ERROR, exc
-    for room in _rooms(obj):
+    for room in rooms:
         logger.error("encode: room %s refused before the transfer: %s", room, reason)
         tokenizer_manager._dispatch_to_scheduler(
             AbortReq(
@@ -86,9 +102,10 @@ def room_failure(recv_req: AbortReq) -> Optional[Tuple[int, str]]:
 
 def status_of_transfer_failure(reason: str) -> HTTPStatus:
     """The language side's answer for a transfer that failed with ``reason``."""
-    # the receiver reports an encoder's Abort as "encoder <id> aborted: <reason>"
+    # the receiver reports an encoder's Abort as "encoder <id> aborted: <reason>", a refused
+    # reservation as "... aborted: request already failed: <reason>"
     return (
         HTTPStatus.BAD_REQUEST
-        if f"aborted: {CLIENT_FAULT}: " in reason
+        if f": {CLIENT_FAULT}: " in reason
         else HTTPStatus.INTERNAL_SERVER_ERROR
     )
