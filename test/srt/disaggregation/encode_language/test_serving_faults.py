@@ -38,7 +38,8 @@ WAIT_S = 60
 BAD_IMAGES = {
     "missing_file": "/nonexistent/epd-missing-image.png",
     "unreachable_url": "http://127.0.0.1:9/image.png",
-    "undecodable": "data:image/png;base64," + base64.b64encode(b"not an image").decode(),
+    "undecodable": "data:image/png;base64,"
+    + base64.b64encode(b"not an image").decode(),
 }
 
 
@@ -56,7 +57,10 @@ def deployment(servers, vl_model):
     current = servers.two_encoders_language(vl_model)
     for server in current[1:]:
         blocks = wait_all_blocks_free(server)
-        assert blocks["in_use"] == blocks["quarantined"] == 0, (server.spec.name, blocks)
+        assert blocks["in_use"] == blocks["quarantined"] == 0, (
+            server.spec.name,
+            blocks,
+        )
         assert blocks["free"] == blocks["total"] > 0, (server.spec.name, blocks)
 
 
@@ -73,7 +77,9 @@ def _payload(model_path: str, case_name: str, image_data=None, **sampling) -> di
 
 
 def _expected(model_path: str, case_name: str) -> list[int]:
-    tokens, _ = hf_greedy_logits(model_path, CASES[case_name].messages(), MAX_NEW_TOKENS)
+    tokens, _ = hf_greedy_logits(
+        model_path, CASES[case_name].messages(), MAX_NEW_TOKENS
+    )
     return tokens
 
 
@@ -122,14 +128,17 @@ def _failed(server) -> float:
 
 
 # 1. A client fault before the transfer ---------------------------------------------------------
-@pytest.mark.parametrize("language_first", [True, False], ids=["reserved", "not_reserved"])
+@pytest.mark.parametrize(
+    "language_first", [True, False], ids=["reserved", "not_reserved"]
+)
 def test_unreadable_image_fails_the_language_side_at_once(
     deployment, vl_model, language_first
 ) -> None:
     """The encode server cannot load the image: it answers 400 and the language side, which
     got the same room, fails it with the encoder's reason (not a bootstrap timeout), also 400.
     ``reserved``: the language side reserved first (the encoder fails the room it holds);
-    ``not_reserved``: the encoder failed first, the later reservation is refused at once."""
+    ``not_reserved``: the encoder failed first, the later reservation is refused at once.
+    """
     _, encoder, _, language = deployment
     payload = _payload(vl_model, "one_image", BAD_IMAGES["missing_file"])
     payload |= _room_fields(encoder)
@@ -184,7 +193,9 @@ def _open_stream(server, payload: dict) -> http.client.HTTPConnection:
 
 
 @pytest.mark.parametrize("role", ["language", "encode"])
-def test_client_disconnect_mid_transfer_ends_the_room(deployment, vl_model, role) -> None:
+def test_client_disconnect_mid_transfer_ends_the_room(
+    deployment, vl_model, role
+) -> None:
     """A streaming client closes its connection while the room waits for the other side (the
     peer never gets the request, so the transfer cannot finish first): the server aborts the
     request, tells the other side, and every block is free on both (checked by the fixture).
@@ -192,11 +203,15 @@ def test_client_disconnect_mid_transfer_ends_the_room(deployment, vl_model, role
     _, encoder, _, language = deployment
     server = language if role == "language" else encoder
     payload = _payload(vl_model, "one_image") | {"rid": f"dc-{uuid.uuid4().hex}"}
-    payload |= _room_fields(encoder) if role == "language" else {
-        "bootstrap_host": "127.0.0.1",
-        "bootstrap_port": 1,
-        "bootstrap_room": random.getrandbits(62),
-    }
+    payload |= (
+        _room_fields(encoder)
+        if role == "language"
+        else {
+            "bootstrap_host": "127.0.0.1",
+            "bootstrap_port": 1,
+            "bootstrap_room": random.getrandbits(62),
+        }
+    )
     conn = _open_stream(server, payload)
     _wait_until(lambda: _waiting(server), "the request is waiting for its transfer")
     conn.close()

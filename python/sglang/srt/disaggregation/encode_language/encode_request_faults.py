@@ -59,7 +59,8 @@ def request_refused(
     exc: BaseException,
 ) -> BaseException:
     """Fail the bootstrap rooms of the requests of ``obj`` that ``exc`` stopped before the
-    scheduler; returns what to raise (a ValueError, i.e. HTTP 400, for a client fault)."""
+    scheduler; returns what to raise (a ValueError, i.e. HTTP 400, for a client fault).
+    """
     rooms = _undispatched_rooms(obj, request_states)
     if isinstance(exc, GeneratorExit) or not rooms:
         return exc  # the caller stopped reading, or nothing waits for this request

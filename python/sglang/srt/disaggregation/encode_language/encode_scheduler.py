@@ -42,9 +42,7 @@ from sglang.srt.disaggregation.encode_language.connection import (
     ConnectionConfig,
     RoomInUseError,
 )
-from sglang.srt.disaggregation.encode_language.encode_request_faults import (
-    room_failure,
-)
+from sglang.srt.disaggregation.encode_language.encode_request_faults import room_failure
 from sglang.srt.disaggregation.encode_language.item_table import item_table
 from sglang.srt.disaggregation.encode_language.manifest import dtype_name
 from sglang.srt.disaggregation.encode_language.metrics import EncodeLanguageMetrics
@@ -158,7 +156,8 @@ class SchedulerDisaggregationEncodeMixin:
 
     def abort_disagg_encode_requests(self: "Scheduler", recv_req) -> None:
         """``/abort_request`` or a client disconnect: end the room on both sides. A request
-        the tokenizer manager refused before admission fails its room in the transport."""
+        the tokenizer manager refused before admission fails its room in the transport.
+        """
         refused = room_failure(recv_req)
         if refused is not None:
             self.disagg_encode_manager.fail_room(*refused)
