@@ -306,8 +306,10 @@ def launch_two_encoders_language(model_path: str | Path, log_dir: Path, *extra: 
     """(router, encode A, encode B, language): two encode servers (each its own bootstrap
     port) and one language server behind the router with ``EL_FAULT_ROUTER_ARGS``."""
     ports = [free_port(), free_port()]
-    specs = [encode_language_specs(model_path, p, *extra, name=f"{name}-{tag}")
-             for p, tag in zip(ports, "ab")]
+    # --decode-log-interval 1: the running-requests gauge follows every decode step
+    language_args = (*EL_LANGUAGE_ARGS, "--decode-log-interval", "1")
+    specs = [encode_language_specs(model_path, p, *extra, language_args=language_args,
+                                   name=f"{name}-{tag}") for p, tag in zip(ports, "ab")]
     servers = [launch(specs[0][0], log_dir, wait=False), launch(specs[1][0], log_dir, wait=False),
                launch(specs[0][1], log_dir, wait=False)]
     try:

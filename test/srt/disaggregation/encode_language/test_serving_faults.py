@@ -220,21 +220,24 @@ def test_client_disconnect_mid_transfer_ends_the_room(
     assert payload["rid"] in log and "abort" in log.lower()
 
 
-def _running_requests(server) -> float:
+def _metric_sum(server, name: str) -> float:
+    """Sum of the samples of the Prometheus metric ``name`` (over its labels)."""
     with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
         text = r.read().decode()
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
-        if line.startswith("sglang:num_running_reqs")
+        if line.split("{", 1)[0].split(" ", 1)[0] == name
     )
 
 
 def test_client_disconnect_mid_decode_ends_the_request(deployment, vl_model) -> None:
-    """A streaming client of the router reads a few chunks of a long generation and closes: the
-    language server stops decoding it (the router closes its upstream connection)."""
+    """A streaming client of the router reads a few chunks of a long generation and closes:
+    the router closes its upstream connection, the language server aborts the request (its
+    aborted-requests counter) and stops decoding it (no running request left)."""
     router, _, _, language = deployment
-    payload = _payload(vl_model, "one_image", max_new_tokens=4000, ignore_eos=True)
+    aborted = _metric_sum(language, "sglang:num_aborted_requests_total")
+    payload = _payload(vl_model, "one_image", max_new_tokens=7000, ignore_eos=True)
     conn = _open_stream(router, payload)
     response = conn.getresponse()
     assert response.status == 200
@@ -243,9 +246,20 @@ def test_client_disconnect_mid_decode_ends_the_request(deployment, vl_model) -> 
         line = response.fp.readline()
         assert line, "the stream ended early"
         chunks += line.startswith(b"data:")
-    assert _running_requests(language) >= 1
+    _wait_until(
+        lambda: _metric_sum(language, "sglang:num_running_reqs") >= 1,
+        "the language server reports the request decoding",
+    )
     conn.close()
-    _wait_until(lambda: _running_requests(language) == 0, "decoding stopped")
+    _wait_until(
+        lambda: _metric_sum(language, "sglang:num_aborted_requests_total")
+        == aborted + 1,
+        "the language server aborted the disconnected request",
+    )
+    _wait_until(
+        lambda: _metric_sum(language, "sglang:num_running_reqs") == 0,
+        "decoding stopped",
+    )
 
 
 # 3. One of two encoders dies ---------------------------------------------------------------------
