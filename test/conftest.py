@@ -50,6 +50,11 @@ class ServerPool:
                            lambda: srv.launch_encode_language(model_path, self.log_dir,
                                                               language_module=language_module, name=name))
 
+    def get_two_encoders_language(self, model_path: str) -> tuple:
+        """(router, encode A, encode B, language) of the failure-path deployment."""
+        return self._group(("two-encoders-language", model_path), 3,
+                           lambda: srv.launch_two_encoders_language(model_path, self.log_dir))
+
     def _group(self, key: object, need: int, start) -> tuple:
         """A group of servers launched and stopped together; ``need`` counts SGLang servers."""
         group = self.live.get(key)
@@ -106,6 +111,17 @@ def servers(server_pool: ServerPool, request: pytest.FixtureRequest):
             group = server_pool.get_encode_language(model_path, **kwargs)
             used.extend(group)
             return group
+
+        def two_encoders_language(self, model_path: str) -> tuple:
+            group = server_pool.get_two_encoders_language(model_path)
+            used.extend(group)
+            return group
+
+        def replace(self, old, new) -> None:
+            """``new`` (a relaunch of ``old``) takes ``old``'s place in its group."""
+            for group in server_pool.live.values():
+                group[:] = [new if s is old else s for s in group]
+            used.append(new)
 
     return Handle()
 

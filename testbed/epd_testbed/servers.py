@@ -231,14 +231,16 @@ def encode_language_specs(model_path: str | Path, bootstrap_port: int, *extra: s
 
 
 def launch_router(prefill: list[tuple[Server, int]], decode: list[Server], log_dir: Path,
-                  *extra: str, name: str = "router") -> Server:
+                  *extra: str, name: str = "router", retries: bool = False) -> Server:
     """``python -m sglang_router.launch_router --pd-disaggregation``: encode servers as prefill
-    workers (URL + bootstrap port), language servers as decode workers. Retries are off (a
-    retried pair re-encodes) and workers are probed every second at start-up."""
+    workers (URL + bootstrap port), language servers as decode workers. Retries are off unless
+    ``retries`` (a retried pair re-encodes) and workers are probed every second at start-up."""
     port = free_port()
     cmd = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
            "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(free_port()),
-           "--worker-startup-check-interval", "1", "--disable-retries", "--log-level", "warn"]
+           "--worker-startup-check-interval", "1", "--log-level", "warn"]
+    if not retries:
+        cmd.append("--disable-retries")
     for server, bootstrap_port in prefill:
         cmd += ["--prefill", server.url, str(bootstrap_port)]
     for server in decode:
@@ -286,6 +288,46 @@ def launch_encode_language(model_path: str | Path, log_dir: Path, *extra: str,
         language.stop()
         raise
     return router, encoder, language
+
+
+# Router settings of the two-encoder deployment: a dead encoder is dropped after two failed
+# one-second health checks; the breaker opens after 2 failures (so a 4xx counted as a failure
+# would show), retries are on (so a retried 4xx would show) but back off briefly.
+EL_FAULT_ROUTER_ARGS = ("--prefill-policy", "round_robin", "--decode-policy", "round_robin",
+                        "--health-check-interval-secs", "1", "--health-failure-threshold", "2",
+                        "--health-success-threshold", "1", "--health-check-timeout-secs", "2",
+                        "--cb-failure-threshold", "2", "--cb-timeout-duration-secs", "30",
+                        "--retry-max-retries", "2", "--retry-initial-backoff-ms", "10",
+                        "--request-timeout-secs", "120")
+
+
+def launch_two_encoders_language(model_path: str | Path, log_dir: Path, *extra: str,
+                                 name: str = "el2") -> tuple[Server, Server, Server, Server]:
+    """(router, encode A, encode B, language): two encode servers (each its own bootstrap
+    port) and one language server behind the router with ``EL_FAULT_ROUTER_ARGS``."""
+    ports = [free_port(), free_port()]
+    # --decode-log-interval 1: the running-requests gauge follows every decode step
+    language_args = (*EL_LANGUAGE_ARGS, "--decode-log-interval", "1")
+    specs = [encode_language_specs(model_path, p, *extra, language_args=language_args,
+                                   name=f"{name}-{tag}") for p, tag in zip(ports, "ab")]
+    servers = [launch(specs[0][0], log_dir, wait=False), launch(specs[1][0], log_dir, wait=False),
+               launch(specs[0][1], log_dir, wait=False)]
+    try:
+        for server in servers:
+            server.wait_ready()
+        router = launch_router(list(zip(servers[:2], ports)), [servers[2]], log_dir,
+                               *EL_FAULT_ROUTER_ARGS, name=f"{name}-router", retries=True)
+    except Exception:
+        for server in servers:
+            server.stop()
+        raise
+    return (router, *servers)
+
+
+def relaunch(server: Server, log_dir: Path) -> Server:
+    """Start ``server``'s configuration again on its HTTP port (its bootstrap port is in its
+    arguments): what an operator does after a crash."""
+    return launch(server.spec, log_dir, port=server.port)
 
 
 def encode_language_metrics(server: Server) -> dict[str, float]:

@@ -94,6 +94,8 @@ def peer_main(conn, buffer_config, conn_config) -> None:
             return int(s.poll()), s.reason
         elif cmd == "abort":
             senders[args[0]].abort()
+        elif cmd == "fail_room":  # a request the tokenizer refused before admission
+            mgr.fail_room(*args)
         elif cmd == "room_state":
             return room_state(mgr, args[0])
         elif cmd == "declare_dead":  # what the heartbeat does after missed pongs

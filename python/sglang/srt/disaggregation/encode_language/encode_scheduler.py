@@ -42,6 +42,7 @@ from sglang.srt.disaggregation.encode_language.connection import (
     ConnectionConfig,
     RoomInUseError,
 )
+from sglang.srt.disaggregation.encode_language.encode_request_faults import room_failure
 from sglang.srt.disaggregation.encode_language.item_table import item_table
 from sglang.srt.disaggregation.encode_language.manifest import dtype_name
 from sglang.srt.disaggregation.encode_language.metrics import EncodeLanguageMetrics
@@ -154,7 +155,14 @@ class SchedulerDisaggregationEncodeMixin:
         return not self.disagg_encode_waiting and not self.disagg_encode_inflight
 
     def abort_disagg_encode_requests(self: "Scheduler", recv_req) -> None:
-        """``/abort_request`` or a client disconnect: end the room on both sides."""
+        """``/abort_request`` or a client disconnect: end the room on both sides. A request
+        the tokenizer manager refused before admission fails its room in the transport.
+        """
+        refused = room_failure(recv_req)
+        if refused is not None:
+            self.disagg_encode_manager.fail_room(*refused)
+            self.disagg_encode_metrics.request_done("failed")
+            return
         for req in self.disagg_encode_waiting + self.disagg_encode_inflight:
             if recv_req.abort_all or req.rid.startswith(recv_req.rid):
                 logger.info(

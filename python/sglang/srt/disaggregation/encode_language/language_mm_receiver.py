@@ -39,6 +39,9 @@ from sglang.srt.disaggregation.encode_language.connection import (
     ConnectionConfig,
     RoomInUseError,
 )
+from sglang.srt.disaggregation.encode_language.encode_request_faults import (
+    status_of_transfer_failure,
+)
 from sglang.srt.disaggregation.encode_language.item_table import (
     ItemEntry,
     check_against_mask,
@@ -209,7 +212,7 @@ class LanguageMMReceiver:
                     (
                         self._req_for_error(w.recv_req),
                         f"multimodal transfer failed: {reason}",
-                        HTTPStatus.INTERNAL_SERVER_ERROR,
+                        status_of_transfer_failure(reason),
                     )
                 )
             else:

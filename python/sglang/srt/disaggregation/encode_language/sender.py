@@ -162,6 +162,9 @@ class EncodeManager(ManagerBase):
         self._probes: Dict[int, threading.Event] = {}
         # (room, language manager) -> timed-out writes that have not returned yet
         self._pending_writes: Dict[Tuple[int, str], int] = {}
+        # room -> (reason, time) of rooms that failed, kept for bootstrap_timeout_s so that a
+        # reservation arriving after the failure is refused with it (no fresh room to time out)
+        self._failed_rooms: Dict[int, Tuple[str, float]] = {}
         self.inflight_payload_bytes = 0
         self.refused_registrations = 0
         super().__init__(buffer_config, config, engine)
@@ -197,6 +200,19 @@ class EncodeManager(ManagerBase):
             r.sender = sender
             self._update_sender_status(r)
             return sender
+
+    def fail_room(self, room: int, reason: str) -> None:
+        """Fail a request that never got a sender (its tokenizer refused it, e.g. an image
+        that cannot be read): a language side that reserved the room gets Abort(reason) now,
+        one that reserves it later gets it at once."""
+        with self.lock:
+            r = self.rooms.get(room)
+            if r is not None and r.sender is not None:
+                return  # an active request owns the room: not this failure's to end
+            if r is None:
+                now = time.monotonic()
+                r = self.rooms[room] = _Room(room=room, created=now, waiting_since=now)
+            self._fail_locked(r, reason)
 
     def num_active_rooms(self) -> int:
         with self.lock:
@@ -337,6 +353,10 @@ class EncodeManager(ManagerBase):
             if msg.num_ranks < 1 or not (0 <= msg.rank < msg.num_ranks):
                 return refuse(f"invalid rank {msg.rank} of {msg.num_ranks}")
             r = self.rooms.get(msg.room)
+            if r is None and msg.room in self._failed_rooms:
+                return refuse(
+                    f"request already failed: {self._failed_rooms[msg.room][0]}"
+                )
             if r is None:
                 if msg.round != 0:
                     return refuse("unknown room (already finished or failed)")
@@ -664,12 +684,17 @@ class EncodeManager(ManagerBase):
 
     def _drop_room_locked(self, r: _Room) -> None:
         del self.rooms[r.room]
+        if r.failed:
+            self._failed_rooms[r.room] = (r.failed, time.monotonic())
         self.inflight_payload_bytes -= r.payload_bytes
         r.payload, r.payload_bytes = None, 0
 
     def _tick(self, now: float) -> None:
         cfg = self.config
         with self.lock:
+            for room, (_, since) in list(self._failed_rooms.items()):
+                if now - since > cfg.bootstrap_timeout_s:
+                    del self._failed_rooms[room]
             for r in list(self.rooms.values()):
                 if r.failed or r.in_flight:
                     continue

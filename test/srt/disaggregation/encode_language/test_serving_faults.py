@@ -1,0 +1,308 @@
+"""Failure paths of encode/language serving through the real ``sglang-router`` 0.3.2: a client
+fault before the transfer (4xx on both sides, the language side told at once, no router retry,
+no breaker trip), client disconnects mid-transfer and mid-decode, and one of two encoders dying
+and coming back. One deployment (``epd_testbed.servers.launch_two_encoders_language``: two
+encode servers, one language server, ``EL_FAULT_ROUTER_ARGS``) carries every test; after each
+test every block is free on all its servers.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import random
+import signal
+import threading
+import time
+import urllib.request
+import uuid
+
+import pytest
+from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES
+from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
+from epd_testbed.servers import (
+    RequestError,
+    encode_language_metrics,
+    relaunch,
+    wait_all_blocks_free,
+)
+from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
+
+pytestmark = pytest.mark.server
+
+CASES = {c.name: c for c in VL_CASES}
+# Bounds of the waits below (never asserted as timings): every wait ends or fails.
+WAIT_S = 60
+BAD_IMAGES = {
+    "missing_file": "/nonexistent/epd-missing-image.png",
+    "unreachable_url": "http://127.0.0.1:9/image.png",
+    "undecodable": "data:image/png;base64,"
+    + base64.b64encode(b"not an image").decode(),
+}
+
+
+@pytest.fixture(scope="module")
+def vl_model() -> str:
+    return str(ensure_checkpoint(TinyVLMoeSpec()))
+
+
+@pytest.fixture()
+def deployment(servers, vl_model):
+    """(router, encode A, encode B, language); afterwards every block is free on each live
+    server of the group (a test may have replaced an encoder)."""
+    group = servers.two_encoders_language(vl_model)
+    yield group
+    current = servers.two_encoders_language(vl_model)
+    for server in current[1:]:
+        blocks = wait_all_blocks_free(server)
+        assert blocks["in_use"] == blocks["quarantined"] == 0, (
+            server.spec.name,
+            blocks,
+        )
+        assert blocks["free"] == blocks["total"] > 0, (server.spec.name, blocks)
+
+
+def _payload(model_path: str, case_name: str, image_data=None, **sampling) -> dict:
+    prompt, image_paths = render_prompt(model_path, CASES[case_name].messages())
+    payload = {
+        "text": prompt,
+        "sampling_params": {"temperature": 0.0, "max_new_tokens": MAX_NEW_TOKENS}
+        | sampling,
+    }
+    if image_data is not None or image_paths:
+        payload["image_data"] = image_data if image_data is not None else image_paths
+    return payload
+
+
+def _expected(model_path: str, case_name: str) -> list[int]:
+    tokens, _ = hf_greedy_logits(
+        model_path, CASES[case_name].messages(), MAX_NEW_TOKENS
+    )
+    return tokens
+
+
+def _bootstrap_port(encoder) -> int:
+    args = encoder.spec.args
+    return int(args[args.index("--disaggregation-bootstrap-port") + 1])
+
+
+def _room_fields(encoder) -> dict:
+    return {
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": _bootstrap_port(encoder),
+        "bootstrap_room": random.getrandbits(62),
+    }
+
+
+def _waiting(server) -> bool:
+    return encode_language_metrics(server).get("waiting_requests", 0) > 0
+
+
+def _wait_until(predicate, what: str) -> None:
+    deadline = time.time() + WAIT_S
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not within {WAIT_S} s: {what}")
+
+
+def _post_in_thread(server, payload: dict):
+    result: dict = {}
+
+    def run():
+        try:
+            result["out"] = server.post("/generate", payload, timeout=WAIT_S * 2)
+        except Exception as e:
+            result["error"] = str(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    return worker, result
+
+
+def _failed(server) -> float:
+    return encode_language_metrics(server).get("requests.failed", 0)
+
+
+# 1. A client fault before the transfer ---------------------------------------------------------
+@pytest.mark.parametrize(
+    "language_first", [True, False], ids=["reserved", "not_reserved"]
+)
+def test_unreadable_image_fails_the_language_side_at_once(
+    deployment, vl_model, language_first
+) -> None:
+    """The encode server cannot load the image: it answers 400 and the language side, which
+    got the same room, fails it with the encoder's reason (not a bootstrap timeout), also 400.
+    ``reserved``: the language side reserved first (the encoder fails the room it holds);
+    ``not_reserved``: the encoder failed first, the later reservation is refused at once.
+    """
+    _, encoder, _, language = deployment
+    payload = _payload(vl_model, "one_image", BAD_IMAGES["missing_file"])
+    payload |= _room_fields(encoder)
+    if language_first:
+        worker, result = _post_in_thread(language, payload)
+        _wait_until(lambda: _waiting(language), "the language side reserved")
+        with pytest.raises(RequestError, match="HTTP 400.*client error"):
+            encoder.post("/generate", payload)
+    else:
+        with pytest.raises(RequestError, match="HTTP 400.*client error"):
+            encoder.post("/generate", payload)
+        worker, result = _post_in_thread(language, payload)
+    worker.join(WAIT_S)
+    assert not worker.is_alive(), "the language side kept waiting"
+    assert "HTTP 400" in result.get("error", ""), result
+    assert "client error: the request's media cannot be used" in result["error"]
+    assert "bootstrap timeout" not in result["error"]
+
+
+@pytest.mark.parametrize("image", list(BAD_IMAGES), ids=list(BAD_IMAGES))
+def test_router_passes_a_client_fault_through(deployment, vl_model, image) -> None:
+    """Through the router (retries on, breaker threshold 2, round robin over two encoders):
+    four requests with a bad image each answer 4xx, each reached exactly one encoder once (no
+    retry), and a good request right after succeeds (no encoder's breaker opened)."""
+    router, enc_a, enc_b, language = deployment
+    before = _failed(enc_a) + _failed(enc_b)
+    for _ in range(4):
+        with pytest.raises(RequestError, match=r"HTTP 4\d\d") as err:
+            router.post("/generate", _payload(vl_model, "one_image", BAD_IMAGES[image]))
+        assert "client error: the request's media cannot be used" in str(err.value)
+    _wait_until(
+        lambda: _failed(enc_a) + _failed(enc_b) - before == 4,
+        "each bad request counted once by the encoders",
+    )
+    assert _failed(enc_a) + _failed(enc_b) - before == 4  # a retry would add more
+    for _ in range(2):  # one per encoder under round robin
+        out = router.post("/generate", _payload(vl_model, "one_image"))
+        assert out["output_ids"] == _expected(vl_model, "one_image")
+    _wait_until(lambda: not _waiting(language), "the language side has nothing waiting")
+
+
+# 2. Client disconnects -------------------------------------------------------------------------
+def _open_stream(server, payload: dict) -> http.client.HTTPConnection:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=WAIT_S)
+    conn.request(
+        "POST",
+        "/generate",
+        body=json.dumps(payload | {"stream": True}),
+        headers={"Content-Type": "application/json"},
+    )
+    return conn
+
+
+@pytest.mark.parametrize("role", ["language", "encode"])
+def test_client_disconnect_mid_transfer_ends_the_room(
+    deployment, vl_model, role
+) -> None:
+    """A streaming client closes its connection while the room waits for the other side (the
+    peer never gets the request, so the transfer cannot finish first): the server aborts the
+    request, tells the other side, and every block is free on both (checked by the fixture).
+    """
+    _, encoder, _, language = deployment
+    server = language if role == "language" else encoder
+    payload = _payload(vl_model, "one_image") | {"rid": f"dc-{uuid.uuid4().hex}"}
+    payload |= (
+        _room_fields(encoder)
+        if role == "language"
+        else {
+            "bootstrap_host": "127.0.0.1",
+            "bootstrap_port": 1,
+            "bootstrap_room": random.getrandbits(62),
+        }
+    )
+    conn = _open_stream(server, payload)
+    _wait_until(lambda: _waiting(server), "the request is waiting for its transfer")
+    conn.close()
+    _wait_until(lambda: not _waiting(server), "the disconnected request ended")
+    log = server.log_path.read_text(errors="replace")
+    assert payload["rid"] in log and "abort" in log.lower()
+
+
+def _metric_sum(server, name: str) -> float:
+    """Sum of the samples of the Prometheus metric ``name`` (over its labels)."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.split("{", 1)[0].split(" ", 1)[0] == name
+    )
+
+
+def test_client_disconnect_mid_decode_ends_the_request(deployment, vl_model) -> None:
+    """A streaming client of the router reads a few chunks of a long generation and closes:
+    the router closes its upstream connection, the language server aborts the request (its
+    aborted-requests counter) and stops decoding it (no running request left)."""
+    router, _, _, language = deployment
+    aborted = _metric_sum(language, "sglang:num_aborted_requests_total")
+    payload = _payload(vl_model, "one_image", max_new_tokens=7000, ignore_eos=True)
+    conn = _open_stream(router, payload)
+    response = conn.getresponse()
+    assert response.status == 200
+    chunks = 0
+    while chunks < 3:
+        line = response.fp.readline()
+        assert line, "the stream ended early"
+        chunks += line.startswith(b"data:")
+    _wait_until(
+        lambda: _metric_sum(language, "sglang:num_running_reqs") >= 1,
+        "the language server reports the request decoding",
+    )
+    conn.close()
+    _wait_until(
+        lambda: _metric_sum(language, "sglang:num_aborted_requests_total")
+        == aborted + 1,
+        "the language server aborted the disconnected request",
+    )
+    _wait_until(
+        lambda: _metric_sum(language, "sglang:num_running_reqs") == 0,
+        "decoding stopped",
+    )
+
+
+# 3. One of two encoders dies ---------------------------------------------------------------------
+def _router_workers_healthy(router, url: str) -> bool:
+    """The router's view of ``url`` (``GET /workers`` of sglang-router 0.3.2)."""
+    workers = router.get("/workers").get("workers", [])
+    return any(w.get("url") == url and w.get("is_healthy") for w in workers)
+
+
+def test_dead_encoder_is_dropped_and_serves_again_after_restart(
+    servers, deployment, vl_model
+) -> None:
+    """Encode A is killed while the language side waits for it: that request fails at once
+    (the transport's heartbeat, a clear error); the router's health checks drop A and requests
+    keep succeeding on B; A restarted on the same ports serves again."""
+    router, enc_a, enc_b, language = deployment
+    payload = _payload(vl_model, "one_image") | _room_fields(enc_a)
+    worker, result = _post_in_thread(language, payload)
+    _wait_until(lambda: _waiting(language), "the language side waits for encode A")
+    os.killpg(enc_a.pid, signal.SIGKILL)
+    worker.join(WAIT_S)
+    assert not worker.is_alive(), "the language side kept waiting for a dead encoder"
+    assert "unreachable (missed 3 heartbeats)" in result.get("error", ""), result
+
+    _wait_until(
+        lambda: not _router_workers_healthy(router, enc_a.url),
+        "the router marked encode A unhealthy",
+    )
+    expected = _expected(vl_model, "one_image")
+    served_by_b = encode_language_metrics(enc_b).get("requests.success", 0)
+    for _ in range(4):
+        out = router.post("/generate", _payload(vl_model, "one_image"))
+        assert out["output_ids"] == expected
+    assert encode_language_metrics(enc_b)["requests.success"] - served_by_b == 4
+
+    enc_a.proc.wait(10)
+    new_a = relaunch(enc_a, enc_a.log_path.parent)
+    servers.replace(enc_a, new_a)
+    _wait_until(
+        lambda: _router_workers_healthy(router, new_a.url),
+        "the router took encode A back",
+    )
+    for _ in range(4):  # round robin: some reach A again
+        out = router.post("/generate", _payload(vl_model, "one_image"))
+        assert out["output_ids"] == expected
+    assert encode_language_metrics(new_a).get("requests.success", 0) >= 1
