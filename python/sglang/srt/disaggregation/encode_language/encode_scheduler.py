@@ -230,6 +230,7 @@ class SchedulerDisaggregationEncodeMixin:
                     "success",
                     metric.transfer_total_bytes or 0,
                     metric.transfer_latency_s,
+                    rounds=req.disagg_kv_sender.rounds,
                 )
                 done.append(req)
             elif poll == KVPoll.Failed:

@@ -1,0 +1,238 @@
+"""Encode/language coverage through the real ``sglang-router`` (PD mode, unchanged): resume
+rounds, ``/generate`` streaming, retraction of a multimodal request under a small KV pool, and
+checkpoints with K=2 and K=4 deepstack layers. Every answer equals Hugging Face fp32 token for
+token with per-token logprobs within 1e-3; after every test all transfer blocks are free on
+both servers (free == total, quarantined == 0, read from /metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from epd_testbed import servers as srv
+from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
+from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
+from epd_testbed.servers import encode_language_metrics, wait_all_blocks_free
+from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
+
+pytestmark = pytest.mark.server
+
+CASES = {c.name: c for c in VL_CASES}
+LOGPROB_TOLERANCE = 1e-3
+
+# Two 256x256 images: 64 tokens each, 149 prompt tokens. The shared deployment reserves 64
+# tokens per round (epd_testbed.servers.EL_BUFFER_ARGS), so this prompt needs 3 rounds.
+THREE_ROUNDS = Case(
+    "three_rounds", "Compare the two pictures.", ((256, 256, 5), (256, 256, 6))
+)
+
+# Language KV pool of the retraction deployment: two 45-token prompts (200x120 images, distinct
+# so the radix cache shares nothing) are admitted (90 tokens), and their decode runs out of
+# room after about 10 steps of the 16, so the scheduler retracts one of them.
+RETRACT_POOL_TOKENS = 110
+RETRACT_CASES = tuple(
+    Case(f"retract_{i}", "Describe the shapes and colors.", ((200, 120, 20 + i),))
+    for i in range(3)
+)
+
+
+@pytest.fixture(scope="module")
+def vl_model() -> str:
+    return str(ensure_checkpoint(TinyVLMoeSpec()))
+
+
+def _assert_blocks_free(*servers) -> None:
+    for server in servers:
+        blocks = wait_all_blocks_free(server)
+        assert (
+            blocks["in_use"] == 0
+            and blocks["quarantined"] == 0
+            and blocks["free"] == blocks["total"] > 0
+        ), (server.spec.name, blocks)
+
+
+@pytest.fixture()
+def deployment(servers, vl_model):
+    """The shared K=3 deployment of test_serving.py (same server group)."""
+    router, encoder, language = servers.encode_language(vl_model)
+    yield router, encoder, language
+    _assert_blocks_free(encoder, language)
+
+
+def _custom_deployment(
+    server_pool, model_path: str, name: str, language_args: tuple[str, ...]
+):
+    """(router, encode, language) with extra language-side arguments; launched once per
+    configuration through the session's server pool (counted against its live-server cap)."""
+
+    def start():
+        bootstrap_port = srv.free_port()
+        enc_spec, lang_spec = srv.encode_language_specs(
+            model_path,
+            bootstrap_port,
+            language_args=srv.EL_LANGUAGE_ARGS + language_args,
+            name=name,
+        )
+        encoder = srv.launch(enc_spec, server_pool.log_dir, wait=False)
+        language = srv.launch(lang_spec, server_pool.log_dir, wait=False)
+        try:
+            encoder.wait_ready()
+            language.wait_ready()
+            router = srv.launch_router(
+                [(encoder, bootstrap_port)], [language], server_pool.log_dir
+            )
+        except Exception:
+            encoder.stop()
+            language.stop()
+            raise
+        return router, encoder, language
+
+    key = ("encode-language-coverage", model_path, name, language_args)
+    return server_pool._group(key, 2, start)
+
+
+def _hf_reference(model_path: str, case: Case) -> tuple[list[int], list[float]]:
+    tokens, logits = hf_greedy_logits(model_path, case.messages(), MAX_NEW_TOKENS)
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    return tokens, [float(logprobs[i, t]) for i, t in enumerate(tokens)]
+
+
+def _payload(model_path: str, case: Case, stream: bool = False) -> dict:
+    prompt, image_paths = render_prompt(model_path, case.messages())
+    payload = {
+        "text": prompt,
+        "return_logprob": True,
+        "stream": stream,
+        "sampling_params": {
+            "temperature": 0.0,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "ignore_eos": True,
+        },
+    }
+    if image_paths:
+        payload["image_data"] = image_paths
+    return payload
+
+
+def _assert_matches(out: dict, reference, name: str) -> None:
+    expected_tokens, expected_logprobs = reference
+    entries = out["meta_info"]["output_token_logprobs"]
+    assert out["output_ids"] == expected_tokens, name
+    assert [e[1] for e in entries] == expected_tokens, name
+    got = [e[0] for e in entries]
+    assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE), name
+    assert len(set(expected_tokens)) > 1, f"{name}: degenerate reference"
+
+
+def test_three_resume_rounds(deployment, vl_model) -> None:
+    """A 149-token prompt against a 64-token reservation: the encode side sends it in three
+    rounds (its rounds counter on /metrics says so) and the answer still equals HF."""
+    router, encoder, _ = deployment
+    reference = _hf_reference(vl_model, THREE_ROUNDS)
+    before = encode_language_metrics(encoder)
+    out = router.post("/generate", _payload(vl_model, THREE_ROUNDS))
+    after = encode_language_metrics(encoder)
+    _assert_matches(out, reference, THREE_ROUNDS.name)
+    assert out["meta_info"]["prompt_tokens"] == 149
+    assert after["requests.success"] - before.get("requests.success", 0) == 1
+    assert after["rounds"] - before.get("rounds", 0) == 3, (before, after)
+
+
+def test_router_generate_streaming_matches_hf(deployment, vl_model) -> None:
+    """``/generate`` with ``stream: true`` through the router: the streamed chunks carry the
+    same token ids and per-token logprobs as HF (two images, a request with resume)."""
+    router, _, _ = deployment
+    case = CASES["two_images"]
+    expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
+    request = urllib.request.Request(
+        router.url + "/generate",
+        data=json.dumps(_payload(vl_model, case, stream=True)).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    chunks = []
+    with urllib.request.urlopen(request, timeout=300) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if line.startswith("data:") and line != "data: [DONE]":
+                chunks.append(json.loads(line[len("data:") :]))
+    assert len(chunks) > 1, "the router did not stream"
+    # Chunks are cumulative (upstream's default): the last one holds the whole answer, and
+    # every earlier one is a prefix of it.
+    final = chunks[-1]
+    assert final["meta_info"]["finish_reason"]["type"] == "length"
+    entries = final["meta_info"]["output_token_logprobs"]
+    assert [e[1] for e in entries] == expected_tokens
+    assert [e[0] for e in entries] == pytest.approx(
+        expected_logprobs, abs=LOGPROB_TOLERANCE
+    )
+    for chunk in chunks[:-1]:
+        got = [e[1] for e in chunk["meta_info"]["output_token_logprobs"]]
+        assert got == expected_tokens[: len(got)]
+
+
+def test_retraction_of_multimodal_requests(server_pool, vl_model) -> None:
+    """A language KV pool too small for the concurrent image requests' decode: the scheduler
+    retracts a multimodal request (its log says so), re-runs its prefill from the received rows
+    later, and every answer still equals HF."""
+    router, encoder, language = _custom_deployment(
+        server_pool,
+        vl_model,
+        "el-retract",
+        (
+            "--max-total-tokens",
+            str(RETRACT_POOL_TOKENS),
+            # admit on the prompt alone, so running decodes overrun the pool
+            "--schedule-conservativeness",
+            "0.01",
+        ),
+    )
+    try:
+        references = {c.name: _hf_reference(vl_model, c) for c in RETRACT_CASES}
+        log_start = language.log_path.stat().st_size
+        with ThreadPoolExecutor(len(RETRACT_CASES)) as pool:
+            outs = list(
+                pool.map(
+                    lambda c: router.post("/generate", _payload(vl_model, c)),
+                    RETRACT_CASES,
+                )
+            )
+        for case, out in zip(RETRACT_CASES, outs):
+            _assert_matches(out, references[case.name], case.name)
+        with open(language.log_path, errors="replace") as f:
+            f.seek(log_start)
+            log = f.read()
+        assert "KV cache pool is full. Retract requests." in log, log[-3000:]
+    finally:
+        _assert_blocks_free(encoder, language)
+
+
+@pytest.mark.parametrize(
+    "deepstack_indexes, vision_depth",
+    [((0, 2), 3), ((0, 1, 2, 3), 4)],
+    ids=["k2_noncontiguous", "k4"],
+)
+def test_deepstack_counts_reduced_set(
+    server_pool, vl_model, deepstack_indexes, vision_depth
+) -> None:
+    """Checkpoints with K=2 (indexes 0 and 2: not contiguous) and K=4 deepstack layers, one
+    deployment each, a reduced set: one image and text only, both equal to HF."""
+    model = str(
+        ensure_checkpoint(
+            TinyVLMoeSpec(
+                vision_depth=vision_depth, deepstack_visual_indexes=deepstack_indexes
+            )
+        )
+    )
+    router, encoder, language = _custom_deployment(
+        server_pool, model, f"el-k{len(deepstack_indexes)}", ()
+    )
+    try:
+        for case in (CASES["one_image"], CASES["text_only"]):
+            out = router.post("/generate", _payload(model, case))
+            _assert_matches(out, _hf_reference(model, case), case.name)
+    finally:
+        _assert_blocks_free(encoder, language)
