@@ -7,7 +7,9 @@ both servers (free == total, quarantined == 0, read from /metrics).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,6 +38,7 @@ THREE_ROUNDS = Case(
 # so the radix cache shares nothing) are admitted (90 tokens), and their decode runs out of
 # room after about 10 steps of the 16, so the scheduler retracts one of them.
 RETRACT_POOL_TOKENS = 110
+VIT_BUDGET_TOKENS = 32
 RETRACT_CASES = tuple(
     Case(f"retract_{i}", "Describe the shapes and colors.", ((200, 120, 20 + i),))
     for i in range(3)
@@ -79,10 +82,15 @@ def deployment(servers, vl_model):
 
 
 def _custom_deployment(
-    server_pool, model_path: str, name: str, language_args: tuple[str, ...]
+    server_pool,
+    model_path: str,
+    name: str,
+    language_args: tuple[str, ...],
+    encode_args: tuple[str, ...] = (),
 ):
-    """(router, encode, language) with extra language-side arguments; launched once per
-    configuration through the session's server pool (counted against its live-server cap)."""
+    """(router, encode, language) with extra language-side and encode-side arguments;
+    launched once per configuration through the session's server pool (counted against its
+    live-server cap)."""
 
     def start():
         bootstrap_port = srv.free_port()
@@ -92,6 +100,7 @@ def _custom_deployment(
             language_args=srv.EL_LANGUAGE_ARGS + language_args,
             name=name,
         )
+        enc_spec = dataclasses.replace(enc_spec, args=enc_spec.args + encode_args)
         encoder = srv.launch(enc_spec, server_pool.log_dir, wait=False)
         language = srv.launch(lang_spec, server_pool.log_dir, wait=False)
         try:
@@ -106,7 +115,7 @@ def _custom_deployment(
             raise
         return router, encoder, language
 
-    key = ("encode-language-coverage", model_path, name, language_args)
+    key = ("encode-language-coverage", model_path, name, language_args, encode_args)
     return server_pool._group(key, 2, start)
 
 
@@ -196,7 +205,9 @@ def test_video_matches_hf(deployment, vl_model, with_image) -> None:
     with open(encoder.log_path, errors="replace") as f:
         f.seek(log_start)
         log = f.read()
-    assert "one vision-tower call for 1 video item(s) of 1 request(s)" in log, log[-3000:]
+    assert "one vision-tower call for 1 video item(s) of 1 request(s)" in log, log[
+        -3000:
+    ]
 
 
 def test_router_generate_streaming_matches_hf(deployment, vl_model) -> None:
@@ -231,14 +242,13 @@ def test_router_generate_streaming_matches_hf(deployment, vl_model) -> None:
         assert got == expected_tokens[: len(got)]
 
 
-def test_retraction_of_multimodal_requests(server_pool, vl_model) -> None:
-    """A language KV pool too small for the concurrent image requests' decode: the scheduler
-    retracts a multimodal request (its log says so), re-runs its prefill from the received rows
-    later, and every answer still equals HF."""
-    router, encoder, language = _custom_deployment(
+def _small_deployment(server_pool, vl_model):
+    """Language: a small KV pool (retraction); encode: a ViT budget of 32 placeholder tokens
+    per vision-tower call (one 24-token image per call)."""
+    return _custom_deployment(
         server_pool,
         vl_model,
-        "el-retract",
+        "el-small",
         (
             "--max-total-tokens",
             str(RETRACT_POOL_TOKENS),
@@ -246,7 +256,15 @@ def test_retraction_of_multimodal_requests(server_pool, vl_model) -> None:
             "--schedule-conservativeness",
             "0.01",
         ),
+        encode_args=("--max-prefill-tokens", str(VIT_BUDGET_TOKENS)),
     )
+
+
+def test_retraction_of_multimodal_requests(server_pool, vl_model) -> None:
+    """A language KV pool too small for the concurrent image requests' decode: the scheduler
+    retracts a multimodal request (its log says so), re-runs its prefill from the received rows
+    later, and every answer still equals HF."""
+    router, encoder, language = _small_deployment(server_pool, vl_model)
     try:
         references = {c.name: _hf_reference(vl_model, c) for c in RETRACT_CASES}
         log_start = language.log_path.stat().st_size
@@ -263,6 +281,39 @@ def test_retraction_of_multimodal_requests(server_pool, vl_model) -> None:
             f.seek(log_start)
             log = f.read()
         assert "KV cache pool is full. Retract requests." in log, log[-3000:]
+    finally:
+        _assert_blocks_free(encoder, language)
+
+
+def test_vit_token_budget_with_concurrent_images(server_pool, vl_model) -> None:
+    """Concurrent image requests against an encode server whose ViT budget
+    (``--max-prefill-tokens 32``) holds one 24-token image per vision-tower call: no call
+    exceeds the budget (the encode log lists every call), and every answer equals HF."""
+    router, encoder, language = _small_deployment(server_pool, vl_model)
+    try:
+        cases = RETRACT_CASES + (CASES["one_image"],)  # 24, 24, 24 and 4 tokens
+        references = {c.name: _hf_reference(vl_model, c) for c in cases}
+        log_start = encoder.log_path.stat().st_size
+        with ThreadPoolExecutor(len(cases)) as pool:
+            outs = list(
+                pool.map(
+                    lambda c: router.post("/generate", _payload(vl_model, c)), cases
+                )
+            )
+        for case, out in zip(cases, outs):
+            _assert_matches(out, references[case.name], case.name)
+        with open(encoder.log_path, errors="replace") as f:
+            f.seek(log_start)
+            calls = re.findall(
+                r"one vision-tower call for (\d+) image item\(s\) of (\d+) request\(s\), "
+                r"(\d+) tokens",
+                f.read(),
+            )
+        calls = [tuple(map(int, c)) for c in calls]
+        assert sum(items for items, _, _ in calls) == len(cases), calls
+        assert all(
+            tokens <= VIT_BUDGET_TOKENS or reqs == 1 for _, reqs, tokens in calls
+        ), calls
     finally:
         _assert_blocks_free(encoder, language)
 
