@@ -34,10 +34,14 @@ THREE_ROUNDS = Case(
     "three_rounds", "Compare the two pictures.", ((256, 256, 5), (256, 256, 6))
 )
 
-# Language KV pool of the retraction deployment: two 45-token prompts (200x120 images, distinct
-# so the radix cache shares nothing) are admitted (90 tokens), and their decode runs out of
-# room after about 10 steps of the 16, so the scheduler retracts one of them.
-RETRACT_POOL_TOKENS = 110
+# Language KV pool of the small deployment. A 45-token prompt (200x120 image; distinct images,
+# so the radix cache shares nothing) asking for 48 new tokens is admitted with its whole decode
+# reserved (93 tokens), so a second one starts while the first has used < 57 of the 150 tokens;
+# running requests only reserve a fraction of their remaining decode
+# (--schedule-conservativeness 0.01), and two full decodes (186 tokens) overrun the pool: the
+# scheduler retracts one of them.
+RETRACT_POOL_TOKENS = 150
+RETRACT_NEW_TOKENS = 48
 VIT_BUDGET_TOKENS = 32
 RETRACT_CASES = tuple(
     Case(f"retract_{i}", "Describe the shapes and colors.", ((200, 120, 20 + i),))
@@ -119,13 +123,20 @@ def _custom_deployment(
     return server_pool._group(key, 2, start)
 
 
-def _hf_reference(model_path: str, case: Case) -> tuple[list[int], list[float]]:
-    tokens, logits = hf_greedy_logits(model_path, case.messages(), MAX_NEW_TOKENS)
+def _hf_reference(
+    model_path: str, case: Case, max_new_tokens: int = MAX_NEW_TOKENS
+) -> tuple[list[int], list[float]]:
+    tokens, logits = hf_greedy_logits(model_path, case.messages(), max_new_tokens)
     logprobs = torch.log_softmax(logits.double(), dim=-1)
     return tokens, [float(logprobs[i, t]) for i, t in enumerate(tokens)]
 
 
-def _payload(model_path: str, case: Case, stream: bool = False) -> dict:
+def _payload(
+    model_path: str,
+    case: Case,
+    stream: bool = False,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> dict:
     prompt, image_paths = render_prompt(model_path, case.messages())
     payload = {
         "text": prompt,
@@ -133,7 +144,7 @@ def _payload(model_path: str, case: Case, stream: bool = False) -> dict:
         "stream": stream,
         "sampling_params": {
             "temperature": 0.0,
-            "max_new_tokens": MAX_NEW_TOKENS,
+            "max_new_tokens": max_new_tokens,
             "ignore_eos": True,
         },
     }
@@ -266,12 +277,18 @@ def test_retraction_of_multimodal_requests(server_pool, vl_model) -> None:
     later, and every answer still equals HF."""
     router, encoder, language = _small_deployment(server_pool, vl_model)
     try:
-        references = {c.name: _hf_reference(vl_model, c) for c in RETRACT_CASES}
+        references = {
+            c.name: _hf_reference(vl_model, c, RETRACT_NEW_TOKENS)
+            for c in RETRACT_CASES
+        }
         log_start = language.log_path.stat().st_size
         with ThreadPoolExecutor(len(RETRACT_CASES)) as pool:
             outs = list(
                 pool.map(
-                    lambda c: router.post("/generate", _payload(vl_model, c)),
+                    lambda c: router.post(
+                        "/generate",
+                        _payload(vl_model, c, max_new_tokens=RETRACT_NEW_TOKENS),
+                    ),
                     RETRACT_CASES,
                 )
             )
