@@ -216,7 +216,8 @@ class SchedulerDisaggregationEncodeMixin:
 
     def run_disagg_encode_batch(self: "Scheduler") -> None:
         """One ViT call per modality over the waiting requests that fit the ViT token budget
-        (``--max-prefill-tokens``, see ``take_vit_batch``), then hand the payloads over."""
+        (``--max-prefill-tokens``, see ``take_vit_batch``), then hand the payloads over.
+        """
         reqs, self.disagg_encode_waiting = self.disagg_encode_waiting, []
         live = []
         for req in reqs:
