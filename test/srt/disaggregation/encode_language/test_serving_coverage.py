@@ -28,10 +28,13 @@ pytestmark = pytest.mark.server
 CASES = {c.name: c for c in VL_CASES}
 LOGPROB_TOLERANCE = 1e-3
 
-# Two 256x256 images: 64 tokens each, 149 prompt tokens. The shared deployment reserves 64
-# tokens per round (epd_testbed.servers.EL_BUFFER_ARGS), so this prompt needs 3 rounds.
-THREE_ROUNDS = Case(
-    "three_rounds", "Compare the two pictures.", ((256, 256, 5), (256, 256, 6))
+# Three 256x256 images: 64 tokens each, 215 prompt tokens. The shared deployment reserves 64
+# tokens per round (epd_testbed.servers.EL_BUFFER_ARGS), so this prompt needs 4 rounds: the
+# first and three resume rounds.
+FOUR_ROUNDS = Case(
+    "four_rounds",
+    "Compare the three pictures.",
+    ((256, 256, 5), (256, 256, 6), (256, 256, 8)),
 )
 
 # Language KV pool of the small deployment. A 45-token prompt (200x120 image; distinct images,
@@ -164,17 +167,18 @@ def _assert_matches(out: dict, reference, name: str) -> None:
 
 
 def test_three_resume_rounds(deployment, vl_model) -> None:
-    """A 149-token prompt against a 64-token reservation: the encode side sends it in three
-    rounds (its rounds counter on /metrics says so) and the answer still equals HF."""
+    """A 215-token prompt against a 64-token reservation: the encode side sends it in four
+    rounds, three of them resume rounds (its rounds counter on /metrics says so), and the
+    answer still equals HF."""
     router, encoder, _ = deployment
-    reference = _hf_reference(vl_model, THREE_ROUNDS)
+    reference = _hf_reference(vl_model, FOUR_ROUNDS)
     before = encode_language_metrics(encoder)
-    out = router.post("/generate", _payload(vl_model, THREE_ROUNDS))
+    out = router.post("/generate", _payload(vl_model, FOUR_ROUNDS))
     after = encode_language_metrics(encoder)
-    _assert_matches(out, reference, THREE_ROUNDS.name)
-    assert out["meta_info"]["prompt_tokens"] == 149
+    _assert_matches(out, reference, FOUR_ROUNDS.name)
+    assert out["meta_info"]["prompt_tokens"] == 215
     assert after["requests.success"] - before.get("requests.success", 0) == 1
-    assert after["rounds"] - before.get("rounds", 0) == 3, (before, after)
+    assert after["rounds"] - before.get("rounds", 0) == 4, (before, after)
 
 
 @pytest.mark.parametrize("with_image", [False, True], ids=["video", "image_and_video"])
