@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +41,7 @@ FOUR_ROUNDS = Case(
 # Language KV pool of the small deployment. A 45-token prompt (200x120 image; distinct images,
 # so the radix cache shares nothing) asking for 48 new tokens is admitted with its whole decode
 # reserved (93 tokens), so a second one starts while the first has used < 57 of the 150 tokens;
-# running requests only reserve a fraction of their remaining decode
+# running requests (eos not ignored) only reserve a fraction of their remaining decode
 # (--schedule-conservativeness 0.01), and two full decodes (186 tokens) overrun the pool: the
 # scheduler retracts one of them.
 RETRACT_POOL_TOKENS = 150
@@ -285,13 +286,24 @@ def test_retraction_of_multimodal_requests(server_pool, vl_model) -> None:
             c.name: _hf_reference(vl_model, c, RETRACT_NEW_TOKENS)
             for c in RETRACT_CASES
         }
+        # Upstream reserves a running request's whole remaining decode when it ignores eos, so
+        # these requests keep eos on; the references hold no eos token, so they stop at length.
+        with open(os.path.join(vl_model, "generation_config.json")) as f:
+            eos_ids = set(json.load(f)["eos_token_id"])
+        for tokens, _ in references.values():
+            assert not eos_ids & set(tokens), "reference emits eos: pick other images"
         log_start = language.log_path.stat().st_size
         with ThreadPoolExecutor(len(RETRACT_CASES)) as pool:
             outs = list(
                 pool.map(
                     lambda c: router.post(
                         "/generate",
-                        _payload(vl_model, c, max_new_tokens=RETRACT_NEW_TOKENS),
+                        _payload(
+                            vl_model,
+                            c,
+                            max_new_tokens=RETRACT_NEW_TOKENS,
+                            ignore_eos=False,
+                        ),
                     ),
                     RETRACT_CASES,
                 )
