@@ -140,6 +140,7 @@ def _payload(
     case: Case,
     stream: bool = False,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    ignore_eos: bool = True,
 ) -> dict:
     prompt, image_paths = render_prompt(model_path, case.messages())
     payload = {
@@ -149,7 +150,7 @@ def _payload(
         "sampling_params": {
             "temperature": 0.0,
             "max_new_tokens": max_new_tokens,
-            "ignore_eos": True,
+            "ignore_eos": ignore_eos,
         },
     }
     if image_paths:
