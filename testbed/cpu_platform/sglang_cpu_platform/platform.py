@@ -21,6 +21,27 @@ DEFAULT_MAX_TOTAL_TOKENS = int(
     os.environ.get("SGLANG_CPU_PLATFORM_MAX_TOTAL_TOKENS", "16384")
 )
 
+
+
+def _pageable_pin_memory(self, *args, **kwargs):
+    return self
+
+
+def neutralise_pin_memory() -> None:
+    """Make ``Tensor.pin_memory`` return the tensor itself (pinning needs a CUDA driver).
+
+    Upstream 0.5.23 pins decoded video frames unconditionally (``utils/video_decoder.py``,
+    ``processors/qwen_vl.preprocess_video``), which raises "Found no NVIDIA driver" here.
+    """
+    import torch
+
+    torch.Tensor.pin_memory = _pageable_pin_memory
+
+
+# Loaded in every process of a server on this platform (the HTTP/tokenizer process decodes
+# videos), and only when the plugin activated, i.e. on a host without CUDA.
+neutralise_pin_memory()
+
 # Backends that need Intel's CPU build of sgl-kernel, which this plugin avoids.
 _INTEL_ONLY_ATTENTION = {"intel_amx"}
 

@@ -6,8 +6,9 @@ Shaped like a PD prefill server so ``sglang-router --pd-disaggregation`` fronts 
    bootstrap room at once (the language side may reserve before or after); a request without
    image or video, or from the fake bootstrap host (health checks, warm-up), finishes at once
    with nothing sent; the language side applies the same rule to the same body.
-2. ``run_disagg_encode_batch``: the images (and videos) of every waiting request go through
-   upstream's ``get_image_feature`` / ``get_video_feature`` in one call per modality, and
+2. ``run_disagg_encode_batch``: the images (and videos) of the waiting requests go through
+   upstream's ``get_image_feature`` / ``get_video_feature`` in one call per modality, as many
+   requests per call as fit ``--max-prefill-tokens`` placeholder tokens (``take_vit_batch``), and
    ``separate_deepstack_embeds`` splits the rows; each request's ``MultimodalPayload`` (unpadded
    ids, M-RoPE positions and delta, multimodal mask, rows, item table) is handed to its sender.
    The ViT does not wait for the language side's reservation: the transport starts the rounds
@@ -29,7 +30,7 @@ import os
 import struct
 import time
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
 
@@ -54,7 +55,12 @@ from sglang.srt.disaggregation.utils import (
 )
 from sglang.srt.managers.schedule_batch import FINISH_LENGTH
 from sglang.srt.multimodal.modality import Modality
-from sglang.srt.runtime_context import get_device, get_disagg, get_parallel
+from sglang.srt.runtime_context import (
+    get_device,
+    get_disagg,
+    get_parallel,
+    get_schedule,
+)
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
@@ -86,6 +92,29 @@ def checkpoint_bytes_not_loaded(model_path: str) -> Optional[int]:
                 start, end = entry["data_offsets"]
                 total += end - start
     return total
+
+
+def vit_tokens(req: "Req") -> int:
+    """Placeholder tokens of a request's images and videos (rows its ViT call produces)."""
+    return sum(
+        e - s + 1
+        for item in req.multimodal_inputs.mm_items
+        if item.modality in (Modality.IMAGE, Modality.VIDEO)
+        for s, e in item.offsets
+    )
+
+
+def take_vit_batch(reqs: List, budget: int, tokens=vit_tokens) -> Tuple[List, List]:
+    """Split waiting requests into (this ViT call, later), in arrival order: requests join
+    the call while their placeholder tokens fit ``budget``; the first request always joins
+    (one larger than the budget runs alone, never starves); the first that does not fit
+    ends the call, so no request overtakes an earlier one."""
+    total = 0
+    for i, req in enumerate(reqs):
+        total += tokens(req)
+        if i > 0 and total > budget:
+            return reqs[:i], reqs[i:]
+    return list(reqs), []
 
 
 def has_media(req: "Req") -> bool:
@@ -194,7 +223,9 @@ class SchedulerDisaggregationEncodeMixin:
                 time.sleep(INFLIGHT_POLL_INTERVAL_S)
 
     def run_disagg_encode_batch(self: "Scheduler") -> None:
-        """One ViT call per modality over every waiting request, then hand the payloads over."""
+        """One ViT call per modality over the waiting requests that fit the ViT token budget
+        (``--max-prefill-tokens``, see ``take_vit_batch``), then hand the payloads over.
+        """
         reqs, self.disagg_encode_waiting = self.disagg_encode_waiting, []
         live = []
         for req in reqs:
@@ -204,6 +235,9 @@ class SchedulerDisaggregationEncodeMixin:
                 live.append(req)
         if not live:
             return
+        live, self.disagg_encode_waiting = take_vit_batch(
+            live, get_schedule().max_prefill_tokens
+        )
         try:
             rows = self._encode_items(live)
         except Exception as e:  # a bad item fails its batch, never the server
@@ -238,6 +272,7 @@ class SchedulerDisaggregationEncodeMixin:
                     "success",
                     metric.transfer_total_bytes or 0,
                     metric.transfer_latency_s,
+                    rounds=req.disagg_kv_sender.rounds,
                 )
                 done.append(req)
             elif poll == KVPoll.Failed:
@@ -267,13 +302,15 @@ class SchedulerDisaggregationEncodeMixin:
             if not items:
                 continue
             out = encode(items)
+            sizes = [sum(e - s + 1 for s, e in item.offsets) for item in items]
             logger.info(
-                "encode: one vision-tower call for %d %s item(s) of %d request(s)",
+                "encode: one vision-tower call for %d %s item(s) of %d request(s), "
+                "%d tokens",
                 len(items),
                 modality.name.lower(),
                 len(reqs),
+                sum(sizes),
             )
-            sizes = [sum(e - s + 1 for s, e in item.offsets) for item in items]
             if sum(sizes) != out.shape[0]:
                 raise ValueError(
                     f"{modality.name.lower()} placeholders cover {sum(sizes)} tokens but the "

@@ -42,6 +42,11 @@ class EncodeLanguageMetrics:
             documentation="Bytes sent (encode) or received (language) over the transfer engine.",
             labelnames=("role",),
         )
+        self._rounds = Counter(
+            name="sglang:encode_language_rounds_total",
+            documentation="Transfer rounds of successful requests (the first round plus resume rounds).",
+            labelnames=("role",),
+        )
         self._latency = Gauge(
             name="sglang:encode_language_transfer_seconds",
             documentation="Transfer latency of the last finished request.",
@@ -76,11 +81,17 @@ class EncodeLanguageMetrics:
         self._blocks.labels(self.role, "total").set(acc["total"])
 
     def request_done(
-        self, outcome: str, nbytes: int = 0, latency_s: Optional[float] = None
+        self,
+        outcome: str,
+        nbytes: int = 0,
+        latency_s: Optional[float] = None,
+        rounds: int = 0,
     ) -> None:
         if not self.enabled:
             return
         self._requests.labels(self.role, outcome).inc()
+        if rounds:
+            self._rounds.labels(self.role).inc(rounds)
         if nbytes:
             self._bytes.labels(self.role).inc(nbytes)
         if latency_s is not None:

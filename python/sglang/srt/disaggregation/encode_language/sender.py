@@ -765,6 +765,7 @@ class EncodeSender:
         self._status = KVPoll.Bootstrapping
         self.reason = ""
         self._metric = KVTransferMetric()
+        self.rounds = 0  # rounds sent once the transfer succeeded (1 + resume rounds)
         self._done = threading.Event()
 
     def send(self, payload: MultimodalPayload) -> None:
@@ -815,6 +816,7 @@ class EncodeSender:
             self._set_failed(reason)
         else:
             self._status = KVPoll.Success
+            self.rounds = r.round + 1
         self._metric = KVTransferMetric(
             transfer_latency_s=(
                 (time.monotonic() - r.first_send) if r.first_send else None

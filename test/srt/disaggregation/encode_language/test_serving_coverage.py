@@ -1,0 +1,380 @@
+"""Encode/language coverage through the real ``sglang-router`` (PD mode, unchanged): resume
+rounds, ``/generate`` streaming, retraction of a multimodal request under a small KV pool, and
+checkpoints with K=2 and K=4 deepstack layers. Every answer equals Hugging Face fp32 token for
+token with per-token logprobs within 1e-3; after every test all transfer blocks are free on
+both servers (free == total, quarantined == 0, read from /metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from epd_testbed import servers as srv
+from epd_testbed import videos
+from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
+from epd_testbed.hf_reference import _tok_and_proc, hf_greedy_logits, render_prompt
+from epd_testbed.images import save_image
+from epd_testbed.servers import encode_language_metrics, wait_all_blocks_free
+from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
+
+pytestmark = pytest.mark.server
+
+CASES = {c.name: c for c in VL_CASES}
+LOGPROB_TOLERANCE = 1e-3
+
+# Three 256x256 images: 64 tokens each, 215 prompt tokens. The shared deployment reserves 64
+# tokens per round (epd_testbed.servers.EL_BUFFER_ARGS), so this prompt needs 4 rounds: the
+# first and three resume rounds.
+FOUR_ROUNDS = Case(
+    "four_rounds",
+    "Compare the three pictures.",
+    ((256, 256, 5), (256, 256, 6), (256, 256, 8)),
+)
+
+# Language KV pool of the small deployment. A 45-token prompt (200x120 image; distinct images,
+# so the radix cache shares nothing) asking for 48 new tokens is admitted with its whole decode
+# reserved (93 tokens), so a second one starts while the first has used < 57 of the 150 tokens;
+# running requests (eos not ignored) only reserve a fraction of their remaining decode
+# (--schedule-conservativeness 0.01), and two full decodes (186 tokens) overrun the pool: the
+# scheduler retracts one of them.
+RETRACT_POOL_TOKENS = 150
+RETRACT_NEW_TOKENS = 48
+VIT_BUDGET_TOKENS = 32
+RETRACT_CASES = tuple(
+    Case(f"retract_{i}", "Describe the shapes and colors.", ((200, 120, 20 + i),))
+    for i in range(3)
+)
+
+
+def _video_messages(with_image: bool) -> list[dict]:
+    """A 2 s, 4 fps test clip (4 frames sampled, 108 video tokens), optionally after an
+    image, then a question."""
+    parts = []
+    if with_image:
+        parts.append(
+            {"type": "image_url", "image_url": {"url": str(save_image(64, 64, 7))}}
+        )
+    parts.append({"type": "video_url", "video_url": {"url": str(videos.make_clip())}})
+    parts.append({"type": "text", "text": "What happens in this video?"})
+    return [{"role": "user", "content": parts}]
+
+
+@pytest.fixture(scope="module")
+def vl_model() -> str:
+    return str(ensure_checkpoint(TinyVLMoeSpec()))
+
+
+def _assert_blocks_free(*servers) -> None:
+    for server in servers:
+        blocks = wait_all_blocks_free(server)
+        assert (
+            blocks["in_use"] == 0
+            and blocks["quarantined"] == 0
+            and blocks["free"] == blocks["total"] > 0
+        ), (server.spec.name, blocks)
+
+
+@pytest.fixture()
+def deployment(servers, vl_model):
+    """The shared K=3 deployment of test_serving.py (same server group)."""
+    router, encoder, language = servers.encode_language(vl_model)
+    yield router, encoder, language
+    _assert_blocks_free(encoder, language)
+
+
+def _custom_deployment(
+    server_pool,
+    model_path: str,
+    name: str,
+    language_args: tuple[str, ...],
+    encode_args: tuple[str, ...] = (),
+):
+    """(router, encode, language) with extra language-side and encode-side arguments;
+    launched once per configuration through the session's server pool (counted against its
+    live-server cap)."""
+
+    def start():
+        bootstrap_port = srv.free_port()
+        enc_spec, lang_spec = srv.encode_language_specs(
+            model_path,
+            bootstrap_port,
+            language_args=srv.EL_LANGUAGE_ARGS + language_args,
+            name=name,
+        )
+        enc_spec = dataclasses.replace(enc_spec, args=enc_spec.args + encode_args)
+        encoder = srv.launch(enc_spec, server_pool.log_dir, wait=False)
+        language = srv.launch(lang_spec, server_pool.log_dir, wait=False)
+        try:
+            encoder.wait_ready()
+            language.wait_ready()
+            router = srv.launch_router(
+                [(encoder, bootstrap_port)], [language], server_pool.log_dir
+            )
+        except Exception:
+            encoder.stop()
+            language.stop()
+            raise
+        return router, encoder, language
+
+    key = ("encode-language-coverage", model_path, name, language_args, encode_args)
+    return server_pool._group(key, 2, start)
+
+
+def _hf_reference(
+    model_path: str, case: Case, max_new_tokens: int = MAX_NEW_TOKENS
+) -> tuple[list[int], list[float]]:
+    tokens, logits = hf_greedy_logits(model_path, case.messages(), max_new_tokens)
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    return tokens, [float(logprobs[i, t]) for i, t in enumerate(tokens)]
+
+
+def _payload(
+    model_path: str,
+    case: Case,
+    stream: bool = False,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    ignore_eos: bool = True,
+) -> dict:
+    prompt, image_paths = render_prompt(model_path, case.messages())
+    payload = {
+        "text": prompt,
+        "return_logprob": True,
+        "stream": stream,
+        "sampling_params": {
+            "temperature": 0.0,
+            "max_new_tokens": max_new_tokens,
+            "ignore_eos": ignore_eos,
+        },
+    }
+    if image_paths:
+        payload["image_data"] = image_paths
+    return payload
+
+
+def _assert_matches(out: dict, reference, name: str) -> None:
+    expected_tokens, expected_logprobs = reference
+    entries = out["meta_info"]["output_token_logprobs"]
+    assert out["output_ids"] == expected_tokens, name
+    assert [e[1] for e in entries] == expected_tokens, name
+    got = [e[0] for e in entries]
+    assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE), name
+    assert len(set(expected_tokens)) > 1, f"{name}: degenerate reference"
+
+
+def test_three_resume_rounds(deployment, vl_model) -> None:
+    """A 215-token prompt against a 64-token reservation: the encode side sends it in four
+    rounds, three of them resume rounds (its rounds counter on /metrics says so), and the
+    answer still equals HF."""
+    router, encoder, _ = deployment
+    reference = _hf_reference(vl_model, FOUR_ROUNDS)
+    before = encode_language_metrics(encoder)
+    out = router.post("/generate", _payload(vl_model, FOUR_ROUNDS))
+    after = encode_language_metrics(encoder)
+    _assert_matches(out, reference, FOUR_ROUNDS.name)
+    assert out["meta_info"]["prompt_tokens"] == 215
+    assert after["requests.success"] - before.get("requests.success", 0) == 1
+    assert after["rounds"] - before.get("rounds", 0) == 4, (before, after)
+
+
+@pytest.mark.parametrize("with_image", [False, True], ids=["video", "image_and_video"])
+def test_video_matches_hf(deployment, vl_model, with_image) -> None:
+    """A video (and an image + a video in one prompt) through the router. The encode side
+    expands the placeholder (timestamp text, one vision span per frame pair), computes the
+    per-frame M-RoPE positions, encodes every frame, and sends one item per video with one span
+    per frame; the 148+-token prompt needs two resume rounds against the 64-token reservation.
+    Token ids and logprobs equal HF fp32 fed the same sampled frames."""
+    router, encoder, _ = deployment
+    messages = _video_messages(with_image)
+    tokens, logprobs, prompt_len = videos.hf_greedy_logprobs(
+        vl_model, messages, MAX_NEW_TOKENS
+    )
+    tok, _ = _tok_and_proc(vl_model)
+    prompt = tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    payload = {
+        "text": prompt,
+        "video_data": videos.video_refs(messages),
+        "return_logprob": True,
+        "sampling_params": {
+            "temperature": 0.0,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "ignore_eos": True,
+        },
+    }
+    if with_image:
+        payload["image_data"] = [messages[0]["content"][0]["image_url"]["url"]]
+    before = encode_language_metrics(encoder)
+    log_start = encoder.log_path.stat().st_size
+    out = router.post("/generate", payload)
+    after = encode_language_metrics(encoder)
+    _assert_matches(out, (tokens, logprobs), "video")
+    assert out["meta_info"]["prompt_tokens"] == prompt_len
+    assert after["requests.success"] - before.get("requests.success", 0) == 1
+    assert after["rounds"] - before.get("rounds", 0) >= 3, (before, after)
+    with open(encoder.log_path, errors="replace") as f:
+        f.seek(log_start)
+        log = f.read()
+    assert "one vision-tower call for 1 video item(s) of 1 request(s)" in log, log[
+        -3000:
+    ]
+
+
+def test_router_generate_streaming_matches_hf(deployment, vl_model) -> None:
+    """``/generate`` with ``stream: true`` through the router: the streamed chunks carry the
+    same token ids and per-token logprobs as HF (two images, a request with resume)."""
+    router, _, _ = deployment
+    case = CASES["two_images"]
+    expected_tokens, expected_logprobs = _hf_reference(vl_model, case)
+    request = urllib.request.Request(
+        router.url + "/generate",
+        data=json.dumps(_payload(vl_model, case, stream=True)).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    chunks = []
+    with urllib.request.urlopen(request, timeout=300) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if line.startswith("data:") and line != "data: [DONE]":
+                chunks.append(json.loads(line[len("data:") :]))
+    assert len(chunks) > 1, "the router did not stream"
+    # Chunks are cumulative (upstream's default): the last one holds the whole answer, and
+    # every earlier one is a prefix of it.
+    final = chunks[-1]
+    assert final["meta_info"]["finish_reason"]["type"] == "length"
+    entries = final["meta_info"]["output_token_logprobs"]
+    assert [e[1] for e in entries] == expected_tokens
+    assert [e[0] for e in entries] == pytest.approx(
+        expected_logprobs, abs=LOGPROB_TOLERANCE
+    )
+    for chunk in chunks[:-1]:
+        got = [e[1] for e in chunk["meta_info"]["output_token_logprobs"]]
+        assert got == expected_tokens[: len(got)]
+
+
+def _small_deployment(server_pool, vl_model):
+    """Language: a small KV pool (retraction); encode: a ViT budget of 32 placeholder tokens
+    per vision-tower call (one 24-token image per call)."""
+    return _custom_deployment(
+        server_pool,
+        vl_model,
+        "el-small",
+        (
+            "--max-total-tokens",
+            str(RETRACT_POOL_TOKENS),
+            # admit on the prompt alone, so running decodes overrun the pool
+            "--schedule-conservativeness",
+            "0.01",
+        ),
+        encode_args=("--max-prefill-tokens", str(VIT_BUDGET_TOKENS)),
+    )
+
+
+def test_retraction_of_multimodal_requests(server_pool, vl_model) -> None:
+    """A language KV pool too small for the concurrent image requests' decode: the scheduler
+    retracts a multimodal request (its log says so), re-runs its prefill from the received rows
+    later, and every answer still equals HF."""
+    router, encoder, language = _small_deployment(server_pool, vl_model)
+    try:
+        references = {
+            c.name: _hf_reference(vl_model, c, RETRACT_NEW_TOKENS)
+            for c in RETRACT_CASES
+        }
+        # Upstream reserves a running request's whole remaining decode when it ignores eos, so
+        # these requests keep eos on; the references hold no eos token, so they stop at length.
+        with open(os.path.join(vl_model, "generation_config.json")) as f:
+            eos_ids = set(json.load(f)["eos_token_id"])
+        for tokens, _ in references.values():
+            assert not eos_ids & set(tokens), "reference emits eos: pick other images"
+        log_start = language.log_path.stat().st_size
+        with ThreadPoolExecutor(len(RETRACT_CASES)) as pool:
+            outs = list(
+                pool.map(
+                    lambda c: router.post(
+                        "/generate",
+                        _payload(
+                            vl_model,
+                            c,
+                            max_new_tokens=RETRACT_NEW_TOKENS,
+                            ignore_eos=False,
+                        ),
+                    ),
+                    RETRACT_CASES,
+                )
+            )
+        for case, out in zip(RETRACT_CASES, outs):
+            _assert_matches(out, references[case.name], case.name)
+        with open(language.log_path, errors="replace") as f:
+            f.seek(log_start)
+            log = f.read()
+        assert "KV cache pool is full. Retract requests." in log, log[-3000:]
+    finally:
+        _assert_blocks_free(encoder, language)
+
+
+def test_vit_token_budget_with_concurrent_images(server_pool, vl_model) -> None:
+    """Concurrent image requests against an encode server whose ViT budget
+    (``--max-prefill-tokens 32``) holds one 24-token image per vision-tower call: no call
+    exceeds the budget (the encode log lists every call), and every answer equals HF."""
+    router, encoder, language = _small_deployment(server_pool, vl_model)
+    try:
+        cases = RETRACT_CASES + (CASES["one_image"],)  # 24, 24, 24 and 4 tokens
+        references = {c.name: _hf_reference(vl_model, c) for c in cases}
+        log_start = encoder.log_path.stat().st_size
+        with ThreadPoolExecutor(len(cases)) as pool:
+            outs = list(
+                pool.map(
+                    lambda c: router.post("/generate", _payload(vl_model, c)), cases
+                )
+            )
+        for case, out in zip(cases, outs):
+            _assert_matches(out, references[case.name], case.name)
+        with open(encoder.log_path, errors="replace") as f:
+            f.seek(log_start)
+            calls = re.findall(
+                r"one vision-tower call for (\d+) image item\(s\) of (\d+) request\(s\), "
+                r"(\d+) tokens",
+                f.read(),
+            )
+        calls = [tuple(map(int, c)) for c in calls]
+        assert sum(items for items, _, _ in calls) == len(cases), calls
+        assert all(
+            tokens <= VIT_BUDGET_TOKENS or reqs == 1 for _, reqs, tokens in calls
+        ), calls
+    finally:
+        _assert_blocks_free(encoder, language)
+
+
+@pytest.mark.parametrize(
+    "deepstack_indexes, vision_depth",
+    [((0, 2), 3), ((0, 1, 2, 3), 4)],
+    ids=["k2_noncontiguous", "k4"],
+)
+def test_deepstack_counts_reduced_set(
+    server_pool, vl_model, deepstack_indexes, vision_depth
+) -> None:
+    """Checkpoints with K=2 (indexes 0 and 2: not contiguous) and K=4 deepstack layers, one
+    deployment each, a reduced set: one image and text only, both equal to HF."""
+    model = str(
+        ensure_checkpoint(
+            TinyVLMoeSpec(
+                vision_depth=vision_depth, deepstack_visual_indexes=deepstack_indexes
+            )
+        )
+    )
+    router, encoder, language = _custom_deployment(
+        server_pool, model, f"el-k{len(deepstack_indexes)}", ()
+    )
+    try:
+        for case in (CASES["one_image"], CASES["text_only"]):
+            out = router.post("/generate", _payload(model, case))
+            _assert_matches(out, _hf_reference(model, case), case.name)
+    finally:
+        _assert_blocks_free(encoder, language)
