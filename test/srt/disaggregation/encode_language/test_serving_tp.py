@@ -6,6 +6,8 @@
   per-token logprobs within 1e-3), all blocks are free on both servers afterwards, and the
   metrics show one network receive (``success``, counted by the receiving rank only) plus
   one broadcast sent by rank 0 and one broadcast received by rank 1 per image request.
+* Encode ``--tp 2``: both ranks run upstream's TP vision tower, rank 0 alone owns the transfer;
+  the answers equal Hugging Face and all blocks are free.
 
 The tiny K=3 checkpoint (4 attention heads, 2 KV heads, 4 vision heads) divides by 2.
 """
@@ -48,8 +50,7 @@ def _launch(model_path: str, log_dir, *, encode_tp: int, language_tp: int) -> tu
     if language_tp > 1:
         lang = srv.ServerSpec(
             lang.model_path,
-            # rank 1's metrics (the broadcast it received) are exported too
-            (*lang.args, "--tp", str(language_tp), "--enable-metrics-for-all-schedulers"),
+            (*lang.args, "--tp", str(language_tp)),
             env=lang.env + TP_ENV,
             name=lang.name,
             module=lang.module,
@@ -152,3 +153,29 @@ def test_language_tp2_matches_hf_with_one_receive(language_tp2, vl_model, name) 
         assert _delta(enc_after, enc_before, "bytes") == 0
         for key in ("requests.success", "requests.tp_broadcast", "requests.tp_received"):
             assert _delta(lang_after, lang_before, key) == 0, key
+
+
+@pytest.fixture()
+def encode_tp2(server_pool, servers, vl_model):
+    router, encoder, language = _deployment(
+        server_pool, servers, vl_model, encode_tp=2, language_tp=1
+    )
+    yield router, encoder, language
+    _assert_all_free(encoder, language)
+
+
+@pytest.mark.parametrize("name", ["one_image", "text_only"])
+def test_encode_tp2_matches_hf(encode_tp2, vl_model, name) -> None:
+    """Encode ``--tp 2``: both ranks run the TP vision tower, rank 0 alone sends (the
+    encoder's counters, exported by rank 0 only, count one transfer)."""
+    router, encoder, _ = encode_tp2
+    case = CASES[name]
+    before = encode_language_metrics(encoder)
+    _check_equal_hf(router, vl_model, case)
+    after = encode_language_metrics(encoder)
+    if case.images:
+        assert _delta(after, before, "requests.success") == 1
+        assert _delta(after, before, "bytes") > 0
+    else:
+        assert _delta(after, before, "bytes") == 0
+        assert _delta(after, before, "requests.local") == 1
