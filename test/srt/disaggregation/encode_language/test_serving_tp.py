@@ -151,7 +151,11 @@ def test_language_tp2_matches_hf_with_one_receive(language_tp2, vl_model, name) 
         assert _delta(lang_after, lang_before, "requests.tp_received") == 1
     else:
         assert _delta(enc_after, enc_before, "bytes") == 0
-        for key in ("requests.success", "requests.tp_broadcast", "requests.tp_received"):
+        for key in (
+            "requests.success",
+            "requests.tp_broadcast",
+            "requests.tp_received",
+        ):
             assert _delta(lang_after, lang_before, key) == 0, key
 
 

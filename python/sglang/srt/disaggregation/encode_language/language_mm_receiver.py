@@ -76,7 +76,9 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass
 class WaitingRequest:
     recv_req: TokenizedGenerateReqInput
-    receiver: Any  # LanguageReceiver on the owner; a stand-in (below) on the other TP ranks
+    receiver: (
+        Any  # LanguageReceiver on the owner; a stand-in (below) on the other TP ranks
+    )
     since: float
 
     @property
@@ -287,7 +289,8 @@ class LanguageMMReceiver:
 
     def _take_rows(self, w: WaitingRequest) -> ReceivedData:
         """The received rows of a ready request; with ``--tp > 1`` every rank calls this for
-        the same requests in the same order and gets the owner's rows over the TP group."""
+        the same requests in the same order and gets the owner's rows over the TP group.
+        """
         if self.num_ranks == 1:
             return w.receiver.take()
         header, data = None, None
@@ -314,7 +317,11 @@ class LanguageMMReceiver:
                 rows.append(None)
                 continue
             shape, dtype = spec
-            t = getattr(data, name) if self.is_owner else torch.empty(shape, dtype=dtype)
+            t = (
+                getattr(data, name)
+                if self.is_owner
+                else torch.empty(shape, dtype=dtype)
+            )
             rows.append(self._broadcast_tensor(t))
         if self.is_owner:
             self.metrics.request_done("tp_broadcast")
