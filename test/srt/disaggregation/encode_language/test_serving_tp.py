@@ -27,6 +27,9 @@ pytestmark = pytest.mark.server
 CASES = {c.name: c for c in VL_CASES}
 LOGPROB_TOLERANCE = 1e-3
 TP_ENV = (("SGLANG_CPU_OMP_THREADS_BIND", "0|1"),)
+# Encoder bytes sent for one request, by (case, language TP size): equal for TP 1 and TP 2 (the
+# network carries one copy, not one per language rank).
+_BYTES_SENT: dict[tuple[str, int], float] = {}
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +147,7 @@ def test_language_tp2_matches_hf_with_one_receive(language_tp2, vl_model, name) 
         # another rank would have been refused, and each would have its own bytes).
         assert _delta(enc_after, enc_before, "requests.success") == 1
         assert _delta(enc_after, enc_before, "bytes") > 0
+        _BYTES_SENT[(name, 2)] = _delta(enc_after, enc_before, "bytes")
         # Language side (counters summed over the two rank processes): one network receive,
         # one broadcast sent by rank 0, one received by rank 1.
         assert _delta(lang_after, lang_before, "requests.success") == 1, lang_after
@@ -180,6 +184,10 @@ def test_encode_tp2_matches_hf(encode_tp2, vl_model, name) -> None:
     if case.images:
         assert _delta(after, before, "requests.success") == 1
         assert _delta(after, before, "bytes") > 0
+        # Same image to a TP 1 language server: the same bytes as to the TP 2 one (run first
+        # in this file), i.e. the TP 2 server received one copy.
+        if (name, 2) in _BYTES_SENT:
+            assert _delta(after, before, "bytes") == _BYTES_SENT[(name, 2)]
     else:
         assert _delta(after, before, "bytes") == 0
         assert _delta(after, before, "requests.local") == 1

@@ -76,9 +76,8 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass
 class WaitingRequest:
     recv_req: TokenizedGenerateReqInput
-    receiver: (
-        Any  # LanguageReceiver on the owner; a stand-in (below) on the other TP ranks
-    )
+    # LanguageReceiver on the owner; a stand-in (below) on the other TP ranks
+    receiver: Any
     since: float
 
     @property
