@@ -64,7 +64,7 @@ def _launch(model_path: str, log_dir, *, encode_tp: int, language_tp: int) -> tu
         encoder.wait_ready()
         language.wait_ready()
         router = srv.launch_router([(encoder, bootstrap_port)], [language], log_dir)
-    except Exception:
+    except BaseException:  # an interrupted start leaves no server behind
         encoder.stop()
         language.stop()
         raise
