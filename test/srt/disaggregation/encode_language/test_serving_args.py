@@ -122,9 +122,7 @@ def test_encode_defaults(vl_model) -> None:
     assert model_config.hf_config.encoder_only is True
 
 
-def test_encode_tp_is_refused_for_now(vl_model) -> None:
-    with pytest.raises(
-        ValueError,
-        match="--disaggregation-mode encode with --tp 2 is not supported yet",
-    ):
-        _resolve(vl_model, disaggregation_mode="encode", tp_size=2)
+def test_encode_tp_is_accepted(vl_model) -> None:
+    """Encode ``--tp N``: rank 0 owns the transfer, every rank runs the TP vision tower."""
+    _, view = _resolve(vl_model, disaggregation_mode="encode", tp_size=2)
+    assert view.tp_size == 2

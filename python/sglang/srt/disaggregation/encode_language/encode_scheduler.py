@@ -18,7 +18,12 @@ Shaped like a PD prefill server so ``sglang-router --pd-disaggregation`` fronts 
    empty logprob lists), exactly what the router merges from a prefill server; Failed answers
    500 with the transport's reason.
 
-Only one rank owns the transfer; ``--tp > 1`` is refused at start-up for now.
+``--tp N``: every rank runs the vision tower (upstream's TP vision tower: its collectives need
+every rank, with the same items in the same order); only attention-TP rank 0 (the *owner*) has
+an ``EncodeManager``, creates the senders and sends. The other ranks hold a stand-in sender
+that reports ``Success``, so the MIN all-reduce of the poll states over the TP cpu group (for
+the waiting queue before the ViT and for the in-flight queue) yields the owner's state on every
+rank and every rank keeps the same queues.
 """
 
 from __future__ import annotations
@@ -124,6 +129,33 @@ def has_media(req: "Req") -> bool:
     )
 
 
+class _FollowerSender:
+    """A non-owner TP rank's stand-in sender: reports the highest state, so the MIN
+    all-reduce over the TP group yields the owner's state; sends nothing."""
+
+    reason = None
+
+    def poll(self) -> int:
+        return KVPoll.Success
+
+    def send(self, payload) -> None:
+        pass
+
+    def abort(self, reason: str = "") -> None:
+        pass
+
+
+class _RefusedSender(_FollowerSender):
+    """The owner could not create a sender (room in use): the request fails through the poll
+    agreement, so every rank drops it before the vision tower runs."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def poll(self) -> int:
+        return KVPoll.Failed
+
+
 class SchedulerDisaggregationEncodeMixin:
     """Encode-server parts of ``Scheduler`` (only used with ``--disaggregation-mode encode``)."""
 
@@ -146,10 +178,19 @@ class SchedulerDisaggregationEncodeMixin:
         conn = ConnectionConfig.from_server_args(
             self.server_args, gpu_id=get_device().gpu_id
         )
-        self.disagg_encode_manager = EncodeManager(buffer_config, conn)
-        self.disagg_encode_metrics = EncodeLanguageMetrics(
-            "encode", self.metrics_reporter.enable_metrics
+        # With --tp N only the owner (attention-TP rank 0) has buffers and sends.
+        self.disagg_encode_tp_size = get_parallel().attn_tp_size
+        self.disagg_encode_is_owner = get_parallel().attn_tp_rank == 0
+        self.disagg_encode_manager = (
+            EncodeManager(buffer_config, conn) if self.disagg_encode_is_owner else None
         )
+        self.disagg_encode_metrics = EncodeLanguageMetrics(
+            "encode",
+            self.metrics_reporter.enable_metrics and self.disagg_encode_is_owner,
+        )
+        if not self.disagg_encode_is_owner:
+            logger.info("encode server: TP rank without transfer (vision tower only)")
+            return
         self.disagg_encode_metrics.observe_blocks(self.disagg_encode_manager.allocator)
         skipped = checkpoint_bytes_not_loaded(self.model_config.model_path)
         logger.info(
@@ -169,12 +210,21 @@ class SchedulerDisaggregationEncodeMixin:
             req.finished_reason = FINISH_LENGTH(length=0)
             self._finish_disagg_encode([req], outcome="local")
             return
+        if not self.disagg_encode_is_owner:
+            req.disagg_kv_sender = _FollowerSender()
+            self.disagg_encode_waiting.append(req)
+            return
         try:
             req.disagg_kv_sender = self.disagg_encode_manager.create_sender(
                 req.bootstrap_room
             )
         except RoomInUseError as e:
             logger.error("encode: request %s refused: %s", req.rid, e)
+            if self.disagg_encode_tp_size > 1:
+                # The other ranks queued it: fail it through the poll agreement.
+                req.disagg_kv_sender = _RefusedSender(str(e))
+                self.disagg_encode_waiting.append(req)
+                return
             prepare_abort(req, str(e), status_code=HTTPStatus.BAD_REQUEST)
             self._finish_disagg_encode([req], outcome="failed")
             return
@@ -210,9 +260,10 @@ class SchedulerDisaggregationEncodeMixin:
                 continue
             self.run_disagg_encode_batch()
             self.process_disagg_encode_inflight()
-            self.disagg_encode_metrics.observe_blocks(
-                self.disagg_encode_manager.allocator
-            )
+            if self.disagg_encode_manager is not None:
+                self.disagg_encode_metrics.observe_blocks(
+                    self.disagg_encode_manager.allocator
+                )
             self.disagg_encode_metrics.observe_waiting(
                 len(self.disagg_encode_waiting) + len(self.disagg_encode_inflight)
             )
@@ -227,9 +278,18 @@ class SchedulerDisaggregationEncodeMixin:
         (``--max-prefill-tokens``, see ``take_vit_batch``), then hand the payloads over.
         """
         reqs, self.disagg_encode_waiting = self.disagg_encode_waiting, []
+        if not reqs:
+            return
+        if self.disagg_encode_tp_size > 1:
+            # Every rank must run the (TP) vision tower on the same requests.
+            polls = poll_and_all_reduce(
+                [req.disagg_kv_sender for req in reqs], self.attn_tp_cpu_group
+            )
+        else:
+            polls = [req.disagg_kv_sender.poll() for req in reqs]
         live = []
-        for req in reqs:
-            if req.disagg_kv_sender.poll() == KVPoll.Failed:  # aborted while waiting
+        for req, poll in zip(reqs, polls):
+            if poll == KVPoll.Failed:  # aborted or refused while waiting
                 self._fail_disagg_encode(req)
             else:
                 live.append(req)
@@ -247,13 +307,18 @@ class SchedulerDisaggregationEncodeMixin:
                 self._fail_disagg_encode(req)
             return
         for req in live:
+            if not self.disagg_encode_is_owner:
+                self.disagg_encode_inflight.append(req)  # the owner sends
+                continue
             try:
                 req.disagg_kv_sender.send(self._payload(req, rows))
             except Exception as e:
                 logger.exception("encode: request %s could not be sent", req.rid)
                 req.disagg_kv_sender.abort(f"encode failed: {e}")
-                self._fail_disagg_encode(req)
-                continue
+                if self.disagg_encode_tp_size == 1:
+                    self._fail_disagg_encode(req)
+                    continue
+                # else the poll agreement fails it on every rank
             self.disagg_encode_inflight.append(req)
 
     def process_disagg_encode_inflight(self: "Scheduler") -> None:
@@ -267,13 +332,14 @@ class SchedulerDisaggregationEncodeMixin:
         for req, poll in zip(self.disagg_encode_inflight, polls):
             if poll == KVPoll.Success:
                 req.finished_reason = FINISH_LENGTH(length=0)
-                metric = req.disagg_kv_sender.get_transfer_metric()
-                self.disagg_encode_metrics.request_done(
-                    "success",
-                    metric.transfer_total_bytes or 0,
-                    metric.transfer_latency_s,
-                    rounds=req.disagg_kv_sender.rounds,
-                )
+                if self.disagg_encode_is_owner:
+                    metric = req.disagg_kv_sender.get_transfer_metric()
+                    self.disagg_encode_metrics.request_done(
+                        "success",
+                        metric.transfer_total_bytes or 0,
+                        metric.transfer_latency_s,
+                        rounds=req.disagg_kv_sender.rounds,
+                    )
                 done.append(req)
             elif poll == KVPoll.Failed:
                 self._fail_disagg_encode(req)

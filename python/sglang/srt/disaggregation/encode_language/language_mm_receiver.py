@@ -16,6 +16,13 @@ on ``LanguageManager`` / ``LanguageReceiver``:
   in colocated serving.
 * A failed transfer (encoder abort, timeout, dead peer, bad data) fails the request at once
   with the transport's reason.
+* ``--tp N`` (one receive per server): only attention-TP rank 0 (the *owner*) has a
+  ``LanguageManager`` and creates receivers (``num_ranks=1``, so the encoder sends one copy).
+  Every rank keeps the same waiting list (the scheduler hands every rank the same requests);
+  the other ranks poll a stand-in that reports ``Success``, so the MIN all-reduce of the poll
+  states over the TP cpu group yields the owner's state on every rank. When a request is ready,
+  all ranks take part in one broadcast from the owner (a pickled header, then the rows in a
+  fixed order), so every rank attaches the same rows before the request enters scheduling.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ import logging
 import time
 from array import array
 from http import HTTPStatus
-from typing import TYPE_CHECKING, List, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.allocator import OversizeError
@@ -71,12 +79,44 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass
 class WaitingRequest:
     recv_req: TokenizedGenerateReqInput
-    receiver: LanguageReceiver
+    # LanguageReceiver on the owner; a stand-in (below) on the other TP ranks
+    receiver: Any
     since: float
 
     @property
     def rid(self) -> str:
         return self.recv_req.rid
+
+
+class _FollowerPoll:
+    """A non-owner TP rank's stand-in receiver: reports the highest state, so the MIN
+    all-reduce over the TP group yields the owner's state."""
+
+    reason = None
+
+    def poll(self) -> int:
+        return KVPoll.Success
+
+    def abort(self, reason: str = "") -> None:
+        pass  # the owner, which got the same abort, ends the room
+
+
+class _RefusedPoll:
+    """The owner could not create a receiver (room in use, too large): the request fails
+    through the poll agreement, so every rank drops it in the same iteration."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def poll(self) -> int:
+        return KVPoll.Failed
+
+    def abort(self, reason: str = "") -> None:
+        pass
+
+
+# The rows broadcast over the TP group, in this order on every rank.
+_ROW_FIELDS = ("fill_ids", "mrope_positions", "mm_mask", "embeddings", "deepstack")
 
 
 class LanguageMMReceiver:
@@ -97,14 +137,19 @@ class LanguageMMReceiver:
         conn = ConnectionConfig.from_server_args(
             scheduler.server_args, gpu_id=get_device().gpu_id
         )
-        self.manager = LanguageManager(buffer_config, conn)
         self.rank = get_parallel().attn_tp_rank
         self.num_ranks = get_parallel().attn_tp_size
+        # One receive per server: only the owner (attention-TP rank 0) has buffers and receives.
+        self.is_owner = self.rank == 0
+        self.manager: Optional[LanguageManager] = (
+            LanguageManager(buffer_config, conn) if self.is_owner else None
+        )
         self.waiting_list: List[WaitingRequest] = []
         self.metrics = EncodeLanguageMetrics(
             "language", scheduler.metrics_reporter.enable_metrics
         )
-        self.metrics.observe_blocks(self.manager.allocator)
+        if self.manager is not None:
+            self.metrics.observe_blocks(self.manager.allocator)
 
     # The mm_receiver interface ---------------------------------------------------------------
     def process_waiting_requests(self, recv_reqs: List) -> Tuple[List, List]:
@@ -123,7 +168,8 @@ class LanguageMMReceiver:
                 )
         if self.waiting_list:
             self._poll(ready, aborts)
-        self.metrics.observe_blocks(self.manager.allocator)
+        if self.manager is not None:
+            self.metrics.observe_blocks(self.manager.allocator)
         self.metrics.observe_waiting(len(self.waiting_list))
         return ready, aborts
 
@@ -160,16 +206,25 @@ class LanguageMMReceiver:
                 "a request with an image or video needs bootstrap_host, bootstrap_port and "
                 "bootstrap_room (send it through sglang-router --pd-disaggregation)"
             )
+        if not self.is_owner:
+            self.waiting_list.append(
+                WaitingRequest(recv_req, _FollowerPoll(), time.monotonic())
+            )
+            return None
         try:
             rx = self.manager.create_receiver(
                 f"{recv_req.bootstrap_host}:{recv_req.bootstrap_port}",
                 recv_req.bootstrap_room,
-                rank=self.rank,
-                num_ranks=self.num_ranks,
+                rank=0,
+                num_ranks=1,  # one receive per server; the other TP ranks get a broadcast
                 max_tokens=self.scheduler.max_req_input_len,
             )
         except (RoomInUseError, OversizeError) as e:
-            return str(e)
+            if self.num_ranks == 1:
+                return str(e)
+            # The other ranks queued the request: fail it through the poll agreement.
+            logger.error("language: request %s refused: %s", recv_req.rid, e)
+            rx = _RefusedPoll(str(e))
         self.waiting_list.append(WaitingRequest(recv_req, rx, time.monotonic()))
         return None
 
@@ -181,12 +236,12 @@ class LanguageMMReceiver:
         for w, poll in zip(self.waiting_list, polls):
             if poll == KVPoll.Success:
                 try:
-                    self._attach(w.recv_req, w.receiver.take())
+                    self._attach(w.recv_req, self._take_rows(w))
                 except Exception as e:
                     logger.exception(
                         "language: request %s: received data is invalid", w.rid
                     )
-                    self.metrics.request_done("failed")
+                    self._count_failed()
                     aborts.append(
                         (
                             self._req_for_error(w.recv_req),
@@ -195,19 +250,30 @@ class LanguageMMReceiver:
                         )
                     )
                     continue
-                self.metrics.request_done(
-                    "success", latency_s=time.monotonic() - w.since
-                )
+                if self.is_owner:  # counted once per server, by the rank that received
+                    self.metrics.request_done(
+                        "success", latency_s=time.monotonic() - w.since
+                    )
                 ready.append(w.recv_req)
             elif poll == KVPoll.Failed:
                 reason = w.receiver.reason or "transfer failed"
+                if isinstance(w.receiver, _RefusedPoll):
+                    self._count_failed()
+                    aborts.append(
+                        (
+                            self._req_for_error(w.recv_req),
+                            reason,
+                            HTTPStatus.BAD_REQUEST,
+                        )
+                    )
+                    continue
                 logger.error(
                     "language: request %s (room %s) failed: %s",
                     w.rid,
                     w.recv_req.bootstrap_room,
                     reason,
                 )
-                self.metrics.request_done("failed")
+                self._count_failed()
                 aborts.append(
                     (
                         self._req_for_error(w.recv_req),
@@ -218,6 +284,75 @@ class LanguageMMReceiver:
             else:
                 still_waiting.append(w)
         self.waiting_list = still_waiting
+
+    def _count_failed(self) -> None:
+        if self.is_owner:  # counted once per server
+            self.metrics.request_done("failed")
+
+    def _take_rows(self, w: WaitingRequest) -> ReceivedData:
+        """The received rows of a ready request; with ``--tp > 1`` every rank calls this for
+        the same requests in the same order and gets the owner's rows over the TP group.
+        """
+        if self.num_ranks == 1:
+            return w.receiver.take()
+        header, data = None, None
+        if self.is_owner:
+            try:
+                data = w.receiver.take()
+                header = {
+                    "error": None,
+                    "manifest": data.manifest,
+                    "items": data.items,
+                    "rows": [
+                        None if t is None else (tuple(t.shape), t.dtype)
+                        for t in (getattr(data, f) for f in _ROW_FIELDS)
+                    ],
+                }
+            except Exception as e:
+                header = {"error": f"{type(e).__name__}: {e}"}
+        header = self._broadcast_object(header)
+        if header["error"] is not None:
+            raise ValueError(header["error"])
+        rows = []
+        for name, spec in zip(_ROW_FIELDS, header["rows"]):
+            if spec is None:
+                rows.append(None)
+                continue
+            shape, dtype = spec
+            t = (
+                getattr(data, name)
+                if self.is_owner
+                else torch.empty(shape, dtype=dtype)
+            )
+            rows.append(self._broadcast_tensor(t))
+        if self.is_owner:
+            self.metrics.request_done("tp_broadcast")
+            return data
+        self.metrics.request_done("tp_received")
+        return ReceivedData(header["manifest"], *rows, items=header["items"])
+
+    def _broadcast_object(self, obj):
+        group = self.scheduler.attn_tp_group
+        box = [obj]
+        dist.broadcast_object_list(box, src=group.first_rank, group=group.cpu_group)
+        return box[0]
+
+    def _broadcast_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Broadcast one row tensor from the owner. On the CPU test bed over the TP cpu (gloo)
+        group; on GPUs over the device (NCCL) group with the tensor moved to this rank's device
+        and back to host memory afterwards (what ``take()`` returns on the owner). Bools travel
+        as uint8 (gloo has no bool)."""
+        group = self.scheduler.attn_tp_group
+        is_bool = t.dtype == torch.bool
+        buf = t.to(torch.uint8) if is_bool else t
+        if self.scheduler.device == "cpu":
+            buf = buf.contiguous()
+            dist.broadcast(buf, src=group.first_rank, group=group.cpu_group)
+        else:  # not exercised on the CPU test bed
+            buf = buf.to(f"{self.scheduler.device}:{get_device().gpu_id}")
+            dist.broadcast(buf, src=group.first_rank, group=group.device_group)
+            buf = buf.cpu()
+        return buf.to(torch.bool) if is_bool else buf
 
     def _attach(self, recv_req: TokenizedGenerateReqInput, data: ReceivedData) -> None:
         """Turn received data into the precomputed multimodal inputs of ``recv_req``."""

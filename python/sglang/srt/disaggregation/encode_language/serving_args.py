@@ -9,7 +9,8 @@ What each mode implies:
 * ``encode``: the checkpoint's VL class is built with upstream's ``encoder_only`` switch (vision
   tower only); the scheduler runs the encode loop (``encode_scheduler.py``). Its control socket
   listens on ``--disaggregation-bootstrap-port`` (the port given after ``--prefill URL`` to
-  the router). Overlap scheduling is off (the encode loop does not use it).
+  the router). Overlap scheduling is off (the encode loop does not use it). With ``--tp N``
+  every rank runs the TP vision tower and rank 0 alone owns the transfer.
 * ``language``: ``Qwen3MoeForCausalLM`` is built from the VL checkpoint (the architecture is
   overridden unless ``--json-model-override-args`` already names one); no multimodal processor
   runs there; requests with media wait for their rows in ``language_mm_receiver.py``.
@@ -58,10 +59,6 @@ def _handle_encode(server_args, cfg, flag: str) -> None:
         raise ValueError(
             f"{flag} runs no language model, so speculative decoding "
             f"(--speculative-algorithm {cfg.speculative_algorithm}) cannot be used there"
-        )
-    if cfg.tp_size > 1:
-        raise ValueError(
-            f"{flag} with --tp {cfg.tp_size} is not supported yet; use --tp 1"
         )
     _require_vision_config(server_args, flag)
     declare_resolution(server_args, _SOURCE, disable_overlap_schedule=True)
