@@ -22,6 +22,8 @@ import uuid
 
 import pytest
 import torch
+from el_serving import generate as _generate
+from el_serving import hf_reference as _hf_reference
 from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
 from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
 from epd_testbed.servers import (
@@ -53,28 +55,6 @@ def deployment(servers, vl_model):
             server.spec.name,
             blocks,
         )
-
-
-def _hf_reference(model_path: str, case: Case) -> tuple[list[int], list[float]]:
-    tokens, logits = hf_greedy_logits(model_path, case.messages(), MAX_NEW_TOKENS)
-    logprobs = torch.log_softmax(logits.double(), dim=-1)
-    return tokens, [float(logprobs[i, t]) for i, t in enumerate(tokens)]
-
-
-def _generate(router, model_path: str, case: Case) -> dict:
-    prompt, image_paths = render_prompt(model_path, case.messages())
-    payload = {
-        "text": prompt,
-        "return_logprob": True,
-        "sampling_params": {
-            "temperature": 0.0,
-            "max_new_tokens": MAX_NEW_TOKENS,
-            "ignore_eos": True,
-        },
-    }
-    if image_paths:
-        payload["image_data"] = image_paths
-    return router.post("/generate", payload)
 
 
 @pytest.mark.parametrize("case", VL_CASES, ids=lambda c: c.name)
@@ -402,7 +382,9 @@ def test_encoder_death_fails_waiting_requests(servers, vl_model) -> None:
     blocks = wait_all_blocks_free(language)
     assert blocks["in_use"] == blocks["quarantined"] == 0, blocks
     assert blocks["free"] == blocks["total"] > 0, blocks
-    assert "fence timeout" in language.log_path.read_text(), "the blocks were never fenced"
+    assert (
+        "fence timeout" in language.log_path.read_text()
+    ), "the blocks were never fenced"
 
     with pytest.raises(RequestError, match="HTTP 5"):
         _generate(router, vl_model, CASES["one_image"])

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from el_serving import generate as _generate
+from el_serving import hf_reference as _hf_reference
 from epd_testbed import servers as srv
 from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
 from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
@@ -100,28 +102,6 @@ def _assert_all_free(*servers_) -> None:
 
 def _delta(after: dict, before: dict, key: str) -> float:
     return after.get(key, 0) - before.get(key, 0)
-
-
-def _hf_reference(model_path: str, case: Case) -> tuple[list[int], list[float]]:
-    tokens, logits = hf_greedy_logits(model_path, case.messages(), MAX_NEW_TOKENS)
-    logprobs = torch.log_softmax(logits.double(), dim=-1)
-    return tokens, [float(logprobs[i, t]) for i, t in enumerate(tokens)]
-
-
-def _generate(router, model_path: str, case: Case) -> dict:
-    prompt, image_paths = render_prompt(model_path, case.messages())
-    payload = {
-        "text": prompt,
-        "return_logprob": True,
-        "sampling_params": {
-            "temperature": 0.0,
-            "max_new_tokens": MAX_NEW_TOKENS,
-            "ignore_eos": True,
-        },
-    }
-    if image_paths:
-        payload["image_data"] = image_paths
-    return router.post("/generate", payload)
 
 
 def _check_equal_hf(router, vl_model, case) -> dict:
