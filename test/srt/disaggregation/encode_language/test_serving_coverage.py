@@ -7,7 +7,6 @@ both servers (free == total, quarantined == 0, read from /metrics).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -16,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from epd_testbed import servers as srv
+from el_serving import custom_deployment
 from epd_testbed import videos
 from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
 from epd_testbed.hf_reference import _tok_and_proc, hf_greedy_logits, render_prompt
@@ -87,44 +86,6 @@ def deployment(servers, vl_model):
     router, encoder, language = servers.encode_language(vl_model)
     yield router, encoder, language
     _assert_blocks_free(encoder, language)
-
-
-def _custom_deployment(
-    server_pool,
-    model_path: str,
-    name: str,
-    language_args: tuple[str, ...],
-    encode_args: tuple[str, ...] = (),
-):
-    """(router, encode, language) with extra language-side and encode-side arguments;
-    launched once per configuration through the session's server pool (counted against its
-    live-server cap)."""
-
-    def start():
-        bootstrap_port = srv.free_port()
-        enc_spec, lang_spec = srv.encode_language_specs(
-            model_path,
-            bootstrap_port,
-            language_args=srv.EL_LANGUAGE_ARGS + language_args,
-            name=name,
-        )
-        enc_spec = dataclasses.replace(enc_spec, args=enc_spec.args + encode_args)
-        encoder = srv.launch(enc_spec, server_pool.log_dir, wait=False)
-        language = srv.launch(lang_spec, server_pool.log_dir, wait=False)
-        try:
-            encoder.wait_ready()
-            language.wait_ready()
-            router = srv.launch_router(
-                [(encoder, bootstrap_port)], [language], server_pool.log_dir
-            )
-        except Exception:
-            encoder.stop()
-            language.stop()
-            raise
-        return router, encoder, language
-
-    key = ("encode-language-coverage", model_path, name, language_args, encode_args)
-    return server_pool._group(key, 2, start)
 
 
 def _hf_reference(
@@ -262,7 +223,7 @@ def test_router_generate_streaming_matches_hf(deployment, vl_model) -> None:
 def _small_deployment(server_pool, vl_model):
     """Language: a small KV pool (retraction); encode: a ViT budget of 32 placeholder tokens
     per vision-tower call (one 24-token image per call)."""
-    return _custom_deployment(
+    return custom_deployment(
         server_pool,
         vl_model,
         "el-small",
@@ -369,7 +330,7 @@ def test_deepstack_counts_reduced_set(
             )
         )
     )
-    router, encoder, language = _custom_deployment(
+    router, encoder, language = custom_deployment(
         server_pool, model, f"el-k{len(deepstack_indexes)}", ()
     )
     try:
