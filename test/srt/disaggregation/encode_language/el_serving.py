@@ -10,6 +10,7 @@ import torch
 from epd_testbed import servers as srv
 from epd_testbed.cases import MAX_NEW_TOKENS, Case
 from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
+from epd_testbed.servers import wait_all_blocks_free
 
 
 def hf_reference(model_path: str, case: Case) -> tuple[list[int], list[float]]:
@@ -70,3 +71,15 @@ def custom_deployment(
 
     key = ("encode-language-coverage", model_path, name, language_args, encode_args)
     return server_pool._group(key, 2, start)
+
+
+def assert_blocks_free(*servers) -> None:
+    """Every transfer block free on each server (read from /metrics): none in use, none
+    quarantined."""
+    for server in servers:
+        blocks = wait_all_blocks_free(server)
+        assert (
+            blocks["in_use"] == 0
+            and blocks["quarantined"] == 0
+            and blocks["free"] == blocks["total"] > 0
+        ), (server.spec.name, blocks)

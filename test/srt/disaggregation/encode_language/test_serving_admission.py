@@ -15,14 +15,10 @@ import threading
 import time
 
 import pytest
-from el_serving import custom_deployment, hf_reference
+from el_serving import assert_blocks_free, custom_deployment, hf_reference
 from epd_testbed.cases import MAX_NEW_TOKENS, Case
 from epd_testbed.hf_reference import _tok_and_proc, render_prompt
-from epd_testbed.servers import (
-    RequestError,
-    encode_language_metrics,
-    wait_all_blocks_free,
-)
+from epd_testbed.servers import RequestError, encode_language_metrics
 from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
 pytestmark = pytest.mark.server
@@ -82,13 +78,7 @@ def deployment(server_pool, vl_model, bound):
         encode_args=("--disaggregation-mm-transfer-config", transfer_config),
     )
     yield router, encoder, language
-    for server in (encoder, language):
-        blocks = wait_all_blocks_free(server)
-        assert (
-            blocks["in_use"] == 0
-            and blocks["quarantined"] == 0
-            and blocks["free"] == blocks["total"] > 0
-        ), (server.spec.name, blocks)
+    assert_blocks_free(encoder, language)
 
 
 def _body(model_path: str, case: Case) -> dict:

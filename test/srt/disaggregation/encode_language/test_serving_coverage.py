@@ -15,12 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from el_serving import custom_deployment
+from el_serving import assert_blocks_free, custom_deployment
 from epd_testbed import videos
 from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
 from epd_testbed.hf_reference import _tok_and_proc, hf_greedy_logits, render_prompt
 from epd_testbed.images import save_image
-from epd_testbed.servers import encode_language_metrics, wait_all_blocks_free
+from epd_testbed.servers import encode_language_metrics
 from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
 pytestmark = pytest.mark.server
@@ -70,22 +70,12 @@ def vl_model() -> str:
     return str(ensure_checkpoint(TinyVLMoeSpec()))
 
 
-def _assert_blocks_free(*servers) -> None:
-    for server in servers:
-        blocks = wait_all_blocks_free(server)
-        assert (
-            blocks["in_use"] == 0
-            and blocks["quarantined"] == 0
-            and blocks["free"] == blocks["total"] > 0
-        ), (server.spec.name, blocks)
-
-
 @pytest.fixture()
 def deployment(servers, vl_model):
     """The shared K=3 deployment of test_serving.py (same server group)."""
     router, encoder, language = servers.encode_language(vl_model)
     yield router, encoder, language
-    _assert_blocks_free(encoder, language)
+    assert_blocks_free(encoder, language)
 
 
 def _hf_reference(
@@ -277,7 +267,7 @@ def test_retraction_of_multimodal_requests(server_pool, vl_model) -> None:
             log = f.read()
         assert "KV cache pool is full. Retract requests." in log, log[-3000:]
     finally:
-        _assert_blocks_free(encoder, language)
+        assert_blocks_free(encoder, language)
 
 
 def test_vit_token_budget_with_concurrent_images(server_pool, vl_model) -> None:
@@ -310,7 +300,7 @@ def test_vit_token_budget_with_concurrent_images(server_pool, vl_model) -> None:
             tokens <= VIT_BUDGET_TOKENS or reqs == 1 for _, reqs, tokens in calls
         ), calls
     finally:
-        _assert_blocks_free(encoder, language)
+        assert_blocks_free(encoder, language)
 
 
 @pytest.mark.parametrize(
@@ -338,4 +328,4 @@ def test_deepstack_counts_reduced_set(
             out = router.post("/generate", _payload(model, case))
             _assert_matches(out, _hf_reference(model, case), case.name)
     finally:
-        _assert_blocks_free(encoder, language)
+        assert_blocks_free(encoder, language)

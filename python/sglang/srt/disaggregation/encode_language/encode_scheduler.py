@@ -8,7 +8,8 @@ Shaped like a PD prefill server so ``sglang-router --pd-disaggregation`` fronts 
    with nothing sent; the language side applies the same rule to the same body.
 2. ``run_disagg_encode_batch``: the images (and videos) of the waiting requests go through
    upstream's ``get_image_feature`` / ``get_video_feature`` in one call per modality, as many
-   requests per call as fit ``--max-prefill-tokens`` placeholder tokens (``take_vit_batch``), and
+   requests per call as fit ``--max-prefill-tokens`` placeholder tokens (``take_vit_batch``) and
+   whose payloads fit the in-flight bound (``_admit_payloads``: the rest wait), and
    ``separate_deepstack_embeds`` splits the rows; each request's ``MultimodalPayload`` (unpadded
    ids, M-RoPE positions and delta, multimodal mask, rows, item table) is handed to its sender.
    The ViT does not wait for the language side's reservation: the transport starts the rounds
