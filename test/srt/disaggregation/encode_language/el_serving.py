@@ -1,6 +1,6 @@
-"""Shared helpers of the serving tests: the HF fp32 reference of a case (token ids and
-per-token logprobs), the same case sent through the router's ``/generate``, and deployments
-with extra server arguments."""
+"""Shared helpers of the serving tests: the HF fp32 reference of a case or of a video prompt
+(token ids and per-token logprobs), the same request sent through the router's ``/generate``,
+deployments with extra server arguments, and the all-blocks-free check."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import dataclasses
 
 import torch
 from epd_testbed import servers as srv
+from epd_testbed import videos
 from epd_testbed.cases import MAX_NEW_TOKENS, Case
-from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
+from epd_testbed.hf_reference import _tok_and_proc, hf_greedy_logits, render_prompt
+from epd_testbed.images import save_image
 from epd_testbed.servers import wait_all_blocks_free
 
 
@@ -19,9 +21,8 @@ def hf_reference(model_path: str, case: Case) -> tuple[list[int], list[float]]:
     return tokens, [float(logprobs[i, t]) for i, t in enumerate(tokens)]
 
 
-def generate(router, model_path: str, case: Case) -> dict:
-    prompt, image_paths = render_prompt(model_path, case.messages())
-    payload = {
+def _greedy_body(prompt: str) -> dict:
+    return {
         "text": prompt,
         "return_logprob": True,
         "sampling_params": {
@@ -30,9 +31,56 @@ def generate(router, model_path: str, case: Case) -> dict:
             "ignore_eos": True,
         },
     }
+
+
+def generate(router, model_path: str, case: Case) -> dict:
+    prompt, image_paths = render_prompt(model_path, case.messages())
+    payload = _greedy_body(prompt)
     if image_paths:
         payload["image_data"] = image_paths
     return router.post("/generate", payload)
+
+
+def video_messages(with_image: bool) -> list[dict]:
+    """A 2 s, 4 fps test clip (4 frames sampled, 108 video tokens), optionally after an
+    image, then a question."""
+    parts = []
+    if with_image:
+        parts.append(
+            {"type": "image_url", "image_url": {"url": str(save_image(64, 64, 7))}}
+        )
+    parts.append({"type": "video_url", "video_url": {"url": str(videos.make_clip())}})
+    parts.append({"type": "text", "text": "What happens in this video?"})
+    return [{"role": "user", "content": parts}]
+
+
+def generate_video(router, model_path: str, messages: list[dict]) -> dict:
+    """``messages`` holding a video (and images, as paths) through ``/generate``."""
+    tokenizer, _ = _tok_and_proc(model_path)
+    prompt = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    payload = _greedy_body(prompt) | {"video_data": videos.video_refs(messages)}
+    images = [
+        part["image_url"]["url"]
+        for message in messages
+        if isinstance(message["content"], list)
+        for part in message["content"]
+        if part["type"] == "image_url"
+    ]
+    if images:
+        payload["image_data"] = images
+    return router.post("/generate", payload)
+
+
+def video_reference(
+    model_path: str, messages: list[dict]
+) -> tuple[list[int], list[float]]:
+    """HF fp32 token ids and per-token logprobs of ``messages`` with a video."""
+    tokens, logprobs, _ = videos.hf_greedy_logprobs(
+        model_path, messages, MAX_NEW_TOKENS
+    )
+    return tokens, logprobs
 
 
 def custom_deployment(

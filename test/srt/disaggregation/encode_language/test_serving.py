@@ -11,6 +11,7 @@ Real components throughout: ``python -m sglang_router.launch_router``, two
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -27,7 +28,9 @@ import uuid
 import pytest
 import torch
 from el_serving import generate as _generate
+from el_serving import generate_video
 from el_serving import hf_reference as _hf_reference
+from el_serving import video_messages, video_reference
 from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
 from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
 from epd_testbed.servers import (
@@ -347,24 +350,31 @@ MIXED_BATCH = re.compile(
 
 def test_sixteen_concurrent_mixed_requests(deployment, vl_model) -> None:
     """16 requests at once through the router (one image, two images and a non-square image
-    four times each, four distinct long text-only prompts): every answer equals its HF
-    reference, and the language server's log shows extend batches that mixed received
-    (multimodal) and text-only requests: both go through the one unchanged scheduling path.
-    """
+    three times each, a video three times, four distinct long text-only prompts): every answer
+    equals its HF reference, and the language server's log shows extend batches that mixed
+    received (multimodal) and text-only requests: both go through the one unchanged
+    scheduling path."""
     from concurrent.futures import ThreadPoolExecutor
 
     router, _, language = deployment
     log_start = language.log_path.stat().st_size
     image_cases = [case for case in VL_CASES if case.images]
-    cases = [case for case in image_cases for _ in range(4)] + list(LONG_TEXT_CASES)
+    cases = [case for case in image_cases for _ in range(3)] + list(LONG_TEXT_CASES)
     references = {case.name: _hf_reference(vl_model, case) for case in set(cases)}
-    with ThreadPoolExecutor(len(cases)) as pool:
-        outs = list(pool.map(lambda case: _generate(router, vl_model, case), cases))
-    for case, out in zip(cases, outs):
-        expected_tokens, expected_logprobs = references[case.name]
-        assert out["output_ids"] == expected_tokens, case.name
+    video = video_messages(with_image=False)
+    references["video"] = video_reference(vl_model, video)
+    jobs = [
+        (case.name, functools.partial(_generate, router, vl_model, case))
+        for case in cases
+    ] + [("video", functools.partial(generate_video, router, vl_model, video))] * 3
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        outs = list(pool.map(lambda job: job[1](), jobs))
+    assert len(jobs) == 16
+    for (name, _), out in zip(jobs, outs):
+        expected_tokens, expected_logprobs = references[name]
+        assert out["output_ids"] == expected_tokens, name
         got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
-        assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE), case.name
+        assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE), name
     with open(language.log_path, errors="replace") as log:
         log.seek(log_start)
         batches = [

@@ -15,11 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from el_serving import assert_blocks_free, custom_deployment
+from el_serving import (
+    assert_blocks_free,
+    custom_deployment,
+    generate_video,
+    video_messages,
+)
 from epd_testbed import videos
 from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
-from epd_testbed.hf_reference import _tok_and_proc, hf_greedy_logits, render_prompt
-from epd_testbed.images import save_image
+from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
 from epd_testbed.servers import encode_language_metrics
 from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
@@ -50,19 +54,6 @@ RETRACT_CASES = tuple(
     Case(f"retract_{i}", "Describe the shapes and colors.", ((200, 120, 20 + i),))
     for i in range(3)
 )
-
-
-def _video_messages(with_image: bool) -> list[dict]:
-    """A 2 s, 4 fps test clip (4 frames sampled, 108 video tokens), optionally after an
-    image, then a question."""
-    parts = []
-    if with_image:
-        parts.append(
-            {"type": "image_url", "image_url": {"url": str(save_image(64, 64, 7))}}
-        )
-    parts.append({"type": "video_url", "video_url": {"url": str(videos.make_clip())}})
-    parts.append({"type": "text", "text": "What happens in this video?"})
-    return [{"role": "user", "content": parts}]
 
 
 @pytest.fixture(scope="module")
@@ -142,29 +133,13 @@ def test_video_matches_hf(deployment, vl_model, with_image) -> None:
     per frame; the 148+-token prompt needs two resume rounds against the 64-token reservation.
     Token ids and logprobs equal HF fp32 fed the same sampled frames."""
     router, encoder, _ = deployment
-    messages = _video_messages(with_image)
+    messages = video_messages(with_image)
     tokens, logprobs, prompt_len = videos.hf_greedy_logprobs(
         vl_model, messages, MAX_NEW_TOKENS
     )
-    tok, _ = _tok_and_proc(vl_model)
-    prompt = tok.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True
-    )
-    payload = {
-        "text": prompt,
-        "video_data": videos.video_refs(messages),
-        "return_logprob": True,
-        "sampling_params": {
-            "temperature": 0.0,
-            "max_new_tokens": MAX_NEW_TOKENS,
-            "ignore_eos": True,
-        },
-    }
-    if with_image:
-        payload["image_data"] = [messages[0]["content"][0]["image_url"]["url"]]
     before = encode_language_metrics(encoder)
     log_start = encoder.log_path.stat().st_size
-    out = router.post("/generate", payload)
+    out = generate_video(router, vl_model, messages)
     after = encode_language_metrics(encoder)
     _assert_matches(out, (tokens, logprobs), "video")
     assert out["meta_info"]["prompt_tokens"] == prompt_len
