@@ -1,11 +1,18 @@
-"""Shared request helpers of the serving tests: the HF fp32 reference of a case (token ids and
-per-token logprobs) and the same case sent through the router's ``/generate``."""
+"""Shared helpers of the serving tests: the HF fp32 reference of a case or of a video prompt
+(token ids and per-token logprobs), the same request sent through the router's ``/generate``,
+deployments with extra server arguments, and the all-blocks-free check."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+from epd_testbed import servers as srv
+from epd_testbed import videos
 from epd_testbed.cases import MAX_NEW_TOKENS, Case
-from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
+from epd_testbed.hf_reference import _tok_and_proc, hf_greedy_logits, render_prompt
+from epd_testbed.images import save_image
+from epd_testbed.servers import wait_all_blocks_free
 
 
 def hf_reference(model_path: str, case: Case) -> tuple[list[int], list[float]]:
@@ -14,9 +21,8 @@ def hf_reference(model_path: str, case: Case) -> tuple[list[int], list[float]]:
     return tokens, [float(logprobs[i, t]) for i, t in enumerate(tokens)]
 
 
-def generate(router, model_path: str, case: Case) -> dict:
-    prompt, image_paths = render_prompt(model_path, case.messages())
-    payload = {
+def _greedy_body(prompt: str) -> dict:
+    return {
         "text": prompt,
         "return_logprob": True,
         "sampling_params": {
@@ -25,6 +31,103 @@ def generate(router, model_path: str, case: Case) -> dict:
             "ignore_eos": True,
         },
     }
+
+
+def generate(router, model_path: str, case: Case) -> dict:
+    prompt, image_paths = render_prompt(model_path, case.messages())
+    payload = _greedy_body(prompt)
     if image_paths:
         payload["image_data"] = image_paths
     return router.post("/generate", payload)
+
+
+def video_messages(with_image: bool) -> list[dict]:
+    """A 2 s, 4 fps test clip (4 frames sampled, 108 video tokens), optionally after an
+    image, then a question."""
+    parts = []
+    if with_image:
+        parts.append(
+            {"type": "image_url", "image_url": {"url": str(save_image(64, 64, 7))}}
+        )
+    parts.append({"type": "video_url", "video_url": {"url": str(videos.make_clip())}})
+    parts.append({"type": "text", "text": "What happens in this video?"})
+    return [{"role": "user", "content": parts}]
+
+
+def generate_video(router, model_path: str, messages: list[dict]) -> dict:
+    """``messages`` holding a video (and images, as paths) through ``/generate``."""
+    tokenizer, _ = _tok_and_proc(model_path)
+    prompt = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    payload = _greedy_body(prompt) | {"video_data": videos.video_refs(messages)}
+    images = [
+        part["image_url"]["url"]
+        for message in messages
+        if isinstance(message["content"], list)
+        for part in message["content"]
+        if part["type"] == "image_url"
+    ]
+    if images:
+        payload["image_data"] = images
+    return router.post("/generate", payload)
+
+
+def video_reference(
+    model_path: str, messages: list[dict]
+) -> tuple[list[int], list[float]]:
+    """HF fp32 token ids and per-token logprobs of ``messages`` with a video."""
+    tokens, logprobs, _ = videos.hf_greedy_logprobs(
+        model_path, messages, MAX_NEW_TOKENS
+    )
+    return tokens, logprobs
+
+
+def custom_deployment(
+    server_pool,
+    model_path: str,
+    name: str,
+    language_args: tuple[str, ...],
+    encode_args: tuple[str, ...] = (),
+):
+    """(router, encode, language) with extra language-side and encode-side arguments;
+    launched once per configuration through the session's server pool (counted against its
+    live-server cap)."""
+
+    def start():
+        bootstrap_port = srv.free_port()
+        enc_spec, lang_spec = srv.encode_language_specs(
+            model_path,
+            bootstrap_port,
+            language_args=srv.EL_LANGUAGE_ARGS + language_args,
+            name=name,
+        )
+        enc_spec = dataclasses.replace(enc_spec, args=enc_spec.args + encode_args)
+        encoder = srv.launch(enc_spec, server_pool.log_dir, wait=False)
+        language = srv.launch(lang_spec, server_pool.log_dir, wait=False)
+        try:
+            encoder.wait_ready()
+            language.wait_ready()
+            router = srv.launch_router(
+                [(encoder, bootstrap_port)], [language], server_pool.log_dir
+            )
+        except Exception:
+            encoder.stop()
+            language.stop()
+            raise
+        return router, encoder, language
+
+    key = ("encode-language-coverage", model_path, name, language_args, encode_args)
+    return server_pool._group(key, 2, start)
+
+
+def assert_blocks_free(*servers) -> None:
+    """Every transfer block free on each server (read from /metrics): none in use, none
+    quarantined."""
+    for server in servers:
+        blocks = wait_all_blocks_free(server)
+        assert (
+            blocks["in_use"] == 0
+            and blocks["quarantined"] == 0
+            and blocks["free"] == blocks["total"] > 0
+        ), (server.spec.name, blocks)

@@ -11,19 +11,26 @@ Real components throughout: ``python -m sglang_router.launch_router``, two
 
 from __future__ import annotations
 
+import functools
+import glob
 import json
 import os
 import random
+import re
 import signal
+import struct
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 
 import pytest
 import torch
 from el_serving import generate as _generate
+from el_serving import generate_video
 from el_serving import hf_reference as _hf_reference
+from el_serving import video_messages, video_reference
 from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
 from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
 from epd_testbed.servers import (
@@ -326,23 +333,224 @@ def test_language_server_alone(deployment, vl_model) -> None:
         _generate(language, vl_model, CASES["one_image"])
 
 
+# Text-only requests of the concurrent test: distinct long prompts (about 330 tokens, ~20
+# language-side chunks of 16 each), so they are still being prefilled when the received image
+# requests join the queue behind them.
+LONG_TEXT_CASES = tuple(
+    Case(
+        f"long_text_{i}",
+        f"Story {i}: " + "red circles and blue squares meet green triangles. " * 40,
+    )
+    for i in range(4)
+)
+MIXED_BATCH = re.compile(
+    r"language: extend batch of (\d+) request\(s\): (\d+) multimodal, (\d+) text-only"
+)
+
+
 def test_sixteen_concurrent_mixed_requests(deployment, vl_model) -> None:
-    """16 requests at once through the router (each VL case four times: one image, two
-    images, a non-square image, text only): every answer equals its HF reference. The encode
-    server batches the waiting requests' images into one ViT call; the language server
-    schedules received and text-only requests together."""
+    """16 requests at once through the router (one image, two images and a non-square image
+    three times each, a video three times, four distinct long text-only prompts): every answer
+    equals its HF reference, and the language server's log shows extend batches that mixed
+    received (multimodal) and text-only requests: both go through the one unchanged
+    scheduling path."""
     from concurrent.futures import ThreadPoolExecutor
 
-    router, _, _ = deployment
-    references = {case.name: _hf_reference(vl_model, case) for case in VL_CASES}
-    cases = [case for case in VL_CASES for _ in range(4)]
-    with ThreadPoolExecutor(len(cases)) as pool:
-        outs = list(pool.map(lambda case: _generate(router, vl_model, case), cases))
-    for case, out in zip(cases, outs):
-        expected_tokens, expected_logprobs = references[case.name]
-        assert out["output_ids"] == expected_tokens, case.name
+    router, _, language = deployment
+    log_start = language.log_path.stat().st_size
+    image_cases = [case for case in VL_CASES if case.images]
+    cases = [case for case in image_cases for _ in range(3)] + list(LONG_TEXT_CASES)
+    references = {case.name: _hf_reference(vl_model, case) for case in set(cases)}
+    video = video_messages(with_image=False)
+    references["video"] = video_reference(vl_model, video)
+    jobs = [
+        (case.name, functools.partial(_generate, router, vl_model, case))
+        for case in cases
+    ] + [("video", functools.partial(generate_video, router, vl_model, video))] * 3
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        outs = list(pool.map(lambda job: job[1](), jobs))
+    assert len(jobs) == 16
+    for (name, _), out in zip(jobs, outs):
+        expected_tokens, expected_logprobs = references[name]
+        assert out["output_ids"] == expected_tokens, name
         got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
-        assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE), case.name
+        assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE), name
+    with open(language.log_path, errors="replace") as log:
+        log.seek(log_start)
+        batches = [
+            tuple(map(int, m.groups())) for m in MIXED_BATCH.finditer(log.read())
+        ]
+    assert any(
+        b[0] > 0 for b in batches
+    ), "no extend batch with multimodal inputs logged"
+    mixed = [b for b in batches if b[1] > 0 and b[2] > 0]
+    assert mixed, f"no extend batch mixed image and text requests: {batches}"
+
+
+def test_context_length_is_checked_with_the_expanded_prompt(
+    deployment, vl_model
+) -> None:
+    """The language tokenizer sees one placeholder per image; the real prompt length is known
+    after the transfer. A request whose expanded prompt plus max_new_tokens exceeds the context
+    length by one token passes the language tokenizer's check, is received, and is then refused
+    with HTTP 400 and upstream's message, word for word what the encode server's tokenizer (the
+    colocated path: it expands the image itself) answers for the same body. Nothing leaks and
+    the deployment keeps serving."""
+    router, encoder, language = deployment
+    case = CASES["one_image"]
+    context_len = _context_length(vl_model)
+    expanded, unexpanded = _prompt_lengths(vl_model, case)
+    assert expanded > unexpanded  # else the language tokenizer's own check would refuse
+    too_many = context_len - expanded + 1  # one token over
+    prompt, image_paths = render_prompt(vl_model, case.messages())
+    body = {
+        "text": prompt,
+        "image_data": image_paths,
+        "sampling_params": {"max_new_tokens": too_many, "temperature": 0.0},
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": _bootstrap_port(encoder),
+    }
+    before = encode_language_metrics(encoder)
+
+    # The colocated answer: the encode server's tokenizer manager validates the expanded ids.
+    with pytest.raises(RequestError, match="HTTP 400") as colocated:
+        encoder.post("/generate", body | {"bootstrap_room": random.getrandbits(62)})
+    expected = (
+        f"Requested token count exceeds the model's maximum context length of "
+        f"{context_len} tokens. You requested a total of {context_len + 1} tokens: "
+        f"{expanded} tokens from the input messages and {too_many} tokens for the completion."
+    )
+    assert expected in str(colocated.value)
+
+    # The language side: its encode half asks for one token, so the transfer happens.
+    room = random.getrandbits(62)
+    short = body | {"bootstrap_room": room, "sampling_params": {"max_new_tokens": 1}}
+    result: dict = {}
+    worker = threading.Thread(
+        target=_post_capturing, args=(language, body | {"bootstrap_room": room}, result)
+    )
+    worker.start()
+    out = encoder.post("/generate", short)
+    assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
+    worker.join(timeout=120)
+    assert not worker.is_alive()
+    assert "HTTP 400" in result["error"] and expected in result["error"], result
+    after = encode_language_metrics(encoder)
+    assert after.get("requests.success", 0) - before.get("requests.success", 0) == 1
+
+    # Through the router: a 4xx with the same message; then the deployment still serves.
+    with pytest.raises(RequestError, match=r"HTTP 4\d\d") as routed:
+        router.post(
+            "/generate",
+            {k: body[k] for k in ("text", "image_data")}
+            | {"sampling_params": body["sampling_params"]},
+        )
+    assert expected in str(routed.value)
+    for name in ("one_image", "text_only"):
+        expected_tokens, _ = _hf_reference(vl_model, CASES[name])
+        assert _generate(router, vl_model, CASES[name])["output_ids"] == expected_tokens
+
+
+def _context_length(model_path: str) -> int:
+    """The checkpoint's context length (what SGLang derives without --context-length)."""
+    with open(os.path.join(model_path, "config.json")) as f:
+        return json.load(f)["text_config"]["max_position_embeddings"]
+
+
+def _prompt_lengths(model_path: str, case: Case) -> tuple[int, int]:
+    """(token count with each image expanded by the HF processor, token count of the prompt
+    text with one placeholder per image: what the language tokenizer sees)."""
+    from epd_testbed.hf_reference import _tok_and_proc
+    from PIL import Image
+
+    tokenizer, processor = _tok_and_proc(model_path)
+    prompt, paths = render_prompt(model_path, case.messages())
+    images = [Image.open(p).convert("RGB") for p in paths]
+    ids = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"][0]
+    return len(ids), len(tokenizer(prompt)["input_ids"])
+
+
+def test_encode_server_logs_the_memory_saved(deployment, vl_model) -> None:
+    """The encode server logs the weights it loaded (the vision tower) and those of the full
+    model it did not load; both figures equal the tensor sizes read here from the
+    checkpoint's safetensors header (``model.visual.*`` against everything else)."""
+    _, encoder, _ = deployment
+    match = re.search(
+        r"encode server: vision tower only \(([\d.]+) MiB of weights; ([\d.]+) MiB of "
+        r"checkpoint weights not loaded versus the full model\)",
+        encoder.log_path.read_text(errors="replace"),
+    )
+    assert match, "the encode server did not log its memory saving"
+    loaded_mib, skipped_mib = map(float, match.groups())
+    vision = other = 0
+    for path in glob.glob(os.path.join(vl_model, "*.safetensors")):
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = entry["data_offsets"]
+            if name.startswith("model.visual."):
+                vision += end - start
+            else:
+                other += end - start
+    assert other > 0 and vision > 0
+    assert skipped_mib == pytest.approx(other / 2**20, abs=0.05)
+    assert loaded_mib == pytest.approx(vision / 2**20, abs=0.05)
+
+
+def test_streamed_client_fault_is_reported_in_the_event_stream(
+    deployment, vl_model
+) -> None:
+    """A streamed ``/generate`` through the router whose image cannot be read. The router
+    streams the language ("decode") server's answer: HTTP 200 and one event, upstream's
+    report of an aborted streamed request (no tokens, ``finish_reason`` of type abort with
+    status 400 and the reason: the encode server's client-fault message, which reached the
+    language side through the failed room). Nothing is left waiting; every block is free
+    (checked by the fixture)."""
+    router, encoder, language = deployment
+    prompt, _ = render_prompt(vl_model, CASES["one_image"].messages())
+    body = {
+        "text": prompt,
+        "image_data": ["/nonexistent/streamed-client-fault.png"],
+        "sampling_params": {"max_new_tokens": 4},
+        "stream": True,
+    }
+    status, events = _stream_events(router, body)
+    assert status == 200 and len(events) == 1, (status, events)
+    assert events[0]["output_ids"] == [], events
+    reason = events[0]["meta_info"]["finish_reason"]
+    assert reason["type"] == "abort" and reason["status_code"] == 400, reason
+    assert (
+        "client error: the request's media cannot be used: [Errno 2] No such file"
+        in reason["message"]
+    ), reason
+    for server in (encoder, language):
+        deadline = time.time() + 30
+        while time.time() < deadline and _waiting(server):
+            time.sleep(0.2)
+        assert not _waiting(server), server.spec.name
+
+
+def _stream_events(server, body: dict) -> tuple[int, list]:
+    """(HTTP status, parsed ``data:`` events) of a streamed request; an HTTP error's body is
+    returned as its only event."""
+    request = urllib.request.Request(
+        server.url + "/generate",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            events = []
+            for raw in r:
+                line = raw.decode().strip()
+                if line.startswith("data:") and line != "data: [DONE]":
+                    events.append(json.loads(line[len("data:") :]))
+            return r.status, events
+    except urllib.error.HTTPError as e:
+        return e.code, [e.read().decode(errors="replace")]
 
 
 # Last: it starts a second deployment, which evicts the shared one.

@@ -7,7 +7,6 @@ both servers (free == total, quarantined == 0, read from /metrics).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -16,12 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from epd_testbed import servers as srv
+from el_serving import (
+    assert_blocks_free,
+    custom_deployment,
+    generate_video,
+    video_messages,
+)
 from epd_testbed import videos
 from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
-from epd_testbed.hf_reference import _tok_and_proc, hf_greedy_logits, render_prompt
-from epd_testbed.images import save_image
-from epd_testbed.servers import encode_language_metrics, wait_all_blocks_free
+from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
+from epd_testbed.servers import encode_language_metrics
 from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
 pytestmark = pytest.mark.server
@@ -53,32 +56,9 @@ RETRACT_CASES = tuple(
 )
 
 
-def _video_messages(with_image: bool) -> list[dict]:
-    """A 2 s, 4 fps test clip (4 frames sampled, 108 video tokens), optionally after an
-    image, then a question."""
-    parts = []
-    if with_image:
-        parts.append(
-            {"type": "image_url", "image_url": {"url": str(save_image(64, 64, 7))}}
-        )
-    parts.append({"type": "video_url", "video_url": {"url": str(videos.make_clip())}})
-    parts.append({"type": "text", "text": "What happens in this video?"})
-    return [{"role": "user", "content": parts}]
-
-
 @pytest.fixture(scope="module")
 def vl_model() -> str:
     return str(ensure_checkpoint(TinyVLMoeSpec()))
-
-
-def _assert_blocks_free(*servers) -> None:
-    for server in servers:
-        blocks = wait_all_blocks_free(server)
-        assert (
-            blocks["in_use"] == 0
-            and blocks["quarantined"] == 0
-            and blocks["free"] == blocks["total"] > 0
-        ), (server.spec.name, blocks)
 
 
 @pytest.fixture()
@@ -86,45 +66,7 @@ def deployment(servers, vl_model):
     """The shared K=3 deployment of test_serving.py (same server group)."""
     router, encoder, language = servers.encode_language(vl_model)
     yield router, encoder, language
-    _assert_blocks_free(encoder, language)
-
-
-def _custom_deployment(
-    server_pool,
-    model_path: str,
-    name: str,
-    language_args: tuple[str, ...],
-    encode_args: tuple[str, ...] = (),
-):
-    """(router, encode, language) with extra language-side and encode-side arguments;
-    launched once per configuration through the session's server pool (counted against its
-    live-server cap)."""
-
-    def start():
-        bootstrap_port = srv.free_port()
-        enc_spec, lang_spec = srv.encode_language_specs(
-            model_path,
-            bootstrap_port,
-            language_args=srv.EL_LANGUAGE_ARGS + language_args,
-            name=name,
-        )
-        enc_spec = dataclasses.replace(enc_spec, args=enc_spec.args + encode_args)
-        encoder = srv.launch(enc_spec, server_pool.log_dir, wait=False)
-        language = srv.launch(lang_spec, server_pool.log_dir, wait=False)
-        try:
-            encoder.wait_ready()
-            language.wait_ready()
-            router = srv.launch_router(
-                [(encoder, bootstrap_port)], [language], server_pool.log_dir
-            )
-        except Exception:
-            encoder.stop()
-            language.stop()
-            raise
-        return router, encoder, language
-
-    key = ("encode-language-coverage", model_path, name, language_args, encode_args)
-    return server_pool._group(key, 2, start)
+    assert_blocks_free(encoder, language)
 
 
 def _hf_reference(
@@ -191,29 +133,13 @@ def test_video_matches_hf(deployment, vl_model, with_image) -> None:
     per frame; the 148+-token prompt needs two resume rounds against the 64-token reservation.
     Token ids and logprobs equal HF fp32 fed the same sampled frames."""
     router, encoder, _ = deployment
-    messages = _video_messages(with_image)
+    messages = video_messages(with_image)
     tokens, logprobs, prompt_len = videos.hf_greedy_logprobs(
         vl_model, messages, MAX_NEW_TOKENS
     )
-    tok, _ = _tok_and_proc(vl_model)
-    prompt = tok.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True
-    )
-    payload = {
-        "text": prompt,
-        "video_data": videos.video_refs(messages),
-        "return_logprob": True,
-        "sampling_params": {
-            "temperature": 0.0,
-            "max_new_tokens": MAX_NEW_TOKENS,
-            "ignore_eos": True,
-        },
-    }
-    if with_image:
-        payload["image_data"] = [messages[0]["content"][0]["image_url"]["url"]]
     before = encode_language_metrics(encoder)
     log_start = encoder.log_path.stat().st_size
-    out = router.post("/generate", payload)
+    out = generate_video(router, vl_model, messages)
     after = encode_language_metrics(encoder)
     _assert_matches(out, (tokens, logprobs), "video")
     assert out["meta_info"]["prompt_tokens"] == prompt_len
@@ -262,7 +188,7 @@ def test_router_generate_streaming_matches_hf(deployment, vl_model) -> None:
 def _small_deployment(server_pool, vl_model):
     """Language: a small KV pool (retraction); encode: a ViT budget of 32 placeholder tokens
     per vision-tower call (one 24-token image per call)."""
-    return _custom_deployment(
+    return custom_deployment(
         server_pool,
         vl_model,
         "el-small",
@@ -316,7 +242,7 @@ def test_retraction_of_multimodal_requests(server_pool, vl_model) -> None:
             log = f.read()
         assert "KV cache pool is full. Retract requests." in log, log[-3000:]
     finally:
-        _assert_blocks_free(encoder, language)
+        assert_blocks_free(encoder, language)
 
 
 def test_vit_token_budget_with_concurrent_images(server_pool, vl_model) -> None:
@@ -349,7 +275,7 @@ def test_vit_token_budget_with_concurrent_images(server_pool, vl_model) -> None:
             tokens <= VIT_BUDGET_TOKENS or reqs == 1 for _, reqs, tokens in calls
         ), calls
     finally:
-        _assert_blocks_free(encoder, language)
+        assert_blocks_free(encoder, language)
 
 
 @pytest.mark.parametrize(
@@ -369,7 +295,7 @@ def test_deepstack_counts_reduced_set(
             )
         )
     )
-    router, encoder, language = _custom_deployment(
+    router, encoder, language = custom_deployment(
         server_pool, model, f"el-k{len(deepstack_indexes)}", ()
     )
     try:
@@ -377,4 +303,4 @@ def test_deepstack_counts_reduced_set(
             out = router.post("/generate", _payload(model, case))
             _assert_matches(out, _hf_reference(model, case), case.name)
     finally:
-        _assert_blocks_free(encoder, language)
+        assert_blocks_free(encoder, language)

@@ -8,7 +8,8 @@ Shaped like a PD prefill server so ``sglang-router --pd-disaggregation`` fronts 
    with nothing sent; the language side applies the same rule to the same body.
 2. ``run_disagg_encode_batch``: the images (and videos) of the waiting requests go through
    upstream's ``get_image_feature`` / ``get_video_feature`` in one call per modality, as many
-   requests per call as fit ``--max-prefill-tokens`` placeholder tokens (``take_vit_batch``), and
+   requests per call as fit ``--max-prefill-tokens`` placeholder tokens (``take_vit_batch``) and
+   whose payloads fit the in-flight bound (``_admit_payloads``: the rest wait), and
    ``separate_deepstack_embeds`` splits the rows; each request's ``MultimodalPayload`` (unpadded
    ids, M-RoPE positions and delta, multimodal mask, rows, item table) is handed to its sender.
    The ViT does not wait for the language side's reservation: the transport starts the rounds
@@ -38,6 +39,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.buffers import (
@@ -48,11 +50,17 @@ from sglang.srt.disaggregation.encode_language.connection import (
     ConnectionConfig,
     RoomInUseError,
 )
-from sglang.srt.disaggregation.encode_language.encode_request_faults import room_failure
+from sglang.srt.disaggregation.encode_language.encode_request_faults import (
+    CLIENT_FAULT,
+    room_failure,
+)
 from sglang.srt.disaggregation.encode_language.item_table import item_table
 from sglang.srt.disaggregation.encode_language.manifest import dtype_name
 from sglang.srt.disaggregation.encode_language.metrics import EncodeLanguageMetrics
-from sglang.srt.disaggregation.encode_language.sender import EncodeManager
+from sglang.srt.disaggregation.encode_language.sender import (
+    EncodeManager,
+    payload_nbytes,
+)
 from sglang.srt.disaggregation.utils import (
     FAKE_BOOTSTRAP_HOST,
     poll_and_all_reduce,
@@ -164,6 +172,7 @@ class SchedulerDisaggregationEncodeMixin:
         self.disagg_encode_inflight: List["Req"] = (
             []
         )  # payload handed over, transferring
+        self.disagg_encode_held: set = set()  # rids held back by the payload bound
         model = self.tp_worker.model_runner.model
         hf_config = self.model_config.hf_config
         disagg = get_disagg()
@@ -295,9 +304,11 @@ class SchedulerDisaggregationEncodeMixin:
                 live.append(req)
         if not live:
             return
-        live, self.disagg_encode_waiting = take_vit_batch(
-            live, get_schedule().max_prefill_tokens
-        )
+        live, later = take_vit_batch(live, get_schedule().max_prefill_tokens)
+        live, held = self._admit_payloads(live)
+        self.disagg_encode_waiting = held + later
+        if not live:
+            return
         try:
             rows = self._encode_items(live)
         except Exception as e:  # a bad item fails its batch, never the server
@@ -348,6 +359,71 @@ class SchedulerDisaggregationEncodeMixin:
         self.disagg_encode_inflight = undone
         if done:
             self._finish_disagg_encode(done, outcome=None)
+
+    def _admit_payloads(self: "Scheduler", reqs: List["Req"]) -> Tuple[List, List]:
+        """(ViT now, wait) under the encoder's in-flight payload bound
+        (``max_inflight_payload_bytes``: payload bytes held until their last round), in
+        arrival order, before the vision tower runs: a request waits in the queue until
+        in-flight bytes drop, instead of failing at ``send()``. One that can never fit is
+        failed (its sender aborted with a client fault: 400 on both sides). With ``--tp N``
+        the owner decides and the other ranks take the same count (MIN all-reduce)."""
+        admitted = len(reqs)
+        mgr = self.disagg_encode_manager  # None on the other TP ranks
+        bound = mgr.config.max_inflight_payload_bytes if mgr is not None else 0
+        if bound:  # 0: unbounded
+            room = bound - mgr.inflight_payload_bytes
+            for i, req in enumerate(reqs):
+                nbytes = self._payload_nbytes_before_vit(req)
+                if nbytes > bound:  # the next poll fails it on every rank
+                    req.disagg_kv_sender.abort(
+                        f"{CLIENT_FAULT}: the request is too large for this encode server: "
+                        f"its payload of {nbytes} bytes exceeds max_inflight_payload_bytes="
+                        f"{bound}"
+                    )
+                if nbytes > room:
+                    admitted = i
+                    break
+                room -= nbytes
+        if self.disagg_encode_tp_size > 1:
+            count = torch.tensor([admitted], dtype=torch.int64)
+            dist.all_reduce(count, op=dist.ReduceOp.MIN, group=self.attn_tp_cpu_group)
+            admitted = int(count.item())
+        for req in reqs[admitted:]:
+            held = mgr is not None and req.disagg_kv_sender.poll() != KVPoll.Failed
+            if held and req.rid not in self.disagg_encode_held:
+                self.disagg_encode_held.add(req.rid)
+                self.disagg_encode_metrics.request_held()
+                logger.info(
+                    "encode: request %s held back before the vision tower: %d payload "
+                    "bytes in flight, max_inflight_payload_bytes=%d",
+                    req.rid,
+                    mgr.inflight_payload_bytes,
+                    bound,
+                )
+        for req in reqs[:admitted]:
+            self.disagg_encode_held.discard(req.rid)
+        return reqs[:admitted], reqs[admitted:]
+
+    def _payload_nbytes_before_vit(self: "Scheduler", req: "Req") -> int:
+        """Bytes ``_payload`` will hold for ``req``, from its shapes alone (meta tensors)."""
+        T, n = len(req.origin_input_ids_unpadded), vit_tokens(req)
+        width = self.model_config.hf_config.text_config.hidden_size
+        deepstack = self.tp_worker.model_runner.model.num_deepstack_embeddings
+        rows = self.model_config.dtype
+
+        def meta(*shape, dtype):
+            return torch.empty(shape, dtype=dtype, device="meta")
+
+        return payload_nbytes(
+            MultimodalPayload(
+                fill_ids=meta(T, dtype=torch.int64),
+                mrope_positions=meta(3, T, dtype=torch.int64),
+                mm_mask=meta(T, dtype=torch.bool),
+                embeddings=meta(n, width, dtype=rows),
+                deepstack=meta(n, deepstack * width, dtype=rows) if deepstack else None,
+                mrope_delta=0,
+            )
+        )
 
     # Helpers ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -417,6 +493,7 @@ class SchedulerDisaggregationEncodeMixin:
         )
 
     def _fail_disagg_encode(self: "Scheduler", req: "Req") -> None:
+        self.disagg_encode_held.discard(req.rid)
         reason = req.disagg_kv_sender.reason or "transfer failed"
         logger.error(
             "encode: request %s (room %s) failed: %s",
@@ -427,7 +504,11 @@ class SchedulerDisaggregationEncodeMixin:
         prepare_abort(
             req,
             f"encode/language transfer failed: {reason}",
-            status_code=HTTPStatus.INTERNAL_SERVER_ERROR,
+            status_code=(
+                HTTPStatus.BAD_REQUEST
+                if reason.startswith(CLIENT_FAULT)
+                else HTTPStatus.INTERNAL_SERVER_ERROR
+            ),
         )
         self._finish_disagg_encode([req], outcome="failed")
 

@@ -11,11 +11,14 @@ subclass, no calls into the VL class). Text-only checkpoints never construct it.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, List, Optional, Tuple
 
 import torch
 
 from sglang.srt.multimodal.modality import Modality
+
+logger = logging.getLogger(__name__)
 
 
 class LanguageMultimodalInputs:
@@ -76,6 +79,15 @@ class LanguageMultimodalInputs:
             or not forward_batch.contains_mm_inputs()
         ):
             return None, input_deepstack_embeds
+        # Which requests of this extend batch carry received rows: received and text-only
+        # requests share batches (the scheduling path is the colocated one).
+        with_mm = sum(mm is not None for mm in forward_batch.mm_inputs)
+        logger.info(
+            "language: extend batch of %d request(s): %d multimodal, %d text-only",
+            len(forward_batch.mm_inputs),
+            with_mm,
+            len(forward_batch.mm_inputs) - with_mm,
+        )
         kwargs: dict = {}
         input_embeds = prepare_mm_inputs(
             input_ids,

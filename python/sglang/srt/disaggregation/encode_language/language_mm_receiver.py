@@ -67,8 +67,12 @@ from sglang.srt.managers.schedule_batch import (
     MultimodalProcessorOutput,
     Req,
 )
+from sglang.srt.managers.utils import (
+    compute_num_reserved_tokens,
+    validate_context_length,
+)
 from sglang.srt.multimodal.modality import MultimodalInputFormat
-from sglang.srt.runtime_context import get_device, get_disagg, get_parallel
+from sglang.srt.runtime_context import get_device, get_disagg, get_parallel, get_serving
 
 if TYPE_CHECKING:
     from sglang.srt.managers.scheduler import Scheduler
@@ -254,6 +258,18 @@ class LanguageMMReceiver:
                     self.metrics.request_done(
                         "success", latency_s=time.monotonic() - w.since
                     )
+                try:
+                    self._check_context_length(w.recv_req)
+                except ValueError as e:
+                    logger.error("language: request %s refused: %s", w.rid, e)
+                    aborts.append(
+                        (
+                            self._req_for_error(w.recv_req),
+                            str(e),
+                            HTTPStatus.BAD_REQUEST,
+                        )
+                    )
+                    continue
                 ready.append(w.recv_req)
             elif poll == KVPoll.Failed:
                 reason = w.receiver.reason or "transfer failed"
@@ -284,6 +300,20 @@ class LanguageMMReceiver:
             else:
                 still_waiting.append(w)
         self.waiting_list = still_waiting
+
+    def _check_context_length(self, recv_req: TokenizedGenerateReqInput) -> None:
+        """Upstream's context-length check (the tokenizer manager's), again with the expanded
+        prompt: the language tokenizer saw one placeholder per image or video. Raises
+        ValueError with upstream's message, as a colocated server answers."""
+        params = {"max_new_tokens": recv_req.sampling_params.max_new_tokens}
+        validate_context_length(
+            list(recv_req.input_ids),
+            params,
+            self.scheduler.model_config.context_len,
+            compute_num_reserved_tokens(),
+            get_serving().allow_auto_truncate,
+        )
+        recv_req.sampling_params.max_new_tokens = params["max_new_tokens"]
 
     def _count_failed(self) -> None:
         if self.is_owner:  # counted once per server

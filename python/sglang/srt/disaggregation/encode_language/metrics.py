@@ -9,6 +9,8 @@ observable from outside the process::
     sglang:encode_language_bytes_total{role}          bytes sent (encode) / received (language)
     sglang:encode_language_transfer_seconds{role}     last request's transfer latency
     sglang:encode_language_waiting_requests{role}     requests whose transfer is not over
+    sglang:encode_language_held_total{role}           requests the encoder held back before
+                                                      the vision tower (in-flight payload bound)
 """
 
 from __future__ import annotations
@@ -59,6 +61,15 @@ class EncodeLanguageMetrics:
             labelnames=("role",),
             multiprocess_mode="mostrecent",
         )
+        self._held = Counter(
+            name="sglang:encode_language_held_total",
+            documentation="Requests the encoder held back before the vision tower until in-flight payload bytes dropped below max_inflight_payload_bytes (once per request).",
+            labelnames=("role",),
+        )
+
+    def request_held(self) -> None:
+        if self.enabled:
+            self._held.labels(self.role).inc()
 
     def observe_waiting(self, num_requests: int) -> None:
         if not self.enabled or num_requests == self._last_waiting:
