@@ -41,6 +41,13 @@ BAD_IMAGES = {
     "undecodable": "data:image/png;base64,"
     + base64.b64encode(b"not an image").decode(),
 }
+# What the encoder calls each fault: a file or URL that cannot be read is an OSError; bytes
+# that do not decode fail upstream's validation (a ValueError), like a too long prompt.
+BAD_IMAGE_LABELS = {
+    "missing_file": "the request's media cannot be used",
+    "unreachable_url": "the request's media cannot be used",
+    "undecodable": "invalid request",
+}
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +175,7 @@ def test_router_passes_a_client_fault_through(deployment, vl_model, image) -> No
     for _ in range(4):
         with pytest.raises(RequestError, match=r"HTTP 4\d\d") as err:
             router.post("/generate", _payload(vl_model, "one_image", BAD_IMAGES[image]))
-        assert "client error: the request's media cannot be used" in str(err.value)
+        assert f"client error: {BAD_IMAGE_LABELS[image]}: " in str(err.value)
     _wait_until(
         lambda: _failed(enc_a) + _failed(enc_b) - before == 4,
         "each bad request counted once by the encoders",

@@ -71,7 +71,14 @@ def request_refused(
             exc,
         )
     elif isinstance(exc, CLIENT_FAULT_ERRORS):
-        reason = f"{CLIENT_FAULT}: the request's media cannot be used: {exc}"
+        # OSError: media that cannot be read; ValueError: upstream's request validation
+        # (context length, bytes that do not decode, ...), whose message says what is wrong
+        what = (
+            "the request's media cannot be used"
+            if isinstance(exc, OSError)
+            else "invalid request"
+        )
+        reason = f"{CLIENT_FAULT}: {what}: {exc}"
         status, to_raise = HTTPStatus.BAD_REQUEST, ValueError(reason)
         to_raise.__cause__ = exc
     else:
