@@ -32,6 +32,8 @@ import dataclasses
 import enum
 import itertools
 import logging
+import math
+import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -161,7 +163,8 @@ class LanguageManager(ManagerBase):
             )
             self.rooms[room] = r
             self._advance_locked(r, time.monotonic())
-            return r
+        self.wake()  # its timers (and heartbeat to a new peer) start now
+        return r
 
     def num_active_rooms(self) -> int:
         with self.lock:
@@ -508,12 +511,16 @@ class LanguageManager(ManagerBase):
         with self.lock:
             if r.phase != Phase.DONE:
                 self._fail_locked(r, reason)
+        self.wake()  # a fence's timers start now
 
     # Timers ---------------------------------------------------------------------------------------
-    def _tick(self, now: float) -> None:
+    def _tick(self, now: float) -> float:
+        """Retry resumes (first: they hold partial data) and admissions, fire timeouts and
+        fences; return when the next timer is due. Waiting for blocks needs no timer: a free
+        wakes the control thread (``allocator.on_free``)."""
         cfg = self.config
+        due = math.inf
         with self.lock:
-            # Resumes first (they hold partial data), then new admissions in arrival order.
             for r in [x for x in self.rooms.values() if x.phase == Phase.RESUME_ALLOC]:
                 self._try_resume_locked(r, now)
             for r in [
@@ -524,6 +531,9 @@ class LanguageManager(ManagerBase):
                 self._advance_locked(r, now)
             for r in list(self.rooms.values()):
                 self._check_timeouts_locked(r, now)
+                limit = self._phase_timeout(r)
+                if r.phase != Phase.DONE and limit is not None:
+                    due = min(due, r.phase_since + limit)
             for key, f in list(self.fences.items()):
                 if now - f.since > cfg.fence_timeout_s:
                     logger.warning(
@@ -536,19 +546,40 @@ class LanguageManager(ManagerBase):
                         cfg.fence_timeout_s,
                     )
                     self._release_fence_locked(key, "fence timeout")
-                elif now - f.asked_at > cfg.abort_ack_timeout_s:
+                    continue
+                if now - f.asked_at > cfg.abort_ack_timeout_s:
                     f.asked_at = now
                     self._send_abort(f.encoder, f.room, f.reason)
-        super()._tick(now)
+                due = min(
+                    due,
+                    f.since + cfg.fence_timeout_s,
+                    f.asked_at + cfg.abort_ack_timeout_s,
+                )
+        return min(due, super()._tick(now))
+
+    def _phase_timeout(self, r: "LanguageReceiver") -> Optional[float]:
+        """How long ``r`` may stay in its phase (``_check_timeouts_locked`` enforces it)."""
+        cfg = self.config
+        if r.phase == Phase.ALLOC:
+            return cfg.waiting_timeout_s
+        if r.phase == Phase.REGISTER:
+            return cfg.bootstrap_timeout_s
+        if r.phase == Phase.RESERVED:
+            return cfg.waiting_timeout_s if r.round == 0 else cfg.transfer_timeout_s
+        if r.phase == Phase.RESUME_ALLOC:
+            return cfg.resume_timeout_s
+        return None
 
     def _check_timeouts_locked(self, r: "LanguageReceiver", now: float) -> None:
         cfg = self.config
-        age = now - r.phase_since
-        if r.phase == Phase.ALLOC and age > cfg.waiting_timeout_s:
+        limit = self._phase_timeout(r)
+        if limit is None or now - r.phase_since <= limit:
+            return
+        if r.phase == Phase.ALLOC:
             self._fail_locked(
                 r, f"waiting timeout: no free blocks within {cfg.waiting_timeout_s}s"
             )
-        elif r.phase == Phase.REGISTER and age > cfg.bootstrap_timeout_s:
+        elif r.phase == Phase.REGISTER:
             self.registrations.pop(r.encoder, None)
             self._fail_locked(
                 r,
@@ -556,17 +587,17 @@ class LanguageManager(ManagerBase):
                 f"within {cfg.bootstrap_timeout_s}s (is it listening there, and can it reach "
                 f"this side's advertised address {self.manager_id}?)",
             )
-        elif r.phase == Phase.RESERVED and r.round == 0 and age > cfg.waiting_timeout_s:
+        elif r.phase == Phase.RESERVED and r.round == 0:
             self._fail_locked(
                 r,
                 f"waiting timeout: no data from encoder within {cfg.waiting_timeout_s}s",
             )
-        elif r.phase == Phase.RESERVED and r.round > 0 and age > cfg.transfer_timeout_s:
+        elif r.phase == Phase.RESERVED:
             self._fail_locked(
                 r,
                 f"transfer timeout: round {r.round} did not arrive within {cfg.transfer_timeout_s}s",
             )
-        elif r.phase == Phase.RESUME_ALLOC and age > cfg.resume_timeout_s:
+        elif r.phase == Phase.RESUME_ALLOC:
             # The encoder is not writing (it waits for our Reserve): released at once.
             self._fail_locked(
                 r,

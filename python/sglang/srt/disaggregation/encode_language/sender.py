@@ -44,6 +44,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -199,7 +200,8 @@ class EncodeManager(ManagerBase):
             sender = EncodeSender(self, room)
             r.sender = sender
             self._update_sender_status(r)
-            return sender
+        self.wake()  # its bootstrap timer starts now
+        return sender
 
     def fail_room(self, room: int, reason: str) -> None:
         """Fail a request that never got a sender (its tokenizer refused it, e.g. an image
@@ -213,6 +215,7 @@ class EncodeManager(ManagerBase):
                 now = time.monotonic()
                 r = self.rooms[room] = _Room(room=room, created=now, waiting_since=now)
             self._fail_locked(r, reason)
+        self.wake()
 
     def num_active_rooms(self) -> int:
         with self.lock:
@@ -470,6 +473,7 @@ class EncodeManager(ManagerBase):
             r.first_send = time.monotonic()
             self._update_sender_status(r)
             self._maybe_schedule(r)
+        self.wake()
 
     # Worker -------------------------------------------------------------------------------------
     def _worker_loop(self) -> None:
@@ -506,6 +510,7 @@ class EncodeManager(ManagerBase):
                         # Every destination may already have asked for the next round while
                         # this one was finishing: schedule it now.
                         self._maybe_schedule(r)
+                self.wake()  # the room's resume timer (or a failure record) starts now
 
     def _run_round(self, r: _Room) -> None:
         B = self.layout.block_size
@@ -689,40 +694,49 @@ class EncodeManager(ManagerBase):
         self.inflight_payload_bytes -= r.payload_bytes
         r.payload, r.payload_bytes = None, 0
 
-    def _tick(self, now: float) -> None:
+    def _tick(self, now: float) -> float:
+        """Fire bootstrap and resume timeouts, expire failed-room records; return when the next
+        one is due. A round that ends, a ``send()``, a new sender or an abort wakes the control
+        thread (``wake()``), so a wait that starts then is timed from its start."""
         cfg = self.config
+        due = math.inf
         with self.lock:
             for room, (_, since) in list(self._failed_rooms.items()):
                 if now - since > cfg.bootstrap_timeout_s:
                     del self._failed_rooms[room]
+                else:
+                    due = min(due, since + cfg.bootstrap_timeout_s)
             for r in list(self.rooms.values()):
                 if r.failed or r.in_flight:
                     continue
                 all_reserved = r.num_ranks is not None and len(r.dests) == r.num_ranks
-                if r.sender is None and now - r.created > cfg.bootstrap_timeout_s:
-                    self._fail_locked(
-                        r,
-                        f"bootstrap timeout: no encode request for room {r.room} "
-                        f"within {cfg.bootstrap_timeout_s}s",
-                    )
-                elif (
-                    r.round == 0
-                    and not all_reserved
-                    and now - r.waiting_since > cfg.bootstrap_timeout_s
-                ):
-                    self._fail_locked(
-                        r,
-                        f"bootstrap timeout: {len(r.dests)}/{r.num_ranks or '?'} destinations "
-                        f"reserved within {cfg.bootstrap_timeout_s}s",
-                    )
-                elif r.round > 0 and now - r.waiting_since > cfg.resume_timeout_s:
-                    ready = sum(1 for d in r.dests.values() if d.round == r.round)
-                    self._fail_locked(
-                        r,
-                        f"resume timeout: {ready}/{r.num_ranks} destinations asked for round "
-                        f"{r.round} within {cfg.resume_timeout_s}s",
-                    )
-        super()._tick(now)
+                if r.sender is None:
+                    due = min(due, r.created + cfg.bootstrap_timeout_s)
+                    if now - r.created > cfg.bootstrap_timeout_s:
+                        self._fail_locked(
+                            r,
+                            f"bootstrap timeout: no encode request for room {r.room} "
+                            f"within {cfg.bootstrap_timeout_s}s",
+                        )
+                        continue
+                if r.round == 0 and not all_reserved:
+                    due = min(due, r.waiting_since + cfg.bootstrap_timeout_s)
+                    if now - r.waiting_since > cfg.bootstrap_timeout_s:
+                        self._fail_locked(
+                            r,
+                            f"bootstrap timeout: {len(r.dests)}/{r.num_ranks or '?'} "
+                            f"destinations reserved within {cfg.bootstrap_timeout_s}s",
+                        )
+                elif r.round > 0:
+                    due = min(due, r.waiting_since + cfg.resume_timeout_s)
+                    if now - r.waiting_since > cfg.resume_timeout_s:
+                        ready = sum(1 for d in r.dests.values() if d.round == r.round)
+                        self._fail_locked(
+                            r,
+                            f"resume timeout: {ready}/{r.num_ranks} destinations asked for "
+                            f"round {r.round} within {cfg.resume_timeout_s}s",
+                        )
+        return min(due, super()._tick(now))
 
     def _active_peers(self) -> List[str]:
         with self.lock:
@@ -753,6 +767,7 @@ class EncodeManager(ManagerBase):
             if r is None or r.sender is not sender:
                 return
             self._fail_locked(r, reason)
+        self.wake()
 
 
 class EncodeSender:
