@@ -577,8 +577,8 @@ class ManagerBase:
             h.dead_since = time.monotonic()
             h.outstanding = None
             h.next_ping = h.dead_since + self.config.heartbeat_interval_s
+        # Called on the control thread (the heartbeat): its next _tick times the fences.
         self._on_peer_dead(endpoint, reason)
-        self.wake()  # fences and pings of the dead peer are timed from now
 
     def _on_peer_dead(self, endpoint: str, reason: str) -> None:
         raise NotImplementedError

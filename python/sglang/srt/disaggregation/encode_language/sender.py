@@ -548,23 +548,44 @@ class EncodeManager(ManagerBase):
             if r.failed:
                 return
             raise TransferError(r.room, f"no encode staging blocks within {timeout}s")
+        # Pipelined: the round is staged and written in chunks of pipeline_blocks blocks, each
+        # chunk's write submitted as soon as it is staged, so staging chunk i+1 overlaps the
+        # transfer of chunk i. One staging serves every destination: the first destination's
+        # generation is stamped while staging; a later destination restamps each chunk only
+        # after every write to the previous one returned (never while a write reads it).
+        step = self.config.pipeline_blocks or nb
         try:
-            self.buffers.write_range(staging.blocks, payload, t0, ct, m0, cm, r.room)
             nbytes = 0
-            for d, p in zip(dests, peers):
+            for i, (d, p) in enumerate(zip(dests, peers)):
                 with self.lock:
                     if r.failed:
                         return
-                self.buffers.restamp(staging.blocks, ct, d.generation)
-                segs = self.buffers.round_segments(
-                    staging.blocks, d.blocks, ct, cm, p.slot_ptrs
-                )
-                self._bounded_write(r.room, d.manager_id, p.session_id, segs, staging)
-                nbytes += sum(segs[2])
+                writes = []
+                for k0 in range(0, nb, step):
+                    k1 = min(nb, k0 + step)
+                    tc = min(ct, k1 * B) - k0 * B
+                    mc = max(0, min(cm, k1 * B) - k0 * B)
+                    chunk = staging.blocks[k0:k1]
+                    if i == 0:
+                        self.buffers.write_range(
+                            chunk, payload, t0 + k0 * B, tc, m0 + k0 * B, mc, r.room, d.generation
+                        )
+                    else:
+                        self.buffers.restamp(chunk, tc, d.generation)
+                    segs = self.buffers.round_segments(
+                        chunk, d.blocks[k0:k1], tc, mc, p.slot_ptrs
+                    )
+                    writes.append(
+                        self._writer.submit(
+                            self.engine.batch_transfer_sync, p.session_id, *segs
+                        )
+                    )
+                    nbytes += sum(segs[2])
+                self._await_writes(r.room, d.manager_id, writes, staging)
         finally:
             if (
                 not staging.quarantined
-            ):  # else the pending write frees it when it returns
+            ):  # else the pending writes free it when they return
                 staging.free()
         with self.lock:
             if r.failed:
@@ -596,38 +617,52 @@ class EncodeManager(ManagerBase):
                 r.round += 1
                 r.waiting_since = time.monotonic()
 
-    def _bounded_write(
-        self, room, manager_id, session_id, segments, staging: BlockHandle
+    def _await_writes(
+        self,
+        room: int,
+        manager_id: str,
+        writes: List[concurrent.futures.Future],
+        staging: BlockHandle,
     ) -> None:
-        """One transfer-engine write, waited for at most ``data_write_timeout_s``. On timeout the
-        write keeps running (Mooncake cannot cancel it): the staging blocks are quarantined and
-        the destination is owed an AbortAck until it returns."""
+        """Wait for the transfer-engine writes of one round to one destination, for at most
+        ``data_write_timeout_s`` in all. On timeout the writes keep running (Mooncake cannot
+        cancel them): those not started are cancelled, the staging blocks are quarantined and
+        the destination is owed an AbortAck until the last running write returns. A failed
+        write is reported only once every write of the round has returned (none still reads
+        the staging blocks)."""
         timeout = self.config.data_write_timeout_s
-        fut = self._writer.submit(
-            self.engine.batch_transfer_sync, session_id, *segments
-        )
-        try:
-            ret = fut.result(timeout=timeout)
-        except concurrent.futures.TimeoutError:
-            if fut.cancel():
+        done, running = concurrent.futures.wait(writes, timeout=timeout)
+        if running:
+            running = [f for f in running if not f.cancel()]
+            if not running:
                 raise WriteTimeoutError(
                     room, f"data write to {manager_id} did not start within {timeout}s"
-                ) from None
+                )
+            left = [len(running)]
             with self.lock:
                 key = (room, manager_id)
                 self._pending_writes[key] = self._pending_writes.get(key, 0) + 1
                 staging.quarantine()
-            fut.add_done_callback(
-                lambda _: self._late_write_returned(room, manager_id, staging)
-            )
+
+            def returned(_):
+                with self.lock:
+                    left[0] -= 1
+                    last = left[0] == 0
+                if last:
+                    self._late_write_returned(room, manager_id, staging)
+
+            for f in running:
+                f.add_done_callback(returned)
             raise WriteTimeoutError(
                 room,
                 f"data write to {manager_id} timed out after {timeout}s (it may still land)",
-            ) from None
-        if ret < 0:
-            raise TransferError(
-                room, f"Mooncake write to {manager_id} failed (ret={ret})"
             )
+        for f in writes:
+            ret = f.result()
+            if ret < 0:
+                raise TransferError(
+                    room, f"Mooncake write to {manager_id} failed (ret={ret})"
+                )
 
     def _late_write_returned(
         self, room: int, manager_id: str, staging: BlockHandle
