@@ -244,6 +244,12 @@ def slice_received(data: ReceivedData, token_start, token_count, mm_start, mm_co
     )
 
 
+def _record_event() -> "torch.cuda.Event":
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
 class RoundStamp(NamedTuple):
     """What the receiver expects in every aux header of a round."""
 
@@ -256,13 +262,26 @@ def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
-def block_runs(blocks: Sequence[int]) -> Iterator[Tuple[int, int, int]]:
+# Copies between payload / request tensors and blocks go in pieces of at most this many
+# consecutive blocks (0 = whole runs): each piece is one copy per slot, and the checksums of
+# piece i are computed while the copies of piece i+1 run (GPU: after piece i's CUDA event).
+PIECE_BLOCKS = 2
+
+
+def block_runs(
+    blocks: Sequence[int], max_len: int = 0
+) -> Iterator[Tuple[int, int, int]]:
     """(index of the run's first block in ``blocks``, first block id, run length) for each
-    run of consecutive block ids: each run is one copy per slot."""
+    run of consecutive block ids (at most ``max_len`` long, 0 = unbounded): one copy per slot.
+    """
     j = 0
     while j < len(blocks):
         n = 1
-        while j + n < len(blocks) and blocks[j + n] == blocks[j] + n:
+        while (
+            j + n < len(blocks)
+            and blocks[j + n] == blocks[j] + n
+            and (not max_len or n < max_len)
+        ):
             n += 1
         yield j, blocks[j], n
         j += n
@@ -417,9 +436,12 @@ class MultimodalDataBuffers:
             mask = torch.empty(token_count, dtype=torch.bool, pin_memory=self.pinned)
             mask.copy_(payload.mm_mask[token_start:t_end], non_blocking=True)
         emb, ds = payload.embeddings, payload.deepstack
-        # One copy per slot per run of consecutive blocks (one run when the blocks are
-        # contiguous, as a fresh pool hands them out).
-        for j, b, n in block_runs(blocks):
+        cuda = emb.is_cuda or payload.mm_mask.is_cuda
+        # One copy per slot per piece (a run of consecutive blocks; one run when the blocks are
+        # contiguous, as a fresh pool hands them out), then each piece's blocks are sealed
+        # (bitmap, stamp, checksum) once its copies are done, while later pieces still copy.
+        pieces = []
+        for j, b, n in block_runs(blocks, PIECE_BLOCKS):
             t0, t1 = j * B, min(token_count, (j + n) * B)
             c = t1 - t0
             self.fill_ids[b : b + n].view(-1)[:c].copy_(ids[t0:t1], non_blocking=True)
@@ -442,21 +464,29 @@ class MultimodalDataBuffers:
                     self.deepstack[b : b + n].view(n * B, -1)[: m1 - m0].copy_(
                         ds[src], non_blocking=True
                     )
-        if payload.embeddings.is_cuda or payload.mm_mask.is_cuda:
-            torch.cuda.current_stream().synchronize()
-        mask = mask.numpy()
-        for j, b in enumerate(blocks):
-            c = min(B, token_count - j * B)
-            mc = max(0, min(B, mm_count - j * B))
-            a = self.aux[b].numpy()
-            a[:] = 0
-            bits = np.packbits(mask[j * B : j * B + c], bitorder="little")
-            a[AUX_HEADER_BYTES : AUX_HEADER_BYTES + len(bits)] = bits
-            stamp = BlockStamp(
-                token_start // B + j, room, generation, self._checksum(b, c, mc, bits)
-            )
-            header = manifest.pack(stamp)
-            a[: len(header)] = np.frombuffer(header, dtype=np.uint8)
+            pieces.append((j, n, _record_event() if cuda else None))
+        mask_np = None
+        for j0, n, event in pieces:
+            if event is not None:
+                event.synchronize()
+            if mask_np is None:
+                mask_np = mask.numpy()
+            for j in range(j0, j0 + n):
+                b = blocks[j]
+                c = min(B, token_count - j * B)
+                mc = max(0, min(B, mm_count - j * B))
+                a = self.aux[b].numpy()
+                a[:] = 0
+                bits = np.packbits(mask_np[j * B : j * B + c], bitorder="little")
+                a[AUX_HEADER_BYTES : AUX_HEADER_BYTES + len(bits)] = bits
+                stamp = BlockStamp(
+                    token_start // B + j,
+                    room,
+                    generation,
+                    self._checksum(b, c, mc, bits),
+                )
+                header = manifest.pack(stamp)
+                a[: len(header)] = np.frombuffer(header, dtype=np.uint8)
         return manifest
 
     def restamp(self, blocks: Sequence[int], token_count: int, generation: int) -> None:
@@ -564,7 +594,14 @@ class MultimodalDataBuffers:
                 raise ValueError(f"out.{name} has {getattr(out, name).shape[0]} rows, not {n}")
         emb, ds = out.embeddings, out.deepstack
         non_blocking = self.pinned and emb.is_cuda
-        for j, b, n in block_runs(blocks):
+        bits = np.stack(
+            [a[AUX_HEADER_BYTES : AUX_HEADER_BYTES + (B + 7) // 8] for a in auxes]
+        )
+        out.mm_mask.numpy()[:] = np.unpackbits(
+            bits, axis=1, count=B, bitorder="little"
+        ).reshape(-1)[:token_count]
+        pieces = []
+        for j, b, n in block_runs(blocks, PIECE_BLOCKS):
             t0, t1 = j * B, min(token_count, (j + n) * B)
             c = t1 - t0
             out.fill_ids[t0:t1].copy_(self.fill_ids[b : b + n].view(-1)[:c])
@@ -588,28 +625,29 @@ class MultimodalDataBuffers:
                         self.deepstack[b : b + n].view(n * B, -1)[: m1 - m0],
                         non_blocking=non_blocking,
                     )
-        bits = np.stack(
-            [a[AUX_HEADER_BYTES : AUX_HEADER_BYTES + (B + 7) // 8] for a in auxes]
-        )
-        out.mm_mask.numpy()[:] = np.unpackbits(
-            bits, axis=1, count=B, bitorder="little"
-        ).reshape(-1)[:token_count]
-        if non_blocking:
-            # The blocks may be freed and rewritten as soon as this returns.
-            torch.cuda.current_stream(emb.device).synchronize()
-        # Checked after the copy: a byte that came from a late write is still in the block.
-        for j, a in enumerate(auxes):
-            c = min(B, token_count - j * B)
-            mc = max(0, min(B, mm_count - j * B))
-            _, stamp = RequestManifest.unpack(a.tobytes())
-            got = self._checksum(
-                blocks[j], c, mc, a[AUX_HEADER_BYTES : AUX_HEADER_BYTES + (c + 7) // 8]
-            )
-            if got != stamp.checksum:
-                raise ProtocolError(
-                    f"block {blocks[j]} checksum {got:#010x} != {stamp.checksum:#010x} in its aux "
-                    f"header: torn or late write"
+            pieces.append((j, n, _record_event() if non_blocking else None))
+        # Checked after each piece's copy has completed: a byte that came from a late write is
+        # still in the block then. (Checking while the copy runs could miss a late write landing
+        # between the check and the copy; that is why a piece's checksums wait for its event.)
+        for j0, n, event in pieces:
+            if event is not None:
+                event.synchronize()
+            for j in range(j0, j0 + n):
+                a = auxes[j]
+                c = min(B, token_count - j * B)
+                mc = max(0, min(B, mm_count - j * B))
+                _, stamp = RequestManifest.unpack(a.tobytes())
+                got = self._checksum(
+                    blocks[j],
+                    c,
+                    mc,
+                    a[AUX_HEADER_BYTES : AUX_HEADER_BYTES + (c + 7) // 8],
                 )
+                if got != stamp.checksum:
+                    raise ProtocolError(
+                        f"block {blocks[j]} checksum {got:#010x} != {stamp.checksum:#010x} in "
+                        f"its aux header: torn or late write"
+                    )
         return out
 
     # Transfer plan ------------------------------------------------------------------------------

@@ -315,6 +315,14 @@ class ControlChannel:
             logger.warning("rejected control message (%d bytes): %s", len(data), e)
             return None
 
+    def recv(self, timeout_s: float) -> Optional[Message]:
+        """One decoded message within ``timeout_s``; None on timeout, a wake-up or a rejected
+        message."""
+        msg = self.recv_nowait()
+        if msg is None and self.pull.poll(max(0, math.ceil(timeout_s * 1000))):
+            msg = self.recv_nowait()
+        return msg
+
     def has_message(self) -> bool:
         return bool(self.pull.poll(0))
 
@@ -417,6 +425,9 @@ class ManagerBase:
         self.last_active: Dict[str, float] = {}
         self._nonce = itertools.count(1)
         self._closed = threading.Event()
+        # When the control thread's next timer is due (monotonic; math.inf: none, it blocks
+        # until a message or a wake-up). Read-only outside the control thread (diagnostics).
+        self.next_deadline = 0.0
         # exceptions caught in handlers (each failed one request at most)
         self.thread_errors = 0
         self._thread = threading.Thread(
@@ -445,6 +456,7 @@ class ManagerBase:
         while not self._closed.is_set():
             try:
                 now = time.monotonic()
+                self.next_deadline = deadline
                 wait = deadline - now
                 self.channel.wait(None if math.isinf(wait) else max(0.0, wait))
                 if self._closed.is_set():
