@@ -230,7 +230,9 @@ def main() -> None:
     if args.out:
         args.out.write_text(text + "\n")
     if args.json:
-        args.json.write_text(json.dumps({"device": name, "iters": args.iters, "rows": rows}))
+        args.json.write_text(
+            json.dumps({"device": name, "iters": args.iters, "rows": rows})
+        )
 
 
 if __name__ == "__main__":

@@ -58,7 +58,6 @@ PAYLOADS = {
     "235B": (4096, 1024, 1024),
     "1blk": (2048, 16, 8),
 }
-HIDDEN = sorted({h for h, _, _ in PAYLOADS.values()})
 
 
 def payload(hidden: int, total: int, mm: int, device: str = "cpu") -> MultimodalPayload:
@@ -81,6 +80,10 @@ def payload(hidden: int, total: int, mm: int, device: str = "cpu") -> Multimodal
     )
 
 
+def hidden_sizes():
+    return sorted({h for h, _, _ in PAYLOADS.values()})
+
+
 def buffer_config(hidden: int) -> MultimodalBufferConfig:
     return MultimodalBufferConfig(
         hidden_size=hidden,
@@ -91,13 +94,22 @@ def buffer_config(hidden: int) -> MultimodalBufferConfig:
     )
 
 
+PIPELINE_BLOCKS = ConnectionConfig.pipeline_blocks
+
+
 def conn_config() -> ConnectionConfig:
-    return ConnectionConfig(default_reserve_tokens=1024)
+    return ConnectionConfig(
+        default_reserve_tokens=1024, pipeline_blocks=PIPELINE_BLOCKS
+    )
 
 
-def encoder_process(conn, zmq_ports):
+def encoder_process(conn, zmq_ports, pipeline_blocks, payloads):
     """The encode side: staging + raw writes on request, end-to-end sends, ZMQ echo."""
-    mgrs = {h: EncodeManager(buffer_config(h), conn_config()) for h in HIDDEN}
+    global PIPELINE_BLOCKS
+    PIPELINE_BLOCKS = pipeline_blocks
+    for key in set(PAYLOADS) - set(payloads.split(",")):
+        del PAYLOADS[key]
+    mgrs = {h: EncodeManager(buffer_config(h), conn_config()) for h in hidden_sizes()}
     conn.send({h: m.bootstrap_addr for h, m in mgrs.items()})
     dest = conn.recv()  # hidden -> (session id, slot ptrs)
     payloads = {k: payload(h, t, m) for k, (h, t, m) in PAYLOADS.items()}
@@ -156,16 +168,29 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument(
+        "--pipeline-blocks",
+        type=int,
+        default=PIPELINE_BLOCKS,
+        help="ConnectionConfig.pipeline_blocks of the encoder (0 = one chunk per round)",
+    )
+    ap.add_argument("--payloads", default=",".join(PAYLOADS))
     args = ap.parse_args()
+    for key in set(PAYLOADS) - set(args.payloads.split(",")):
+        del PAYLOADS[key]
     ctx = mp.get_context("spawn")
     zctx = zmq.Context()
     push = zctx.socket(zmq.PUSH)
     pull = zctx.socket(zmq.PULL)
     ports = (push.bind_to_random_port("tcp://127.0.0.1"),)
     ports += (pull.bind_to_random_port("tcp://127.0.0.1"),)
-    langs = {h: LanguageManager(buffer_config(h), conn_config()) for h in HIDDEN}
+    langs = {
+        h: LanguageManager(buffer_config(h), conn_config()) for h in hidden_sizes()
+    }
     a, b = ctx.Pipe()
-    proc = ctx.Process(target=encoder_process, args=(b, ports))
+    proc = ctx.Process(
+        target=encoder_process, args=(b, ports, args.pipeline_blocks, args.payloads)
+    )
     proc.start()
     enc_addr = a.recv()
     a.send({h: (m.session_id, m.buffers.slot_ptrs()) for h, m in langs.items()})
@@ -219,13 +244,15 @@ def main():
 
     out = {
         "iters": args.iters,
+        "pipeline_blocks": args.pipeline_blocks,
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "zmq_rtt": stats(rtt),
         "payloads": {},
     }
     print(
-        f"iters={args.iters} (interleaved; median [min, max]); load average "
+        f"iters={args.iters} pipeline_blocks={args.pipeline_blocks} (interleaved; median "
+        f"[min, max]); load average "
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after"
     )
     print(
@@ -253,8 +280,8 @@ def main():
             f"{ratios['e2e_over_max']:.2f} | {ratios['e2e_over_sum']:.2f} |"
         )
     z = out["zmq_rtt"]
-    one = out["payloads"]["1blk"]
-    e = one["e2e"]
+    one = out["payloads"].get("1blk")
+    e = one["e2e"] if one else {"median_ms": 0, "min_ms": 0, "max_ms": 0}
     print(
         f"latency floor: 1-block e2e {e['median_ms'] * 1e3:.0f} us "
         f"[{e['min_ms'] * 1e3:.0f}, {e['max_ms'] * 1e3:.0f}] vs ZMQ ping-pong "

@@ -54,12 +54,18 @@ def test_pipelined_rounds_are_byte_exact(peers, make_lang, pipeline_blocks):
     write to the earlier rank returned), over several rounds."""
     peer = peers(pipeline_blocks=pipeline_blocks)
     reserve = 5 * B
-    for total, mm in ((3 * reserve + 3, 2 * reserve + 1), (B + 1, 4), (reserve, reserve)):
+    for total, mm in (
+        (3 * reserve + 3, 2 * reserve + 1),
+        (B + 1, 4),
+        (reserve, reserve),
+    ):
         seed = total + mm
         langs = [make_lang(), make_lang()]
         room = new_room()
         rxs = [
-            m.create_receiver(peer.addr, room, rank=i, num_ranks=2, reserve_tokens=reserve)
+            m.create_receiver(
+                peer.addr, room, rank=i, num_ranks=2, reserve_tokens=reserve
+            )
             for i, m in enumerate(langs)
         ]
         peer.call("send", room, seed, total, mm)
@@ -84,7 +90,9 @@ def test_take_returns_the_tensors_the_rounds_were_copied_into(peers, make_lang):
     held = rx.data
     ptrs = [t.data_ptr() for t in (held.fill_ids, held.mrope_positions, held.mm_mask)]
     got = rx.take()
-    assert [t.data_ptr() for t in (got.fill_ids, got.mrope_positions, got.mm_mask)] == ptrs
+    assert [
+        t.data_ptr() for t in (got.fill_ids, got.mrope_positions, got.mm_mask)
+    ] == ptrs
     assert got.rows is held.rows and tuple(got.rows.shape) == (mm, 4 * H)
     item = got.rows.element_size()
     assert got.embeddings.data_ptr() == got.rows.data_ptr()

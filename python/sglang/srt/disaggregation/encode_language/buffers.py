@@ -432,7 +432,9 @@ class MultimodalDataBuffers:
         ids = payload.fill_ids[token_start:t_end]
         pos = payload.mrope_positions[:, token_start:t_end]
         mask = payload.mm_mask[token_start:t_end]
-        if mask.is_cuda:  # the bitmap is built on the host: copied with the rest, one sync
+        if (
+            mask.is_cuda
+        ):  # the bitmap is built on the host: copied with the rest, one sync
             mask = torch.empty(token_count, dtype=torch.bool, pin_memory=self.pinned)
             mask.copy_(payload.mm_mask[token_start:t_end], non_blocking=True)
         emb, ds = payload.embeddings, payload.deepstack
@@ -591,7 +593,9 @@ class MultimodalDataBuffers:
             ("embeddings", mm_count),
         ):
             if getattr(out, name).shape[0] != n:
-                raise ValueError(f"out.{name} has {getattr(out, name).shape[0]} rows, not {n}")
+                raise ValueError(
+                    f"out.{name} has {getattr(out, name).shape[0]} rows, not {n}"
+                )
         emb, ds = out.embeddings, out.deepstack
         non_blocking = self.pinned and emb.is_cuda
         bits = np.stack(

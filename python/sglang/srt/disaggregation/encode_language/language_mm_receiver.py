@@ -361,7 +361,8 @@ class LanguageMMReceiver:
         """Broadcast one tensor from the owner. Over the TP cpu (gloo) group, except
         ``on_device`` on GPUs: over the device (NCCL) group, the owner copying its pinned
         rows to its GPU once and every rank keeping the result on its device (no host round
-        trip; not exercised on the CPU test bed). Bools travel as uint8 (gloo has no bool)."""
+        trip; not exercised on the CPU test bed). Bools travel as uint8 (gloo has no bool).
+        """
         group = self.scheduler.attn_tp_group
         is_bool = t.dtype == torch.bool
         buf = t.to(torch.uint8) if is_bool else t

@@ -24,9 +24,7 @@ from typing import List, NamedTuple, Tuple, Union
 import msgspec
 import torch
 
-LAYOUT_VERSION = (
-    3  # 2: aux header carries room, reservation generation and a block checksum; 3: XXH3
-)
+LAYOUT_VERSION = 3  # 2: aux header carries room, reservation generation and a block checksum; 3: XXH3
 PROTOCOL_VERSION = 2  # 2: epochs, generations, sender ids, Unregistered
 
 # dtype <-> wire name; the names are what manifests carry.

@@ -126,7 +126,8 @@ class LanguageManager(ManagerBase):
     ):
         """``rows_device``: where ``take()``'s multimodal rows live (None = host memory, pinned
         when the buffers are; e.g. ``"cuda:0"`` = copied from the pinned blocks straight to
-        the GPU). Either way each round is copied once, into the request's final tensors."""
+        the GPU). Either way each round is copied once, into the request's final tensors.
+        """
         self.rows_device = rows_device
         self.rooms: Dict[int, "LanguageReceiver"] = {}
         self.registrations: Dict[str, _Registration] = {}

@@ -548,11 +548,12 @@ class EncodeManager(ManagerBase):
             if r.failed:
                 return
             raise TransferError(r.room, f"no encode staging blocks within {timeout}s")
-        # Pipelined: the round is staged and written in chunks of pipeline_blocks blocks, each
-        # chunk's write submitted as soon as it is staged, so staging chunk i+1 overlaps the
-        # transfer of chunk i. One staging serves every destination: the first destination's
-        # generation is stamped while staging; a later destination restamps each chunk only
-        # after every write to the previous one returned (never while a write reads it).
+        # Pipelined: the round is staged in chunks of pipeline_blocks blocks; one writer job
+        # per destination writes each chunk (one transfer-engine batch, in order) as soon as it
+        # is staged, so staging chunk i+1 overlaps the transfer of chunk i. One staging serves
+        # every destination: the first destination's generation is stamped while staging; a
+        # later destination restamps each chunk only after every write to the previous one
+        # returned (never while a write reads it).
         step = self.config.pipeline_blocks or nb
         try:
             nbytes = 0
@@ -560,28 +561,41 @@ class EncodeManager(ManagerBase):
                 with self.lock:
                     if r.failed:
                         return
-                writes = []
-                for k0 in range(0, nb, step):
-                    k1 = min(nb, k0 + step)
-                    tc = min(ct, k1 * B) - k0 * B
-                    mc = max(0, min(cm, k1 * B) - k0 * B)
-                    chunk = staging.blocks[k0:k1]
-                    if i == 0:
-                        self.buffers.write_range(
-                            chunk, payload, t0 + k0 * B, tc, m0 + k0 * B, mc, r.room, d.generation
+                chunks: "queue.Queue[Optional[tuple]]" = queue.Queue()
+                job = self._writer.submit(self._write_chunks, p.session_id, chunks)
+                try:
+                    for k0 in range(0, nb, step):
+                        k1 = min(nb, k0 + step)
+                        tc = min(ct, k1 * B) - k0 * B
+                        mc = max(0, min(cm, k1 * B) - k0 * B)
+                        chunk = staging.blocks[k0:k1]
+                        if i == 0:
+                            self.buffers.write_range(
+                                chunk,
+                                payload,
+                                t0 + k0 * B,
+                                tc,
+                                m0 + k0 * B,
+                                mc,
+                                r.room,
+                                d.generation,
+                            )
+                        else:
+                            self.buffers.restamp(chunk, tc, d.generation)
+                        segs = self.buffers.round_segments(
+                            chunk, d.blocks[k0:k1], tc, mc, p.slot_ptrs
                         )
-                    else:
-                        self.buffers.restamp(chunk, tc, d.generation)
-                    segs = self.buffers.round_segments(
-                        chunk, d.blocks[k0:k1], tc, mc, p.slot_ptrs
-                    )
-                    writes.append(
-                        self._writer.submit(
-                            self.engine.batch_transfer_sync, p.session_id, *segs
-                        )
-                    )
-                    nbytes += sum(segs[2])
-                self._await_writes(r.room, d.manager_id, writes, staging)
+                        chunks.put(segs)
+                        nbytes += sum(segs[2])
+                except BaseException:
+                    chunks.put(None)  # the job ends after the chunks already queued
+                    try:  # the staging blocks are freed only once no write reads them
+                        self._await_writes(r.room, d.manager_id, [job], staging)
+                    except TransferError:
+                        pass
+                    raise
+                chunks.put(None)
+                self._await_writes(r.room, d.manager_id, [job], staging)
         finally:
             if (
                 not staging.quarantined
@@ -616,6 +630,19 @@ class EncodeManager(ManagerBase):
             else:
                 r.round += 1
                 r.waiting_since = time.monotonic()
+
+    def _write_chunks(self, session_id: str, chunks: "queue.Queue") -> int:
+        """Writer job of one round to one destination: one transfer-engine batch write per
+        staged chunk, in order, until the ``None`` that ends the round; after a failed write
+        the rest are skipped. Returns the failed write's code, else 0."""
+        ret = 0
+        while True:
+            segs = chunks.get()
+            if segs is None:
+                return ret
+            if ret >= 0:
+                r = self.engine.batch_transfer_sync(session_id, *segs)
+                ret = r if r < 0 else 0
 
     def _await_writes(
         self,
