@@ -37,7 +37,6 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
-
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.allocator import BlockHandle, Priority
 from sglang.srt.disaggregation.encode_language.buffers import (
