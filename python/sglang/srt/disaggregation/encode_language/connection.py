@@ -102,9 +102,11 @@ class ConnectionConfig:
     heartbeat_interval_s: float = 2.0
     heartbeat_max_failures: int = 3  # missed pongs in a row = peer dead
     num_transfer_workers: int = 2  # encode side
-    # Encoder: a round is staged and written in chunks of this many blocks, so staging chunk
-    # i+1 overlaps the transfer-engine write of chunk i (0 = one chunk per round).
-    pipeline_blocks: int = 2
+    # Encoder: stage and write a round in chunks of this many blocks, so staging chunk i+1
+    # overlaps the transfer-engine write of chunk i (0 = one chunk per round). Off by default:
+    # on the 2-core CPU test machine (TCP loopback, the write itself CPU-bound) chunks cost more
+    # than they overlap (docs/transport.md, "Benchmark"); not measured over RDMA yet.
+    pipeline_blocks: int = 0
     # Encoder: one transfer-engine write (one round to one destination) may take this long;
     # past it the room fails and the destination is told a write may still land.
     data_write_timeout_s: float = 30.0
