@@ -432,9 +432,8 @@ class MultimodalDataBuffers:
         ids = payload.fill_ids[token_start:t_end]
         pos = payload.mrope_positions[:, token_start:t_end]
         mask = payload.mm_mask[token_start:t_end]
-        if (
-            mask.is_cuda
-        ):  # the bitmap is built on the host: copied with the rest, one sync
+        # The bitmap is built on the host: the mask is copied with the rest, one sync.
+        if mask.is_cuda:
             mask = torch.empty(token_count, dtype=torch.bool, pin_memory=self.pinned)
             mask.copy_(payload.mm_mask[token_start:t_end], non_blocking=True)
         emb, ds = payload.embeddings, payload.deepstack
