@@ -1,20 +1,32 @@
-"""Benchmark of the encode -> language transport for one 1024x1024-image payload.
+"""Benchmark of the encode -> language transport: end to end against the raw transfer-engine write.
 
-Phases, each timed separately and as GB/s of the request's wire bytes:
-  write     payload tensors -> encode-side MultimodalDataBuffers (staging)
-  transfer  Mooncake write encode buffers -> language buffers (another process)
-  read      language buffers -> fresh tensors (copy-out)
-  e2e       sender.send() -> receiver Success + take(), through the full connection
-  memcpy    torch copy of the same number of bytes on this host, for reference
+Two processes (this one: language side; a spawned one: encode side), Mooncake between them (TCP
+on loopback on the CPU test machine). Payloads (bf16, K=3, B=128):
 
-Models: Qwen3-VL-30B-A3B (H=2048, K=3) and 235B-A22B (H=4096, K=3), bf16, 1024 image tokens.
-Run:  .fork/venv/bin/python benchmark/bench_encode_language_transport.py [--device cuda] [--iters N]
-With --device cuda the payload lives on the GPU and the host buffers are pinned.
+  30B    Qwen3-VL-30B-A3B, one 1024x1024 image: 1024 image tokens, H=2048  (16.02 MiB)
+  235B   Qwen3-VL-235B-A22B, the same image, H=4096                        (32.02 MiB)
+  1blk   one block: 16 tokens, 8 of them image tokens, H=2048              (latency floor)
+
+Each iteration measures, for every payload in turn (interleaved, so load changes hit all alike):
+
+  write     EncodeManager.buffers.write_range of the whole payload (staging, checksums)
+  raw       one transfer-engine batch write of the same bytes (the round's segments), encoder ->
+            the language process's registered buffers
+  read      LanguageManager.buffers.read_round of those blocks (stamp checks, copy, checksums)
+  e2e       sender.send() in the encoder process until the language receiver is Success and
+            take() returned (both clocks are CLOCK_MONOTONIC); the receiver reserved beforehand
+  zmq_rtt   one ZMQ PUSH/PULL ping-pong between the same two processes (per iteration)
+
+Reported: median, min and max over --iters; e2e / raw, e2e / max(write, raw, read) and
+e2e / (write + raw + read) from the medians. The load average is printed with the results.
+
+Run:  .fork/venv/bin/python benchmark/bench_encode_language_transport.py [--iters 20] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import statistics
@@ -28,10 +40,10 @@ os.environ.setdefault("MC_FORCE_TCP", "1")
 os.environ.setdefault("MOONCAKE_PROTOCOL", "tcp")
 
 import torch
+import zmq
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
-    MultimodalDataBuffers,
     MultimodalPayload,
     RoundStamp,
 )
@@ -39,148 +51,245 @@ from sglang.srt.disaggregation.encode_language.connection import ConnectionConfi
 from sglang.srt.disaggregation.encode_language.receiver import LanguageManager
 from sglang.srt.disaggregation.encode_language.sender import EncodeManager
 
-MODELS = {"Qwen3-VL-30B-A3B": 2048, "Qwen3-VL-235B-A22B": 4096}
-IMAGE_TOKENS, TEXT_TOKENS, K, BLOCK = 1024, 0, 3, 128
+K, BLOCK = 3, 128
+# name -> (hidden size, tokens, image tokens)
+PAYLOADS = {
+    "30B": (2048, 1024, 1024),
+    "235B": (4096, 1024, 1024),
+    "1blk": (2048, 16, 8),
+}
 
 
-def payload(hidden: int, device: str) -> MultimodalPayload:
+def payload(hidden: int, total: int, mm: int, device: str = "cpu") -> MultimodalPayload:
     g = torch.Generator().manual_seed(0)
-    T = IMAGE_TOKENS + TEXT_TOKENS
-    mask = torch.zeros(T, dtype=torch.bool)
-    mask[TEXT_TOKENS // 2 : TEXT_TOKENS // 2 + IMAGE_TOKENS] = True
+    mask = torch.zeros(total, dtype=torch.bool)
+    mask[(total - mm) // 2 : (total - mm) // 2 + mm] = True
     return MultimodalPayload(
-        fill_ids=torch.randint(0, 150000, (T,), generator=g, dtype=torch.int32).to(
+        fill_ids=torch.randint(0, 150000, (total,), generator=g, dtype=torch.int32).to(
             device
         ),
         mrope_positions=torch.randint(
-            0, 4096, (3, T), generator=g, dtype=torch.int32
+            0, 4096, (3, total), generator=g, dtype=torch.int32
         ).to(device),
         mm_mask=mask.to(device),
-        embeddings=torch.randn(IMAGE_TOKENS, hidden, generator=g)
-        .to(torch.bfloat16)
-        .to(device),
-        deepstack=torch.randn(IMAGE_TOKENS, K * hidden, generator=g)
+        embeddings=torch.randn(mm, hidden, generator=g).to(torch.bfloat16).to(device),
+        deepstack=torch.randn(mm, K * hidden, generator=g)
         .to(torch.bfloat16)
         .to(device),
         mrope_delta=-100,
     )
 
 
-def cfg(hidden: int, pin: bool) -> MultimodalBufferConfig:
+def hidden_sizes():
+    return sorted({h for h, _, _ in PAYLOADS.values()})
+
+
+def buffer_config(hidden: int) -> MultimodalBufferConfig:
     return MultimodalBufferConfig(
         hidden_size=hidden,
         deepstack_count=K,
         block_size=BLOCK,
         num_blocks=16,
         embed_dtype="bfloat16",
-        pin_memory=pin,
     )
 
 
-def encoder_process(conn, hidden, device, pin, iters):
-    """The encode side: staging write + transfer timings, then end-to-end sends."""
-    enc = EncodeManager(
-        cfg(hidden, pin),
-        ConnectionConfig(default_reserve_tokens=IMAGE_TOKENS + TEXT_TOKENS),
+PIPELINE_BLOCKS = ConnectionConfig.pipeline_blocks
+
+
+def conn_config() -> ConnectionConfig:
+    return ConnectionConfig(
+        default_reserve_tokens=1024, pipeline_blocks=PIPELINE_BLOCKS
     )
-    conn.send(enc.bootstrap_addr)
-    lang_id, session, ptrs = conn.recv()
-    p = payload(hidden, device)
-    T, M = p.total_tokens, p.mm_tokens
-    blocks = list(range(-(-T // BLOCK)))
-    dst_blocks = list(range(len(blocks)))
-    write_t, xfer_t = [], []
-    for _ in range(iters):
-        t = time.perf_counter()
-        enc.buffers.write_range(blocks, p, 0, T, 0, M)
-        write_t.append(time.perf_counter() - t)
-        srcs, dsts, lens = enc.buffers.round_segments(blocks, dst_blocks, T, M, ptrs)
-        t = time.perf_counter()
-        assert enc.engine.batch_transfer_sync(session, srcs, dsts, lens) >= 0
-        xfer_t.append(time.perf_counter() - t)
-    conn.send((write_t, xfer_t, sum(lens)))
+
+
+def encoder_process(conn, zmq_ports, pipeline_blocks, payloads):
+    """The encode side: staging + raw writes on request, end-to-end sends, ZMQ echo."""
+    global PIPELINE_BLOCKS
+    PIPELINE_BLOCKS = pipeline_blocks
+    for key in set(PAYLOADS) - set(payloads.split(",")):
+        del PAYLOADS[key]
+    mgrs = {h: EncodeManager(buffer_config(h), conn_config()) for h in hidden_sizes()}
+    conn.send({h: m.bootstrap_addr for h, m in mgrs.items()})
+    dest = conn.recv()  # hidden -> (session id, slot ptrs)
+    payloads = {k: payload(h, t, m) for k, (h, t, m) in PAYLOADS.items()}
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.connect(f"tcp://127.0.0.1:{zmq_ports[0]}")
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{zmq_ports[1]}")
     while True:
-        room = conn.recv()
-        if room is None:
+        cmd = conn.recv()
+        if cmd is None:
             break
-        s = enc.create_sender(room)
-        s.send(p)
-        conn.send(int(s.wait(60)))
-    enc.close()
+        if cmd[0] == "raw":
+            _, key = cmd
+            h = PAYLOADS[key][0]
+            enc, p = mgrs[h], payloads[key]
+            T, M = p.total_tokens, p.mm_tokens
+            blocks = list(range(-(-T // BLOCK)))
+            t = time.perf_counter()
+            enc.buffers.write_range(blocks, p, 0, T, 0, M)
+            w = time.perf_counter() - t
+            session, ptrs = dest[h]
+            segs = enc.buffers.round_segments(blocks, blocks, T, M, ptrs)
+            t = time.perf_counter()
+            assert enc.engine.batch_transfer_sync(session, *segs) >= 0
+            x = time.perf_counter() - t
+            conn.send((w, x, sum(segs[2])))
+        elif cmd[0] == "e2e":
+            _, key, room = cmd
+            s = mgrs[PAYLOADS[key][0]].create_sender(room)
+            t0 = time.perf_counter()
+            s.send(payloads[key])
+            status = s.wait(60)
+            conn.send((t0, int(status)))
+        elif cmd[0] == "ping":
+            for _ in range(cmd[1]):
+                push.send(pull.recv())
+            conn.send("ok")
+    for m in mgrs.values():
+        m.close()
+    pull.close()
+    push.close()
+    ctx.term()
+
+
+def stats(xs):
+    return {
+        "median_ms": statistics.median(xs) * 1e3,
+        "min_ms": min(xs) * 1e3,
+        "max_ms": max(xs) * 1e3,
+    }
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument(
+        "--pipeline-blocks",
+        type=int,
+        default=PIPELINE_BLOCKS,
+        help="ConnectionConfig.pipeline_blocks of the encoder (0 = one chunk per round)",
+    )
+    ap.add_argument("--payloads", default=",".join(PAYLOADS))
     args = ap.parse_args()
-    pin = args.device == "cuda"
+    for key in set(PAYLOADS) - set(args.payloads.split(",")):
+        del PAYLOADS[key]
     ctx = mp.get_context("spawn")
-    rows = []
-    for name, hidden in MODELS.items():
-        lang = LanguageManager(
-            cfg(hidden, pin),
-            ConnectionConfig(default_reserve_tokens=IMAGE_TOKENS + TEXT_TOKENS),
+    zctx = zmq.Context()
+    push = zctx.socket(zmq.PUSH)
+    pull = zctx.socket(zmq.PULL)
+    ports = (push.bind_to_random_port("tcp://127.0.0.1"),)
+    ports += (pull.bind_to_random_port("tcp://127.0.0.1"),)
+    langs = {
+        h: LanguageManager(buffer_config(h), conn_config()) for h in hidden_sizes()
+    }
+    a, b = ctx.Pipe()
+    proc = ctx.Process(
+        target=encoder_process, args=(b, ports, args.pipeline_blocks, args.payloads)
+    )
+    proc.start()
+    enc_addr = a.recv()
+    a.send({h: (m.session_id, m.buffers.slot_ptrs()) for h, m in langs.items()})
+    samples = {k: {p: [] for p in ("write", "raw", "read", "e2e")} for k in PAYLOADS}
+    rtt = []
+    nbytes = {}
+    room = 10_000
+    load_before = os.getloadavg()
+    for it in range(args.warmup + args.iters):
+        keep = it >= args.warmup
+        for key, (h, T, M) in PAYLOADS.items():
+            lang = langs[h]
+            a.send(("raw", key))
+            w, x, nbytes[key] = a.recv()
+            blocks = list(range(-(-T // BLOCK)))
+            t = time.perf_counter()
+            lang.buffers.read_round(blocks, T, M, RoundStamp(0, 0, 0))
+            r = time.perf_counter() - t
+            room += 1
+            rx = lang.create_receiver(enc_addr[h], room)
+            deadline = time.monotonic() + 30
+            while rx.poll() != KVPoll.WaitingForInput:  # reserved: not part of e2e
+                assert time.monotonic() < deadline and rx.poll() != KVPoll.Failed
+                time.sleep(0.0005)
+            a.send(("e2e", key, room))
+            assert rx.wait(60) == KVPoll.Success, rx.reason
+            data = rx.take()
+            t1 = time.perf_counter()
+            t0, status = a.recv()
+            assert status == KVPoll.Success and data.embeddings.shape[0] == M
+            if keep:
+                for name, v in (("write", w), ("raw", x), ("read", r)):
+                    samples[key][name].append(v)
+                samples[key]["e2e"].append(t1 - t0)
+        a.send(("ping", 5))
+        for _ in range(5):
+            t = time.perf_counter()
+            push.send(b"p")
+            pull.recv()
+            if keep:
+                rtt.append(time.perf_counter() - t)
+        assert a.recv() == "ok"
+    load_after = os.getloadavg()
+    a.send(None)
+    proc.join(30)
+    for m in langs.values():
+        m.close()
+    push.close()
+    pull.close()
+    zctx.term()
+
+    out = {
+        "iters": args.iters,
+        "pipeline_blocks": args.pipeline_blocks,
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+        "zmq_rtt": stats(rtt),
+        "payloads": {},
+    }
+    print(
+        f"iters={args.iters} pipeline_blocks={args.pipeline_blocks} (interleaved; median "
+        f"[min, max]); load average "
+        f"{load_before[0]:.2f} before, {load_after[0]:.2f} after"
+    )
+    print(
+        "| payload | MiB | write ms | raw TE write ms | read ms | e2e ms | e2e/raw "
+        "| e2e/max(w,raw,r) | e2e/sum |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for key in PAYLOADS:
+        st = {p: stats(v) for p, v in samples[key].items()}
+        med = {p: st[p]["median_ms"] for p in st}
+        ratios = {
+            "e2e_over_raw": med["e2e"] / med["raw"],
+            "e2e_over_max": med["e2e"] / max(med["write"], med["raw"], med["read"]),
+            "e2e_over_sum": med["e2e"] / (med["write"] + med["raw"] + med["read"]),
+        }
+        out["payloads"][key] = {"bytes": nbytes[key], **st, **ratios}
+
+        def cell(p):
+            s = st[p]
+            return f"{s['median_ms']:.2f} [{s['min_ms']:.2f}, {s['max_ms']:.2f}]"
+
+        print(
+            f"| {key} | {nbytes[key] / 2**20:.2f} | {cell('write')} | {cell('raw')} | "
+            f"{cell('read')} | {cell('e2e')} | {ratios['e2e_over_raw']:.2f} | "
+            f"{ratios['e2e_over_max']:.2f} | {ratios['e2e_over_sum']:.2f} |"
         )
-        a, b = ctx.Pipe()
-        proc = ctx.Process(
-            target=encoder_process, args=(b, hidden, args.device, pin, args.iters)
-        )
-        proc.start()
-        enc_addr = a.recv()
-        a.send((lang.manager_id, lang.session_id, lang.buffers.slot_ptrs()))
-        write_t, xfer_t, nbytes = a.recv()
-        T = IMAGE_TOKENS + TEXT_TOKENS
-        blocks = list(range(-(-T // BLOCK)))
-        read_t = []
-        for _ in range(args.iters):
-            t = time.perf_counter()
-            out = lang.buffers.read_round(blocks, T, IMAGE_TOKENS, RoundStamp(0, 0, 0))[
-                1:
-            ]
-            if args.device == "cuda":
-                [x.to("cuda", non_blocking=True) for x in out if x is not None]
-                torch.cuda.synchronize()
-            read_t.append(time.perf_counter() - t)
-        e2e_t = []
-        for i in range(args.iters):
-            room = 10_000 + i
-            rx = lang.create_receiver(enc_addr, room)
-            t = time.perf_counter()
-            a.send(room)
-            assert a.recv() == KVPoll.Success
-            deadline = time.monotonic() + 60
-            while rx.poll() != KVPoll.Success:
-                assert (
-                    time.monotonic() < deadline and rx.poll() != KVPoll.Failed
-                ), rx.reason
-                time.sleep(0.001)
-            rx.take()
-            e2e_t.append(time.perf_counter() - t)
-        a.send(None)
-        proc.join(30)
-        lang.close()
-        src = torch.empty(nbytes, dtype=torch.uint8)
-        dst = torch.empty_like(src)
-        mem_t = []
-        for _ in range(args.iters):
-            t = time.perf_counter()
-            dst.copy_(src)
-            mem_t.append(time.perf_counter() - t)
-        for phase, ts in (
-            ("write", write_t),
-            ("transfer", xfer_t),
-            ("read", read_t),
-            ("e2e", e2e_t),
-            ("memcpy", mem_t),
-        ):
-            med = statistics.median(ts)
-            rows.append((name, phase, nbytes, med * 1e3, nbytes / med / 1e9))
-    print(f"device={args.device} pinned={pin} iters={args.iters} (median)")
-    print("| model | phase | MiB | ms | GB/s |")
-    print("|---|---|---:|---:|---:|")
-    for name, phase, nbytes, ms, gbs in rows:
-        print(f"| {name} | {phase} | {nbytes / 2**20:.2f} | {ms:.2f} | {gbs:.2f} |")
+    z = out["zmq_rtt"]
+    one = out["payloads"].get("1blk")
+    e = one["e2e"] if one else {"median_ms": 0, "min_ms": 0, "max_ms": 0}
+    print(
+        f"latency floor: 1-block e2e {e['median_ms'] * 1e3:.0f} us "
+        f"[{e['min_ms'] * 1e3:.0f}, {e['max_ms'] * 1e3:.0f}] vs ZMQ ping-pong "
+        f"{z['median_ms'] * 1e3:.0f} us [{z['min_ms'] * 1e3:.0f}, {z['max_ms'] * 1e3:.0f}]"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,9 @@ class BlockAllocator:
         self._resume_demand: Dict[Hashable, int] = {}
         self._lock = threading.Lock()
         self._freed_cond = threading.Condition(self._lock)
+        # Called (under the allocator's lock; it must not call back into it) whenever blocks
+        # are freed: the manager wakes its control thread to retry admissions and resumes.
+        self.on_free: Optional[Callable[[], None]] = None
 
     # Accounting ---------------------------------------------------------------------------
     def num_total(self) -> int:
@@ -260,6 +263,8 @@ class BlockAllocator:
             self._free.append(b)
         handle._freed = True
         self._freed_cond.notify_all()
+        if self.on_free is not None:
+            self.on_free()
 
     def _free_handle(self, handle: BlockHandle) -> None:
         with self._lock:

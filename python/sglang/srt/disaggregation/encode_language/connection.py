@@ -8,7 +8,9 @@
   process's one Mooncake engine (upstream's shared ``MooncakeTransferEngine``, see
   ``make_transfer_engine``). The control thread handles every message and every timer (timeouts,
   heartbeat, fences, pruning); an exception while handling one message fails at most the request
-  it concerns, never the thread.
+  it concerns, never the thread. It is event driven: it blocks in the ZMQ poller until a message
+  arrives, a local thread calls ``wake()`` (a new request, an abort, a finished round, freed
+  blocks), or the next timer is due (``_tick`` returns that deadline). No fixed tick.
 * Addressing: ``ConnectionConfig.resolve_addresses`` (advertised vs bind address); the encode
   side's control socket listens on the bootstrap port (docs/transport.md, "Deploying across
   nodes / addressing").
@@ -31,6 +33,8 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
+import os
 import threading
 import time
 from typing import Dict, List, Optional, Protocol, Tuple
@@ -98,7 +102,11 @@ class ConnectionConfig:
     heartbeat_interval_s: float = 2.0
     heartbeat_max_failures: int = 3  # missed pongs in a row = peer dead
     num_transfer_workers: int = 2  # encode side
-    tick_s: float = 0.02  # control-thread poll period
+    # Encoder: stage and write a round in chunks of this many blocks, so staging chunk i+1
+    # overlaps the transfer-engine write of chunk i (0 = one chunk per round). Off by default:
+    # on the 2-core CPU test machine (TCP loopback, the write itself CPU-bound) chunks cost more
+    # than they overlap (docs/transport.md, "Benchmark"); not measured over RDMA yet.
+    pipeline_blocks: int = 0
     # Encoder: one transfer-engine write (one round to one destination) may take this long;
     # past it the room fails and the destination is told a write may still land.
     data_write_timeout_s: float = 30.0
@@ -233,6 +241,15 @@ class ControlChannel:
         self._push: Dict[str, zmq.Socket] = {}
         self._lock = threading.Lock()
         self.rejected = 0  # malformed / unknown messages dropped
+        # Local wake-ups: any thread writes a byte, the poller sees the read end at once.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._wake_lock = threading.Lock()  # close() vs wake(): never write a reused fd
+        self._poller = zmq.Poller()
+        self._poller.register(self.pull, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        self.wakeups = 0  # poller returns caused by wake() (what the tests observe)
 
     def send(self, endpoint: str, msg) -> bool:
         data = encode_message(msg)
@@ -262,17 +279,54 @@ class ControlChannel:
             if sock is not None:
                 sock.close()
 
-    def recv(self, timeout_s: float) -> Optional[Message]:
-        """One decoded message, or None on timeout or a rejected message."""
-        if not self.pull.poll(int(timeout_s * 1000)):
+    def wake(self) -> None:
+        """Make a blocked ``wait`` return now (any thread; never blocks)."""
+        with self._wake_lock:
+            if self._wake_w < 0:
+                return  # closed
+            try:
+                os.write(self._wake_w, b"w")
+            except BlockingIOError:
+                pass  # the pipe is full: a wake-up is pending already
+
+    def wait(self, timeout_s: Optional[float]) -> bool:
+        """Block until a message is readable, ``wake()`` was called, or ``timeout_s`` passed
+        (None = no timeout). Returns True when woken by ``wake()``."""
+        ms = None if timeout_s is None else max(0, math.ceil(timeout_s * 1000))
+        events = dict(self._poller.poll(ms))
+        if self._wake_r in events:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+            self.wakeups += 1
+            return True
+        return False
+
+    def recv_nowait(self) -> Optional[Message]:
+        """One decoded message if one is queued; None when none is, or it was rejected."""
+        try:
+            data = self.pull.recv(zmq.NOBLOCK)
+        except zmq.Again:
             return None
-        data = self.pull.recv()
         try:
             return decode_message(data)
         except ProtocolError as e:
             self.rejected += 1
             logger.warning("rejected control message (%d bytes): %s", len(data), e)
             return None
+
+    def recv(self, timeout_s: float) -> Optional[Message]:
+        """One decoded message within ``timeout_s``; None on timeout, a wake-up or a rejected
+        message."""
+        msg = self.recv_nowait()
+        if msg is None and self.pull.poll(max(0, math.ceil(timeout_s * 1000))):
+            msg = self.recv_nowait()
+        return msg
+
+    def has_message(self) -> bool:
+        return bool(self.pull.poll(0))
 
     def close(self) -> None:
         with self._lock:
@@ -281,6 +335,10 @@ class ControlChannel:
             self._push.clear()
             self.pull.close()
         self.ctx.term()
+        with self._wake_lock:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
 
 
 def _connect(sock: zmq.Socket, endpoint: str) -> None:
@@ -361,12 +419,17 @@ class ManagerBase:
         except BaseException:
             self.channel.close()
             raise
+        # Freed blocks may unblock an admission or a resume: the control thread looks at once.
+        self.allocator.on_free = self.channel.wake
         self.lock = threading.RLock()
         self.health: Dict[str, PeerHealth] = {}
         # peer -> last time it had a live request (or registered) here
         self.last_active: Dict[str, float] = {}
         self._nonce = itertools.count(1)
         self._closed = threading.Event()
+        # When the control thread's next timer is due (monotonic; math.inf: none, it blocks
+        # until a message or a wake-up). Read-only outside the control thread (diagnostics).
+        self.next_deadline = 0.0
         # exceptions caught in handlers (each failed one request at most)
         self.thread_errors = 0
         self._thread = threading.Thread(
@@ -382,19 +445,37 @@ class ManagerBase:
     def bootstrap_addr(self) -> str:
         return self.manager_id
 
+    def wake(self) -> None:
+        """Have the control thread re-run its timers and admissions now (called after a local
+        state change: a new request, an abort, a finished round)."""
+        self.channel.wake()
+
     # Control thread -------------------------------------------------------------------------
     def _control_loop(self) -> None:
+        """Handle every queued message, run the timers (``_tick`` returns when the next one is
+        due), then block until a message, a ``wake()`` or that deadline."""
+        deadline = 0.0  # run the timers once at start
         while not self._closed.is_set():
             try:
-                msg = self.channel.recv(self.config.tick_s)
-                if msg is not None:
-                    self._dispatch(msg)
-                self._tick(time.monotonic())
+                now = time.monotonic()
+                self.next_deadline = deadline
+                wait = deadline - now
+                self.channel.wait(None if math.isinf(wait) else max(0.0, wait))
+                if self._closed.is_set():
+                    return
+                while True:
+                    msg = self.channel.recv_nowait()
+                    if msg is not None:
+                        self._dispatch(msg)
+                    elif not self.channel.has_message():
+                        break
+                deadline = self._tick(time.monotonic())
             except zmq.ContextTerminated:
                 return
             except Exception:
                 if self._closed.is_set():
                     return
+                deadline = time.monotonic() + 0.05  # run the timers again soon
                 self.thread_errors += 1
                 logger.exception(
                     "%s control thread: error handling a message or timer", self.role
@@ -436,21 +517,23 @@ class ManagerBase:
     def _handle(self, msg: Message) -> None:
         raise NotImplementedError
 
-    def _tick(self, now: float) -> None:
-        self._heartbeat(now)
+    def _tick(self, now: float) -> float:
+        """Run every timer that is due; return when the next one is (``math.inf``: none)."""
+        return self._heartbeat(now)
 
     def _active_peers(self) -> List[str]:
         """Peers with at least one live request; they are pinged, and kept."""
         raise NotImplementedError
 
-    def _heartbeat(self, now: float) -> None:
+    def _heartbeat(self, now: float) -> float:
         """Ping every peer with a live request and every peer declared dead (a pong revives
         it); declare dead after ``heartbeat_max_failures`` missed pongs; forget a peer dead or
-        idle for ``peer_prune_s``."""
+        idle for ``peer_prune_s``. Returns when the next ping or prune is due."""
         cfg = self.config
         active = set(self._active_peers())
         dead: List[str] = []
         forget: List[str] = []
+        due = math.inf
         with self.lock:
             for ep in active:
                 self.last_active[ep] = now
@@ -464,7 +547,10 @@ class ManagerBase:
                 if not h.dead and ep not in active:
                     del self.health[ep]  # alive and idle: nothing to watch
                     continue
+                if h.dead:
+                    due = min(due, h.dead_since + cfg.peer_prune_s)
                 if now < h.next_ping:
+                    due = min(due, h.next_ping)
                     continue
                 if h.outstanding is not None and not h.dead:
                     h.missed += 1
@@ -474,16 +560,16 @@ class ManagerBase:
                         continue
                 h.outstanding = next(self._nonce)
                 h.next_ping = now + cfg.heartbeat_interval_s
+                due = min(due, h.next_ping)
                 self.channel.send(
                     ep, make(Ping, manager_id=self.manager_id, nonce=h.outstanding)
                 )
             for ep, t in self.last_active.items():
-                if (
-                    ep not in active
-                    and ep not in self.health
-                    and now - t > cfg.peer_prune_s
-                ):
-                    forget.append(ep)
+                if ep not in active and ep not in self.health:
+                    if now - t > cfg.peer_prune_s:
+                        forget.append(ep)
+                    else:
+                        due = min(due, t + cfg.peer_prune_s)
         for ep in dead:
             n = cfg.heartbeat_max_failures
             self._declare_dead(
@@ -494,6 +580,8 @@ class ManagerBase:
             )
         for ep in forget:
             self.forget_peer(ep)
+        # A peer declared dead just now is pinged from the next interval on.
+        return min(due, now + cfg.heartbeat_interval_s) if dead else due
 
     def _declare_dead(self, endpoint: str, reason: str) -> None:
         """Mark a peer dead (only a pong to a later ping revives it) and fail its requests."""
@@ -502,6 +590,8 @@ class ManagerBase:
             h = self.health.setdefault(endpoint, PeerHealth(endpoint))
             h.dead_since = time.monotonic()
             h.outstanding = None
+            h.next_ping = h.dead_since + self.config.heartbeat_interval_s
+        # Called on the control thread (the heartbeat): its next _tick times the fences.
         self._on_peer_dead(endpoint, reason)
 
     def _on_peer_dead(self, endpoint: str, reason: str) -> None:
@@ -533,6 +623,7 @@ class ManagerBase:
         if self._closed.is_set():
             return
         self._closed.set()
+        self.wake()
         self._thread.join(timeout=5)
         self._close_workers()
         self.channel.close()

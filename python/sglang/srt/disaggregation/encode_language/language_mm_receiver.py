@@ -120,7 +120,18 @@ class _RefusedPoll:
 
 
 # The rows broadcast over the TP group, in this order on every rank.
-_ROW_FIELDS = ("fill_ids", "mrope_positions", "mm_mask", "embeddings", "deepstack")
+_TOKEN_FIELDS = ("fill_ids", "mrope_positions", "mm_mask")
+
+
+def _wide_rows(data: ReceivedData) -> torch.Tensor:
+    """[M, (1+K)*H]: each multimodal token's embedding and deepstack rows side by side, the
+    precomputed-embedding layout. ``take()`` already returns it (``rows``); built only for
+    data that lacks it."""
+    if data.rows is not None:
+        return data.rows
+    if data.deepstack is None:
+        return data.embeddings
+    return torch.cat([data.embeddings, data.deepstack], dim=1)
 
 
 class LanguageMMReceiver:
@@ -321,7 +332,10 @@ class LanguageMMReceiver:
 
     def _take_rows(self, w: WaitingRequest) -> ReceivedData:
         """The received rows of a ready request; with ``--tp > 1`` every rank calls this for
-        the same requests in the same order and gets the owner's rows over the TP group.
+        the same requests in the same order and gets the owner's rows over the TP group: the
+        token fields over the cpu group, the multimodal rows ([M, (1+K)*H], embedding and
+        deepstack side by side) in one broadcast (on GPUs over the device group, and kept on
+        the device on every rank).
         """
         if self.num_ranks == 1:
             return w.receiver.take()
@@ -329,13 +343,16 @@ class LanguageMMReceiver:
         if self.is_owner:
             try:
                 data = w.receiver.take()
+                wide = _wide_rows(data)
                 header = {
                     "error": None,
                     "manifest": data.manifest,
                     "items": data.items,
+                    "hidden": data.embeddings.shape[1],
+                    "deepstack": data.deepstack is not None,
                     "rows": [
-                        None if t is None else (tuple(t.shape), t.dtype)
-                        for t in (getattr(data, f) for f in _ROW_FIELDS)
+                        (tuple(t.shape), t.dtype)
+                        for t in [getattr(data, f) for f in _TOKEN_FIELDS] + [wide]
                     ],
                 }
             except Exception as e:
@@ -343,23 +360,26 @@ class LanguageMMReceiver:
         header = self._broadcast_object(header)
         if header["error"] is not None:
             raise ValueError(header["error"])
-        rows = []
-        for name, spec in zip(_ROW_FIELDS, header["rows"]):
-            if spec is None:
-                rows.append(None)
-                continue
-            shape, dtype = spec
-            t = (
-                getattr(data, name)
-                if self.is_owner
-                else torch.empty(shape, dtype=dtype)
-            )
-            rows.append(self._broadcast_tensor(t))
-        if self.is_owner:
-            self.metrics.request_done("tp_broadcast")
-            return data
-        self.metrics.request_done("tp_received")
-        return ReceivedData(header["manifest"], *rows, items=header["items"])
+        got = []
+        for i, (shape, dtype) in enumerate(header["rows"]):
+            mine = None
+            if self.is_owner:
+                mine = getattr(data, _TOKEN_FIELDS[i]) if i < 3 else wide
+            t = mine if mine is not None else torch.empty(shape, dtype=dtype)
+            got.append(self._broadcast_tensor(t, on_device=i == 3))
+        ids, pos, mask, wide = got
+        H = header["hidden"]
+        self.metrics.request_done("tp_broadcast" if self.is_owner else "tp_received")
+        return ReceivedData(
+            header["manifest"],
+            ids,
+            pos,
+            mask,
+            wide[:, :H],
+            wide[:, H:] if header["deepstack"] else None,
+            items=header["items"],
+            rows=wide,
+        )
 
     def _broadcast_object(self, obj):
         group = self.scheduler.attn_tp_group
@@ -367,21 +387,23 @@ class LanguageMMReceiver:
         dist.broadcast_object_list(box, src=group.first_rank, group=group.cpu_group)
         return box[0]
 
-    def _broadcast_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        """Broadcast one row tensor from the owner. On the CPU test bed over the TP cpu (gloo)
-        group; on GPUs over the device (NCCL) group with the tensor moved to this rank's device
-        and back to host memory afterwards (what ``take()`` returns on the owner). Bools travel
-        as uint8 (gloo has no bool)."""
+    def _broadcast_tensor(self, t: torch.Tensor, on_device: bool) -> torch.Tensor:
+        """Broadcast one tensor from the owner. Over the TP cpu (gloo) group, except
+        ``on_device`` on GPUs: over the device (NCCL) group, the owner copying its pinned
+        rows to its GPU once and every rank keeping the result on its device (no host round
+        trip; not exercised on the CPU test bed). Bools travel as uint8 (gloo has no bool).
+        """
         group = self.scheduler.attn_tp_group
         is_bool = t.dtype == torch.bool
         buf = t.to(torch.uint8) if is_bool else t
-        if self.scheduler.device == "cpu":
+        if self.scheduler.device == "cpu" or not on_device:
             buf = buf.contiguous()
             dist.broadcast(buf, src=group.first_rank, group=group.cpu_group)
         else:  # not exercised on the CPU test bed
-            buf = buf.to(f"{self.scheduler.device}:{get_device().gpu_id}")
+            buf = buf.to(
+                f"{self.scheduler.device}:{get_device().gpu_id}", non_blocking=True
+            )
             dist.broadcast(buf, src=group.first_rank, group=group.device_group)
-            buf = buf.cpu()
         return buf.to(torch.bool) if is_bool else buf
 
     def _attach(self, recv_req: TokenizedGenerateReqInput, data: ReceivedData) -> None:
@@ -390,20 +412,22 @@ class LanguageMMReceiver:
         if not entries:
             raise ValueError("the encode server sent no item table")
         check_against_mask(entries, data.mm_mask)
-        rows = (
-            data.embeddings
-            if data.deepstack is None
-            else torch.cat([data.embeddings, data.deepstack], dim=1)
-        )
+        rows = _wide_rows(data)
         row_of_token = torch.cumsum(data.mm_mask.to(torch.int64), 0) - 1
         items = []
         for entry in entries:
             tokens = torch.cat([torch.arange(s, e + 1) for s, e in entry.offsets])
+            idx = row_of_token[tokens]
+            first, n = int(idx[0]), len(idx)
+            contiguous = int(idx[-1]) - first + 1 == n and bool((idx.diff() == 1).all())
             item = MultimodalDataItem(
                 modality=entry.sglang_modality,
                 offsets=[tuple(span) for span in entry.offsets],
                 format=MultimodalInputFormat.PRECOMPUTED_EMBEDDING,
-                precomputed_embeddings=rows[row_of_token[tokens]],
+                # an item's rows are consecutive in the row stream: a view, not a copy
+                precomputed_embeddings=(
+                    rows[first : first + n] if contiguous else rows[idx.to(rows.device)]
+                ),
             )
             if entry.identity is not None:
                 item.set_identity(entry.identity)

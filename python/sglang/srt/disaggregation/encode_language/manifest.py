@@ -24,9 +24,7 @@ from typing import List, NamedTuple, Tuple, Union
 import msgspec
 import torch
 
-LAYOUT_VERSION = (
-    2  # 2: aux header carries room, reservation generation and a block checksum
-)
+LAYOUT_VERSION = 3  # 2: aux header carries room, reservation generation and a block checksum; 3: XXH3
 PROTOCOL_VERSION = 2  # 2: epochs, generations, sender ids, Unregistered
 
 # dtype <-> wire name; the names are what manifests carry.
@@ -99,7 +97,7 @@ AUX_HEADER_BYTES = _AUX_HEADER.size  # 64
 
 class BlockStamp(NamedTuple):
     """Per-block part of an aux header: which request, which reservation, which block of the
-    request, and a CRC32 of the bytes the round wrote into the block. The receiver compares all
+    request, and a checksum (XXH3-64, low 32 bits) of the bytes the round wrote into the block. The receiver compares all
     four with what it expects, so a late write from an earlier reservation of the same block is
     an error, never data."""
 

@@ -32,10 +32,10 @@ import dataclasses
 import enum
 import itertools
 import logging
+import math
+import threading
 import time
 from typing import Dict, List, Optional, Tuple
-
-import torch
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.allocator import BlockHandle, Priority
@@ -43,7 +43,9 @@ from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
     ReceivedData,
     RoundStamp,
+    alloc_received,
     blocks_for_tokens,
+    slice_received,
 )
 from sglang.srt.disaggregation.encode_language.connection import (
     ConnectionConfig,
@@ -119,7 +121,13 @@ class LanguageManager(ManagerBase):
         buffer_config: MultimodalBufferConfig,
         config: Optional[ConnectionConfig] = None,
         engine=None,
+        rows_device: Optional[str] = None,
     ):
+        """``rows_device``: where ``take()``'s multimodal rows live (None = host memory, pinned
+        when the buffers are; e.g. ``"cuda:0"`` = copied from the pinned blocks straight to
+        the GPU). Either way each round is copied once, into the request's final tensors.
+        """
+        self.rows_device = rows_device
         self.rooms: Dict[int, "LanguageReceiver"] = {}
         self.registrations: Dict[str, _Registration] = {}
         self.fences: Dict[Tuple[str, int], _Fence] = {}
@@ -161,7 +169,8 @@ class LanguageManager(ManagerBase):
             )
             self.rooms[room] = r
             self._advance_locked(r, time.monotonic())
-            return r
+        self.wake()  # its timers (and heartbeat to a new peer) start now
+        return r
 
     def num_active_rooms(self) -> int:
         with self.lock:
@@ -390,9 +399,32 @@ class LanguageManager(ManagerBase):
             raise ProtocolError(
                 f"request has {msg.total_tokens} tokens, this rank accepts {r.max_tokens}"
             )
+        if msg.mm_tokens > msg.total_tokens:
+            raise ProtocolError(
+                f"round_done says {msg.mm_tokens} multimodal of {msg.total_tokens} tokens"
+            )
+        if r.data is None:  # first round: the request's final tensors, filled in place
+            r.data = alloc_received(
+                self.layout,
+                msg.total_tokens,
+                msg.mm_tokens,
+                self.rows_device,
+                self.buffers.pinned,
+            )
+        elif (r.data.fill_ids.shape[0], r.data.embeddings.shape[0]) != (
+            msg.total_tokens,
+            msg.mm_tokens,
+        ):
+            raise ProtocolError("request size changed between rounds")
         expect = RoundStamp(r.room, r.generation, msg.token_start // B)
         data = self.buffers.read_round(
-            r.handle.blocks, msg.token_count, msg.mm_count, expect
+            r.handle.blocks,
+            msg.token_count,
+            msg.mm_count,
+            expect,
+            out=slice_received(
+                r.data, msg.token_start, msg.token_count, msg.mm_start, msg.mm_count
+            ),
         )
         manifest = data.manifest
         manifest.check_against(self.layout)
@@ -423,7 +455,6 @@ class LanguageManager(ManagerBase):
                     f"multimodal bitmap marks {mm_bits} tokens, manifest says {manifest.mm_tokens}"
                 )
         r.manifest = manifest
-        r.parts.append(data)
         r.tokens_received, r.mm_received, r.mm_bits = done_tokens, done_rows, mm_bits
         if msg.last:
             r.items = tuple(msg.items)
@@ -462,6 +493,7 @@ class LanguageManager(ManagerBase):
         the encoder, if it knows the room and ``notify``, is told."""
         if fence is None:
             fence = r.phase == Phase.RESERVED
+        r.data = None  # a failed request's partial rows are never handed out
         if r.status != KVPoll.Failed:
             r.reason = reason
             r._set_status(KVPoll.Failed)
@@ -508,12 +540,16 @@ class LanguageManager(ManagerBase):
         with self.lock:
             if r.phase != Phase.DONE:
                 self._fail_locked(r, reason)
+        self.wake()  # a fence's timers start now
 
     # Timers ---------------------------------------------------------------------------------------
-    def _tick(self, now: float) -> None:
+    def _tick(self, now: float) -> float:
+        """Retry resumes (first: they hold partial data) and admissions, fire timeouts and
+        fences; return when the next timer is due. Waiting for blocks needs no timer: a free
+        wakes the control thread (``allocator.on_free``)."""
         cfg = self.config
+        due = math.inf
         with self.lock:
-            # Resumes first (they hold partial data), then new admissions in arrival order.
             for r in [x for x in self.rooms.values() if x.phase == Phase.RESUME_ALLOC]:
                 self._try_resume_locked(r, now)
             for r in [
@@ -524,6 +560,9 @@ class LanguageManager(ManagerBase):
                 self._advance_locked(r, now)
             for r in list(self.rooms.values()):
                 self._check_timeouts_locked(r, now)
+                limit = self._phase_timeout(r)
+                if r.phase != Phase.DONE and limit is not None:
+                    due = min(due, r.phase_since + limit)
             for key, f in list(self.fences.items()):
                 if now - f.since > cfg.fence_timeout_s:
                     logger.warning(
@@ -536,19 +575,40 @@ class LanguageManager(ManagerBase):
                         cfg.fence_timeout_s,
                     )
                     self._release_fence_locked(key, "fence timeout")
-                elif now - f.asked_at > cfg.abort_ack_timeout_s:
+                    continue
+                if now - f.asked_at > cfg.abort_ack_timeout_s:
                     f.asked_at = now
                     self._send_abort(f.encoder, f.room, f.reason)
-        super()._tick(now)
+                due = min(
+                    due,
+                    f.since + cfg.fence_timeout_s,
+                    f.asked_at + cfg.abort_ack_timeout_s,
+                )
+        return min(due, super()._tick(now))
+
+    def _phase_timeout(self, r: "LanguageReceiver") -> Optional[float]:
+        """How long ``r`` may stay in its phase (``_check_timeouts_locked`` enforces it)."""
+        cfg = self.config
+        if r.phase == Phase.ALLOC:
+            return cfg.waiting_timeout_s
+        if r.phase == Phase.REGISTER:
+            return cfg.bootstrap_timeout_s
+        if r.phase == Phase.RESERVED:
+            return cfg.waiting_timeout_s if r.round == 0 else cfg.transfer_timeout_s
+        if r.phase == Phase.RESUME_ALLOC:
+            return cfg.resume_timeout_s
+        return None
 
     def _check_timeouts_locked(self, r: "LanguageReceiver", now: float) -> None:
         cfg = self.config
-        age = now - r.phase_since
-        if r.phase == Phase.ALLOC and age > cfg.waiting_timeout_s:
+        limit = self._phase_timeout(r)
+        if limit is None or now - r.phase_since <= limit:
+            return
+        if r.phase == Phase.ALLOC:
             self._fail_locked(
                 r, f"waiting timeout: no free blocks within {cfg.waiting_timeout_s}s"
             )
-        elif r.phase == Phase.REGISTER and age > cfg.bootstrap_timeout_s:
+        elif r.phase == Phase.REGISTER:
             self.registrations.pop(r.encoder, None)
             self._fail_locked(
                 r,
@@ -556,17 +616,17 @@ class LanguageManager(ManagerBase):
                 f"within {cfg.bootstrap_timeout_s}s (is it listening there, and can it reach "
                 f"this side's advertised address {self.manager_id}?)",
             )
-        elif r.phase == Phase.RESERVED and r.round == 0 and age > cfg.waiting_timeout_s:
+        elif r.phase == Phase.RESERVED and r.round == 0:
             self._fail_locked(
                 r,
                 f"waiting timeout: no data from encoder within {cfg.waiting_timeout_s}s",
             )
-        elif r.phase == Phase.RESERVED and r.round > 0 and age > cfg.transfer_timeout_s:
+        elif r.phase == Phase.RESERVED:
             self._fail_locked(
                 r,
                 f"transfer timeout: round {r.round} did not arrive within {cfg.transfer_timeout_s}s",
             )
-        elif r.phase == Phase.RESUME_ALLOC and age > cfg.resume_timeout_s:
+        elif r.phase == Phase.RESUME_ALLOC:
             # The encoder is not writing (it waits for our Reserve): released at once.
             self._fail_locked(
                 r,
@@ -628,7 +688,9 @@ class LanguageReceiver:
         self.reason = ""
         self.reserved_once = False
         self.manifest: Optional[RequestManifest] = None
-        self.parts: List[ReceivedData] = []  # one per round
+        # the request's tensors (alloc_received), filled in place round by round
+        self.data: Optional[ReceivedData] = None
+        self._done = threading.Event()
         self.tokens_received = 0
         self.mm_received = 0
         self.mm_bits = 0  # multimodal tokens the received bitmaps mark
@@ -646,7 +708,12 @@ class LanguageReceiver:
 
     def clear(self) -> None:
         """Drop received data (the manager already dropped its tables)."""
-        self.parts = []
+        self.data = None
+
+    def wait(self, timeout_s: float) -> int:
+        """Block until Success or Failed (or the timeout); returns the status."""
+        self._done.wait(timeout_s)
+        return self.status
 
     @property
     def finished(self) -> bool:
@@ -654,28 +721,18 @@ class LanguageReceiver:
         return self._finished
 
     def take(self) -> ReceivedData:
-        """The received request as fresh tensors (copies; safe after every block is reused)."""
+        """The received request: the tensors each round was copied into from the blocks (one
+        copy; no concatenation), safe after every block is reused. ``rows`` holds embedding and
+        deepstack rows side by side; ``embeddings`` / ``deepstack`` are views of it."""
         if self.status != KVPoll.Success:
             raise TransferError(
                 self.room,
                 f"take() before Success (status {self.status}; {self.reason})",
             )
-        parts, self.parts = self.parts, []
-        if not parts:
+        data, self.data = self.data, None
+        if data is None:
             raise TransferError(self.room, "data already taken")
-        return ReceivedData(
-            self.manifest,
-            torch.cat([p.fill_ids for p in parts]),
-            torch.cat([p.mrope_positions for p in parts], dim=1),
-            torch.cat([p.mm_mask for p in parts]),
-            torch.cat([p.embeddings for p in parts]),
-            (
-                torch.cat([p.deepstack for p in parts])
-                if parts[0].deepstack is not None
-                else None
-            ),
-            self.items,
-        )
+        return data._replace(manifest=self.manifest, items=self.items)
 
     # Manager callbacks ------------------------------------------------------------------------
     def _transition(self, phase: Phase, now: float) -> None:
@@ -689,3 +746,5 @@ class LanguageReceiver:
         if self.status == KVPoll.Failed or self.status == KVPoll.Success:
             return
         self.status = status if status == KVPoll.Failed else max(self.status, status)
+        if self.status in (KVPoll.Success, KVPoll.Failed):
+            self._done.set()

@@ -44,6 +44,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -199,7 +200,8 @@ class EncodeManager(ManagerBase):
             sender = EncodeSender(self, room)
             r.sender = sender
             self._update_sender_status(r)
-            return sender
+        self.wake()  # its bootstrap timer starts now
+        return sender
 
     def fail_room(self, room: int, reason: str) -> None:
         """Fail a request that never got a sender (its tokenizer refused it, e.g. an image
@@ -213,6 +215,7 @@ class EncodeManager(ManagerBase):
                 now = time.monotonic()
                 r = self.rooms[room] = _Room(room=room, created=now, waiting_since=now)
             self._fail_locked(r, reason)
+        self.wake()
 
     def num_active_rooms(self) -> int:
         with self.lock:
@@ -470,6 +473,7 @@ class EncodeManager(ManagerBase):
             r.first_send = time.monotonic()
             self._update_sender_status(r)
             self._maybe_schedule(r)
+        self.wake()
 
     # Worker -------------------------------------------------------------------------------------
     def _worker_loop(self) -> None:
@@ -506,6 +510,7 @@ class EncodeManager(ManagerBase):
                         # Every destination may already have asked for the next round while
                         # this one was finishing: schedule it now.
                         self._maybe_schedule(r)
+                self.wake()  # the room's resume timer (or a failure record) starts now
 
     def _run_round(self, r: _Room) -> None:
         B = self.layout.block_size
@@ -543,23 +548,58 @@ class EncodeManager(ManagerBase):
             if r.failed:
                 return
             raise TransferError(r.room, f"no encode staging blocks within {timeout}s")
+        # Pipelined: the round is staged in chunks of pipeline_blocks blocks; one writer job
+        # per destination writes each chunk (one transfer-engine batch, in order) as soon as it
+        # is staged, so staging chunk i+1 overlaps the transfer of chunk i. One staging serves
+        # every destination: the first destination's generation is stamped while staging; a
+        # later destination restamps each chunk only after every write to the previous one
+        # returned (never while a write reads it).
+        step = self.config.pipeline_blocks or nb
         try:
-            self.buffers.write_range(staging.blocks, payload, t0, ct, m0, cm, r.room)
             nbytes = 0
-            for d, p in zip(dests, peers):
+            for i, (d, p) in enumerate(zip(dests, peers)):
                 with self.lock:
                     if r.failed:
                         return
-                self.buffers.restamp(staging.blocks, ct, d.generation)
-                segs = self.buffers.round_segments(
-                    staging.blocks, d.blocks, ct, cm, p.slot_ptrs
-                )
-                self._bounded_write(r.room, d.manager_id, p.session_id, segs, staging)
-                nbytes += sum(segs[2])
+                chunks: "queue.Queue[Optional[tuple]]" = queue.Queue()
+                job = self._writer.submit(self._write_chunks, p.session_id, chunks)
+                try:
+                    for k0 in range(0, nb, step):
+                        k1 = min(nb, k0 + step)
+                        tc = min(ct, k1 * B) - k0 * B
+                        mc = max(0, min(cm, k1 * B) - k0 * B)
+                        chunk = staging.blocks[k0:k1]
+                        if i == 0:
+                            self.buffers.write_range(
+                                chunk,
+                                payload,
+                                t0 + k0 * B,
+                                tc,
+                                m0 + k0 * B,
+                                mc,
+                                r.room,
+                                d.generation,
+                            )
+                        else:
+                            self.buffers.restamp(chunk, tc, d.generation)
+                        segs = self.buffers.round_segments(
+                            chunk, d.blocks[k0:k1], tc, mc, p.slot_ptrs
+                        )
+                        chunks.put(segs)
+                        nbytes += sum(segs[2])
+                except BaseException:
+                    chunks.put(None)  # the job ends after the chunks already queued
+                    try:  # the staging blocks are freed only once no write reads them
+                        self._await_writes(r.room, d.manager_id, [job], staging)
+                    except TransferError:
+                        pass
+                    raise
+                chunks.put(None)
+                self._await_writes(r.room, d.manager_id, [job], staging)
         finally:
             if (
                 not staging.quarantined
-            ):  # else the pending write frees it when it returns
+            ):  # else the pending writes free it when they return
                 staging.free()
         with self.lock:
             if r.failed:
@@ -591,38 +631,65 @@ class EncodeManager(ManagerBase):
                 r.round += 1
                 r.waiting_since = time.monotonic()
 
-    def _bounded_write(
-        self, room, manager_id, session_id, segments, staging: BlockHandle
+    def _write_chunks(self, session_id: str, chunks: "queue.Queue") -> int:
+        """Writer job of one round to one destination: one transfer-engine batch write per
+        staged chunk, in order, until the ``None`` that ends the round; after a failed write
+        the rest are skipped. Returns the failed write's code, else 0."""
+        ret = 0
+        while True:
+            segs = chunks.get()
+            if segs is None:
+                return ret
+            if ret >= 0:
+                r = self.engine.batch_transfer_sync(session_id, *segs)
+                ret = r if r < 0 else 0
+
+    def _await_writes(
+        self,
+        room: int,
+        manager_id: str,
+        writes: List[concurrent.futures.Future],
+        staging: BlockHandle,
     ) -> None:
-        """One transfer-engine write, waited for at most ``data_write_timeout_s``. On timeout the
-        write keeps running (Mooncake cannot cancel it): the staging blocks are quarantined and
-        the destination is owed an AbortAck until it returns."""
+        """Wait for the transfer-engine writes of one round to one destination, for at most
+        ``data_write_timeout_s`` in all. On timeout the writes keep running (Mooncake cannot
+        cancel them): those not started are cancelled, the staging blocks are quarantined and
+        the destination is owed an AbortAck until the last running write returns. A failed
+        write is reported only once every write of the round has returned (none still reads
+        the staging blocks)."""
         timeout = self.config.data_write_timeout_s
-        fut = self._writer.submit(
-            self.engine.batch_transfer_sync, session_id, *segments
-        )
-        try:
-            ret = fut.result(timeout=timeout)
-        except concurrent.futures.TimeoutError:
-            if fut.cancel():
+        done, running = concurrent.futures.wait(writes, timeout=timeout)
+        if running:
+            running = [f for f in running if not f.cancel()]
+            if not running:
                 raise WriteTimeoutError(
                     room, f"data write to {manager_id} did not start within {timeout}s"
-                ) from None
+                )
+            left = [len(running)]
             with self.lock:
                 key = (room, manager_id)
                 self._pending_writes[key] = self._pending_writes.get(key, 0) + 1
                 staging.quarantine()
-            fut.add_done_callback(
-                lambda _: self._late_write_returned(room, manager_id, staging)
-            )
+
+            def returned(_):
+                with self.lock:
+                    left[0] -= 1
+                    last = left[0] == 0
+                if last:
+                    self._late_write_returned(room, manager_id, staging)
+
+            for f in running:
+                f.add_done_callback(returned)
             raise WriteTimeoutError(
                 room,
                 f"data write to {manager_id} timed out after {timeout}s (it may still land)",
-            ) from None
-        if ret < 0:
-            raise TransferError(
-                room, f"Mooncake write to {manager_id} failed (ret={ret})"
             )
+        for f in writes:
+            ret = f.result()
+            if ret < 0:
+                raise TransferError(
+                    room, f"Mooncake write to {manager_id} failed (ret={ret})"
+                )
 
     def _late_write_returned(
         self, room: int, manager_id: str, staging: BlockHandle
@@ -689,40 +756,49 @@ class EncodeManager(ManagerBase):
         self.inflight_payload_bytes -= r.payload_bytes
         r.payload, r.payload_bytes = None, 0
 
-    def _tick(self, now: float) -> None:
+    def _tick(self, now: float) -> float:
+        """Fire bootstrap and resume timeouts, expire failed-room records; return when the next
+        one is due. A round that ends, a ``send()``, a new sender or an abort wakes the control
+        thread (``wake()``), so a wait that starts then is timed from its start."""
         cfg = self.config
+        due = math.inf
         with self.lock:
             for room, (_, since) in list(self._failed_rooms.items()):
                 if now - since > cfg.bootstrap_timeout_s:
                     del self._failed_rooms[room]
+                else:
+                    due = min(due, since + cfg.bootstrap_timeout_s)
             for r in list(self.rooms.values()):
                 if r.failed or r.in_flight:
                     continue
                 all_reserved = r.num_ranks is not None and len(r.dests) == r.num_ranks
-                if r.sender is None and now - r.created > cfg.bootstrap_timeout_s:
-                    self._fail_locked(
-                        r,
-                        f"bootstrap timeout: no encode request for room {r.room} "
-                        f"within {cfg.bootstrap_timeout_s}s",
-                    )
-                elif (
-                    r.round == 0
-                    and not all_reserved
-                    and now - r.waiting_since > cfg.bootstrap_timeout_s
-                ):
-                    self._fail_locked(
-                        r,
-                        f"bootstrap timeout: {len(r.dests)}/{r.num_ranks or '?'} destinations "
-                        f"reserved within {cfg.bootstrap_timeout_s}s",
-                    )
-                elif r.round > 0 and now - r.waiting_since > cfg.resume_timeout_s:
-                    ready = sum(1 for d in r.dests.values() if d.round == r.round)
-                    self._fail_locked(
-                        r,
-                        f"resume timeout: {ready}/{r.num_ranks} destinations asked for round "
-                        f"{r.round} within {cfg.resume_timeout_s}s",
-                    )
-        super()._tick(now)
+                if r.sender is None:
+                    due = min(due, r.created + cfg.bootstrap_timeout_s)
+                    if now - r.created > cfg.bootstrap_timeout_s:
+                        self._fail_locked(
+                            r,
+                            f"bootstrap timeout: no encode request for room {r.room} "
+                            f"within {cfg.bootstrap_timeout_s}s",
+                        )
+                        continue
+                if r.round == 0 and not all_reserved:
+                    due = min(due, r.waiting_since + cfg.bootstrap_timeout_s)
+                    if now - r.waiting_since > cfg.bootstrap_timeout_s:
+                        self._fail_locked(
+                            r,
+                            f"bootstrap timeout: {len(r.dests)}/{r.num_ranks or '?'} "
+                            f"destinations reserved within {cfg.bootstrap_timeout_s}s",
+                        )
+                elif r.round > 0:
+                    due = min(due, r.waiting_since + cfg.resume_timeout_s)
+                    if now - r.waiting_since > cfg.resume_timeout_s:
+                        ready = sum(1 for d in r.dests.values() if d.round == r.round)
+                        self._fail_locked(
+                            r,
+                            f"resume timeout: {ready}/{r.num_ranks} destinations asked for "
+                            f"round {r.round} within {cfg.resume_timeout_s}s",
+                        )
+        return min(due, super()._tick(now))
 
     def _active_peers(self) -> List[str]:
         with self.lock:
@@ -753,6 +829,7 @@ class EncodeManager(ManagerBase):
             if r is None or r.sender is not sender:
                 return
             self._fail_locked(r, reason)
+        self.wake()
 
 
 class EncodeSender:

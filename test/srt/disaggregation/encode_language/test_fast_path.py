@@ -1,0 +1,102 @@
+"""Issue 9, the transport's fast path: event-driven control threads, pipelined rounds, and
+``take()`` handing out the tensors each round was copied into (one copy, no concatenation)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import RESERVE, B, H, new_room, wait_final
+from el_helpers import FakePeer, assert_same, make_payload, wait_until
+
+from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.encode_language.connection import TransferError
+from sglang.srt.disaggregation.encode_language.receiver import Phase
+
+
+def test_control_thread_sleeps_until_a_deadline_and_wakes_for_local_commands(make_lang):
+    """No fixed tick: an idle manager's control thread has no timer to wait for (it blocks
+    until a message or a wake-up); freed blocks and a new request wake it at once, and the
+    request's own timers become its next deadline."""
+    lang = make_lang()
+    assert wait_until(lambda: lang.next_deadline == math.inf, 5)
+    woken = lang.channel.wakeups
+    lang.allocator.alloc(1, owner="test").free()
+    assert wait_until(lambda: lang.channel.wakeups > woken, 5)
+    assert wait_until(lambda: lang.next_deadline == math.inf, 5)
+
+    fake = FakePeer()  # registers nothing back: the request waits in REGISTER
+    try:
+        rx = lang.create_receiver(fake.addr, new_room())
+        assert rx.phase == Phase.REGISTER
+        cfg = lang.config
+        # its bootstrap timeout, or the first heartbeat to the new peer, whichever comes first
+        assert wait_until(
+            lambda: lang.next_deadline
+            <= min(
+                rx.phase_since + cfg.bootstrap_timeout_s,
+                rx.phase_since + cfg.heartbeat_interval_s + 1.0,
+            ),
+            5,
+        )
+        woken = lang.channel.wakeups
+        rx.abort()
+        assert wait_until(lambda: lang.channel.wakeups > woken, 5)
+        assert wait_final(lang, rx) == KVPoll.Failed
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize("pipeline_blocks", [1, 3, 0])
+def test_pipelined_rounds_are_byte_exact(peers, make_lang, pipeline_blocks):
+    """Rounds of 5 blocks staged and written in chunks of 1 or 3 blocks (0 = one chunk), to
+    one and to two destination ranks (a later rank's stamps are rewritten only after every
+    write to the earlier rank returned), over several rounds."""
+    peer = peers(pipeline_blocks=pipeline_blocks)
+    reserve = 5 * B
+    for total, mm in (
+        (3 * reserve + 3, 2 * reserve + 1),
+        (B + 1, 4),
+        (reserve, reserve),
+    ):
+        seed = total + mm
+        langs = [make_lang(), make_lang()]
+        room = new_room()
+        rxs = [
+            m.create_receiver(
+                peer.addr, room, rank=i, num_ranks=2, reserve_tokens=reserve
+            )
+            for i, m in enumerate(langs)
+        ]
+        peer.call("send", room, seed, total, mm)
+        assert peer.call("wait", room, 20) == (KVPoll.Success, "")
+        for m, rx in zip(langs, rxs):
+            assert wait_final(m, rx) == KVPoll.Success, rx.reason
+            assert_same(rx.take(), make_payload(seed, total, mm, H, 3))
+    peer.assert_idle()
+
+
+def test_take_returns_the_tensors_the_rounds_were_copied_into(peers, make_lang):
+    """A request of several rounds is copied round by round into tensors allocated at its
+    first round; take() hands out exactly those (same storage: no concatenation, no copy),
+    with embeddings and deepstack as column views of one [M, (1+K)*H] rows tensor."""
+    peer, lang = peers(), make_lang()
+    total, mm, seed = 4 * RESERVE + 3, 3 * RESERVE, 5
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room)
+    peer.call("send", room, seed, total, mm)
+    assert peer.call("wait", room, 20) == (KVPoll.Success, "")
+    assert wait_final(lang, rx) == KVPoll.Success
+    held = rx.data
+    ptrs = [t.data_ptr() for t in (held.fill_ids, held.mrope_positions, held.mm_mask)]
+    got = rx.take()
+    assert [
+        t.data_ptr() for t in (got.fill_ids, got.mrope_positions, got.mm_mask)
+    ] == ptrs
+    assert got.rows is held.rows and tuple(got.rows.shape) == (mm, 4 * H)
+    item = got.rows.element_size()
+    assert got.embeddings.data_ptr() == got.rows.data_ptr()
+    assert got.deepstack.data_ptr() == got.rows.data_ptr() + H * item
+    assert_same(got, make_payload(seed, total, mm, H, 3))
+    with pytest.raises(TransferError, match="already taken"):
+        rx.take()
