@@ -140,7 +140,12 @@ def launch_deployment(name: str, model: Path, log_dir: Path) -> Deployment:
         group, entry, caches = [server], server, [server]
     elif name == "el-router":
         router, encoder, language = srv.launch_encode_language(
-            model, log_dir, *EL_BENCH_ARGS, language_args=(), encode_args=EL_ENCODE_ARGS, name="bench-el"
+            model,
+            log_dir,
+            *EL_BENCH_ARGS,
+            language_args=(),
+            encode_args=EL_ENCODE_ARGS,
+            name="bench-el",
         )
         group, entry, caches = [router, encoder, language], router, [encoder, language]
     elif name == "upstream-epd":
@@ -153,7 +158,9 @@ def launch_deployment(name: str, model: Path, log_dir: Path) -> Deployment:
     startup = {s.spec.name: round(s.ready_s, 1) for s in group}
     startup["deployment"] = round(time.time() - t0, 1)
     commands = {s.spec.name: s.log_path.read_text().splitlines()[0][2:] for s in group}
-    return Deployment(name, entry, group, caches, {"ready_s": startup, "commands": commands})
+    return Deployment(
+        name, entry, group, caches, {"ready_s": startup, "commands": commands}
+    )
 
 
 def flush_caches(dep: Deployment, timeout: float = 30.0) -> None:
@@ -170,7 +177,9 @@ def flush_caches(dep: Deployment, timeout: float = 30.0) -> None:
             except (urllib.error.URLError, OSError):
                 pass
             if time.time() > deadline:
-                raise RuntimeError(f"{server.spec.name}: /flush_cache refused for {timeout}s")
+                raise RuntimeError(
+                    f"{server.spec.name}: /flush_cache refused for {timeout}s"
+                )
             time.sleep(0.5)
 
 
@@ -193,17 +202,41 @@ class CellTimeout(Exception):
     pass
 
 
-def client_argv(url: str, model: Path, stream: str, rate: str, seed: int, n: int, out: Path) -> list[str]:
+def client_argv(
+    url: str, model: Path, stream: str, rate: str, seed: int, n: int, out: Path
+) -> list[str]:
     return [
-        "--backend", "sglang", "--base-url", url, "--model", str(model),
-        "--tokenizer", str(model), *STREAMS[stream], "--random-output-len", str(OUTPUT_LEN),
-        "--random-range-ratio", "1", "--num-prompts", str(n), "--request-rate", rate,
-        "--seed", str(seed), "--warmup-requests", "0", "--cache-report",
-        "--disable-tqdm", "--output-file", str(out),
-    ]  # fmt: skip
+        "--backend",
+        "sglang",
+        "--base-url",
+        url,
+        "--model",
+        str(model),
+        "--tokenizer",
+        str(model),
+        *STREAMS[stream],
+        "--random-output-len",
+        str(OUTPUT_LEN),
+        "--random-range-ratio",
+        "1",
+        "--num-prompts",
+        str(n),
+        "--request-rate",
+        rate,
+        "--seed",
+        str(seed),
+        "--warmup-requests",
+        "0",
+        "--cache-report",
+        "--disable-tqdm",
+        "--output-file",
+        str(out),
+    ]
 
 
-def run_client(argv: list[str], log_path: Path, timeout: float = CELL_TIMEOUT_S) -> dict:
+def run_client(
+    argv: list[str], log_path: Path, timeout: float = CELL_TIMEOUT_S
+) -> dict:
     """``python -m sglang.benchmark.serving ARGV`` in this process (its import takes ~10 s
     once); the result is the line it appends to ``--output-file``."""
     from sglang.benchmark import serving
@@ -218,7 +251,9 @@ def run_client(argv: list[str], log_path: Path, timeout: float = CELL_TIMEOUT_S)
     sys.argv = ["sglang.benchmark.serving", *argv]
     signal.alarm(int(timeout))
     try:
-        with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        with open(log_path, "w") as log, contextlib.redirect_stdout(
+            log
+        ), contextlib.redirect_stderr(log):
             serving.cli_main()
     finally:
         signal.alarm(0)
@@ -230,12 +265,23 @@ def run_client(argv: list[str], log_path: Path, timeout: float = CELL_TIMEOUT_S)
 
 
 RESULT_KEYS = (
-    "completed", "duration", "request_throughput", "output_throughput",
-    "total_input_tokens", "total_input_vision_tokens", "total_output_tokens",
-    "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
-    "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
-    "mean_e2e_latency_ms", "median_e2e_latency_ms", "p99_e2e_latency_ms",
-)  # fmt: skip
+    "completed",
+    "duration",
+    "request_throughput",
+    "output_throughput",
+    "total_input_tokens",
+    "total_input_vision_tokens",
+    "total_output_tokens",
+    "mean_ttft_ms",
+    "median_ttft_ms",
+    "p99_ttft_ms",
+    "mean_tpot_ms",
+    "median_tpot_ms",
+    "p99_tpot_ms",
+    "mean_e2e_latency_ms",
+    "median_e2e_latency_ms",
+    "p99_e2e_latency_ms",
+)
 
 
 def model_shape(model: Path) -> dict:
@@ -248,23 +294,40 @@ def model_shape(model: Path) -> dict:
     }
 
 
-def run_cell(dep: Deployment, model: Path, stream: str, rate: str, n: int, work: Path, repeat: bool) -> dict:
+def run_cell(
+    dep: Deployment,
+    model: Path,
+    stream: str,
+    rate: str,
+    n: int,
+    work: Path,
+    repeat: bool,
+) -> dict:
     seed = cell_seed(stream, rate)
     key = cell_key(stream, rate, repeat)
     if not repeat:
         flush_caches(dep)
-    argv = client_argv(dep.entry.url, model, stream, rate, seed, n, work / f"{dep.name}-{key}.jsonl")
+    argv = client_argv(
+        dep.entry.url, model, stream, rate, seed, n, work / f"{dep.name}-{key}.jsonl"
+    )
     before = transfer_counters(dep)
     load_before = os.getloadavg()[0]
     t0 = time.time()
     raw = run_client(argv, work / f"{dep.name}-{key}.log")
     cell = {k: raw.get(k) for k in RESULT_KEYS}
     cell.update(
-        stream=stream, rate=rate, seed=seed, num_prompts=n, repeat=repeat,
-        wall_s=round(time.time() - t0, 1), load1_before=load_before, load1_after=os.getloadavg()[0],
+        stream=stream,
+        rate=rate,
+        seed=seed,
+        num_prompts=n,
+        repeat=repeat,
+        wall_s=round(time.time() - t0, 1),
+        load1_before=load_before,
+        load1_after=os.getloadavg()[0],
         cache_hit_rate_pct=(raw.get("cache_report") or {}).get("cache_hit_rate_pct"),
-        command="python -m sglang.benchmark.serving " + shlex.join(argv).replace(str(REPO) + "/", ""),
-    )  # fmt: skip
+        command="python -m sglang.benchmark.serving "
+        + shlex.join(argv).replace(str(REPO) + "/", ""),
+    )
     completed = cell["completed"] or 0
     if dep.name == "el-router":
         after = transfer_counters(dep)
@@ -276,7 +339,9 @@ def run_cell(dep: Deployment, model: Path, stream: str, rate: str, n: int, work:
             "requests_transferred": moved,
             "requests_local": delta["requests.local"],
             "requests_failed": delta["requests.failed"],
-            "resume_rounds_per_request": (delta["rounds"] - moved) / moved if moved else 0.0,
+            "resume_rounds_per_request": (
+                (delta["rounds"] - moved) / moved if moved else 0.0
+            ),
         }
     elif dep.name == "upstream-epd":
         shape = model_shape(model)
@@ -297,18 +362,39 @@ def machine_info() -> dict:
     import importlib.metadata as md
 
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model_name = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")), "?")
+    model_name = next(
+        (
+            l.split(":", 1)[1].strip()
+            for l in lscpu.splitlines()
+            if l.startswith("Model name")
+        ),
+        "?",
+    )
     versions = {}
-    for pkg in ("sglang", "sglang-router", "torch", "transformers", "mooncake-transfer-engine-non-cuda"):
+    for pkg in (
+        "sglang",
+        "sglang-router",
+        "torch",
+        "transformers",
+        "mooncake-transfer-engine-non-cuda",
+    ):
         with contextlib.suppress(md.PackageNotFoundError):
             versions[pkg] = md.version(pkg)
     versions["python"] = platform.python_version()
-    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    sha = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+    )
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
-        "cpu": model_name, "cores": os.cpu_count(), "memory_gib": round(mem, 1),
-        "kernel": platform.release(), "versions": versions, "fork_commit": sha.stdout.strip(),
-    }  # fmt: skip
+        "cpu": model_name,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem, 1),
+        "kernel": platform.release(),
+        "versions": versions,
+        "fork_commit": sha.stdout.strip(),
+    }
 
 
 def load_results(path: Path, fresh: bool) -> dict:
@@ -330,7 +416,10 @@ def planned_cells(quick: bool) -> list[tuple[str, str, int, bool]]:
     for stream in STREAMS:
         for rate in RATES:
             cells.append((stream, rate, prompts[rate], False))
-            if (stream, rate) == REPEATED:  # right after its cold twin: no flush in between
+            if (
+                stream,
+                rate,
+            ) == REPEATED:  # right after its cold twin: no flush in between
                 cells.append((stream, rate, prompts[rate], True))
     return cells
 
@@ -345,9 +434,15 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.time()
     results = load_results(args.json, args.fresh)
     results["machine"] = machine_info()
-    results["command"] = shlex.join(["python", "benchmark/bench_serving_el.py", *args.argv])
+    results["command"] = shlex.join(
+        ["python", "benchmark/bench_serving_el.py", *args.argv]
+    )
     model = ensure_checkpoint(TinyVLMoeSpec())
-    results["model"] = {"path": "epd_testbed.tiny_ckpt.TinyVLMoeSpec()", **model_shape(model)}
+    results["model"] = {
+        "path": "epd_testbed.tiny_ckpt.TinyVLMoeSpec()",
+        "dir": str(model),
+        **model_shape(model),
+    }
     work = Path(tempfile.mkdtemp(prefix="bench-serving-el-"))
     log(f"checkpoint {model}; logs and client output under {work}", t0)
     cells = planned_cells(args.quick)
@@ -355,15 +450,28 @@ def run(args: argparse.Namespace) -> dict:
         entry = results["configs"].setdefault(name, {"cells": {}})
         todo = [c for c in cells if cell_key(c[0], c[1], c[3]) not in entry["cells"]]
         if not todo:
-            log(f"{name}: all {len(cells)} cells already in {args.json.name}, skipped", t0)
+            log(
+                f"{name}: all {len(cells)} cells already in {args.json.name}, skipped",
+                t0,
+            )
             continue
         log(f"{name}: starting {CONFIGS[name]} (load {os.getloadavg()[0]:.1f})", t0)
         dep = launch_deployment(name, model, work / "logs")
         try:
             entry.update(startup=dep.startup, load1_at_start=os.getloadavg()[0])
             log(f"{name}: healthy, launch -> healthy {dep.startup['ready_s']}", t0)
-            run_client(client_argv(dep.entry.url, model, "image1", "inf", WARMUP_SEED, 4, work / "warm.jsonl"),
-                       work / f"{name}-warmup.log")  # fmt: skip
+            run_client(
+                client_argv(
+                    dep.entry.url,
+                    model,
+                    "image1",
+                    "inf",
+                    WARMUP_SEED,
+                    4,
+                    work / "warm.jsonl",
+                ),
+                work / f"{name}-warmup.log",
+            )
             for i, (stream, rate, n, repeat) in enumerate(todo, 1):
                 if repeat and (stream, rate, n, False) not in todo:
                     # resumed between the twins: fill the caches again (not recorded)
@@ -371,12 +479,17 @@ def run(args: argparse.Namespace) -> dict:
                 cell = run_cell(dep, model, stream, rate, n, work, repeat)
                 entry["cells"][cell_key(stream, rate, repeat)] = cell
                 save_results(results, args.json)
-                log(f"{name} [{i}/{len(todo)}] {cell_key(stream, rate, repeat)}: "
+                log(
+                    f"{name} [{i}/{len(todo)}] {cell_key(stream, rate, repeat)}: "
                     f"{cell['request_throughput']:.2f} req/s, TTFT p50 {cell['median_ttft_ms']:.0f} ms, "
                     f"TPOT p50 {cell['median_tpot_ms']:.1f} ms, cache hit {cell['cache_hit_rate_pct']}% "
-                    f"(load {cell['load1_after']:.1f})", t0)  # fmt: skip
+                    f"(load {cell['load1_after']:.1f})",
+                    t0,
+                )
                 if not dep.alive():
-                    raise RuntimeError(f"{name}: a server died; logs under {work / 'logs'}")
+                    raise RuntimeError(
+                        f"{name}: a server died; logs under {work / 'logs'}"
+                    )
         finally:
             dep.stop()
     results["wall_s_last_run"] = round(time.time() - t0, 1)
@@ -396,8 +509,15 @@ def ratio(num, den) -> float | None:
     return num / den if num is not None and den else None
 
 
-def cell_of(results: dict, config: str, stream: str, rate: str, repeat: bool = False) -> dict | None:
-    return results.get("configs", {}).get(config, {}).get("cells", {}).get(cell_key(stream, rate, repeat))
+def cell_of(
+    results: dict, config: str, stream: str, rate: str, repeat: bool = False
+) -> dict | None:
+    return (
+        results.get("configs", {})
+        .get(config, {})
+        .get("cells", {})
+        .get(cell_key(stream, rate, repeat))
+    )
 
 
 def ratios(results: dict) -> list[dict]:
@@ -408,16 +528,33 @@ def ratios(results: dict) -> list[dict]:
         a, b, c = (cell_of(results, n, stream, low) for n in CONFIGS)
         sa, sb, sc = (cell_of(results, n, stream, sat) for n in CONFIGS)
         get = lambda cell, k: cell.get(k) if cell else None  # noqa: E731
-        rows.append({
-            "stream": stream,
-            "ttft_p50_b_over_a_low": ratio(get(b, "median_ttft_ms"), get(a, "median_ttft_ms")),
-            "ttft_mean_b_over_a_low": ratio(get(b, "mean_ttft_ms"), get(a, "mean_ttft_ms")),
-            "e2e_mean_b_over_a_low": ratio(get(b, "mean_e2e_latency_ms"), get(a, "mean_e2e_latency_ms")),
-            "e2e_mean_ms_low": {LABEL[n]: get(x, "mean_e2e_latency_ms") for n, x in zip(CONFIGS, (a, b, c))},
-            "throughput_b_over_a_sat": ratio(get(sb, "request_throughput"), get(sa, "request_throughput")),
-            "throughput_b_over_c_sat": ratio(get(sb, "request_throughput"), get(sc, "request_throughput")),
-            "ttft_p50_b_over_c_low": ratio(get(b, "median_ttft_ms"), get(c, "median_ttft_ms")),
-        })  # fmt: skip
+        rows.append(
+            {
+                "stream": stream,
+                "ttft_p50_b_over_a_low": ratio(
+                    get(b, "median_ttft_ms"), get(a, "median_ttft_ms")
+                ),
+                "ttft_mean_b_over_a_low": ratio(
+                    get(b, "mean_ttft_ms"), get(a, "mean_ttft_ms")
+                ),
+                "e2e_mean_b_over_a_low": ratio(
+                    get(b, "mean_e2e_latency_ms"), get(a, "mean_e2e_latency_ms")
+                ),
+                "e2e_mean_ms_low": {
+                    LABEL[n]: get(x, "mean_e2e_latency_ms")
+                    for n, x in zip(CONFIGS, (a, b, c))
+                },
+                "throughput_b_over_a_sat": ratio(
+                    get(sb, "request_throughput"), get(sa, "request_throughput")
+                ),
+                "throughput_b_over_c_sat": ratio(
+                    get(sb, "request_throughput"), get(sc, "request_throughput")
+                ),
+                "ttft_p50_b_over_c_low": ratio(
+                    get(b, "median_ttft_ms"), get(c, "median_ttft_ms")
+                ),
+            }
+        )
     return rows
 
 
@@ -442,42 +579,102 @@ def render_markdown(results: dict) -> str:
     for name, title in CONFIGS.items():
         entry = results.get("configs", {}).get(name, {})
         ready = entry.get("startup", {}).get("ready_s", {})
-        out.append(f"| {title} | {', '.join(f'{k} {v}' for k, v in ready.items()) or '-'} | "
-                   f"{fmt(entry.get('load1_at_start'), '.1f')} |")  # fmt: skip
-    head = ("| config | rate (req/s) | req/s | TTFT mean / p50 / p99 (ms) | TPOT mean / p50 / p99 (ms) "
-            "| E2E mean (ms) | enc->lang bytes/req | resume rounds/req | prefix hit % | load |")  # fmt: skip
+        out.append(
+            f"| {title} | {', '.join(f'{k} {v}' for k, v in ready.items()) or '-'} | "
+            f"{fmt(entry.get('load1_at_start'), '.1f')} |"
+        )
+    head = (
+        "| config | rate (req/s) | req/s | TTFT mean / p50 / p99 (ms) | TPOT mean / p50 / p99 (ms) "
+        "| E2E mean (ms) | enc->lang bytes/req | resume rounds/req | prefix hit % | load |"
+    )
     for stream in STREAMS:
-        out += ["", f"**{stream}**: {STREAM_TITLE[stream]}, {OUTPUT_LEN} output tokens", "", head,
-                "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        out += [
+            "",
+            f"**{stream}**: {STREAM_TITLE[stream]}, {OUTPUT_LEN} output tokens",
+            "",
+            head,
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for rate in RATES:
             for name in CONFIGS:
                 out.append(row(cell_of(results, name, stream, rate), name, rate))
-    out += ["", "**Repeated image** (the image1 saturation cell sent a second time with the same seed "
-            "on the same servers: multimodal and prefix caches hit; not a cold number)", "", head,
-            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    out += [
+        "",
+        "**Repeated image** (the image1 saturation cell sent a second time with the same seed "
+        "on the same servers: multimodal and prefix caches hit; not a cold number)",
+        "",
+        head,
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name in CONFIGS:
         out.append(row(cell_of(results, name, *REPEATED, True), name, REPEATED[1]))
-    out += ["", "Ratios ((b) = sglang-router + encode + language; low = rate 1, saturation = inf):", "",
-            "| stream | TTFT p50 (b)/(a), low | TTFT mean (b)/(a), low | E2E mean (b)/(a), low "
-            "| E2E mean ms (a) / (b) / (c), low | req/s (b)/(a), sat. | req/s (b)/(c), sat. |",
-            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    out += [
+        "",
+        "Ratios ((b) = sglang-router + encode + language; low = rate 1, saturation = inf):",
+        "",
+        "| stream | TTFT p50 (b)/(a), low | TTFT mean (b)/(a), low | E2E mean (b)/(a), low "
+        "| E2E mean ms (a) / (b) / (c), low | req/s (b)/(a), sat. | req/s (b)/(c), sat. |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in ratios(results):
         e2e = r["e2e_mean_ms_low"]
         out.append(
             f"| {r['stream']} | {fmt(r['ttft_p50_b_over_a_low'], '.2f')} | {fmt(r['ttft_mean_b_over_a_low'], '.2f')} "
             f"| {fmt(r['e2e_mean_b_over_a_low'], '.2f')} | {fmt(e2e['a'])} / {fmt(e2e['b'])} / {fmt(e2e['c'])} "
             f"| {fmt(r['throughput_b_over_a_sat'], '.2f')} | {fmt(r['throughput_b_over_c_sat'], '.2f')} |"
-        )  # fmt: skip
+        )
     image1 = ratios(results)[0]
     ttft, thr = image1["ttft_p50_b_over_a_low"], image1["throughput_b_over_c_sat"]
-    out += ["", "Targets (single image): TTFT p50 (b) within 15% of (a) at low load: "
-            f"{verdict(ttft is not None and ttft <= 1.15, ttft)}; throughput at saturation (b) >= (c): "
-            f"{verdict(thr is not None and thr >= 1.0, thr)}."]  # fmt: skip
+    out += [
+        "",
+        "Targets (single image): TTFT p50 (b) within 15% of (a) at low load: "
+        f"{verdict(ttft is not None and ttft <= 1.15, ttft)}; throughput at saturation (b) >= (c): "
+        f"{verdict(thr is not None and thr >= 1.0, thr)}.",
+    ]
+    out += [
+        "",
+        "<details><summary>Exact command lines (servers as launched; the client once per cell, "
+        "in this process through <code>cli_main</code>)</summary>",
+        "",
+        "```bash",
+        "MODEL=$(.fork/venv/bin/python -c 'from epd_testbed.tiny_ckpt import TinyVLMoeSpec, "
+        "ensure_checkpoint; print(ensure_checkpoint(TinyVLMoeSpec()))')",
+    ]
+    model = results.get("model", {}).get("dir")
+    for name in CONFIGS:
+        for server, cmd in (
+            results.get("configs", {})
+            .get(name, {})
+            .get("startup", {})
+            .get("commands", {})
+            .items()
+        ):
+            out.append(f"# ({LABEL[name]}) {server}\n" + short(cmd, model))
+    seen = set()
+    for name, entry in results.get("configs", {}).items():
+        for key, cell in entry.get("cells", {}).items():
+            if key not in seen:
+                seen.add(key)
+                url = cell["command"].split("--base-url ", 1)[1].split(" ", 1)[0]
+                out.append(
+                    f"# cell {key} (URL = the configuration's entry point)\n"
+                    + short(cell["command"].replace(url, "$URL"), model)
+                )
+    out += ["```", "", "</details>"]
     return "\n".join(out) + "\n"
 
 
+def short(cmd: str, model: str | None) -> str:
+    cmd = cmd.replace(str(REPO) + "/", "")
+    return cmd.replace(model, "$MODEL") if model else cmd
+
+
 def verdict(ok: bool, value) -> str:
-    return f"{'met' if ok else 'missed'} (ratio {fmt(value, '.2f')})" if value is not None else "not measured"
+    return (
+        f"{'met' if ok else 'missed'} (ratio {fmt(value, '.2f')})"
+        if value is not None
+        else "not measured"
+    )
 
 
 def row(cell: dict | None, name: str, rate: str) -> str:
@@ -485,14 +682,18 @@ def row(cell: dict | None, name: str, rate: str) -> str:
         return f"| ({LABEL[name]}) {name} | {rate} | not run |||||||| "
     t = cell.get("transfer") or {}
     bytes_ = t.get("bytes_per_request")
-    tag = "" if bytes_ is None else (" (measured)" if t["source"].startswith("measured") else " (computed)")
+    tag = (
+        ""
+        if bytes_ is None
+        else (" (measured)" if t["source"].startswith("measured") else " (computed)")
+    )
     return (
         f"| ({LABEL[name]}) {name} | {rate} | {fmt(cell['request_throughput'], '.2f')} "
         f"| {fmt(cell['mean_ttft_ms'])} / {fmt(cell['median_ttft_ms'])} / {fmt(cell['p99_ttft_ms'])} "
         f"| {fmt(cell['mean_tpot_ms'], '.1f')} / {fmt(cell['median_tpot_ms'], '.1f')} / {fmt(cell['p99_tpot_ms'], '.1f')} "
         f"| {fmt(cell['mean_e2e_latency_ms'])} | {fmt(bytes_)}{tag} | {fmt(t.get('resume_rounds_per_request'), '.2f')} "
         f"| {fmt(cell.get('cache_hit_rate_pct'), '.1f')} | {fmt(cell.get('load1_after'), '.1f')} |"
-    )  # fmt: skip
+    )
 
 
 def render_plot(results: dict, path: Path) -> None:
@@ -501,9 +702,17 @@ def render_plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = (("request_throughput", "requests/s"), ("median_ttft_ms", "TTFT p50 (ms)"),
-               ("median_tpot_ms", "TPOT p50 (ms)"))  # fmt: skip
-    fig, axes = plt.subplots(len(metrics), len(STREAMS), figsize=(4 * len(STREAMS), 3 * len(metrics)), squeeze=False)
+    metrics = (
+        ("request_throughput", "requests/s"),
+        ("median_ttft_ms", "TTFT p50 (ms)"),
+        ("median_tpot_ms", "TPOT p50 (ms)"),
+    )
+    fig, axes = plt.subplots(
+        len(metrics),
+        len(STREAMS),
+        figsize=(4 * len(STREAMS), 3 * len(metrics)),
+        squeeze=False,
+    )
     for col, stream in enumerate(STREAMS):
         for rowi, (key, label) in enumerate(metrics):
             ax = axes[rowi][col]
@@ -517,7 +726,10 @@ def render_plot(results: dict, path: Path) -> None:
                 ax.set_title(STREAM_TITLE[stream], fontsize=9)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("CPU test bed, tiny Qwen3-VL-MoE, sglang.benchmark.serving (cold runs)", fontsize=10)
+    fig.suptitle(
+        "CPU test bed, tiny Qwen3-VL-MoE, sglang.benchmark.serving (cold runs)",
+        fontsize=10,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -540,20 +752,41 @@ def write_reports(results: dict, json_path: Path, update_doc: Path | None) -> st
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", default=",".join(CONFIGS),
-                    help=f"comma-separated subset of {', '.join(CONFIGS)} (run in this order)")  # fmt: skip
-    ap.add_argument("--quick", action="store_true", help="few requests per cell (smoke run; separate result file)")
-    ap.add_argument("--fresh", action="store_true", help="discard earlier results of this file instead of resuming")
-    ap.add_argument("--render-only", action="store_true", help="rewrite table, plot and doc block from the JSON")
+    ap.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma-separated subset of {', '.join(CONFIGS)} (run in this order)",
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="few requests per cell (smoke run; separate result file)",
+    )
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard earlier results of this file instead of resuming",
+    )
+    ap.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite table, plot and doc block from the JSON",
+    )
     ap.add_argument("--out-dir", type=Path, default=REPO / "docs" / "benchmarks")
-    ap.add_argument("--no-doc", action="store_true", help=f"do not rewrite the generated block of {DOC.name}")
+    ap.add_argument(
+        "--no-doc",
+        action="store_true",
+        help=f"do not rewrite the generated block of {DOC.name}",
+    )
     args = ap.parse_args(argv)
     args.argv = argv
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         ap.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
-    args.json = args.out_dir / ("serving-cpu-quick.json" if args.quick else "serving-cpu.json")
+    args.json = args.out_dir / (
+        "serving-cpu-quick.json" if args.quick else "serving-cpu.json"
+    )
     return args
 
 

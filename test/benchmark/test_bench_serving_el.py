@@ -24,10 +24,15 @@ def bench():
 
 
 def test_arguments(bench, tmp_path) -> None:
-    args = bench.parse_args(["--quick", "--configs", "el-router,colocated", "--out-dir", str(tmp_path)])
+    args = bench.parse_args(
+        ["--quick", "--configs", "el-router,colocated", "--out-dir", str(tmp_path)]
+    )
     assert args.configs == ["el-router", "colocated"]
     assert args.json == tmp_path / "serving-cpu-quick.json"
-    assert bench.parse_args(["--out-dir", str(tmp_path)]).json == tmp_path / "serving-cpu.json"
+    assert (
+        bench.parse_args(["--out-dir", str(tmp_path)]).json
+        == tmp_path / "serving-cpu.json"
+    )
     with pytest.raises(SystemExit):
         bench.parse_args(["--configs", "nope"])
 
@@ -42,7 +47,9 @@ def test_cell_plan_and_seeds(bench) -> None:
     seeds = {bench.cell_seed(s, r) for s, r, _, _ in cells}
     assert len(seeds) == len(bench.STREAMS) * len(bench.RATES)
     assert bench.WARMUP_SEED not in seeds
-    argv = bench.client_argv("http://h:1", Path("/m"), "image3", "inf", 7, 5, Path("/o.jsonl"))
+    argv = bench.client_argv(
+        "http://h:1", Path("/m"), "image3", "inf", 7, 5, Path("/o.jsonl")
+    )
     assert argv[argv.index("--image-count") + 1] == "3"
     assert argv[argv.index("--warmup-requests") + 1] == "0"
     assert argv[argv.index("--seed") + 1] == "7"
@@ -51,17 +58,40 @@ def test_cell_plan_and_seeds(bench) -> None:
 def synthetic(bench) -> dict:
     def cell(thr: float, ttft: float, transfer: dict | None = None) -> dict:
         c = {k: 1.0 for k in bench.RESULT_KEYS}
-        c.update(request_throughput=thr, median_ttft_ms=ttft, mean_ttft_ms=ttft, cache_hit_rate_pct=4.0,
-                 load1_after=1.0, transfer=transfer)  # fmt: skip
+        c.update(
+            request_throughput=thr,
+            median_ttft_ms=ttft,
+            mean_ttft_ms=ttft,
+            cache_hit_rate_pct=4.0,
+            load1_after=1.0,
+            transfer=transfer,
+            command="python -m sglang.benchmark.serving --base-url http://h:1 --model /m",
+        )
         return c
 
-    measured = {"source": "measured: x", "bytes_per_request": 1000.0, "resume_rounds_per_request": 1.0}
+    measured = {
+        "source": "measured: x",
+        "bytes_per_request": 1000.0,
+        "resume_rounds_per_request": 1.0,
+    }
     configs = {}
-    for name, (thr, ttft) in zip(bench.CONFIGS, ((10.0, 100.0), (12.0, 110.0), (8.0, 120.0))):
-        cells = {bench.cell_key(s, r): cell(thr, ttft, measured if name == "el-router" else None)
-                 for s in bench.STREAMS for r in bench.RATES}  # fmt: skip
+    for name, (thr, ttft) in zip(
+        bench.CONFIGS, ((10.0, 100.0), (12.0, 110.0), (8.0, 120.0))
+    ):
+        cells = {
+            bench.cell_key(s, r): cell(
+                thr, ttft, measured if name == "el-router" else None
+            )
+            for s in bench.STREAMS
+            for r in bench.RATES
+        }
         configs[name] = {"cells": cells, "startup": {"ready_s": {name: 30.0}}}
-    return {"configs": configs, "machine": {"cores": 2, "versions": {}}, "command": "python x"}
+    return {
+        "configs": configs,
+        "machine": {"cores": 2, "versions": {}},
+        "command": "python x",
+        "model": {"dir": "/m"},
+    }
 
 
 def test_ratios_and_table(bench) -> None:
@@ -74,6 +104,7 @@ def test_ratios_and_table(bench) -> None:
     assert "1000 (measured)" in table
     assert "TTFT p50 (b) within 15% of (a) at low load: met (ratio 1.10)" in table
     assert "(b) >= (c): met (ratio 1.50)" in table
+    assert "python -m sglang.benchmark.serving --base-url $URL --model $MODEL" in table
     # the repeated run was not part of the synthetic result
     assert "| (a) colocated | inf | not run |" in table
 
@@ -87,4 +118,6 @@ def test_writers(bench, tmp_path) -> None:
     table = bench.write_reports(results, path, doc)
     assert path.with_suffix(".md").read_text() == table
     assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert doc.read_text() == f"intro\n{bench.DOC_BEGIN}\n{table}{bench.DOC_END}\noutro\n"
+    assert (
+        doc.read_text() == f"intro\n{bench.DOC_BEGIN}\n{table}{bench.DOC_END}\noutro\n"
+    )
