@@ -505,8 +505,10 @@ def fmt(value, spec: str = ".0f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def ratio(num, den) -> float | None:
-    return num / den if num is not None and den else None
+def ratio(num: dict | None, den: dict | None, key: str) -> float | None:
+    """``num[key] / den[key]`` of two cells, None where either is missing."""
+    a, b = (cell.get(key) if cell else None for cell in (num, den))
+    return a / b if a is not None and b else None
 
 
 def cell_of(
@@ -527,32 +529,19 @@ def ratios(results: dict) -> list[dict]:
     for stream in STREAMS:
         a, b, c = (cell_of(results, n, stream, low) for n in CONFIGS)
         sa, sb, sc = (cell_of(results, n, stream, sat) for n in CONFIGS)
-        get = lambda cell, k: cell.get(k) if cell else None  # noqa: E731
         rows.append(
             {
                 "stream": stream,
-                "ttft_p50_b_over_a_low": ratio(
-                    get(b, "median_ttft_ms"), get(a, "median_ttft_ms")
-                ),
-                "ttft_mean_b_over_a_low": ratio(
-                    get(b, "mean_ttft_ms"), get(a, "mean_ttft_ms")
-                ),
-                "e2e_mean_b_over_a_low": ratio(
-                    get(b, "mean_e2e_latency_ms"), get(a, "mean_e2e_latency_ms")
-                ),
+                "ttft_p50_b_over_a_low": ratio(b, a, "median_ttft_ms"),
+                "ttft_mean_b_over_a_low": ratio(b, a, "mean_ttft_ms"),
+                "e2e_mean_b_over_a_low": ratio(b, a, "mean_e2e_latency_ms"),
                 "e2e_mean_ms_low": {
-                    LABEL[n]: get(x, "mean_e2e_latency_ms")
+                    LABEL[n]: (x or {}).get("mean_e2e_latency_ms")
                     for n, x in zip(CONFIGS, (a, b, c))
                 },
-                "throughput_b_over_a_sat": ratio(
-                    get(sb, "request_throughput"), get(sa, "request_throughput")
-                ),
-                "throughput_b_over_c_sat": ratio(
-                    get(sb, "request_throughput"), get(sc, "request_throughput")
-                ),
-                "ttft_p50_b_over_c_low": ratio(
-                    get(b, "median_ttft_ms"), get(c, "median_ttft_ms")
-                ),
+                "throughput_b_over_a_sat": ratio(sb, sa, "request_throughput"),
+                "throughput_b_over_c_sat": ratio(sb, sc, "request_throughput"),
+                "ttft_p50_b_over_c_low": ratio(b, c, "median_ttft_ms"),
             }
         )
     return rows

@@ -66,6 +66,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK  # utime + stime
 
 
+def transfer_gauges(dep: bench.Deployment) -> dict[str, float]:
+    """(b): each server's last-request transfer latency (encode: send to Success; language:
+    receiver created to rows taken, i.e. how long the language side waited for the encoder).
+    """
+    if dep.name != "el-router":
+        return {}
+    from epd_testbed import servers as srv
+
+    return {
+        s.spec.name: srv.encode_language_metrics(s).get(
+            "transfer_seconds", float("nan")
+        )
+        for s in dep.servers
+        if s.spec.name.endswith(("-encode", "-language"))
+    }
+
+
 def summarize(raw: Path, top: int = 12) -> list[str]:
     own, incl, total = collections.Counter(), collections.Counter(), 0
     for line in raw.read_text().splitlines():
@@ -167,6 +184,7 @@ def main() -> None:
         t0 = time.time()
         cell = bench.run_cell(dep, model, args.stream, args.rate, n, work, repeat=False)
         wall = time.time() - t0
+        gauges = transfer_gauges(dep)
         after = {pid: cpu_seconds(pid) for pid in procs}
         for spy in spies.values():
             spy.send_signal(2)  # SIGINT: py-spy writes what it has
@@ -190,6 +208,11 @@ def main() -> None:
         total += ms
         lines.append(f"  {name:45s} {ms:8.1f}")
     lines.append(f"  {'total':45s} {total:8.1f}")
+    for name, seconds in gauges.items():
+        lines.append(
+            f"{name}: sglang:encode_language_transfer_seconds of the last request "
+            f"{1000 * seconds:.1f} ms"
+        )
     for pid, name in spied.items():
         raw = work / f"spy-{pid}.txt"
         lines += ["", f"py-spy {name} (pid {pid}, 100 Hz, idle included):"]
