@@ -131,12 +131,52 @@ class Deployment:
         return all(s.alive() for s in self.servers)
 
 
-def launch_deployment(name: str, model: Path, log_dir: Path) -> Deployment:
+# torch intra-op threads of every server process (OMP_NUM_THREADS). One: the tiny model's ops
+# are too small to split, and on this shared 2-core machine a second OpenMP thread per process
+# spins against every other process. Measured with profile_serving_el.py, image1 at 1 req/s:
+# colocated 156 CPU-ms per request with one thread, 482 with torch's default (docs/benchmarks.md).
+SERVER_THREADS = 1
+
+
+@contextlib.contextmanager
+def server_threads(threads: int):
+    """The servers launched inside inherit ``OMP_NUM_THREADS=threads`` (0: torch's default,
+    one thread per core, in every process)."""
+    if not threads:
+        yield
+        return
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+
+
+def launch_deployment(
+    name: str, model: Path, log_dir: Path, threads: int = SERVER_THREADS
+) -> Deployment:
+    with server_threads(threads):
+        dep = start_servers(name, model, log_dir)
+    dep.startup["omp_num_threads"] = threads
+    return dep
+
+
+def start_servers(name: str, model: Path, log_dir: Path) -> Deployment:
     from epd_testbed import servers as srv
 
     t0 = time.time()
     if name == "colocated":
-        server = srv.launch(srv.colocated_spec(model, "--enable-metrics"), log_dir)
+        spec = srv.colocated_spec(model, "--enable-metrics")
+        server = srv.launch(spec, log_dir, wait=False)
+        try:
+            server.wait_ready()
+        except BaseException:  # interrupted or failed start: no server left behind
+            server.stop()
+            raise
         group, entry, caches = [server], server, [server]
     elif name == "el-router":
         router, encoder, language = srv.launch_encode_language(
@@ -290,6 +330,8 @@ def model_shape(model: Path) -> dict:
     return {
         "hidden": text["hidden_size"],
         "deepstack": len(vision["deepstack_visual_indexes"]),
+        "patch_size": vision["patch_size"],
+        "spatial_merge_size": vision["spatial_merge_size"],
         "dtype_bytes": 4,  # the test bed serves fp32
     }
 
@@ -344,15 +386,33 @@ def run_cell(
             ),
         }
     elif dep.name == "upstream-epd":
-        shape = model_shape(model)
-        row = (1 + shape["deepstack"]) * shape["hidden"] * shape["dtype_bytes"]
-        vision = cell["total_input_vision_tokens"] or 0
-        cell["transfer"] = {
-            "source": "computed: vision tokens x (1+K) x hidden x 4 bytes (the embedding it sends)",
-            "bytes_per_request": vision * row / completed if completed else None,
-            "resume_rounds_per_request": None,
-        }
+        cell["transfer"] = upstream_transfer(stream, model_shape(model))
     return cell
+
+
+def upstream_transfer(stream: str, shape: dict) -> dict:
+    """What upstream's encoder sends per request, computed: the embedding rows of the image
+    tokens, (1+K) x hidden values each (its embedding carries the deepstack features).
+    """
+    argv = STREAMS[stream]
+    images = (
+        int(argv[argv.index("--image-count") + 1]) if "--image-count" in argv else 0
+    )
+    if images:
+        height, width = map(int, argv[argv.index("--image-resolution") + 1].split("x"))
+        factor = (
+            shape["patch_size"] * shape["spatial_merge_size"]
+        )  # a multiple: no resize
+        tokens = images * (height // factor) * (width // factor)
+    else:
+        tokens = 0
+    row = (1 + shape["deepstack"]) * shape["hidden"] * shape["dtype_bytes"]
+    return {
+        "source": "computed: image tokens x (1+K) x hidden x 4 bytes (the embedding it sends)",
+        "image_tokens_per_request": tokens,
+        "bytes_per_request": tokens * row,
+        "resume_rounds_per_request": None,
+    }
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -456,7 +516,7 @@ def run(args: argparse.Namespace) -> dict:
             )
             continue
         log(f"{name}: starting {CONFIGS[name]} (load {os.getloadavg()[0]:.1f})", t0)
-        dep = launch_deployment(name, model, work / "logs")
+        dep = launch_deployment(name, model, work / "logs", args.server_threads)
         try:
             entry.update(startup=dep.startup, load1_at_start=os.getloadavg()[0])
             log(f"{name}: healthy, launch -> healthy {dep.startup['ready_s']}", t0)
@@ -562,15 +622,20 @@ def render_markdown(results: dict) -> str:
         "Start-up, launch -> `/health` answers (s; (b) and (c) start their servers together, "
         "`deployment` is the whole configuration):",
         "",
-        "| configuration | servers (launch -> healthy, s) | load (1 min) at start |",
-        "|---|---|---|",
+        "| configuration | servers (launch -> healthy, s) | OMP_NUM_THREADS per server "
+        "| load (1 min) at start |",
+        "|---|---|---|---|",
     ]
     for name, title in CONFIGS.items():
         entry = results.get("configs", {}).get(name, {})
-        ready = entry.get("startup", {}).get("ready_s", {})
+        startup = entry.get("startup", {})
+        ready = sorted(
+            startup.get("ready_s", {}).items(), key=lambda kv: kv[0] == "deployment"
+        )
         out.append(
-            f"| {title} | {', '.join(f'{k} {v}' for k, v in ready.items()) or '-'} | "
-            f"{fmt(entry.get('load1_at_start'), '.1f')} |"
+            f"| {title} | {', '.join(f'{k} {v}' for k, v in ready) or '-'} "
+            f"| {startup.get('omp_num_threads', 'torch default')} "
+            f"| {fmt(entry.get('load1_at_start'), '.1f')} |"
         )
     head = (
         "| config | rate (req/s) | req/s | TTFT mean / p50 / p99 (ms) | TPOT mean / p50 / p99 (ms) "
@@ -767,6 +832,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help=f"do not rewrite the generated block of {DOC.name}",
     )
+    ap.add_argument(
+        "--server-threads",
+        type=int,
+        default=SERVER_THREADS,
+        help="OMP_NUM_THREADS of every server process; 0: torch's default (default %(default)s)",
+    )
     args = ap.parse_args(argv)
     args.argv = argv
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -779,8 +850,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+class Terminated(Exception):
+    """SIGTERM, as an Exception: the launch helpers stop half-started servers on Exception."""
+
+
+def stop_servers_on_sigterm() -> None:
+    """SIGTERM (``kill``, a timeout) unwinds the stack, so the ``finally`` that stops the
+    running deployment's process groups runs and no server outlives the benchmark."""
+
+    def terminate(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    stop_servers_on_sigterm()
     results = load_results(args.json, False) if args.render_only else run(args)
     doc = None if (args.no_doc or args.quick) else DOC
     print(write_reports(results, args.json, doc))

@@ -4,7 +4,7 @@ Launches one deployment of ``bench_serving_el.py`` (same flags, same warm-up, sa
 cold cell), and while one cell runs it records, for every process of the deployment (server
 front ends = tokenizer managers, schedulers, detokenizers, the router), the CPU time it used
 (``/proc/PID/stat``, exact) and, for each scheduler and front end, a py-spy profile (100 Hz,
-``--idle`` so that waits show too). The summary lists CPU ms per request per process and, per
+on-CPU samples only). The summary lists CPU ms per request per process and, per
 profiled process, the frames that hold the most samples (own time) and the functions below the
 event loop (inclusive); the raw py-spy files stay in the work directory.
 
@@ -39,10 +39,11 @@ def py_spy() -> str:
     ):
         if candidate and Path(candidate).is_file():
             return str(candidate)
-    # the checkout venv has no packages of its own: the shared environment holds py-spy
-    import sglang
+    # the checkout venv has no packages of its own: py-spy is in the shared environment's bin/,
+    # above its site-packages (sglang itself resolves to the checkout's overlay)
+    import torch
 
-    root = Path(sglang.__file__).resolve()
+    root = Path(torch.__file__).resolve()
     for parent in root.parents:
         if (parent / "bin" / "py-spy").is_file():
             return str(parent / "bin" / "py-spy")
@@ -122,16 +123,25 @@ def main() -> None:
         default=None,
         help=f"replace the encode server's extra flags of el-router (default: {' '.join(bench.EL_ENCODE_ARGS)!r})",
     )
+    ap.add_argument(
+        "--server-threads",
+        type=int,
+        default=bench.SERVER_THREADS,
+        help="OMP_NUM_THREADS of every server; 0: torch's default (default %(default)s)",
+    )
     args = ap.parse_args()
     if args.el_encode_args is not None:
         bench.EL_ENCODE_ARGS = tuple(shlex.split(args.el_encode_args))
     n = args.num_prompts or bench.PROMPTS[args.rate]
+    bench.stop_servers_on_sigterm()
 
     from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
     model = ensure_checkpoint(TinyVLMoeSpec())
     work = Path(tempfile.mkdtemp(prefix="profile-serving-el-"))
-    dep = bench.launch_deployment(args.config, model, work / "logs")
+    dep = bench.launch_deployment(
+        args.config, model, work / "logs", args.server_threads
+    )
     try:
         bench.run_client(
             bench.client_argv(
@@ -154,7 +164,7 @@ def main() -> None:
         spied = {
             pid: name
             for pid, name in procs.items()
-            if "scheduler" in name or "front end" in name
+            if "schedul" in name or "front end" in name
         }
         duration = int(60 + 3 * n / (1 if args.rate == "inf" else float(args.rate)))
         spies = {
@@ -166,7 +176,6 @@ def main() -> None:
                     str(pid),
                     "-r",
                     "100",
-                    "--idle",
                     "-f",
                     "raw",
                     "-d",
@@ -195,6 +204,7 @@ def main() -> None:
     lines = [
         f"# {args.config} ({bench.CONFIGS[args.config]}), cell {args.stream}@{args.rate}, {n} requests, "
         f"encode extra flags {' '.join(bench.EL_ENCODE_ARGS) if args.config == 'el-router' else '-'}, "
+        f"OMP_NUM_THREADS per server {args.server_threads or 'unset (torch default)'}, "
         f"wall {wall:.1f} s, load {os.getloadavg()[0]:.1f}",
         f"TTFT mean / p50 {cell['mean_ttft_ms']:.0f} / {cell['median_ttft_ms']:.0f} ms, TPOT p50 "
         f"{cell['median_tpot_ms']:.1f} ms, E2E mean {cell['mean_e2e_latency_ms']:.0f} ms, "
@@ -215,7 +225,7 @@ def main() -> None:
         )
     for pid, name in spied.items():
         raw = work / f"spy-{pid}.txt"
-        lines += ["", f"py-spy {name} (pid {pid}, 100 Hz, idle included):"]
+        lines += ["", f"py-spy {name} (pid {pid}, 100 Hz, on-CPU samples):"]
         lines += summarize(raw) if raw.is_file() else ["    (no profile written)"]
     text = "\n".join(lines) + "\n"
     print(text)

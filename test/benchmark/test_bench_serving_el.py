@@ -121,3 +121,23 @@ def test_writers(bench, tmp_path) -> None:
     assert (
         doc.read_text() == f"intro\n{bench.DOC_BEGIN}\n{table}{bench.DOC_END}\noutro\n"
     )
+
+
+def test_upstream_bytes_are_the_image_rows(bench) -> None:
+    shape = {
+        "hidden": 128,
+        "deepstack": 3,
+        "dtype_bytes": 4,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+    }
+    # 224x224 -> (224 / 32)^2 = 49 image tokens, each (1 + 3) x 128 fp32 values
+    assert (
+        bench.upstream_transfer("image1", shape)["bytes_per_request"]
+        == 49 * 4 * 128 * 4
+    )
+    assert (
+        bench.upstream_transfer("image3", shape)["bytes_per_request"]
+        == 3 * 49 * 4 * 128 * 4
+    )
+    assert bench.upstream_transfer("text", shape)["bytes_per_request"] == 0
