@@ -24,7 +24,7 @@ repeated-image run re-sends the single-image saturation cell with the same seed 
 servers and is reported separately.
 
 Results are written after every cell to ``<out-dir>/serving-cpu[-quick].json``; a second run
-skips the cells already there (``--fresh`` starts over), so an interrupted run resumes per
+skips the cells already there (``--fresh`` starts the selected configurations over), so an interrupted run resumes per
 deployment and cell. The table (``serving-cpu[-quick].md``), the plot (``.png``) and, for a full
 run, the generated block of ``docs/benchmarks.md`` are rewritten from that JSON
 (``--render-only`` does only that, no servers).
@@ -457,8 +457,8 @@ def machine_info() -> dict:
     }
 
 
-def load_results(path: Path, fresh: bool) -> dict:
-    if path.is_file() and not fresh:
+def load_results(path: Path) -> dict:
+    if path.is_file():
         return json.loads(path.read_text())
     return {"configs": {}}
 
@@ -492,7 +492,10 @@ def run(args: argparse.Namespace) -> dict:
     from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
     t0 = time.time()
-    results = load_results(args.json, args.fresh)
+    results = load_results(args.json)
+    if args.fresh:  # only the configurations this run measures start over
+        for name in args.configs:
+            results["configs"].pop(name, None)
     results["machine"] = machine_info()
     results["command"] = shlex.join(
         ["python", "benchmark/bench_serving_el.py", *args.argv]
@@ -819,7 +822,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument(
         "--fresh",
         action="store_true",
-        help="discard earlier results of this file instead of resuming",
+        help="discard the earlier results of the selected configurations instead of resuming",
     )
     ap.add_argument(
         "--render-only",
@@ -850,16 +853,42 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-class Terminated(Exception):
-    """SIGTERM, as an Exception: the launch helpers stop half-started servers on Exception."""
+def child_pids() -> list[int]:
+    """This process's direct children (each server leads its own process group)."""
+    me, pids = str(os.getpid()), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if stat.read_text().rsplit(")", 1)[1].split()[1] == me:
+                pids.append(int(stat.parent.name))
+    return pids
 
 
 def stop_servers_on_sigterm() -> None:
-    """SIGTERM (``kill``, a timeout) unwinds the stack, so the ``finally`` that stops the
-    running deployment's process groups runs and no server outlives the benchmark."""
+    """On SIGTERM (``kill``, a timeout) stop every child's process group (servers, router,
+    py-spy: SIGTERM, then SIGKILL after 10 s), then exit. Done in the handler itself, so it
+    works wherever the signal lands, half-started deployments included."""
 
     def terminate(signum, frame):
-        raise Terminated(f"signal {signum}")
+        groups = child_pids()
+        for pid in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM)
+        deadline = time.time() + 10
+        while time.time() < deadline and any(
+            Path(f"/proc/{p}").exists() for p in groups
+        ):
+            time.sleep(0.2)
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+        for pid in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        print(
+            f"terminated by signal {signum}; stopped {len(groups)} process group(s)",
+            flush=True,
+        )
+        os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, terminate)
 
@@ -867,7 +896,7 @@ def stop_servers_on_sigterm() -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     stop_servers_on_sigterm()
-    results = load_results(args.json, False) if args.render_only else run(args)
+    results = load_results(args.json) if args.render_only else run(args)
     doc = None if (args.no_doc or args.quick) else DOC
     print(write_reports(results, args.json, doc))
 
