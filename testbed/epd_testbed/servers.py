@@ -217,12 +217,15 @@ EL_LANGUAGE_ARGS = ("--chunked-prefill-size", "16")
 
 def encode_language_specs(model_path: str | Path, bootstrap_port: int, *extra: str,
                           language_args: tuple[str, ...] = EL_LANGUAGE_ARGS,
+                          encode_args: tuple[str, ...] = (),
                           language_module: str = "sglang.launch_server",
                           name: str = "el") -> tuple[ServerSpec, ServerSpec]:
     """An ``--disaggregation-mode encode`` server (control socket on ``bootstrap_port``) and an
-    ``--disaggregation-mode language`` server; ``extra`` goes to both."""
+    ``--disaggregation-mode language`` server; ``extra`` goes to both, ``encode_args`` and
+    ``language_args`` to one."""
     enc = ServerSpec(str(model_path), ("--disaggregation-mode", "encode", "--disaggregation-bootstrap-port",
-                                       str(bootstrap_port), *EL_BUFFER_ARGS, *extra), name=f"{name}-encode",
+                                       str(bootstrap_port), *EL_BUFFER_ARGS, *extra, *encode_args),
+                     name=f"{name}-encode",
                      env=EL_ENV)
     lang = ServerSpec(str(model_path), ("--disaggregation-mode", "language", *EL_BUFFER_ARGS, *extra,
                                         *language_args), name=f"{name}-language", module=language_module,
@@ -272,10 +275,13 @@ def launch_router(prefill: list[tuple[Server, int]], decode: list[Server], log_d
 
 def launch_encode_language(model_path: str | Path, log_dir: Path, *extra: str,
                            language_module: str = "sglang.launch_server",
+                           language_args: tuple[str, ...] = EL_LANGUAGE_ARGS,
+                           encode_args: tuple[str, ...] = (),
                            name: str = "el") -> tuple[Server, Server, Server]:
     """(router, encode, language): one encode and one language server behind the router."""
     bootstrap_port = free_port()
     enc_spec, lang_spec = encode_language_specs(model_path, bootstrap_port, *extra,
+                                                language_args=language_args, encode_args=encode_args,
                                                 language_module=language_module, name=name)
     encoder = launch(enc_spec, log_dir, wait=False)
     language = launch(lang_spec, log_dir, wait=False)
