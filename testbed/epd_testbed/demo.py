@@ -99,9 +99,9 @@ def main() -> None:
               f"request {total * 1000:.0f} ms ({chunks} chunks)")
         if not args.colocated:
             m = servers.encode_language_metrics(encoder)
-            print(f"transfer: {int(m.get('bytes', 0))} bytes sent by the encode server in "
-                  f"{m.get('transfer_seconds', 0) * 1000:.0f} ms (last request); "
-                  f"{int(m.get('requests.success', 0))} request(s) transferred")
+            print(f"transfer: {int(m.get('bytes', 0))} bytes in {int(m.get('rounds', 0))} round(s) "
+                  f"sent by the encode server in {m.get('transfer_seconds', 0) * 1000:.0f} ms "
+                  f"(last request); {int(m.get('requests.success', 0))} request(s) transferred")
         reference = hf_answer(model, args.question, image, args.max_new_tokens)
         print(f"equal to the Hugging Face fp32 reference: {answer == reference}")
         if answer != reference:
