@@ -137,28 +137,30 @@ def run(iters: int) -> list[dict]:
         flat_pin.fill_(1)
         flat_np = flat_pin.numpy()
         row = {"model": model, "bytes": nbytes}
-        for piece in (buffers.PIECE_BLOCKS, 0):
-            buffers.PIECE_BLOCKS = piece
-            tag = f"p{piece}"
-            row[f"write_{tag}"] = timed(
-                lambda: enc.write_request(blocks, payload), iters, cuda
-            )
-            row[f"read_host_{tag}"] = timed(lambda: read_into(None, cuda), iters, cuda)
-            row[f"read_dev_{tag}"] = timed(lambda: read_into(dev, False), iters, cuda)
+
+        def copies(prefix: str, pieces) -> None:
+            """Staging and read (into pinned host / device) for each piece size."""
+            for piece in pieces:
+                buffers.PIECE_BLOCKS = piece
+                tag = f"{prefix}p{piece}"
+                row[f"write_{tag}"] = timed(
+                    lambda: enc.write_request(blocks, payload), iters, cuda
+                )
+                row[f"read_host_{tag}"] = timed(
+                    lambda: read_into(None, cuda), iters, cuda
+                )
+                row[f"read_dev_{tag}"] = timed(
+                    lambda: read_into(dev, False), iters, cuda
+                )
+
+        copies("", (buffers.PIECE_BLOCKS, 0))
         # The same with the checksum switched off on both sides: what the copies alone cost.
         real = buffers.MultimodalDataBuffers._checksum
         buffers.MultimodalDataBuffers._checksum = lambda *a: 0
         enc.write_request(blocks, payload)
         for s, d in zip(enc.slots(), lang.slots()):
             d.copy_(s)
-        for piece in (2, 0):
-            buffers.PIECE_BLOCKS = piece
-            tag = f"nock_p{piece}"
-            row[f"write_{tag}"] = timed(
-                lambda: enc.write_request(blocks, payload), iters, cuda
-            )
-            row[f"read_host_{tag}"] = timed(lambda: read_into(None, cuda), iters, cuda)
-            row[f"read_dev_{tag}"] = timed(lambda: read_into(dev, False), iters, cuda)
+        copies("nock_", (2, 0))
         buffers.MultimodalDataBuffers._checksum = real
         buffers.PIECE_BLOCKS = 2
         row["d2h_pin"] = timed(lambda: flat_pin.copy_(flat_dev), iters, cuda)
