@@ -400,9 +400,11 @@ class LanguageMMReceiver:
             buf = buf.contiguous()
             dist.broadcast(buf, src=group.first_rank, group=group.cpu_group)
         else:  # not exercised on the CPU test bed
-            buf = buf.to(
-                f"{self.scheduler.device}:{get_device().gpu_id}", non_blocking=True
-            )
+            device = f"{self.scheduler.device}:{get_device().gpu_id}"
+            if self.is_owner:
+                buf = buf.to(device, non_blocking=True)
+            else:  # only the shape matters: no host -> device copy of an empty buffer
+                buf = torch.empty_like(buf, device=device)
             dist.broadcast(buf, src=group.first_rank, group=group.device_group)
         return buf.to(torch.bool) if is_bool else buf
 
