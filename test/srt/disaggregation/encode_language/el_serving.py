@@ -9,10 +9,14 @@ import dataclasses
 import torch
 from epd_testbed import servers as srv
 from epd_testbed import videos
-from epd_testbed.cases import MAX_NEW_TOKENS, Case
+from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
 from epd_testbed.hf_reference import _tok_and_proc, hf_greedy_logits, render_prompt
 from epd_testbed.images import save_image
 from epd_testbed.servers import wait_all_blocks_free
+
+# The serving tests' cases by name, and how far a logprob may differ from the HF reference.
+CASES = {c.name: c for c in VL_CASES}
+LOGPROB_TOLERANCE = 1e-3
 
 
 def hf_reference(model_path: str, case: Case) -> tuple[list[int], list[float]]:

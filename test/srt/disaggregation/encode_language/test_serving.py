@@ -26,13 +26,13 @@ import urllib.request
 import uuid
 
 import pytest
-import torch
+from el_serving import CASES, LOGPROB_TOLERANCE, assert_blocks_free
 from el_serving import generate as _generate
 from el_serving import generate_video
 from el_serving import hf_reference as _hf_reference
 from el_serving import video_messages, video_reference
 from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
-from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
+from epd_testbed.hf_reference import render_prompt
 from epd_testbed.servers import (
     RequestError,
     encode_language_metrics,
@@ -41,9 +41,6 @@ from epd_testbed.servers import (
 from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
 pytestmark = pytest.mark.server
-
-CASES = {c.name: c for c in VL_CASES}
-LOGPROB_TOLERANCE = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +53,7 @@ def deployment(servers, vl_model):
     """(router, encode, language); after the test, every block is free on both servers."""
     router, encoder, language = servers.encode_language(vl_model)
     yield router, encoder, language
-    for server in (encoder, language):
-        blocks = wait_all_blocks_free(server)
-        assert blocks["in_use"] == 0 and blocks["free"] == blocks["total"] > 0, (
-            server.spec.name,
-            blocks,
-        )
+    assert_blocks_free(encoder, language)
 
 
 @pytest.mark.parametrize("case", VL_CASES, ids=lambda c: c.name)

@@ -15,7 +15,12 @@ import threading
 import time
 
 import pytest
-from el_serving import assert_blocks_free, custom_deployment, hf_reference
+from el_serving import (
+    LOGPROB_TOLERANCE,
+    assert_blocks_free,
+    custom_deployment,
+    hf_reference,
+)
 from epd_testbed.cases import MAX_NEW_TOKENS, Case
 from epd_testbed.hf_reference import _tok_and_proc, render_prompt
 from epd_testbed.servers import RequestError, encode_language_metrics
@@ -23,7 +28,6 @@ from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
 pytestmark = pytest.mark.server
 
-LOGPROB_TOLERANCE = 1e-3
 QUESTION = "What is in this image?"
 # Distinct 64x64 images (same token count): the first blocks the bound, the others are held.
 SMALL = tuple(

@@ -16,21 +16,21 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from el_serving import (
+    CASES,
+    LOGPROB_TOLERANCE,
     assert_blocks_free,
     custom_deployment,
     generate_video,
     video_messages,
 )
 from epd_testbed import videos
-from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
+from epd_testbed.cases import MAX_NEW_TOKENS, Case
 from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
 from epd_testbed.servers import encode_language_metrics
 from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
 pytestmark = pytest.mark.server
 
-CASES = {c.name: c for c in VL_CASES}
-LOGPROB_TOLERANCE = 1e-3
 
 # Three 256x256 images: 64 tokens each, 215 prompt tokens. The shared deployment reserves 64
 # tokens per round (epd_testbed.servers.EL_BUFFER_ARGS), so this prompt needs 4 rounds: the

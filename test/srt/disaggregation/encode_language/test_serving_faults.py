@@ -20,19 +20,14 @@ import urllib.request
 import uuid
 
 import pytest
-from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES
+from el_serving import CASES, assert_blocks_free
+from epd_testbed.cases import MAX_NEW_TOKENS
 from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
-from epd_testbed.servers import (
-    RequestError,
-    encode_language_metrics,
-    relaunch,
-    wait_all_blocks_free,
-)
+from epd_testbed.servers import RequestError, encode_language_metrics, relaunch
 from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
 pytestmark = pytest.mark.server
 
-CASES = {c.name: c for c in VL_CASES}
 # Bounds of the waits below (never asserted as timings): every wait ends or fails.
 WAIT_S = 60
 BAD_IMAGES = {
@@ -62,13 +57,7 @@ def deployment(servers, vl_model):
     group = servers.two_encoders_language(vl_model)
     yield group
     current = servers.two_encoders_language(vl_model)
-    for server in current[1:]:
-        blocks = wait_all_blocks_free(server)
-        assert blocks["in_use"] == blocks["quarantined"] == 0, (
-            server.spec.name,
-            blocks,
-        )
-        assert blocks["free"] == blocks["total"] > 0, (server.spec.name, blocks)
+    assert_blocks_free(*current[1:])
 
 
 def _payload(model_path: str, case_name: str, image_data=None, **sampling) -> dict:

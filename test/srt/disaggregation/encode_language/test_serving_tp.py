@@ -15,19 +15,15 @@ The tiny K=3 checkpoint (4 attention heads, 2 KV heads, 4 vision heads) divides 
 from __future__ import annotations
 
 import pytest
-import torch
+from el_serving import CASES, LOGPROB_TOLERANCE, assert_blocks_free
 from el_serving import generate as _generate
 from el_serving import hf_reference as _hf_reference
 from epd_testbed import servers as srv
-from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
-from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
-from epd_testbed.servers import encode_language_metrics, wait_all_blocks_free
+from epd_testbed.servers import encode_language_metrics
 from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
 pytestmark = pytest.mark.server
 
-CASES = {c.name: c for c in VL_CASES}
-LOGPROB_TOLERANCE = 1e-3
 TP_ENV = (("SGLANG_CPU_OMP_THREADS_BIND", "0|1"),)
 # Encoder bytes sent for one request, by (case, language TP size): equal for TP 1 and TP 2 (the
 # network carries one copy, not one per language rank).
@@ -87,17 +83,7 @@ def language_tp2(server_pool, servers, vl_model):
         server_pool, servers, vl_model, encode_tp=1, language_tp=2
     )
     yield router, encoder, language
-    _assert_all_free(encoder, language)
-
-
-def _assert_all_free(*servers_) -> None:
-    for server in servers_:
-        blocks = wait_all_blocks_free(server)
-        assert blocks["in_use"] == 0 and blocks["quarantined"] == 0, (
-            server.spec.name,
-            blocks,
-        )
-        assert blocks["free"] == blocks["total"] > 0, (server.spec.name, blocks)
+    assert_blocks_free(encoder, language)
 
 
 def _delta(after: dict, before: dict, key: str) -> float:
@@ -149,7 +135,7 @@ def encode_tp2(server_pool, servers, vl_model):
         server_pool, servers, vl_model, encode_tp=2, language_tp=1
     )
     yield router, encoder, language
-    _assert_all_free(encoder, language)
+    assert_blocks_free(encoder, language)
 
 
 @pytest.mark.parametrize("name", ["one_image", "text_only"])
