@@ -28,6 +28,17 @@ def _rows(with_deepstack: bool) -> dict:
     )
 
 
+def _as_taken(fields: dict) -> dict:
+    """``fields`` laid out as ``LanguageReceiver.take()`` returns them: embedding and
+    deepstack rows side by side in ``rows``, the two fields views of it."""
+    emb, ds = fields["embeddings"], fields["deepstack"]
+    rows = emb if ds is None else torch.cat([emb, ds], dim=1)
+    H = emb.shape[1]
+    return fields | dict(
+        embeddings=rows[:, :H], deepstack=None if ds is None else rows[:, H:], rows=rows
+    )
+
+
 class _Receiver:
     def __init__(self, data=None, error=None) -> None:
         self.data, self.error = data, error
@@ -62,7 +73,7 @@ def _worker(rank: int, port: int, results) -> None:
         data = ReceivedData(
             manifest=types.SimpleNamespace(mrope_delta=-7),
             items=({"modality": "image", "offsets": [[3, 6]], "hash": 5},),
-            **_rows(with_deepstack),
+            **_as_taken(_rows(with_deepstack)),
         )
         receiver = _Receiver(data, error) if rank == 0 else None
         w = WaitingRequest(recv_req=None, receiver=receiver, since=0.0)

@@ -551,9 +551,10 @@ class MultimodalDataBuffers:
                 f"round has {mm_count} rows but {nb} blocks hold at most {nb * B}"
             )
         auxes = [self.aux[b].numpy().copy() for b in blocks]
-        manifest = None
+        manifest, stamps = None, []
         for j, a in enumerate(auxes):
             m, stamp = RequestManifest.unpack(a.tobytes())
+            stamps.append(stamp)
             want = (expect.room, expect.generation, expect.first_block + j)
             got = (stamp.room, stamp.generation, stamp.block_index)
             if got != want:
@@ -639,7 +640,7 @@ class MultimodalDataBuffers:
                 a = auxes[j]
                 c = min(B, token_count - j * B)
                 mc = max(0, min(B, mm_count - j * B))
-                _, stamp = RequestManifest.unpack(a.tobytes())
+                stamp = stamps[j]
                 got = self._checksum(
                     blocks[j],
                     c,

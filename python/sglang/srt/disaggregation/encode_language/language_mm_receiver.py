@@ -123,17 +123,6 @@ class _RefusedPoll:
 _TOKEN_FIELDS = ("fill_ids", "mrope_positions", "mm_mask")
 
 
-def _wide_rows(data: ReceivedData) -> torch.Tensor:
-    """[M, (1+K)*H]: each multimodal token's embedding and deepstack rows side by side, the
-    precomputed-embedding layout. ``take()`` already returns it (``rows``); built only for
-    data that lacks it."""
-    if data.rows is not None:
-        return data.rows
-    if data.deepstack is None:
-        return data.embeddings
-    return torch.cat([data.embeddings, data.deepstack], dim=1)
-
-
 class LanguageMMReceiver:
     def __init__(self, scheduler: "Scheduler") -> None:
         self.scheduler = scheduler
@@ -343,7 +332,7 @@ class LanguageMMReceiver:
         if self.is_owner:
             try:
                 data = w.receiver.take()
-                wide = _wide_rows(data)
+                wide = data.rows
                 header = {
                     "error": None,
                     "manifest": data.manifest,
@@ -414,7 +403,7 @@ class LanguageMMReceiver:
         if not entries:
             raise ValueError("the encode server sent no item table")
         check_against_mask(entries, data.mm_mask)
-        rows = _wide_rows(data)
+        rows = data.rows
         row_of_token = torch.cumsum(data.mm_mask.to(torch.int64), 0) - 1
         items = []
         for entry in entries:
