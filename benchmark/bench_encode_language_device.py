@@ -3,13 +3,16 @@
 Runs where SGLang itself cannot be installed (the lent GPU machine: torch, numpy, msgspec only):
 the `encode_language` package is loaded from this checkout without importing `sglang/__init__`.
 For the 30B-A3B and 235B-A22B payloads of one 1024x1024 image (1024 image tokens, K=3, bf16) it
-times, with CUDA events / synchronised host clocks, median of --iters:
+times, with synchronised host clocks, median [min, max] of --iters, the ops interleaved:
 
-  write       GPU payload -> pinned encode buffers (write_request: D2H + bitmap + checksums)
+  write       payload -> pinned encode buffers (write_range, checksum=False: a healthy round):
+              the rows on the GPU (one D2H copy per slot per run), the token stream on the host
+              as the encode scheduler builds it (ids, positions, mask), bitmaps and headers
   read_host   pinned language buffers -> the request's pinned host tensors (read_round(out=
-              alloc_received(pin_memory=True)): stamp checks, copy, checksums)
+              alloc_received(pin_memory=True), verify=False): stamp checks, one copy per slot)
   read_dev    the same into GPU tensors (alloc_received(device="cuda"): H2D)
-  (each with PIECE_BLOCKS = 2, the default, and 0 = one copy per slot for the whole run)
+  *_ck        the same with block checksums (XXH3 on the host, pieces of PIECE_BLOCKS): a round
+              on blocks a late write may reach (released by a fence timeout)
   d2h_pin     one contiguous D2H copy of the same bytes into pinned memory   (physical limit)
   h2d_pin     one contiguous H2D copy of the same bytes from pinned memory   (physical limit)
   memcpy_pin  pinned host-to-host copy of the same bytes                     (CPU limit)
@@ -63,19 +66,27 @@ def load_transport():
     return sys.modules[f"{PKG}.buffers"]
 
 
-def timed(fn, iters: int, cuda: bool) -> float:
-    for _ in range(3):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    samples = []
+def timed(ops: dict, iters: int, cuda: bool) -> dict:
+    """Median, min and max seconds of each op, the ops interleaved: every iteration runs each
+    once (a noisy neighbour slows all of them alike), synchronised after each."""
+    for fn in ops.values():
+        for _ in range(3):
+            fn()
+    samples = {name: [] for name in ops}
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+        for name, fn in ops.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            samples[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, xs in samples.items():
+        out[name] = statistics.median(xs)
+        out[f"{name}_min"], out[f"{name}_max"] = min(xs), max(xs)
+    return out
 
 
 def run(iters: int) -> list[dict]:
@@ -86,14 +97,12 @@ def run(iters: int) -> list[dict]:
     for model, hidden in MODELS.items():
         g = torch.Generator().manual_seed(0)
         T = IMAGE_TOKENS
+        # As the encode scheduler builds it: the token stream (int64 ids and positions, mask)
+        # on the host, the vision tower's rows on the GPU.
         payload = buffers.MultimodalPayload(
-            fill_ids=torch.randint(0, 150000, (T,), generator=g, dtype=torch.int32).to(
-                dev
-            ),
-            mrope_positions=torch.randint(
-                0, 4096, (3, T), generator=g, dtype=torch.int32
-            ).to(dev),
-            mm_mask=torch.ones(T, dtype=torch.bool, device=dev),
+            fill_ids=torch.randint(0, 150000, (T,), generator=g),
+            mrope_positions=torch.randint(0, 4096, (3, T), generator=g),
+            mm_mask=torch.ones(T, dtype=torch.bool),
             embeddings=torch.randn(T, hidden, generator=g).to(torch.bfloat16).to(dev),
             deepstack=torch.randn(T, K * hidden, generator=g)
             .to(torch.bfloat16)
@@ -117,18 +126,25 @@ def run(iters: int) -> list[dict]:
             d.copy_(s)  # stands in for the Mooncake write (measured elsewhere)
         stamp = buffers.RoundStamp(room=0, generation=0, first_block=0)
 
-        def read_into(device, pin):
+        def read_into(device, pin, verify):
             dst = buffers.alloc_received(lang.layout, T, T, device, pin)
             return lang.read_round(
-                blocks, T, T, stamp, out=buffers.slice_received(dst, 0, T, 0, T)
+                blocks,
+                T,
+                T,
+                stamp,
+                out=buffers.slice_received(dst, 0, T, 0, T),
+                verify=verify,
             )
 
         for device, pin in ((None, cuda), (dev, False)):
-            got = read_into(device, pin)
-            assert torch.equal(got.embeddings.to(dev), payload.embeddings)
-            assert torch.equal(got.deepstack.to(dev), payload.deepstack)
-            assert torch.equal(got.fill_ids.to(dev), payload.fill_ids)
-            assert torch.equal(got.mrope_positions.to(dev), payload.mrope_positions)
+            for verify in (False, True):
+                got = read_into(device, pin, verify)
+                assert torch.equal(got.embeddings.to(dev), payload.embeddings)
+                assert torch.equal(got.deepstack.to(dev), payload.deepstack)
+                assert torch.equal(got.fill_ids.long(), payload.fill_ids)
+                assert torch.equal(got.mrope_positions.long(), payload.mrope_positions)
+                assert torch.equal(got.mm_mask, payload.mm_mask)
         nbytes = (payload.embeddings.numel() + payload.deepstack.numel()) * 2 + T * 16
         flat_dev = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         flat_pin = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
@@ -138,36 +154,20 @@ def run(iters: int) -> list[dict]:
         flat_np = flat_pin.numpy()
         row = {"model": model, "bytes": nbytes}
 
-        def copies(prefix: str, pieces) -> None:
-            """Staging and read (into pinned host / device) for each piece size."""
-            for piece in pieces:
-                buffers.PIECE_BLOCKS = piece
-                tag = f"{prefix}p{piece}"
-                row[f"write_{tag}"] = timed(
-                    lambda: enc.write_request(blocks, payload), iters, cuda
-                )
-                row[f"read_host_{tag}"] = timed(
-                    lambda: read_into(None, cuda), iters, cuda
-                )
-                row[f"read_dev_{tag}"] = timed(
-                    lambda: read_into(dev, False), iters, cuda
-                )
-
-        copies("", (buffers.PIECE_BLOCKS, 0))
-        # The same with the checksum switched off on both sides: what the copies alone cost.
-        real = buffers.MultimodalDataBuffers._checksum
-        buffers.MultimodalDataBuffers._checksum = lambda *a: 0
-        enc.write_request(blocks, payload)
-        for s, d in zip(enc.slots(), lang.slots()):
-            d.copy_(s)
-        copies("nock_", (2, 0))
-        buffers.MultimodalDataBuffers._checksum = real
-        buffers.PIECE_BLOCKS = 2
-        row["d2h_pin"] = timed(lambda: flat_pin.copy_(flat_dev), iters, cuda)
-        row["h2d_pin"] = timed(lambda: flat_dev.copy_(flat_pin), iters, cuda)
-        row["d2h_page"] = timed(lambda: flat_page.copy_(flat_dev), iters, cuda)
-        row["memcpy_pin"] = timed(lambda: flat_pin2.copy_(flat_pin), iters, False)
-        row["xxh3"] = timed(lambda: xxhash.xxh3_64_intdigest(flat_np), iters, False)
+        ops = {}
+        for ck in (False, True):
+            tag = "_ck" if ck else ""
+            ops[f"write{tag}"] = lambda ck=ck: enc.write_range(
+                blocks, payload, 0, T, 0, T, checksum=ck
+            )
+            ops[f"read_host{tag}"] = lambda ck=ck: read_into(None, cuda, ck)
+            ops[f"read_dev{tag}"] = lambda ck=ck: read_into(dev, False, ck)
+        ops["d2h_pin"] = lambda: flat_pin.copy_(flat_dev)
+        ops["h2d_pin"] = lambda: flat_dev.copy_(flat_pin)
+        ops["d2h_page"] = lambda: flat_page.copy_(flat_dev)
+        ops["memcpy_pin"] = lambda: flat_pin2.copy_(flat_pin)
+        ops["xxh3"] = lambda: xxhash.xxh3_64_intdigest(flat_np)
+        row.update(timed(ops, iters, cuda))
         rows.append(row)
         print(f"[{model}] done", file=sys.stderr, flush=True)
     return rows
@@ -175,16 +175,12 @@ def run(iters: int) -> list[dict]:
 
 def table(rows, device_name: str) -> str:
     cols = [
-        ("write_p2", "write (staging)"),
-        ("read_host_p2", "read -> pinned host"),
-        ("read_dev_p2", "read -> GPU"),
-        ("write_p0", "write, whole runs"),
-        ("read_dev_p0", "read -> GPU, whole runs"),
-        ("write_nock_p2", "write, no checksum"),
-        ("read_host_nock_p2", "read -> host, no checksum"),
-        ("read_dev_nock_p2", "read -> GPU, no checksum"),
-        ("write_nock_p0", "write, no checksum, whole runs"),
-        ("read_dev_nock_p0", "read -> GPU, no checksum, whole runs"),
+        ("write", "write (staging)"),
+        ("read_dev", "read -> GPU"),
+        ("read_host", "read -> pinned host"),
+        ("write_ck", "write, checksummed"),
+        ("read_dev_ck", "read -> GPU, checksummed"),
+        ("read_host_ck", "read -> host, checksummed"),
         ("d2h_pin", "pinned D2H"),
         ("h2d_pin", "pinned H2D"),
         ("memcpy_pin", "pinned host memcpy"),
@@ -192,25 +188,27 @@ def table(rows, device_name: str) -> str:
         ("xxh3", "XXH3 of the bytes"),
     ]
     out = [
-        f"Device: {device_name}; median times, GB/s = payload bytes / time; pieces of "
-        f"2 blocks unless 'whole runs'",
+        f"Device: {device_name}; median times, GB/s = payload bytes / time",
         "",
         "| payload | MiB | "
         + " | ".join(f"{c} ms (GB/s)" for _, c in cols)
-        + " | write / D2H (no checksum) | read->GPU / H2D (no checksum) | read->host / memcpy"
-        " (no checksum) |",
+        + " | D2H / write (checksummed) | H2D / read->GPU (checksummed)"
+        " | memcpy / read->host (checksummed) |",
         "|---|---:|" + "---:|" * (len(cols) + 3),
     ]
     for r in rows:
         n = r["bytes"]
         cells = [f"{r[k] * 1e3:.2f} ({n / r[k] / 1e9:.1f})" for k, _ in cols]
+        ratios = [
+            f"{r[limit] / r[op]:.2f} ({r[limit] / r[op + '_ck']:.2f})"
+            for limit, op in (
+                ("d2h_pin", "write"),
+                ("h2d_pin", "read_dev"),
+                ("memcpy_pin", "read_host"),
+            )
+        ]
         out.append(
-            f"| {r['model']} | {n / 2**20:.1f} | "
-            + " | ".join(cells)
-            + f" | {r['d2h_pin'] / r['write_p2']:.2f} ({r['d2h_pin'] / r['write_nock_p2']:.2f})"
-            f" | {r['h2d_pin'] / r['read_dev_p2']:.2f} ({r['h2d_pin'] / r['read_dev_nock_p2']:.2f})"
-            f" | {r['memcpy_pin'] / r['read_host_p2']:.2f}"
-            f" ({r['memcpy_pin'] / r['read_host_nock_p2']:.2f}) |"
+            f"| {r['model']} | {n / 2**20:.1f} | " + " | ".join(cells + ratios) + " |"
         )
     return "\n".join(out)
 

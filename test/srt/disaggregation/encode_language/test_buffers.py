@@ -10,6 +10,7 @@ from sglang.srt.disaggregation.encode_language.buffers import (
     RoundStamp,
 )
 from sglang.srt.disaggregation.encode_language.connection import make_transfer_engine
+from sglang.srt.disaggregation.encode_language.manifest import ProtocolError
 
 
 def bufs(k=3, h=16, b=4, n=8, dtype="bfloat16"):
@@ -59,6 +60,29 @@ def test_write_read_byte_exact(k, total, mm):
         77,
         5,
     )
+
+
+def test_checksum_is_what_catches_a_changed_row():
+    """write_range(checksum=False) stamps 0 and read_round(verify=False) does not look: the
+    receiver asks for checksums only where a late write can land. With them, one changed
+    byte in a row fails the round; without them the same bytes pass (the contract)."""
+    m = bufs(k=3)
+    p = make_payload(3, 7, 5, 16, 3)
+    blocks = [4, 5]
+    m.write_request(blocks, p, room=9, generation=2)
+    assert all(m.read_manifest(b)[1].checksum != 0 for b in blocks)
+    assert_same(m.read_round(blocks, 7, 5, RoundStamp(9, 2, 0)), p)
+    m.embeddings[5, 0, 3] += 1  # a late write into the second block's first row
+    with pytest.raises(ProtocolError, match="block 5 checksum .* torn or late write"):
+        m.read_round(blocks, 7, 5, RoundStamp(9, 2, 0))
+    unverified = m.read_round(blocks, 7, 5, RoundStamp(9, 2, 0), verify=False)
+    assert not torch.equal(unverified.embeddings, p.embeddings)
+
+    m.write_range(blocks, p, 0, 7, 0, 5, room=9, generation=3, checksum=False)
+    assert [m.read_manifest(b)[1].checksum for b in blocks] == [0, 0]
+    assert_same(m.read_round(blocks, 7, 5, RoundStamp(9, 3, 0), verify=False), p)
+    with pytest.raises(ProtocolError, match="checksum"):
+        m.read_round(blocks, 7, 5, RoundStamp(9, 3, 0))
 
 
 def test_round_segments_move_only_valid_rows():

@@ -1,5 +1,6 @@
-"""Issue 9, the transport's fast path: event-driven control threads, pipelined rounds, and
-``take()`` handing out the tensors each round was copied into (one copy, no concatenation)."""
+"""Issue 9, the transport's fast path: event-driven control threads, pipelined rounds,
+``take()`` handing out the tensors each round was copied into (one copy, no concatenation),
+and block checksums only in rounds a late write can reach."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from el_helpers import FakePeer, assert_same, make_payload, wait_until
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.connection import TransferError
+from sglang.srt.disaggregation.encode_language.manifest import ProtocolError
 from sglang.srt.disaggregation.encode_language.receiver import Phase
 
 
@@ -100,3 +102,32 @@ def test_take_returns_the_tensors_the_rounds_were_copied_into(peers, make_lang):
     assert_same(got, make_payload(seed, total, mm, H, 3))
     with pytest.raises(TransferError, match="already taken"):
         rx.take()
+
+
+@pytest.mark.parametrize("every_round", [False, True])
+def test_checksums_only_where_a_late_write_can_land(peers, make_lang, every_round):
+    """Healthy rounds (every earlier owner of the blocks ended with a RoundDone, an AbortAck
+    or no write in flight) skip the checksum pass on both sides: the blocks' stamps carry 0.
+    ``checksum_every_round`` asks for it in every round. (The other half, rounds on blocks
+    released by a fence timeout, is test_fences.py's stalled-encoder test, which fails with
+    wrong bytes if exposed blocks are not checksummed.)"""
+    peer = peers()
+    lang = make_lang(checksum_every_round=every_round)
+    total, mm, seed = 3 * RESERVE + 5, 2 * RESERVE, 4
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room)
+    peer.call("send", room, seed, total, mm)
+    assert peer.call("wait", room, 20) == (KVPoll.Success, "")
+    assert wait_final(lang, rx) == KVPoll.Success
+    assert_same(rx.take(), make_payload(seed, total, mm, H, 3))
+    assert lang.rounds_checksummed == (4 if every_round else 0)
+    assert not lang.exposed_blocks
+    checksums = []
+    for block in range(lang.buffers.num_blocks):
+        try:
+            stamp = lang.buffers.read_manifest(block)[1]
+        except ProtocolError:  # never written
+            continue
+        if stamp.room == room:
+            checksums.append(stamp.checksum)
+    assert checksums and all((c != 0) == every_round for c in checksums), checksums

@@ -270,6 +270,7 @@ def test_bad_reservation_fails_only_that_request(peers, make_lang):
         generation=1,
         blocks=[10_000],
         max_tokens=0,
+        checksum=False,
     )
     lang.channel.send(peer.addr, bad)
     peer.call("send", room, 2, 20, 3)

@@ -68,6 +68,8 @@ def test_stalled_encoder_late_write_never_passes_wrong_bytes(
         assert wait_until(lambda: rx_b.phase == Phase.RESERVED, 10)  # fence timeout
         assert "fence timeout: releasing 2 blocks of room" in caplog.text
         assert rx_b.handle.blocks == a_blocks
+        # Released without the victim's abort_ack: exposed, so B's round is checksummed.
+        assert lang.exposed_blocks == set(a_blocks) and rx_b.checksum
         counts = accounting_ok(lang.allocator)
         assert counts == dict(free=0, quarantined=0, used=2, total=2)
 
@@ -108,8 +110,11 @@ def test_stalled_encoder_late_write_never_passes_wrong_bytes(
             KVPoll.Success if late_write == "before_b_is_written" else KVPoll.Failed
         )
         assert status == expected, rx_b.reason
+        checksummed = lang.rounds_checksummed
         ok_transfer(healthy, lang)
         ok_transfer(victim, lang)
+        # Rounds on the exposed blocks stay checksummed (the pool is those two blocks).
+        assert lang.rounds_checksummed > checksummed
         victim.assert_idle()
         healthy.assert_idle()
     finally:

@@ -153,6 +153,7 @@ ALL = [
         generation=4,
         blocks=[4, 5],
         max_tokens=0,
+        checksum=True,
     ),
     mf.make(
         mf.RoundDone,
@@ -199,7 +200,7 @@ def test_message_roundtrip_is_named_map(msg):
         (msgspec.msgpack.encode([1, 2, 3]), "invalid control message"),
         (
             msgspec.msgpack.encode(
-                {"type": "abort_ack", "version": 2, "room": "x", "manager_id": "h"}
+                {"type": "abort_ack", "version": 3, "room": "x", "manager_id": "h"}
             ),
             "Expected `int`",
         ),
@@ -207,7 +208,7 @@ def test_message_roundtrip_is_named_map(msg):
             msgspec.msgpack.encode(
                 {
                     "type": "abort_ack",
-                    "version": 2,
+                    "version": 3,
                     "room": 1,
                     "manager_id": "h",
                     "extra": 0,
@@ -223,7 +224,7 @@ def test_message_roundtrip_is_named_map(msg):
             msgspec.msgpack.encode(
                 {"type": "abort_ack", "version": 1, "room": 1, "manager_id": "h"}
             ),
-            "protocol version 1, expected 2",
+            "protocol version 1, expected 3",
         ),
     ],
 )

@@ -137,7 +137,10 @@ class MultimodalPayload:
             hidden_size=layout.hidden_size,
         )
 
-    def validate(self, layout: LayoutManifest) -> None:
+    def validate(self, layout: LayoutManifest, count_mask: bool = True) -> None:
+        """Shapes and dtypes against ``layout``; with ``count_mask``, also that the mask marks
+        as many tokens as there are rows (a device sync for a GPU mask: ``write_range`` counts
+        its host copy instead)."""
         T, H, K = self.total_tokens, layout.hidden_size, layout.deepstack_count
         M = self.mm_tokens
         if T < 1:
@@ -150,11 +153,8 @@ class MultimodalPayload:
             )
         if tuple(self.mm_mask.shape) != (T,) or self.mm_mask.dtype != torch.bool:
             raise ValueError(f"mm_mask must be bool [{T}]")
-        n_mask = int(self.mm_mask.sum())
-        if n_mask != M:
-            raise ValueError(
-                f"mm_mask marks {n_mask} multimodal tokens but embeddings has {M} rows"
-            )
+        if count_mask:
+            self.check_mask_count(int(self.mm_mask.sum()))
         if tuple(self.embeddings.shape) != (M, H):
             raise ValueError(
                 f"embeddings must be [{M}, {H}], got {tuple(self.embeddings.shape)}"
@@ -174,6 +174,13 @@ class MultimodalPayload:
                 raise ValueError(f"deepstack must be [{M}, {K * H}], got {got}")
             if self.deepstack.dtype != self.embeddings.dtype:
                 raise ValueError("deepstack dtype differs from embeddings dtype")
+
+    def check_mask_count(self, n_mask: int) -> None:
+        if n_mask != self.mm_tokens:
+            raise ValueError(
+                f"mm_mask marks {n_mask} multimodal tokens but embeddings has "
+                f"{self.mm_tokens} rows"
+            )
 
 
 class ReceivedData(NamedTuple):
@@ -248,6 +255,27 @@ def _record_event() -> "torch.cuda.Event":
     event = torch.cuda.Event()
     event.record()
     return event
+
+
+def _copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)``; from pinned host memory to a GPU asynchronously, through one
+    contiguous device buffer when ``dst`` is a column view (the embedding or deepstack part of
+    ``rows``), so the H2D copy is one contiguous transfer and the scatter a device copy.
+    """
+    if not dst.is_cuda or src.is_cuda:
+        dst.copy_(src)
+    elif dst.is_contiguous():
+        dst.copy_(src, non_blocking=True)
+    else:
+        tmp = torch.empty(src.shape, dtype=src.dtype, device=dst.device)
+        tmp.copy_(src, non_blocking=True)
+        dst.copy_(tmp)
+
+
+def _wait_for(pieces) -> None:
+    """Until the copies of every piece (index, length, CUDA event or None) have completed."""
+    if pieces and pieces[-1][2] is not None:
+        pieces[-1][2].synchronize()
 
 
 class RoundStamp(NamedTuple):
@@ -408,13 +436,20 @@ class MultimodalDataBuffers:
         mm_count: int,
         room: int = 0,
         generation: int = 0,
+        checksum: bool = True,
     ) -> RequestManifest:
         """Stage tokens ``[token_start, +token_count)`` and multimodal rows ``[mm_start, +mm_count)``
         of ``payload`` into ``blocks`` (block k holds the k-th B tokens / rows of the range).
         ``token_start`` is a multiple of B; each aux slot gets the manifest, its multimodal bitmap
-        and a ``BlockStamp`` (room, ``generation``, block index, checksum)."""
+        and a ``BlockStamp`` (room, ``generation``, block index, and the checksum when
+        ``checksum``, else 0: the receiver asks for it only where a late write is possible).
+
+        From a GPU payload the multimodal rows go in one asynchronous D2H copy per slot per run
+        of blocks, then the token stream (ids and positions, 16 bytes a token; the mask comes to
+        the host first, for the bitmaps), while the host builds bitmaps and headers; one wait.
+        """
         L, B = self.layout, self.block_size
-        payload.validate(L)
+        payload.validate(L, count_mask=False)
         T, M = payload.total_tokens, payload.mm_tokens
         if token_start % B or not (0 < token_count and token_start + token_count <= T):
             raise ValueError(
@@ -427,34 +462,27 @@ class MultimodalDataBuffers:
         nb = blocks_for_tokens(token_count, B)
         self._check_blocks(blocks, nb)
         blocks = list(blocks[:nb])
-        manifest = payload.manifest(L)
-        t_end = token_start + token_count
-        ids = payload.fill_ids[token_start:t_end]
-        pos = payload.mrope_positions[:, token_start:t_end]
-        mask = payload.mm_mask[token_start:t_end]
-        # The bitmap is built on the host: the mask is copied with the rest, one sync.
-        if mask.is_cuda:
-            mask = torch.empty(token_count, dtype=torch.bool, pin_memory=self.pinned)
-            mask.copy_(payload.mm_mask[token_start:t_end], non_blocking=True)
+        t = slice(token_start, token_start + token_count)
+        mask = self._to_host(payload.mm_mask[t])  # for the bitmaps
         emb, ds = payload.embeddings, payload.deepstack
         cuda = emb.is_cuda or payload.mm_mask.is_cuda
-        # One copy per slot per piece (a run of consecutive blocks; one run when the blocks are
-        # contiguous, as a fresh pool hands them out), then each piece's blocks are sealed
-        # (bitmap, stamp, checksum) once its copies are done, while later pieces still copy.
+        small = _record_event() if cuda else None
+
+        def put_token_stream():  # 16 bytes a token: one copy per slot per run, into blocks
+            for j, b, n in block_runs(blocks):
+                t0 = token_start + j * B
+                t1 = token_start + min(token_count, (j + n) * B)
+                self._put_tokens(
+                    b, n, payload.fill_ids[t0:t1], payload.mrope_positions[:, t0:t1]
+                )
+
+        if checksum:  # before the rows: a piece's checksum follows its copies' event
+            put_token_stream()
+        # Multimodal rows: one copy per slot per run of consecutive blocks (one run when the
+        # blocks are contiguous, as a fresh pool hands them out); in pieces of PIECE_BLOCKS when
+        # checksumming, so the checksums of a piece overlap the copies of the next.
         pieces = []
-        for j, b, n in block_runs(blocks, PIECE_BLOCKS):
-            t0, t1 = j * B, min(token_count, (j + n) * B)
-            c = t1 - t0
-            self.fill_ids[b : b + n].view(-1)[:c].copy_(ids[t0:t1], non_blocking=True)
-            full = c // B
-            if full:
-                self.mrope_positions[b : b + full].permute(1, 0, 2).copy_(
-                    pos[:, t0 : t0 + full * B].reshape(3, full, B), non_blocking=True
-                )
-            if c % B:
-                self.mrope_positions[b + full, :, : c % B].copy_(
-                    pos[:, t0 + full * B : t1], non_blocking=True
-                )
+        for j, b, n in block_runs(blocks, PIECE_BLOCKS if checksum else 0):
             m0, m1 = j * B, min(mm_count, (j + n) * B)
             if m1 > m0:
                 src = slice(mm_start + m0, mm_start + m1)
@@ -466,29 +494,72 @@ class MultimodalDataBuffers:
                         ds[src], non_blocking=True
                     )
             pieces.append((j, n, _record_event() if cuda else None))
-        mask_np = None
+        if not checksum:  # after the rows, so their D2H copies start first
+            put_token_stream()
+        # Meanwhile the bitmaps and the headers, on the host.
+        if small is not None:
+            small.synchronize()
+        mask_np = mask.numpy()
+        if token_count == T and np.count_nonzero(mask_np) != M:
+            _wait_for(pieces)  # no copy may still write the blocks once this raises
+            payload.check_mask_count(int(np.count_nonzero(mask_np)))
+        bits = np.packbits(
+            np.pad(mask_np, (0, nb * B - token_count)).reshape(nb, B),
+            axis=1,
+            bitorder="little",
+        )
+        aux = self.aux.numpy()
+        aux[blocks] = 0
+        aux[blocks, AUX_HEADER_BYTES : AUX_HEADER_BYTES + bits.shape[1]] = bits
+        manifest = payload.manifest(L)
         for j0, n, event in pieces:
             if event is not None:
                 event.synchronize()
-            if mask_np is None:
-                mask_np = mask.numpy()
             for j in range(j0, j0 + n):
-                b = blocks[j]
                 c = min(B, token_count - j * B)
                 mc = max(0, min(B, mm_count - j * B))
-                a = self.aux[b].numpy()
-                a[:] = 0
-                bits = np.packbits(mask_np[j * B : j * B + c], bitorder="little")
-                a[AUX_HEADER_BYTES : AUX_HEADER_BYTES + len(bits)] = bits
-                stamp = BlockStamp(
-                    token_start // B + j,
-                    room,
-                    generation,
-                    self._checksum(b, c, mc, bits),
+                ck = (
+                    self._checksum(blocks[j], c, mc, bits[j, : (c + 7) // 8])
+                    if checksum
+                    else 0
                 )
-                header = manifest.pack(stamp)
-                a[: len(header)] = np.frombuffer(header, dtype=np.uint8)
+                header = manifest.pack(
+                    BlockStamp(token_start // B + j, room, generation, ck)
+                )
+                aux[blocks[j], : len(header)] = np.frombuffer(header, dtype=np.uint8)
         return manifest
+
+    def _to_host(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the host: itself, or a (pinned) copy queued on the current stream."""
+        if not x.is_cuda:
+            return x
+        h = torch.empty(x.shape, dtype=x.dtype, pin_memory=self.pinned)
+        h.copy_(x, non_blocking=True)
+        return h
+
+    def _put_tokens(self, b: int, n: int, ids: torch.Tensor, pos: torch.Tensor) -> None:
+        """Ids and M-RoPE positions of up to ``n * B`` tokens into blocks ``b .. b+n-1``: one
+        copy each into contiguous block memory (from a GPU: asynchronous D2H; the positions
+        are laid out [block, 3, B] where they are, the unused tail of the last block zeroed).
+        """
+        B, c = self.block_size, ids.shape[0]
+        self.fill_ids[b : b + n].view(-1)[:c].copy_(ids, non_blocking=True)
+        blocked = torch.nn.functional.pad(pos, (0, n * B - c)).view(3, n, B)
+        self.mrope_positions[b : b + n].copy_(
+            blocked.transpose(0, 1), non_blocking=True
+        )
+
+    def _get_tokens(self, b: int, n: int, ids: torch.Tensor, pos: torch.Tensor) -> None:
+        """The reverse of ``_put_tokens``: blocks ``b .. b+n-1`` into ``ids`` / ``pos``."""
+        B, c = self.block_size, ids.shape[0]
+        ids.copy_(self.fill_ids[b : b + n].view(-1)[:c])
+        full = c // B
+        if full:
+            pos[:, : full * B].view(3, full, B).copy_(
+                self.mrope_positions[b : b + full].permute(1, 0, 2)
+            )
+        if c % B:
+            pos[:, full * B :].copy_(self.mrope_positions[b + full, :, : c % B])
 
     def restamp(self, blocks: Sequence[int], token_count: int, generation: int) -> None:
         """Set the reservation generation in the aux headers of a staged round (one staging
@@ -520,40 +591,16 @@ class MultimodalDataBuffers:
     def read_manifest(self, block: int) -> Tuple[RequestManifest, BlockStamp]:
         return RequestManifest.unpack(self.aux[block].numpy().tobytes())
 
-    def read_round(
-        self,
-        blocks: Sequence[int],
-        token_count: int,
-        mm_count: int,
-        expect: RoundStamp,
-        device: Optional[torch.device] = None,
-        out: Optional[ReceivedData] = None,
-    ) -> ReceivedData:
-        """Check and copy a round out of ``blocks``: the request manifest and the round's data,
-        copies, never views of the blocks (lesson 2).
-
-        Before copying, every block's aux header must carry ``expect``'s room and generation, the
-        right block index and the same manifest; after copying, every block's checksum must
-        match what is in the blocks now. Otherwise ``ProtocolError``: the blocks were written by
-        someone else (a late write of an earlier reservation), and the data must not be used.
-
-        ``out`` (e.g. ``slice_received`` of ``alloc_received``): the destination tensors of this
-        round, filled in place (the request's final tensors: no later concatenation). Without
-        it, fresh tensors, the multimodal rows on ``device`` (default: host). Each slot is one
-        copy per run of consecutive blocks, straight from the block buffers (from pinned buffers
-        to a GPU: one H2D copy at pinned bandwidth, no host gather)."""
-        B, H = self.block_size, self.layout.hidden_size
-        nb = blocks_for_tokens(max(token_count, 1), B)
-        self._check_blocks(blocks, nb)
-        blocks = list(blocks[:nb])
-        if mm_count > nb * B:
-            raise ProtocolError(
-                f"round has {mm_count} rows but {nb} blocks hold at most {nb * B}"
-            )
-        auxes = [self.aux[b].numpy().copy() for b in blocks]
+    @staticmethod
+    def _check_stamps(
+        blocks: Sequence[int], auxes: np.ndarray, expect: RoundStamp
+    ) -> Tuple[RequestManifest, List[BlockStamp]]:
+        """The round's manifest and block stamps; ``ProtocolError`` unless every block carries
+        ``expect``'s room and generation, its index in the request and the same manifest.
+        """
         manifest, stamps = None, []
         for j, a in enumerate(auxes):
-            m, stamp = RequestManifest.unpack(a.tobytes())
+            m, stamp = RequestManifest.unpack(a[:AUX_HEADER_BYTES].tobytes())
             stamps.append(stamp)
             want = (expect.room, expect.generation, expect.first_block + j)
             got = (stamp.room, stamp.generation, stamp.block_index)
@@ -567,10 +614,45 @@ class MultimodalDataBuffers:
                     f"block {blocks[j]} carries another request manifest"
                 )
             manifest = m
+        return manifest, stamps
+
+    def read_round(
+        self,
+        blocks: Sequence[int],
+        token_count: int,
+        mm_count: int,
+        expect: RoundStamp,
+        device: Optional[torch.device] = None,
+        out: Optional[ReceivedData] = None,
+        verify: bool = True,
+    ) -> ReceivedData:
+        """Check and copy a round out of ``blocks``: the request manifest and the round's data,
+        copies, never views of the blocks (lesson 2).
+
+        Every block's aux header must carry ``expect``'s room and generation, the right block
+        index and the same manifest (checked while the rows copy); with ``verify``, after
+        copying, every block's checksum must match what is in the blocks now. Otherwise
+        ``ProtocolError``: the blocks were written by someone else (a late write of an earlier
+        reservation), and the data must not be used. (The receiver verifies only rounds whose blocks a late write can reach.)
+
+        ``out`` (e.g. ``slice_received`` of ``alloc_received``): the destination tensors of this
+        round, filled in place (the request's final tensors: no later concatenation). Without
+        it, fresh tensors, the multimodal rows on ``device`` (default: host). Each slot is one
+        copy per run of consecutive blocks, straight from the block buffers (from pinned buffers
+        to a GPU: one H2D copy at pinned bandwidth, no host gather); the token stream and the
+        bitmap are unpacked on the host while those copies run."""
+        B, H = self.block_size, self.layout.hidden_size
+        nb = blocks_for_tokens(max(token_count, 1), B)
+        self._check_blocks(blocks, nb)
+        blocks = list(blocks[:nb])
+        if mm_count > nb * B:
+            raise ProtocolError(
+                f"round has {mm_count} rows but {nb} blocks hold at most {nb * B}"
+            )
         if out is None:
             device = torch.device("cpu") if device is None else torch.device(device)
             out = ReceivedData(
-                manifest,
+                None,
                 torch.empty(token_count, dtype=self.fill_ids.dtype),
                 torch.empty((3, token_count), dtype=self.mrope_positions.dtype),
                 torch.empty(token_count, dtype=torch.bool),
@@ -585,8 +667,6 @@ class MultimodalDataBuffers:
                     else None
                 ),
             )
-        else:
-            out = out._replace(manifest=manifest)
         for name, n in (
             ("fill_ids", token_count),
             ("mm_mask", token_count),
@@ -596,40 +676,40 @@ class MultimodalDataBuffers:
                 raise ValueError(
                     f"out.{name} has {getattr(out, name).shape[0]} rows, not {n}"
                 )
+        # The multimodal rows first (to a GPU: asynchronous H2D copies), then, while they run,
+        # the headers and the token stream on the host.
         emb, ds = out.embeddings, out.deepstack
         non_blocking = self.pinned and emb.is_cuda
-        bits = np.stack(
-            [a[AUX_HEADER_BYTES : AUX_HEADER_BYTES + (B + 7) // 8] for a in auxes]
-        )
+        pieces = []
+        for j, b, n in block_runs(blocks, PIECE_BLOCKS if verify else 0):
+            m0, m1 = j * B, min(mm_count, (j + n) * B)
+            if m1 > m0:
+                for dst, slot in ((emb, self.embeddings), (ds, self.deepstack)):
+                    if dst is not None:
+                        _copy_rows(
+                            dst[m0:m1], slot[b : b + n].view(n * B, -1)[: m1 - m0]
+                        )
+            pieces.append((j, n, _record_event() if non_blocking else None))
+        auxes = self.aux.numpy()[blocks]  # a copy: the headers as they were checked
+        try:
+            manifest, stamps = self._check_stamps(blocks, auxes, expect)
+        except ProtocolError:
+            _wait_for(pieces)  # the blocks may be reused once this raises
+            raise
+        out = out._replace(manifest=manifest)
+        for j, b, n in block_runs(blocks):
+            t0, t1 = j * B, min(token_count, (j + n) * B)
+            self._get_tokens(b, n, out.fill_ids[t0:t1], out.mrope_positions[:, t0:t1])
+        bits = auxes[:, AUX_HEADER_BYTES : AUX_HEADER_BYTES + (B + 7) // 8]
         out.mm_mask.numpy()[:] = np.unpackbits(
             bits, axis=1, count=B, bitorder="little"
         ).reshape(-1)[:token_count]
-        pieces = []
-        for j, b, n in block_runs(blocks, PIECE_BLOCKS):
-            t0, t1 = j * B, min(token_count, (j + n) * B)
-            c = t1 - t0
-            out.fill_ids[t0:t1].copy_(self.fill_ids[b : b + n].view(-1)[:c])
-            full = c // B
-            if full:
-                out.mrope_positions[:, t0 : t0 + full * B].view(3, full, B).copy_(
-                    self.mrope_positions[b : b + full].permute(1, 0, 2)
-                )
-            if c % B:
-                out.mrope_positions[:, t0 + full * B : t1].copy_(
-                    self.mrope_positions[b + full, :, : c % B]
-                )
-            m0, m1 = j * B, min(mm_count, (j + n) * B)
-            if m1 > m0:
-                emb[m0:m1].copy_(
-                    self.embeddings[b : b + n].view(n * B, -1)[: m1 - m0],
-                    non_blocking=non_blocking,
-                )
-                if ds is not None:
-                    ds[m0:m1].copy_(
-                        self.deepstack[b : b + n].view(n * B, -1)[: m1 - m0],
-                        non_blocking=non_blocking,
-                    )
-            pieces.append((j, n, _record_event() if non_blocking else None))
+        if not verify:
+            if pieces[-1][2] is not None:
+                pieces[-1][
+                    2
+                ].synchronize()  # the blocks may be reused once this returns
+            return out
         # Checked after each piece's copy has completed: a byte that came from a late write is
         # still in the block then. (Checking while the copy runs could miss a late write landing
         # between the check and the copy; that is why a piece's checksums wait for its event.)
@@ -637,20 +717,13 @@ class MultimodalDataBuffers:
             if event is not None:
                 event.synchronize()
             for j in range(j0, j0 + n):
-                a = auxes[j]
                 c = min(B, token_count - j * B)
                 mc = max(0, min(B, mm_count - j * B))
-                stamp = stamps[j]
-                got = self._checksum(
-                    blocks[j],
-                    c,
-                    mc,
-                    a[AUX_HEADER_BYTES : AUX_HEADER_BYTES + (c + 7) // 8],
-                )
-                if got != stamp.checksum:
+                got = self._checksum(blocks[j], c, mc, bits[j, : (c + 7) // 8])
+                if got != stamps[j].checksum:
                     raise ProtocolError(
-                        f"block {blocks[j]} checksum {got:#010x} != {stamp.checksum:#010x} in "
-                        f"its aux header: torn or late write"
+                        f"block {blocks[j]} checksum {got:#010x} != {stamps[j].checksum:#010x} "
+                        f"in its aux header: torn or late write"
                     )
         return out
 

@@ -113,6 +113,9 @@ class ConnectionConfig:
     # Language: blocks a peer may still write (declared dead, or its write timed out) stay
     # quarantined until its abort_ack or this long, whichever comes first (logged when it fires).
     fence_timeout_s: float = 120.0
+    # Language: ask for block checksums in every round, not only in rounds whose blocks a late
+    # write can reach (blocks released by fence_timeout_s without the encoder's abort_ack).
+    checksum_every_round: bool = False
     # Both: a peer dead, or without a live request, this long is forgotten.
     peer_prune_s: float = 300.0
     # Encoder: payload bytes held by reference until their last round; send() past the bound

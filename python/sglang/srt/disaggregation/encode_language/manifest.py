@@ -25,7 +25,9 @@ import msgspec
 import torch
 
 LAYOUT_VERSION = 3  # 2: aux header carries room, reservation generation and a block checksum; 3: XXH3
-PROTOCOL_VERSION = 2  # 2: epochs, generations, sender ids, Unregistered
+PROTOCOL_VERSION = (
+    3  # 2: epochs, generations, sender ids, Unregistered; 3: Reserve.checksum
+)
 
 # dtype <-> wire name; the names are what manifests carry.
 _DTYPES = {
@@ -381,6 +383,9 @@ class Reserve(_Msg, tag="reserve"):
     generation: int
     blocks: List[int]
     max_tokens: int  # most tokens this rank accepts for one request; 0 = no limit
+    # Stamp block checksums this round: the blocks may still receive a late write (the
+    # receiver released them from a fence without an abort_ack), or the receiver always asks.
+    checksum: bool
 
 
 class RoundDone(_Msg, tag="round_done"):

@@ -19,8 +19,13 @@ not in ``_TRANSITIONS``.
   (timeout, local abort, encoder declared dead, encoder's write timed out) does not free its
   blocks: they are *fenced* (quarantined in the allocator, counted apart from free and in use)
   and the encoder is asked to abort, every ``abort_ack_timeout_s``, until its ``AbortAck`` for the
-  room, or until ``fence_timeout_s`` (logged). A late write that still lands after that is caught
-  by the generation/room/checksum check of the next owner's ``read_round``.
+  room, or until ``fence_timeout_s`` (logged). Blocks released by that timeout are *exposed*: a
+  late write may still land in them. Every round whose reservation includes an exposed block asks
+  the encoder for block checksums (``Reserve.checksum``), so such a write is caught by the next
+  owner's ``read_round`` (room, generation and checksum checks). Other rounds skip the checksum
+  pass on both sides: every other way a block comes back (the last round's ``RoundDone``, an
+  ``AbortAck``, an ``Abort`` without pending writes, a failure outside RESERVED) follows the end
+  of the encoder's last write into it. The room/generation stamp is checked in every round.
 * Registrations carry an epoch. An encoder that no longer holds ours answers a reservation with
   ``Unregistered``; the registration is dropped and round-0 receivers register again.
 * Status tables are dropped as soon as a request ends; a receiver keeps its own result.
@@ -35,7 +40,7 @@ import logging
 import math
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.allocator import BlockHandle, Priority
@@ -131,6 +136,10 @@ class LanguageManager(ManagerBase):
         self.rooms: Dict[int, "LanguageReceiver"] = {}
         self.registrations: Dict[str, _Registration] = {}
         self.fences: Dict[Tuple[str, int], _Fence] = {}
+        # Blocks released from a fence without the encoder's abort_ack: a late write may still
+        # land in them, so rounds that use them are checksummed.
+        self.exposed_blocks: Set[int] = set()
+        self.rounds_checksummed = 0
         self._epochs = itertools.count(1)
         self._generations = itertools.count(1)
         super().__init__(buffer_config, config, engine)
@@ -216,6 +225,10 @@ class LanguageManager(ManagerBase):
         r.epoch = epoch
         r.generation = next(self._generations)
         r.reserved_once = True
+        r.checksum = (
+            self.config.checksum_every_round
+            or not self.exposed_blocks.isdisjoint(r.handle.blocks)
+        )
         r._set_status(KVPoll.WaitingForInput if r.round == 0 else KVPoll.Transferring)
         msg = make(
             Reserve,
@@ -228,6 +241,7 @@ class LanguageManager(ManagerBase):
             generation=r.generation,
             blocks=r.handle.blocks,
             max_tokens=r.max_tokens,
+            checksum=r.checksum,
         )
         self.channel.send(r.encoder, msg)
 
@@ -425,7 +439,9 @@ class LanguageManager(ManagerBase):
             out=slice_received(
                 r.data, msg.token_start, msg.token_count, msg.mm_start, msg.mm_count
             ),
+            verify=r.checksum,
         )
+        self.rounds_checksummed += r.checksum
         manifest = data.manifest
         manifest.check_against(self.layout)
         if (manifest.total_tokens, manifest.mm_tokens) != (
@@ -515,9 +531,15 @@ class LanguageManager(ManagerBase):
             encoder, make(Abort, room=room, manager_id=self.manager_id, reason=reason)
         )
 
-    def _release_fence_locked(self, key: Tuple[str, int], why: str) -> None:
+    def _release_fence_locked(
+        self, key: Tuple[str, int], why: str, acked: bool = True
+    ) -> None:
+        """Free a fence's blocks; not ``acked`` (the encoder never said its writes ended):
+        they stay exposed to a late write for good."""
         f = self.fences.pop(key, None)
         if f is not None:
+            if not acked:
+                self.exposed_blocks.update(f.handle.blocks)
             logger.info(
                 "language: room %d: %d fenced blocks released (%s)",
                 f.room,
@@ -567,14 +589,14 @@ class LanguageManager(ManagerBase):
                 if now - f.since > cfg.fence_timeout_s:
                     logger.warning(
                         "language: fence timeout: releasing %d blocks of room %d that encoder %s "
-                        "may still write (no abort_ack within %.1fs); a late write is caught by "
-                        "the next owner's generation check",
+                        "may still write (no abort_ack within %.1fs); rounds using them are "
+                        "checksummed from now on, so a late write is caught",
                         len(f.handle),
                         f.room,
                         f.encoder,
                         cfg.fence_timeout_s,
                     )
-                    self._release_fence_locked(key, "fence timeout")
+                    self._release_fence_locked(key, "fence timeout", acked=False)
                     continue
                 if now - f.asked_at > cfg.abort_ack_timeout_s:
                     f.asked_at = now
@@ -687,6 +709,7 @@ class LanguageReceiver:
         self.status = KVPoll.Bootstrapping
         self.reason = ""
         self.reserved_once = False
+        self.checksum = False  # the current reservation asked for block checksums
         self.manifest: Optional[RequestManifest] = None
         # the request's tensors (alloc_received), filled in place round by round
         self.data: Optional[ReceivedData] = None

@@ -111,6 +111,7 @@ class _Dest:
     generation: int
     blocks: List[int]
     max_tokens: int = 0
+    checksum: bool = False  # this round's reservation asked for block checksums
 
 
 @dataclasses.dataclass
@@ -388,6 +389,7 @@ class EncodeManager(ManagerBase):
                     msg.generation,
                     list(msg.blocks),
                     msg.max_tokens,
+                    msg.checksum,
                 )
             else:
                 if (
@@ -399,10 +401,11 @@ class EncodeManager(ManagerBase):
                     return refuse(
                         f"unexpected reservation for round {msg.round} (room is at round {r.round})"
                     )
-                d.round, d.generation, d.blocks = (
+                d.round, d.generation, d.blocks, d.checksum = (
                     msg.round,
                     msg.generation,
                     list(msg.blocks),
+                    msg.checksum,
                 )
             self._update_sender_status(r)
             self._maybe_schedule(r)
@@ -555,6 +558,9 @@ class EncodeManager(ManagerBase):
         # later destination restamps each chunk only after every write to the previous one
         # returned (never while a write reads it).
         step = self.config.pipeline_blocks or nb
+        checksum = any(
+            d.checksum for d in dests
+        )  # one staging serves every destination
         try:
             nbytes = 0
             for i, (d, p) in enumerate(zip(dests, peers)):
@@ -579,6 +585,7 @@ class EncodeManager(ManagerBase):
                                 mc,
                                 r.room,
                                 d.generation,
+                                checksum,
                             )
                         else:
                             self.buffers.restamp(chunk, tc, d.generation)
