@@ -182,13 +182,19 @@ def peers(mp_ctx):
         p.close()
 
 
-def ok_transfer(peer, lang, seed=1, total=3 * RESERVE, mm=20, k=3):
-    """The side that survived a fault still serves a normal multi-round request."""
+def transfer(peer, lang, seed, total, mm):
+    """One request from ``peer`` to ``lang``, both sides Success; the (finished) receiver."""
     room = new_room()
     rx = lang.create_receiver(peer.addr, room)
     peer.call("send", room, seed, total, mm)
     assert peer.call("wait", room, 20) == (KVPoll.Success, "")
     assert wait_final(lang, rx) == KVPoll.Success, rx.reason
+    return rx
+
+
+def ok_transfer(peer, lang, seed=1, total=3 * RESERVE, mm=20, k=3):
+    """The side that survived a fault still serves a normal multi-round request."""
+    rx = transfer(peer, lang, seed, total, mm)
     assert_same(rx.take(), make_payload(seed, total, mm, H, k))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import RESERVE, B, H, new_room, wait_final
+from conftest import RESERVE, B, H, new_room, transfer, wait_final
 from el_helpers import FakePeer, assert_same, make_payload, wait_until
 
 from sglang.srt.disaggregation.base.conn import KVPoll
@@ -84,11 +84,7 @@ def test_take_returns_the_tensors_the_rounds_were_copied_into(peers, make_lang):
     with embeddings and deepstack as column views of one [M, (1+K)*H] rows tensor."""
     peer, lang = peers(), make_lang()
     total, mm, seed = 4 * RESERVE + 3, 3 * RESERVE, 5
-    room = new_room()
-    rx = lang.create_receiver(peer.addr, room)
-    peer.call("send", room, seed, total, mm)
-    assert peer.call("wait", room, 20) == (KVPoll.Success, "")
-    assert wait_final(lang, rx) == KVPoll.Success
+    rx = transfer(peer, lang, seed, total, mm)
     held = rx.data
     ptrs = [t.data_ptr() for t in (held.fill_ids, held.mrope_positions, held.mm_mask)]
     got = rx.take()
@@ -114,11 +110,7 @@ def test_checksums_only_where_a_late_write_can_land(peers, make_lang, every_roun
     peer = peers()
     lang = make_lang(checksum_every_round=every_round)
     total, mm, seed = 3 * RESERVE + 5, 2 * RESERVE, 4
-    room = new_room()
-    rx = lang.create_receiver(peer.addr, room)
-    peer.call("send", room, seed, total, mm)
-    assert peer.call("wait", room, 20) == (KVPoll.Success, "")
-    assert wait_final(lang, rx) == KVPoll.Success
+    rx = transfer(peer, lang, seed, total, mm)
     assert_same(rx.take(), make_payload(seed, total, mm, H, 3))
     assert lang.rounds_checksummed == (4 if every_round else 0)
     assert not lang.exposed_blocks
@@ -128,6 +120,6 @@ def test_checksums_only_where_a_late_write_can_land(peers, make_lang, every_roun
             stamp = lang.buffers.read_manifest(block)[1]
         except ProtocolError:  # never written
             continue
-        if stamp.room == room:
+        if stamp.room == rx.room:
             checksums.append(stamp.checksum)
     assert checksums and all((c != 0) == every_round for c in checksums), checksums
