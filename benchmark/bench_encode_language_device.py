@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import random
 import statistics
 import sys
 import time
@@ -68,13 +69,18 @@ def load_transport():
 
 def timed(ops: dict, iters: int, cuda: bool) -> dict:
     """Median, min and max seconds of each op, the ops interleaved: every iteration runs each
-    once (a noisy neighbour slows all of them alike), synchronised after each."""
+    once (a noisy neighbour slows all of them alike), in a shuffled order (an op never always
+    follows the same one: a host-only op leaves the GPU and the PCIe link idle for the next),
+    synchronised before and after each."""
     for fn in ops.values():
         for _ in range(3):
             fn()
     samples = {name: [] for name in ops}
-    for _ in range(iters):
-        for name, fn in ops.items():
+    order = list(ops)
+    for i in range(iters):
+        random.Random(i).shuffle(order)
+        for name in order:
+            fn = ops[name]
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
