@@ -85,6 +85,28 @@ def test_checksum_is_what_catches_a_changed_row():
         m.read_round(blocks, 7, 5, RoundStamp(9, 3, 0))
 
 
+def test_stamps_of_every_block_are_checked():
+    """A round is refused when any block (not only the first) carries another reservation's
+    stamp or another request's manifest; the error names the block and what it holds."""
+    m = bufs(k=3)
+    p = make_payload(4, 10, 6, 16, 3)
+    blocks = [6, 1, 3]
+    m.write_request(blocks, p, room=11, generation=4)
+    with pytest.raises(
+        ProtocolError,
+        match=r"block 6 holds \(room, generation, block index\) \(11, 4, 0\), expected "
+        r"\(11, 5, 0\): written by another reservation",
+    ):
+        m.read_round(blocks, 10, 6, RoundStamp(11, 5, 0))
+    m.write_request([1], make_payload(4, 3, 1, 16, 3), room=11, generation=4)
+    with pytest.raises(ProtocolError, match=r"expected \(11, 4, 1\)"):
+        m.read_round(blocks, 10, 6, RoundStamp(11, 4, 0))  # block 1 is index 0 of another
+    m.write_request(blocks, p, room=11, generation=4)
+    m.aux[3, 16] ^= 1  # total_tokens of the third block's manifest
+    with pytest.raises(ProtocolError, match="block 3 carries another request manifest"):
+        m.read_round(blocks, 10, 6, RoundStamp(11, 4, 0))
+
+
 def test_round_segments_move_only_valid_rows():
     """Text tokens cost no embedding/deepstack bytes: total segment bytes == wire_bytes()."""
     m = bufs(k=3)

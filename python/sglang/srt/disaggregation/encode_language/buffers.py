@@ -52,6 +52,8 @@ import xxhash
 
 from sglang.srt.disaggregation.encode_language.manifest import (
     AUX_HEADER_BYTES,
+    AUX_HEADER_DTYPE,
+    STAMP_OFFSET,
     BlockStamp,
     LayoutManifest,
     ProtocolError,
@@ -594,27 +596,33 @@ class MultimodalDataBuffers:
     @staticmethod
     def _check_stamps(
         blocks: Sequence[int], auxes: np.ndarray, expect: RoundStamp
-    ) -> Tuple[RequestManifest, List[BlockStamp]]:
-        """The round's manifest and block stamps; ``ProtocolError`` unless every block carries
-        ``expect``'s room and generation, its index in the request and the same manifest.
-        """
-        manifest, stamps = None, []
-        for j, a in enumerate(auxes):
-            m, stamp = RequestManifest.unpack(a[:AUX_HEADER_BYTES].tobytes())
-            stamps.append(stamp)
-            want = (expect.room, expect.generation, expect.first_block + j)
-            got = (stamp.room, stamp.generation, stamp.block_index)
-            if got != want:
+    ) -> Tuple[RequestManifest, np.ndarray]:
+        """The round's manifest and the blocks' checksums; ``ProtocolError`` unless every block
+        carries ``expect``'s room and generation, its index in the request and the same
+        manifest (all blocks' headers read at once, the first one parsed)."""
+        heads = np.ascontiguousarray(auxes[:, :AUX_HEADER_BYTES])
+        manifest, _ = RequestManifest.unpack(heads[0].tobytes())
+        rec = heads.view(AUX_HEADER_DTYPE)[:, 0]
+        stamp_ok = (
+            (rec["room"] == expect.room)
+            & (rec["generation"] == expect.generation)
+            & (rec["block_index"] == expect.first_block + np.arange(len(heads)))
+        )
+        same = (heads[:, :STAMP_OFFSET] == heads[0, :STAMP_OFFSET]).all(axis=1)
+        bad = np.flatnonzero(~(stamp_ok & same))
+        if len(bad):
+            j = int(bad[0])
+            if not stamp_ok[j]:
+                want = (expect.room, expect.generation, expect.first_block + j)
+                got = tuple(
+                    int(rec[f][j]) for f in ("room", "generation", "block_index")
+                )
                 raise ProtocolError(
                     f"block {blocks[j]} holds (room, generation, block index) {got}, expected "
                     f"{want}: written by another reservation (a late write)"
                 )
-            if manifest is not None and m != manifest:
-                raise ProtocolError(
-                    f"block {blocks[j]} carries another request manifest"
-                )
-            manifest = m
-        return manifest, stamps
+            raise ProtocolError(f"block {blocks[j]} carries another request manifest")
+        return manifest, rec["checksum"]
 
     def read_round(
         self,
@@ -692,7 +700,7 @@ class MultimodalDataBuffers:
             pieces.append((j, n, _record_event() if non_blocking else None))
         auxes = self.aux.numpy()[blocks]  # a copy: the headers as they were checked
         try:
-            manifest, stamps = self._check_stamps(blocks, auxes, expect)
+            manifest, checksums = self._check_stamps(blocks, auxes, expect)
         except ProtocolError:
             _wait_for(pieces)  # the blocks may be reused once this raises
             raise
@@ -720,9 +728,9 @@ class MultimodalDataBuffers:
                 c = min(B, token_count - j * B)
                 mc = max(0, min(B, mm_count - j * B))
                 got = self._checksum(blocks[j], c, mc, bits[j, : (c + 7) // 8])
-                if got != stamps[j].checksum:
+                if got != checksums[j]:
                     raise ProtocolError(
-                        f"block {blocks[j]} checksum {got:#010x} != {stamps[j].checksum:#010x} "
+                        f"block {blocks[j]} checksum {got:#010x} != {int(checksums[j]):#010x} "
                         f"in its aux header: torn or late write"
                     )
         return out

@@ -22,6 +22,7 @@ import struct
 from typing import List, NamedTuple, Tuple, Union
 
 import msgspec
+import numpy as np
 import torch
 
 LAYOUT_VERSION = 3  # 2: aux header carries room, reservation generation and a block checksum; 3: XXH3
@@ -95,6 +96,26 @@ class Slot(enum.IntEnum):
 _AUX_HEADER = struct.Struct("<4sHHiiqqqiIqq")
 AUX_MAGIC = b"ELMM"
 AUX_HEADER_BYTES = _AUX_HEADER.size  # 64
+# The same header as a numpy record, to read the stamps of many blocks at once; the request
+# manifest is the bytes before ``STAMP_OFFSET``.
+AUX_HEADER_DTYPE = np.dtype(
+    [
+        ("magic", "S4"),
+        ("layout_version", "<u2"),
+        ("dtype_code", "<u2"),
+        ("deepstack_count", "<i4"),
+        ("hidden_size", "<i4"),
+        ("total_tokens", "<i8"),
+        ("mm_tokens", "<i8"),
+        ("mrope_delta", "<i8"),
+        ("block_index", "<i4"),
+        ("checksum", "<u4"),
+        ("room", "<i8"),
+        ("generation", "<i8"),
+    ]
+)
+STAMP_OFFSET = AUX_HEADER_DTYPE.fields["block_index"][1]  # 40
+assert AUX_HEADER_DTYPE.itemsize == AUX_HEADER_BYTES
 
 
 class BlockStamp(NamedTuple):
