@@ -27,11 +27,12 @@ Saving versus a dense layout: (T - M) * (1+K) * H * E bytes per request; for Qwe
 The aux bitmap tells the language side which tokens of a block are multimodal, so the received
 rows are placed exactly, without guessing from token ids. Each aux header also carries a
 ``BlockStamp``: the bootstrap room, the generation of the reservation written, the block's index
-in the request and a checksum (XXH3-64, low 32 bits) of what the round wrote into the block
-(bitmap, ids, positions, rows).
-``read_round`` checks room, generation and index before copying out and the checksum after, so a
-late write from an earlier owner of the block (an encoder that stalled past its fence) fails the
-request instead of passing wrong bytes.
+in the request and, when the round asks for it, a checksum (XXH3-64, low 32 bits) of what the
+round wrote into the block (bitmap, ids, positions, rows). ``read_round`` checks room,
+generation, index and manifest of every block, and with ``verify`` the checksum after copying
+out, so a late write from an earlier owner of the block (an encoder that stalled past its fence)
+fails the request instead of passing wrong bytes. The receiver asks for checksums only in rounds
+whose blocks such a write can reach (``receiver.py``).
 
 The scratch block (index N) is never handed out by the allocator: warm-up and health probes write
 there and only there (lesson 1: a warm-up write must never land in a real request's block).
@@ -292,9 +293,10 @@ def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
-# Copies between payload / request tensors and blocks go in pieces of at most this many
-# consecutive blocks (0 = whole runs): each piece is one copy per slot, and the checksums of
-# piece i are computed while the copies of piece i+1 run (GPU: after piece i's CUDA event).
+# Checksummed rounds copy between payload / request tensors and blocks in pieces of at most
+# this many consecutive blocks: each piece is one copy per slot, and the checksums of piece i
+# are computed while the copies of piece i+1 run (GPU: after piece i's CUDA event). Rounds
+# without checksums copy whole runs of consecutive blocks.
 PIECE_BLOCKS = 2
 
 
