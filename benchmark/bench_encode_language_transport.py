@@ -33,7 +33,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import time
 
@@ -45,6 +44,8 @@ os.environ.setdefault("MOONCAKE_PROTOCOL", "tcp")
 
 import torch
 import zmq
+from sample_stats import summary
+
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
@@ -168,11 +169,9 @@ def encoder_process(conn, zmq_ports, pipeline_blocks, payloads):
 
 
 def stats(xs):
-    return {
-        "median_ms": statistics.median(xs) * 1e3,
-        "min_ms": min(xs) * 1e3,
-        "max_ms": max(xs) * 1e3,
-    }
+    """``sample_stats.summary`` in milliseconds (the keys this benchmark's JSON has used)."""
+    s = summary(xs)
+    return {f"{k}_ms": s[f"{k}_s"] * 1e3 for k in ("median", "min", "max")}
 
 
 def main():

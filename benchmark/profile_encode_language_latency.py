@@ -36,7 +36,7 @@ STEPS = (
     (buffers.MultimodalDataBuffers, "write_range", "staging (write_range)"),
     (buffers.MultimodalDataBuffers, "round_segments", "transfer plan"),
     (encode.EncodeManager, "_write_chunks", "writer thread: TE write"),
-    (encode.EncodeManager, "_await_writes", "worker waits for the write"),
+    (encode.EncodeManager, "_await_write", "worker waits for the write"),
     (connection.ControlChannel, "send", "control message sent"),
     (language.LanguageManager, "_on_round_done", "language: RoundDone"),
     (buffers.MultimodalDataBuffers, "read_round", "copy-out (read_round)"),

@@ -504,9 +504,10 @@ class MultimodalDataBuffers:
         if small is not None:
             small.synchronize()
         mask_np = mask.numpy()
-        if token_count == T and np.count_nonzero(mask_np) != M:
+        n_mask = int(np.count_nonzero(mask_np))
+        if token_count == T and n_mask != M:
             _wait_for(pieces)  # no copy may still write the blocks once this raises
-            payload.check_mask_count(int(np.count_nonzero(mask_np)))
+            payload.check_mask_count(n_mask)
         bits = np.packbits(
             np.pad(mask_np, (0, nb * B - token_count)).reshape(nb, B),
             axis=1,
@@ -516,22 +517,41 @@ class MultimodalDataBuffers:
         aux[blocks] = 0
         aux[blocks, AUX_HEADER_BYTES : AUX_HEADER_BYTES + bits.shape[1]] = bits
         manifest = payload.manifest(L)
+        checksums = (
+            dict(self._checksums_after(pieces, blocks, token_count, mm_count, bits))
+            if checksum
+            else {}
+        )
+        for j, b in enumerate(blocks):
+            stamp = BlockStamp(
+                token_start // B + j, room, generation, checksums.get(j, 0)
+            )
+            header = manifest.pack(stamp)
+            aux[b, : len(header)] = np.frombuffer(header, dtype=np.uint8)
+        _wait_for(
+            pieces
+        )  # unchecksummed: the headers were written while the rows copied
+        return manifest
+
+    def _checksums_after(
+        self,
+        pieces: List[Tuple[int, int, Optional["torch.cuda.Event"]]],
+        blocks: Sequence[int],
+        token_count: int,
+        mm_count: int,
+        bits: np.ndarray,
+    ) -> Iterator[Tuple[int, int]]:
+        """(j, checksum of ``blocks[j]``) piece by piece, each piece once its copies have
+        completed (its CUDA event), so later pieces still copy while earlier ones hash.
+        """
+        B = self.block_size
         for j0, n, event in pieces:
             if event is not None:
                 event.synchronize()
             for j in range(j0, j0 + n):
                 c = min(B, token_count - j * B)
                 mc = max(0, min(B, mm_count - j * B))
-                ck = (
-                    self._checksum(blocks[j], c, mc, bits[j, : (c + 7) // 8])
-                    if checksum
-                    else 0
-                )
-                header = manifest.pack(
-                    BlockStamp(token_start // B + j, room, generation, ck)
-                )
-                aux[blocks[j], : len(header)] = np.frombuffer(header, dtype=np.uint8)
-        return manifest
+                yield j, self._checksum(blocks[j], c, mc, bits[j, : (c + 7) // 8])
 
     def _to_host(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` on the host: itself, or a (pinned) copy queued on the current stream."""
@@ -569,13 +589,9 @@ class MultimodalDataBuffers:
         """Set the reservation generation in the aux headers of a staged round (one staging
         serves every destination rank; each rank's reservation has its own generation).
         """
-        for b in blocks[: blocks_for_tokens(token_count, self.block_size)]:
-            data = self.aux[b, :AUX_HEADER_BYTES].numpy().tobytes()
-            manifest, stamp = RequestManifest.unpack(data)
-            header = manifest.pack(stamp._replace(generation=generation))
-            self.aux[b, : len(header)] = torch.frombuffer(
-                bytearray(header), dtype=torch.uint8
-            )
+        staged = list(blocks[: blocks_for_tokens(token_count, self.block_size)])
+        headers = self.aux.numpy()[:, :AUX_HEADER_BYTES].view(AUX_HEADER_DTYPE)[:, 0]
+        headers["generation"][staged] = generation  # in place: a view of the aux slot
 
     def _checksum(self, b: int, c: int, mc: int, bits: np.ndarray) -> int:
         """Checksum of what a round puts into block ``b``: bitmap, ``c`` ids and positions,
@@ -715,26 +731,19 @@ class MultimodalDataBuffers:
             bits, axis=1, count=B, bitorder="little"
         ).reshape(-1)[:token_count]
         if not verify:
-            if pieces[-1][2] is not None:
-                pieces[-1][
-                    2
-                ].synchronize()  # the blocks may be reused once this returns
+            _wait_for(pieces)  # the blocks may be reused once this returns
             return out
         # Checked after each piece's copy has completed: a byte that came from a late write is
         # still in the block then. (Checking while the copy runs could miss a late write landing
         # between the check and the copy; that is why a piece's checksums wait for its event.)
-        for j0, n, event in pieces:
-            if event is not None:
-                event.synchronize()
-            for j in range(j0, j0 + n):
-                c = min(B, token_count - j * B)
-                mc = max(0, min(B, mm_count - j * B))
-                got = self._checksum(blocks[j], c, mc, bits[j, : (c + 7) // 8])
-                if got != checksums[j]:
-                    raise ProtocolError(
-                        f"block {blocks[j]} checksum {got:#010x} != {int(checksums[j]):#010x} "
-                        f"in its aux header: torn or late write"
-                    )
+        for j, got in self._checksums_after(
+            pieces, blocks, token_count, mm_count, bits
+        ):
+            if got != checksums[j]:
+                raise ProtocolError(
+                    f"block {blocks[j]} checksum {got:#010x} != {int(checksums[j]):#010x} "
+                    f"in its aux header: torn or late write"
+                )
         return out
 
     # Transfer plan ------------------------------------------------------------------------------

@@ -422,8 +422,6 @@ class ManagerBase:
         except BaseException:
             self.channel.close()
             raise
-        # Freed blocks may unblock an admission or a resume: the control thread looks at once.
-        self.allocator.on_free = self.channel.wake
         self.lock = threading.RLock()
         self.health: Dict[str, PeerHealth] = {}
         # peer -> last time it had a live request (or registered) here

@@ -78,7 +78,7 @@ def request_refused(
             if isinstance(exc, OSError)
             else "invalid request"
         )
-        reason = f"{CLIENT_FAULT}: {what}: {exc}"
+        reason = client_fault(f"{what}: {exc}")
         status, to_raise = HTTPStatus.BAD_REQUEST, ValueError(reason)
         to_raise.__cause__ = exc
     else:
@@ -108,12 +108,19 @@ def room_failure(recv_req: AbortReq) -> Optional[Tuple[int, str]]:
     return int(reason[ROOM_KEY]), str(reason.get("message"))
 
 
+def client_fault(message: str) -> str:
+    """A failure reason the client caused: both sides answer it with 400."""
+    return f"{CLIENT_FAULT}: {message}"
+
+
 def status_of_transfer_failure(reason: str) -> HTTPStatus:
-    """The language side's answer for a transfer that failed with ``reason``."""
-    # the receiver reports an encoder's Abort as "encoder <id> aborted: <reason>", a refused
-    # reservation as "... aborted: request already failed: <reason>"
+    """Either side's answer for a transfer that failed with ``reason``: 400 for a client fault,
+    the reason itself (encode side) or quoted by the language side's receiver ("encoder <id>
+    aborted: <reason>", a refused reservation "... aborted: request already failed: <reason>").
+    """
+    fault = f"{CLIENT_FAULT}: "
     return (
         HTTPStatus.BAD_REQUEST
-        if f": {CLIENT_FAULT}: " in reason
+        if reason.startswith(fault) or f": {fault}" in reason
         else HTTPStatus.INTERNAL_SERVER_ERROR
     )

@@ -51,8 +51,9 @@ from sglang.srt.disaggregation.encode_language.connection import (
     RoomInUseError,
 )
 from sglang.srt.disaggregation.encode_language.encode_request_faults import (
-    CLIENT_FAULT,
+    client_fault,
     room_failure,
+    status_of_transfer_failure,
 )
 from sglang.srt.disaggregation.encode_language.item_table import item_table
 from sglang.srt.disaggregation.encode_language.manifest import dtype_name
@@ -376,9 +377,10 @@ class SchedulerDisaggregationEncodeMixin:
                 nbytes = self._payload_nbytes_before_vit(req)
                 if nbytes > bound:  # the next poll fails it on every rank
                     req.disagg_kv_sender.abort(
-                        f"{CLIENT_FAULT}: the request is too large for this encode server: "
-                        f"its payload of {nbytes} bytes exceeds max_inflight_payload_bytes="
-                        f"{bound}"
+                        client_fault(
+                            f"the request is too large for this encode server: its payload "
+                            f"of {nbytes} bytes exceeds max_inflight_payload_bytes={bound}"
+                        )
                     )
                 if nbytes > room:
                     admitted = i
@@ -504,11 +506,7 @@ class SchedulerDisaggregationEncodeMixin:
         prepare_abort(
             req,
             f"encode/language transfer failed: {reason}",
-            status_code=(
-                HTTPStatus.BAD_REQUEST
-                if reason.startswith(CLIENT_FAULT)
-                else HTTPStatus.INTERNAL_SERVER_ERROR
-            ),
+            status_code=status_of_transfer_failure(reason),
         )
         self._finish_disagg_encode([req], outcome="failed")
 

@@ -115,7 +115,10 @@ AUX_HEADER_DTYPE = np.dtype(
     ]
 )
 STAMP_OFFSET = AUX_HEADER_DTYPE.fields["block_index"][1]  # 40
-assert AUX_HEADER_DTYPE.itemsize == AUX_HEADER_BYTES
+# The two descriptions of the header must agree field by field, not only in size.
+assert np.frombuffer(_AUX_HEADER.pack(AUX_MAGIC, *range(1, 12)), AUX_HEADER_DTYPE)[
+    0
+].tolist() == (AUX_MAGIC, *range(1, 12))
 
 
 class BlockStamp(NamedTuple):

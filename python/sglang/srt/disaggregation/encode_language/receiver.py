@@ -143,6 +143,9 @@ class LanguageManager(ManagerBase):
         self._epochs = itertools.count(1)
         self._generations = itertools.count(1)
         super().__init__(buffer_config, config, engine)
+        # Freed blocks may unblock an admission or a resume: the control thread looks at once.
+        # (The encoder's staging pool needs no such hook: its waits block on the allocator.)
+        self.allocator.on_free = self.channel.wake
 
     # Public API -----------------------------------------------------------------------------
     def create_receiver(

@@ -597,12 +597,12 @@ class EncodeManager(ManagerBase):
                 except BaseException:
                     chunks.put(None)  # the job ends after the chunks already queued
                     try:  # the staging blocks are freed only once no write reads them
-                        self._await_writes(r.room, d.manager_id, [job], staging)
+                        self._await_write(r.room, d.manager_id, job, staging)
                     except TransferError:
                         pass
                     raise
                 chunks.put(None)
-                self._await_writes(r.room, d.manager_id, [job], staging)
+                self._await_write(r.room, d.manager_id, job, staging)
         finally:
             if (
                 not staging.quarantined
@@ -651,52 +651,41 @@ class EncodeManager(ManagerBase):
                 r = self.engine.batch_transfer_sync(session_id, *segs)
                 ret = r if r < 0 else 0
 
-    def _await_writes(
+    def _await_write(
         self,
         room: int,
         manager_id: str,
-        writes: List[concurrent.futures.Future],
+        job: concurrent.futures.Future,
         staging: BlockHandle,
     ) -> None:
-        """Wait for the transfer-engine writes of one round to one destination, for at most
-        ``data_write_timeout_s`` in all. On timeout the writes keep running (Mooncake cannot
-        cancel them): those not started are cancelled, the staging blocks are quarantined and
-        the destination is owed an AbortAck until the last running write returns. A failed
-        write is reported only once every write of the round has returned (none still reads
-        the staging blocks)."""
+        """Wait for the writer job of one round to one destination, for at most
+        ``data_write_timeout_s``. On timeout the write keeps running (Mooncake cannot cancel
+        it): a job not started is cancelled; otherwise the staging blocks are quarantined and
+        the destination is owed an AbortAck when the job returns. A failed write is reported
+        once the job has returned (nothing still reads the staging blocks)."""
         timeout = self.config.data_write_timeout_s
-        done, running = concurrent.futures.wait(writes, timeout=timeout)
-        if running:
-            running = [f for f in running if not f.cancel()]
-            if not running:
+        try:
+            ret = job.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            if job.cancel():
                 raise WriteTimeoutError(
                     room, f"data write to {manager_id} did not start within {timeout}s"
-                )
-            left = [len(running)]
+                ) from None
             with self.lock:
                 key = (room, manager_id)
                 self._pending_writes[key] = self._pending_writes.get(key, 0) + 1
                 staging.quarantine()
-
-            def returned(_):
-                with self.lock:
-                    left[0] -= 1
-                    last = left[0] == 0
-                if last:
-                    self._late_write_returned(room, manager_id, staging)
-
-            for f in running:
-                f.add_done_callback(returned)
+            job.add_done_callback(
+                lambda _: self._late_write_returned(room, manager_id, staging)
+            )
             raise WriteTimeoutError(
                 room,
                 f"data write to {manager_id} timed out after {timeout}s (it may still land)",
+            ) from None
+        if ret < 0:
+            raise TransferError(
+                room, f"Mooncake write to {manager_id} failed (ret={ret})"
             )
-        for f in writes:
-            ret = f.result()
-            if ret < 0:
-                raise TransferError(
-                    room, f"Mooncake write to {manager_id} failed (ret={ret})"
-                )
 
     def _late_write_returned(
         self, room: int, manager_id: str, staging: BlockHandle
@@ -770,11 +759,6 @@ class EncodeManager(ManagerBase):
         cfg = self.config
         due = math.inf
         with self.lock:
-            for room, (_, since) in list(self._failed_rooms.items()):
-                if now - since > cfg.bootstrap_timeout_s:
-                    del self._failed_rooms[room]
-                else:
-                    due = min(due, since + cfg.bootstrap_timeout_s)
             for r in list(self.rooms.values()):
                 if r.failed or r.in_flight:
                     continue
@@ -805,6 +789,12 @@ class EncodeManager(ManagerBase):
                             f"resume timeout: {ready}/{r.num_ranks} destinations asked for "
                             f"round {r.round} within {cfg.resume_timeout_s}s",
                         )
+            # After the rooms: a room failed above leaves a record whose expiry must count.
+            for room, (_, since) in list(self._failed_rooms.items()):
+                if now - since > cfg.bootstrap_timeout_s:
+                    del self._failed_rooms[room]
+                else:
+                    due = min(due, since + cfg.bootstrap_timeout_s)
         return min(due, super()._tick(now))
 
     def _active_peers(self) -> List[str]:
