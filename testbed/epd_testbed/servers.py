@@ -204,10 +204,11 @@ EL_BUFFER_ARGS = ("--disaggregation-transfer-backend", "mooncake", "--enable-met
                   "--disaggregation-mm-transfer-config", '{"fence_timeout_s": 5}')
 
 
-# Everything runs on loopback: the router hands the language side the encode server's URL host
-# (127.0.0.1) as bootstrap_host, so both sides advertise that address (upstream's discovery,
-# which the transport uses, honours SGLANG_HOST_IP; by default it picks the default route's).
-EL_ENV = (("SGLANG_HOST_IP", "127.0.0.1"),)
+# No SGLANG_HOST_IP: every server advertises upstream's discovered address (the default route's
+# source address), as a new user's would, while --host (127.0.0.1) is what the router's URLs and
+# the language side's bootstrap_host name; the encoder's control socket binds --host
+# (docs/transport.md, "Deploying across nodes / addressing").
+EL_ENV: tuple[tuple[str, str], ...] = ()
 
 
 # Language-side chunk size of the shared test deployment: small enough that chunks cut the

@@ -31,6 +31,9 @@ def room_state(mgr, room: int):
 
 
 STALLED_WRITES = []  # (first part's ret, late part's ret) of "sigstop_mid" writes
+STRAGGLERS = (
+    []
+)  # the unwritten rest of "fail_in_flight" writes, landed on the test's command
 
 
 def stall_next_write(mgr, mode: str, release: threading.Event) -> None:
@@ -43,6 +46,14 @@ def stall_next_write(mgr, mode: str, release: threading.Event) -> None:
       point (the test cannot hit a random point reliably).
     * ``"hang"``: the write blocks until ``release`` is set (bounded: 120 s), then runs. A hung
       Mooncake write cannot be produced on loopback without stopping the test process itself.
+      ``"hang_fail"``: the same, then it reports -1 (as Mooncake does for a write that failed
+      in part).
+    * ``"fail_in_flight"``: a fake engine call that stands in for Mooncake returning -1 while
+      part of the batch is still in flight (one task FAILED while others wait, a slice
+      TIMEOUT, or Mooncake's own deadline: ``batchTransferSync``), which cannot be provoked on
+      loopback TCP. It writes every segment but the multimodal rows (the last two), returns -1
+      at once, and keeps the rows (no aux segment: a straggler carries none) for
+      ``land_straggler``, which writes them, really, whenever the test says.
     """
     engine = mgr.engine
     real = engine.batch_transfer_sync
@@ -52,9 +63,14 @@ def stall_next_write(mgr, mode: str, release: threading.Event) -> None:
 
     def stalled(session_id, srcs, dsts, lens):
         engine.batch_transfer_sync = real  # one write only
-        if mode == "hang":
+        if mode == "fail_in_flight":
+            real(session_id, srcs[:-2], dsts[:-2], lens[:-2])
+            STRAGGLERS.append((session_id, srcs[-2:], dsts[-2:], lens[-2:]))
+            return -1
+        if mode in ("hang", "hang_fail"):
             release.wait(120)
-            return real(session_id, srcs, dsts, lens)
+            ret = real(session_id, srcs, dsts, lens)
+            return -1 if mode == "hang_fail" else ret
         ret = real(session_id, srcs[:-2], dsts[:-2], lens[:-2])
         os.kill(os.getpid(), signal.SIGSTOP)
         # The rest only after the test's SIGCONT, however late the stop takes hold here.
@@ -64,6 +80,36 @@ def stall_next_write(mgr, mode: str, release: threading.Event) -> None:
         return min(ret, late)
 
     engine.batch_transfer_sync = stalled
+
+
+def scheduler_poll():
+    """The schedulers' poll, imported on first use: its upstream module costs ~8 s of CPU to
+    import, which a peer must not spend while a heartbeat watches it (the forkserver does not
+    preload it, to keep every test session's start fast)."""
+    from sglang.srt.disaggregation.encode_language.encode_request_faults import (
+        poll_and_end_failed,
+    )
+
+    return poll_and_end_failed
+
+
+def poll_as_scheduler(transfer, failure_prob: float) -> int:
+    """What the schedulers poll a transfer with (``poll_and_end_failed``: upstream's
+    ``poll_and_all_reduce``, over a one-rank gloo group here) with upstream's fault injection
+    ``SGLANG_TEST_DISAGG_FAILURE_PROB`` set to ``failure_prob``."""
+    import torch.distributed as dist
+
+    from sglang.srt.environ import envs
+
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with envs.SGLANG_TEST_DISAGG_FAILURE_PROB.override(failure_prob):
+            return int(scheduler_poll()([transfer], dist.group.WORLD)[0])
+    finally:
+        if owned:
+            dist.destroy_process_group()
 
 
 def peer_main(conn, buffer_config, conn_config) -> None:
@@ -92,8 +138,15 @@ def peer_main(conn, buffer_config, conn_config) -> None:
         elif cmd == "poll":
             s = senders[args[0]]
             return int(s.poll()), s.reason
-        elif cmd == "abort":
-            senders[args[0]].abort()
+        elif cmd == "fault":  # what failed a sender, as its scheduler sees it
+            s = senders[args[0]]
+            return int(s.poll()), s.reason, s.kind
+        elif cmd == "abort":  # room[, reason, kind]
+            senders[args[0]].abort(*args[1:])
+        elif cmd == "poll_scheduler":  # the schedulers' poll, in a one-rank group
+            return poll_as_scheduler(senders[args[0]], *args[1:])
+        elif cmd == "load_scheduler_poll":  # ~8 s of imports, while nothing is live
+            scheduler_poll()
         elif cmd == "fail_room":  # a request the tokenizer refused before admission
             mgr.fail_room(*args)
         elif cmd == "room_state":
@@ -105,6 +158,8 @@ def peer_main(conn, buffer_config, conn_config) -> None:
             stall_next_write(mgr, args[0], release)
         elif cmd == "stalled_writes":
             return list(STALLED_WRITES)
+        elif cmd == "land_straggler":  # the rest of a "fail_in_flight" write lands now
+            return mgr.engine.batch_transfer_sync(*STRAGGLERS.pop())
         elif cmd == "release_write":
             release.set()
         elif cmd == "probe":

@@ -91,6 +91,12 @@ def node_pair(subnet: str = "10.77.0") -> Iterator[Tuple[Node, Node]]:
             subprocess.run(["ip", "netns", "delete", name], timeout=30)
 
 
+def add_address(node: Node, address: str) -> None:
+    """Give ``node`` a further address on its veth, next to the one discovery finds (the primary
+    one): a server bound to an address other than the one it advertises."""
+    _ip("-n", node.netns, "addr", "add", f"{address}/24", "dev", "el0")
+
+
 def enter(netns: str) -> None:
     """Move the calling thread (the only one of a freshly forked child) into ``netns``."""
     fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)

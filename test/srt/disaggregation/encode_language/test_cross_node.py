@@ -1,10 +1,12 @@
 """Deployment across nodes (issue 7 item 14): encode and language peers in two network namespaces
 of this machine (``netns.node_pair``: a veth pair, 10.77.0.1 and 10.77.0.2, no shared loopback),
-real Mooncake TCP transfers between them."""
+real Mooncake TCP transfers between them. No peer sets SGLANG_HOST_IP: each advertises what
+upstream's discovery finds in its namespace (the veth address)."""
 
 from __future__ import annotations
 
 import functools
+import time
 
 import netns
 import pytest
@@ -21,6 +23,7 @@ from sglang.srt.distributed.device_communicators.mooncake_transfer_engine import
 
 BOOTSTRAP_PORT = 8998  # upstream's default --disaggregation-bootstrap-port: free in a fresh namespace
 WRONG = "10.77.0.9"  # on the veth subnet, owned by nobody
+SECOND = "10.77.0.3"  # a second address of node b, not the one discovery finds
 K = 3
 BOOTSTRAP_TIMEOUT_S = 2.0  # of the peers that meet a wrong address
 
@@ -91,35 +94,113 @@ def test_cross_node_transfer_is_byte_exact(nodes, encoder, start_peer):
     assert_language_idle(lang)
 
 
-@pytest.mark.parametrize("wrong_side", ["language", "encode"])
-def test_wrong_advertised_address_fails_clearly(nodes, encoder, start_peer, wrong_side):
-    """issue 7 item 14: a peer that advertises an address nobody owns (bound to every interface,
-    as behind a misconfigured NAT) fails the request on both sides with an error naming the
-    addresses, within the bootstrap timeout (bounded waits), and leaks no block."""
+REACHES = ["loopback", "second_address", "advertised_unreachable"]
+
+
+@pytest.mark.parametrize("reach", REACHES)
+def test_encoder_reached_at_another_address_than_it_advertises(
+    nodes, start_peer, reach
+):
+    """issue: blockers item 5: the encoder's control socket binds --host (``bind_host``, as
+    ``ConnectionConfig.from_server_args`` sets it) while it advertises what discovery finds; the
+    language side dials the address the router hands out (the --prefill URL's host), learns the
+    encoder's id from its RegisterAck and names it by the dialled endpoint. ``loopback``: one
+    host, --host 127.0.0.1, the router's URL on 127.0.0.1 (the test bed's serving setup);
+    ``second_address``: two hosts, the encoder bound to an address of its host other than the
+    discovered one; ``advertised_unreachable``: the encoder advertises an address nobody owns,
+    bound to every interface (only the language side's address must be reachable). The request
+    waits with its reservation in place for longer than the heartbeats allow a missed pong
+    (pings answered both ways), then arrives byte-exact, over several rounds too; no block is
+    held after."""
+    node_a, node_b = nodes
+    # --host, the router's --prefill URL host, where the language side runs, advertise_host
+    bind, url_host, lang_node, advertise = {
+        "loopback": ("127.0.0.1", "127.0.0.1", node_b, None),
+        "second_address": (SECOND, SECOND, node_a, None),
+        "advertised_unreachable": ("0.0.0.0", node_b.address, node_a, WRONG),
+    }[reach]
+    if reach == "second_address":
+        netns.add_address(node_b, SECOND)
+    port = BOOTSTRAP_PORT + 2 + REACHES.index(reach)  # one encoder per case
+    enc = start_peer(
+        node_b,
+        peer_main,
+        bootstrap_port=port,
+        bind_host=bind,
+        advertise_host=advertise,
+        bootstrap_timeout_s=BOOTSTRAP_TIMEOUT_S,
+    )
+    assert enc.addr == f"{advertise or node_b.address}:{port}"  # the manager id
+    dial = f"{url_host}:{port}"
+    lang = start_peer(lang_node, language_peer_main)
+    assert lang.state()["manager_id"].rsplit(":", 1)[0] == lang_node.address
+    cc = conn_config()
+    hold = 2 * cc.heartbeat_max_failures * cc.heartbeat_interval_s
+    for seed, (total, mm) in enumerate([(B + 1, 4), (3 * RESERVE, 2 * RESERVE)]):
+        room = new_room()
+        lang.call("receive", dial, room)
+        # First request: its write hangs longer than a missed pong is tolerated, with a live
+        # room on both sides, so heartbeats run both ways (each side answers the other).
+        if seed == 0:
+            enc.call("stall_next_write", "hang")
+        enc.call("send", room, seed, total, mm)
+        if seed == 0:
+            time.sleep(hold)
+            assert enc.call("poll", room)[0] == KVPoll.Transferring
+            enc.call("release_write")
+        assert enc.call("wait", room, 30) == (KVPoll.Success, "")
+        status, finished, reason, got = lang.call("wait", room, 30)
+        assert (status, finished) == (KVPoll.Success, True), reason
+        assert_same(got, make_payload(seed, total, mm, buffer_config(K).hidden_size, K))
+    enc.assert_idle()
+    assert_language_idle(lang)
+
+
+def test_one_encoder_through_two_addresses_is_refused(nodes, encoder, start_peer):
+    """issue: blockers item 5: a language side that reaches one encoder through two addresses
+    (two routers naming it differently) cannot tell its messages apart by sender: the second
+    registration fails at once naming both addresses; the first address keeps serving.
+    """
+    node_b = nodes[1]
+    lang = start_peer(node_b, language_peer_main)
+    first, second = f"127.0.0.1:{BOOTSTRAP_PORT}", f"{node_b.address}:{BOOTSTRAP_PORT}"
+    for seed, dial in enumerate([first, second, first]):
+        room = new_room()
+        lang.call("receive", dial, room)
+        if dial == second:
+            status, finished, reason, got = lang.call("wait", room, 10)
+            assert (status, finished, got) == (KVPoll.Failed, True, None)
+            assert reason == (
+                f"encoder {second} is registered here through {first} already; one encoder "
+                f"reached through two addresses ({first}, {second}) is not supported: give "
+                "the router one URL per encoder"
+            )
+            continue
+        encoder.call("send", room, seed, B + 1, 4)
+        assert encoder.call("wait", room, 30) == (KVPoll.Success, "")
+        status, finished, reason, got = lang.call("wait", room, 30)
+        assert (status, finished) == (KVPoll.Success, True), reason
+        assert_same(got, make_payload(seed, B + 1, 4, buffer_config(K).hidden_size, K))
+    encoder.assert_idle()
+    assert_language_idle(lang)
+
+
+def test_wrong_advertised_address_fails_clearly(nodes, encoder, start_peer):
+    """issue 7 item 14: a language side that advertises an address nobody owns (bound to every
+    interface, as behind a misconfigured NAT) fails the request on both sides with an error
+    naming the addresses, within the bootstrap timeout (bounded waits), and leaks no block. (An
+    encoder's advertised address need not be reachable: the test above.)"""
     node_a, node_b = nodes
     timeout = BOOTSTRAP_TIMEOUT_S
-    if wrong_side == "language":
-        enc = encoder
-        lang = start_peer(
-            node_a,
-            language_peer_main,
-            advertise_host=WRONG,
-            bind_host="0.0.0.0",
-            bootstrap_timeout_s=timeout,
-        )
-        dial = f"{node_b.address}:{BOOTSTRAP_PORT}"
-    else:
-        enc = start_peer(
-            node_b,
-            peer_main,
-            bootstrap_port=BOOTSTRAP_PORT + 1,
-            advertise_host=WRONG,
-            bind_host="0.0.0.0",
-            bootstrap_timeout_s=timeout,
-        )
-        assert enc.addr == f"{WRONG}:{BOOTSTRAP_PORT + 1}"
-        lang = start_peer(node_a, language_peer_main, bootstrap_timeout_s=timeout)
-        dial = f"{node_b.address}:{BOOTSTRAP_PORT + 1}"
+    enc = encoder
+    lang = start_peer(
+        node_a,
+        language_peer_main,
+        advertise_host=WRONG,
+        bind_host="0.0.0.0",
+        bootstrap_timeout_s=timeout,
+    )
+    dial = f"{node_b.address}:{BOOTSTRAP_PORT}"
     lang_id = lang.state()["manager_id"]
     room = new_room()
     lang.call("receive", dial, room)

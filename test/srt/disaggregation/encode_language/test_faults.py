@@ -3,11 +3,14 @@ serving, and every block free on both sides (make_lang's teardown and peer.asser
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
+from types import SimpleNamespace
 
 import pytest
+import requests
 from conftest import (
     RESERVE,
     EncodePeer,
@@ -25,11 +28,20 @@ from el_helpers import (
     send_control,
     wait_until,
 )
+from el_peer import poll_as_scheduler
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.allocator import OversizeError
+from sglang.srt.disaggregation.encode_language.encode_request_faults import (
+    fault_of_exception,
+    http_status,
+    request_refused,
+    room_failure,
+    status_of_transfer_failure,
+)
 from sglang.srt.disaggregation.encode_language.manifest import (
     Abort,
+    FaultKind,
     encode_message,
     make,
 )
@@ -237,7 +249,9 @@ def test_garbage_control_messages(peers, make_lang):
         b"",
         b"\xff\xfe",
         b"not msgpack",
-        encode_message(make(Abort, room=1, manager_id="x", reason="r"))[:-3],
+        encode_message(
+            make(Abort, room=1, manager_id="x", reason="r", kind=FaultKind.CLIENT)
+        )[:-3],
         b"\x82\xa4type\xa7unknown\xa7version\x01",
     ]
     for g in garbage:
@@ -351,4 +365,173 @@ def test_randomized_faults_no_leak_no_hang(peers, make_lang):
         except Exception:
             pass
     assert outcomes["ok"] > 0 and outcomes["failed"] > 0
+    peer.assert_idle()
+
+
+# Typed fault kinds and fault injection (issue: blockers item 8) ---------------------------
+
+
+def test_fault_kind_to_http_status():
+    """issue: blockers item 8 (typed fault kinds): the one mapping from a fault kind to the
+    HTTP status both servers answer."""
+    assert {k: int(http_status(k)) for k in FaultKind} == {
+        FaultKind.CLIENT: 400,
+        FaultKind.TIMEOUT: 504,
+        FaultKind.UNAVAILABLE: 503,
+        FaultKind.INTERNAL: 500,
+        FaultKind.NO_TRANSFER: 500,  # never answered: the language side runs the request
+    }
+
+
+@pytest.mark.parametrize(
+    "exc,kind",
+    [
+        (TimeoutError("media download timed out"), FaultKind.TIMEOUT),
+        (requests.ConnectTimeout("connect timed out"), FaultKind.TIMEOUT),
+        (requests.ReadTimeout("read timed out"), FaultKind.TIMEOUT),
+        (ConnectionResetError("reset by peer"), FaultKind.UNAVAILABLE),
+        (BrokenPipeError("broken pipe"), FaultKind.UNAVAILABLE),
+        # a media URL nobody answers at: unreadable media (test_serving_faults "unreachable_url")
+        (requests.ConnectionError("connection refused"), FaultKind.CLIENT),
+        (FileNotFoundError("/no/such.png"), FaultKind.CLIENT),
+        (requests.HTTPError("404 Client Error"), FaultKind.CLIENT),
+        (ValueError("Could not decode image"), FaultKind.CLIENT),
+        (asyncio.CancelledError(), FaultKind.CLIENT),
+        (RuntimeError("bug"), FaultKind.INTERNAL),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else v.value,
+)
+def test_what_stopped_a_request_is_classified(exc, kind):
+    """issue: blockers item 8 (typed fault kinds): a timeout or a broken connection of this
+    server is not the client's fault; unreadable media (a URL nobody answers at included) and
+    invalid requests are."""
+    assert fault_of_exception(exc) is kind
+
+
+@pytest.mark.parametrize(
+    "exc,status,kind",
+    [
+        (TimeoutError("media download timed out"), 504, FaultKind.TIMEOUT),
+        (ConnectionResetError("reset by peer"), 503, FaultKind.UNAVAILABLE),
+        (FileNotFoundError("/no/such.png"), 400, FaultKind.CLIENT),
+    ],
+    ids=["timeout", "connection", "missing-file"],
+)
+def test_refused_request_carries_its_kind_to_the_room(exc, status, kind):
+    """issue: blockers item 8 (typed fault kinds): the encode server's tokenizer refuses a
+    request; the abort it hands the scheduler (for ``fail_room``) carries the kind, and only a
+    client fault is raised as upstream's 400 (a ValueError). Before the fix TimeoutError and
+    ConnectionError, being OSErrors, were answered 400 as client errors."""
+    sent = []
+    tokenizer_manager = SimpleNamespace(_dispatch_to_scheduler=sent.append)
+    obj = SimpleNamespace(
+        rid="r1", bootstrap_room=7, bootstrap_host="10.0.0.1", is_single=True
+    )
+    raised = request_refused(
+        tokenizer_manager, obj, {"r1": SimpleNamespace(dispatched=False)}, exc
+    )
+    (abort,) = sent
+    assert abort.finished_reason["status_code"] == status
+    assert room_failure(abort) == (7, abort.finished_reason["message"], kind)
+    assert isinstance(raised, ValueError) == (kind is FaultKind.CLIENT)
+
+
+def test_client_fault_arrives_typed_on_the_other_side(peers, make_lang):
+    """issue: blockers item 8 (typed fault kinds): a client fault crosses the transport as a
+    typed kind in both directions (no reason text is parsed): the encoder's refused request
+    fails the language receiver with kind CLIENT (400), so does a reservation arriving after
+    that failure; a language-side client abort fails the encoder's sender with kind CLIENT;
+    a timeout arrives as TIMEOUT (504), never as a client fault."""
+    peer = peers()
+    lang = make_lang()
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room)
+    assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
+    peer.call(
+        "fail_room", room, "client error: the image cannot be read", FaultKind.CLIENT
+    )
+    assert wait_final(lang, rx) == KVPoll.Failed
+    assert (
+        rx.reason
+        == f"encoder {peer.addr} aborted: client error: the image cannot be read"
+    )
+    assert rx.kind is FaultKind.CLIENT and status_of_transfer_failure(rx) == 400
+    late = lang.create_receiver(
+        peer.addr, room
+    )  # the same room, reserved after the failure
+    assert wait_final(lang, late) == KVPoll.Failed
+    assert late.kind is FaultKind.CLIENT and "request already failed" in late.reason
+
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room)
+    assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
+    peer.call("create", room)
+    rx.abort("the client disconnected", FaultKind.CLIENT)
+    assert wait_until(lambda: peer.call("poll", room)[0] == KVPoll.Failed, 10)
+    assert peer.call("fault", room) == (
+        KVPoll.Failed,
+        f"aborted by language side {lang.manager_id}: the client disconnected",
+        FaultKind.CLIENT,
+    )
+    assert peer.call("wait", room, 10)[0] == KVPoll.Failed
+    assert wait_final(lang, rx) == KVPoll.Failed
+
+    timed_out = peers(bootstrap_timeout_s=0.3)  # its sender never gets a reservation
+    room = new_room()
+    timed_out.call("create", room)
+    assert wait_until(lambda: timed_out.call("poll", room)[0] == KVPoll.Failed, 10)
+    status, reason, kind = timed_out.call("fault", room)
+    assert reason.startswith("bootstrap timeout") and kind is FaultKind.TIMEOUT
+    assert int(status_of_transfer_failure(SimpleNamespace(kind=kind))) == 504
+    timed_out.call("wait", room, 1)
+    ok_transfer(peer, lang)
+    peer.assert_idle()
+    timed_out.assert_idle()
+
+
+def test_injected_failure_ends_the_room_on_both_sides(peers, make_lang):
+    """issue: blockers item 8 (SGLANG_TEST_DISAGG_FAILURE_PROB): upstream injects the failure
+    into the poll only (``poll_and_all_reduce``); the schedulers' poll (``poll_and_end_failed``)
+    aborts the transfer it fails, so the room ends on both sides and no block stays held on
+    either, whichever side the failure is injected on. Before, the scheduler dropped the
+    request while its receiver kept its blocks reserved (until waiting_timeout_s) and the
+    encoder kept the room."""
+    peer = peers()
+    peer.call(
+        "load_scheduler_poll", timeout=60
+    )  # before any room: no heartbeat to miss
+    lang = make_lang()
+    injected = "failure injected by SGLANG_TEST_DISAGG_FAILURE_PROB"
+    # Language side.
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room)
+    assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
+    peer.call("create", room)
+    assert poll_as_scheduler(rx, 1.0) == KVPoll.Failed
+    assert rx.poll() == KVPoll.Failed and rx.reason == injected
+    assert (
+        wait_final(lang, rx) == KVPoll.Failed
+    )  # blocks back after the encoder's AbortAck
+    assert peer.call("wait", room, 10) == (
+        KVPoll.Failed,
+        f"aborted by language side {lang.manager_id}: {injected}",
+    )
+    # Encode side.
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room)
+    assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
+    peer.call("create", room)
+    assert peer.call("poll_scheduler", room, 1.0) == KVPoll.Failed
+    assert peer.call("wait", room, 10) == (KVPoll.Failed, injected)
+    assert wait_final(lang, rx) == KVPoll.Failed
+    assert rx.reason == f"encoder {peer.addr} aborted: {injected}"
+    # No injection: the same poll reports the transfer's own state and ends nothing.
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room)
+    assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
+    assert poll_as_scheduler(rx, 0.0) == KVPoll.WaitingForInput
+    peer.call("send", room, 1, RESERVE, 5)
+    assert peer.call("wait", room, 20) == (KVPoll.Success, "")
+    assert wait_final(lang, rx) == KVPoll.Success
+    assert_same(rx.take(), make_payload(1, RESERVE, 5, H, 3))
     peer.assert_idle()

@@ -23,6 +23,7 @@ from el_helpers import accounting_ok, assert_same, make_payload, wait_until
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.receiver import Phase
+from sglang.srt.disaggregation.encode_language.sender import mooncake_timeout_s
 
 
 def process_state(pid: int) -> str:
@@ -122,22 +123,35 @@ def test_stalled_encoder_late_write_never_passes_wrong_bytes(
         victim.close()
 
 
-def test_hung_write_is_bounded_and_its_blocks_fenced(mp_ctx, make_lang):
-    """issue 7 item 11: a transfer-engine write that does not return within
-    data_write_timeout_s fails the room on both sides (the language side is told a write may
-    still land and fences the blocks), does not hold the worker (another request completes
-    meanwhile), and when the write finally returns the encoder acknowledges and both sides'
-    quarantined blocks come back."""
-    victim = EncodePeer(mp_ctx, buffer_config(), conn_config(data_write_timeout_s=0.5))
-    lang = make_lang()
+@pytest.mark.parametrize("returns", ["complete", "failed"])
+def test_hung_write_is_bounded_and_its_blocks_fenced(mp_ctx, make_lang, returns):
+    """issue 7 item 11: a transfer-engine write that does not return by its deadline
+    (Mooncake's own timeout + data_write_timeout_s) fails the room on both sides (the language
+    side is told a write may still land and fences the blocks), does not hold the worker
+    (another request completes meanwhile), and when the write finally returns complete the
+    encoder acknowledges and both sides' quarantined blocks come back. issue: blockers item 4:
+    when it returns failed (-1: parts may still be in flight) nothing is acknowledged: the
+    language side's fence ends only at fence_timeout_s, exposing its blocks, and the encoder's
+    staging stays quarantined for its fence_timeout_s."""
+    victim = EncodePeer(
+        mp_ctx,
+        buffer_config(),
+        conn_config(data_write_timeout_s=0.5, fence_timeout_s=1.0),
+    )
+    lang = make_lang(fence_timeout_s=5.0)
     try:
         room = new_room()
         rx = lang.create_receiver(victim.addr, room)
         assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
-        victim.call("stall_next_write", "hang")
+        blocks = rx.handle.blocks
+        victim.call(
+            "stall_next_write", "hang" if returns == "complete" else "hang_fail"
+        )
         victim.call("send", room, 1, 2 * B, 9)
+        # The deadline: Mooncake's own timeout for the round's bytes (MC_TRANSFER_TIMEOUT=5 s,
+        # el_helpers, plus 1 ns per byte) + data_write_timeout_s (0.5 s).
         reason = (
-            f"data write to {lang.manager_id} timed out after 0.5s (it may still land)"
+            f"data write to {lang.manager_id} timed out after 5.5s (it may still land)"
         )
         assert victim.call("wait", room, 20) == (KVPoll.Failed, reason)
         assert (
@@ -150,10 +164,97 @@ def test_hung_write_is_bounded_and_its_blocks_fenced(mp_ctx, make_lang):
         assert (st["quarantined"], st["pending_writes"]) == (2, 1)  # staging blocks too
         ok_transfer(victim, lang)  # the worker is not held by the hung write
         victim.call("release_write")
-        # AbortAck once the write returned
-        assert wait_until(lambda: not lang.fences, 10)
+        key = (victim.addr, room)
+        if returns == "complete":  # AbortAck once the write returned
+            assert wait_until(lambda: not lang.fences, 10)
+            assert not lang.exposed_blocks
+        else:  # no AbortAck: the fence waits for its timeout, then exposes the blocks
+            assert wait_until(lambda: lang.fences[key].expire_only, 10)
+            assert wait_until(lambda: not lang.fences, 10)
+            assert lang.exposed_blocks == set(blocks)
         assert accounting_ok(lang.allocator)["quarantined"] == 0
         victim.assert_idle()
     finally:
         victim.call("release_write")
         victim.close()
+
+
+def test_failed_write_that_lands_later_never_passes_wrong_bytes(
+    mp_ctx, peers, make_lang
+):
+    """issue: blockers item 4: Mooncake returns -1 while part of the batch is still in flight
+    (a fake engine call stands in for that, see ``el_peer.stall_next_write``: loopback TCP
+    cannot provoke it); the rest (the multimodal rows, no aux segment) lands later, after the
+    next owner of the blocks (another encoder) wrote them and before its copy-out. The next
+    request is correct (checksummed and verified) or refused, never Success with the failed
+    request's rows: the failed room ends with Abort(write_failed), the language side fences
+    the blocks until fence_timeout_s and then checksums every round on them, and the encoder
+    keeps the staging blocks quarantined for its fence_timeout_s. Before the fix the room
+    ended with Abort(writes_pending=False), the blocks were freed unfenced, and the next
+    request reported Success carrying the previous request's embeddings."""
+    victim = EncodePeer(mp_ctx, buffer_config(), conn_config(fence_timeout_s=3.0))
+    healthy = peers(
+        heartbeat_interval_s=30
+    )  # must not give up on us while we hold our lock
+    lang = make_lang(num_blocks=2, fence_timeout_s=1.0)  # the pool is one reservation
+    payload_a, payload_b = (1, 2 * B, 2 * B - 3), (2, 2 * B, 2 * B - 5)
+    pa, pb = make_payload(*payload_a, H, 3), make_payload(*payload_b, H, 3)
+    try:
+        room_a, room_b = new_room(), new_room()
+        rx_a = lang.create_receiver(victim.addr, room_a)
+        assert wait_until(lambda: rx_a.phase == Phase.RESERVED, 10)
+        a_blocks = rx_a.handle.blocks
+        victim.call("stall_next_write", "fail_in_flight")
+        victim.call("send", room_a, *payload_a)
+        reason = f"Mooncake write to {lang.manager_id} failed (ret=-1; parts of it may still land)"
+        assert victim.call("wait", room_a, 20) == (KVPoll.Failed, reason)
+        assert wait_final(lang, rx_a) == KVPoll.Failed
+        assert rx_a.reason == f"encoder {victim.addr} aborted: {reason}"
+        # Observed now, asserted after the next request's outcome (the point of the test).
+        after_failure = (accounting_ok(lang.allocator), victim.state()["quarantined"])
+
+        rx_b = lang.create_receiver(healthy.addr, room_b)
+        assert wait_until(lambda: rx_b.phase == Phase.RESERVED, 10)
+        assert rx_b.handle.blocks == a_blocks
+        rows = lang.buffers.embeddings[a_blocks[0]]  # first block's rows, live view
+        with lang.lock:  # the language side is slow to copy out
+            healthy.call("send", room_b, *payload_b)
+            assert healthy.call("wait", room_b, 20) == (KVPoll.Success, "")
+            assert torch.equal(rows, pb.embeddings[:B])  # B's own write is in
+            assert victim.call("land_straggler") == 0  # and A's rows over it
+            assert wait_until(lambda: torch.equal(rows, pa.embeddings[:B]), 10)
+        status = wait_final(lang, rx_b)
+        if status == KVPoll.Success:
+            assert_same(rx_b.take(), pb)  # never wrong bytes
+        assert status == KVPoll.Failed and "late write" in rx_b.reason, rx_b.reason
+        # Fenced on the language side, the staging quarantined on the encoder, after A failed.
+        assert after_failure == (dict(free=0, quarantined=2, used=0, total=2), 2)
+        assert lang.exposed_blocks == set(a_blocks) and rx_b.checksum
+        ok_transfer(healthy, lang)
+        ok_transfer(victim, lang)
+        victim.assert_idle()  # its staging came back after its fence_timeout_s
+        healthy.assert_idle()
+    finally:
+        victim.close()
+
+
+@pytest.mark.parametrize(
+    "env,nbytes,expected",
+    [
+        (None, 0, 30.0),  # Mooncake's default
+        (None, 2_000_000_000, 32.0),  # + 1 ns per byte
+        ("45", 500_000_000, 45.5),
+        ("2", 0, 5.0),  # Mooncake's minimum
+        ("7s", 0, 7.0),  # read as C's atoi reads it
+        ("soon", 0, 5.0),
+    ],
+)
+def test_write_deadline_follows_mooncakes_own(monkeypatch, env, nbytes, expected):
+    """issue: blockers item 4: the encoder's write deadline is built on Mooncake's own
+    (MC_TRANSFER_TIMEOUT whole seconds, at least 5, default 30, plus 1 ns per byte), read as
+    Mooncake reads it, so Mooncake's -1 always comes first for a write it is timing."""
+    if env is None:
+        monkeypatch.delenv("MC_TRANSFER_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("MC_TRANSFER_TIMEOUT", env)
+    assert mooncake_timeout_s(nbytes) == pytest.approx(expected)

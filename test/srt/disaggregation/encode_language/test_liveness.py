@@ -28,6 +28,10 @@ from el_helpers import (
 )
 
 from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.encode_language.encode_request_faults import (
+    status_of_transfer_failure,
+)
+from sglang.srt.disaggregation.encode_language.manifest import FaultKind
 from sglang.srt.disaggregation.encode_language.receiver import Phase
 from sglang.srt.disaggregation.encode_language.sender import payload_nbytes
 
@@ -159,3 +163,30 @@ def test_inflight_payload_bytes_are_bounded(peers, make_lang):
         assert e.kind == "OversizeError" and "can never be admitted" in e.msg
     assert peer.call("wait", big, 10)[0] == KVPoll.Failed
     peer.assert_idle()
+
+
+def test_request_for_a_dead_encoder_fails_at_once(mp_ctx, make_lang):
+    """issue: blockers item 8 (dead encoder): once the language side has declared an encoder
+    dead (killed: it missed its heartbeats), a new request for it fails at once, typed
+    UNAVAILABLE (HTTP 503) and holding no block, instead of waiting bootstrap_timeout_s (10 s
+    here) with its blocks reserved. Its request that was in flight fails too (fenced).
+    """
+    victim = EncodePeer(mp_ctx, buffer_config(), conn_config())
+    lang = make_lang(fence_timeout_s=1.0)
+    room = new_room()
+    rx = lang.create_receiver(victim.addr, room)
+    assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
+    victim.kill()
+    assert wait_until(lambda: lang.peer_is_dead(victim.addr), 10)
+    assert wait_final(lang, rx) == KVPoll.Failed and rx.kind is FaultKind.UNAVAILABLE
+    held = accounting_ok(lang.allocator)
+    late = lang.create_receiver(victim.addr, new_room())
+    assert late.poll() == KVPoll.Failed and late.finished  # at once, not after 10 s
+    assert late.reason == (
+        f"encoder {victim.addr} is declared dead (it missed 3 heartbeats); requests to it "
+        f"fail until it answers a heartbeat again"
+    )
+    assert late.kind is FaultKind.UNAVAILABLE
+    assert int(status_of_transfer_failure(late)) == 503
+    assert accounting_ok(lang.allocator) == held  # it took no block
+    victim.close()

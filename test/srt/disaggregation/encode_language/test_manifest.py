@@ -169,7 +169,23 @@ ALL = [
         mm_tokens=1,
         last=True,
     ),
-    mf.make(mf.Abort, room=1, manager_id="h:1", reason="r", writes_pending=True),
+    mf.make(
+        mf.Abort,
+        room=1,
+        manager_id="h:1",
+        reason="r",
+        kind=mf.FaultKind.TIMEOUT,
+        writes_pending=True,
+    ),
+    mf.make(
+        mf.Abort,
+        room=1,
+        manager_id="h:1",
+        reason="r",
+        kind=mf.FaultKind.INTERNAL,
+        writes_pending=True,
+        write_failed=True,
+    ),
     mf.make(mf.AbortAck, room=1, manager_id="h:3"),
     mf.make(mf.Ping, manager_id="h", nonce=-3),
     mf.make(mf.Pong, manager_id="h", nonce=3),
@@ -188,6 +204,27 @@ def test_message_roundtrip_is_named_map(msg):
     )
 
 
+def test_abort_carries_its_fault_kind_typed():
+    """issue: blockers item 8 (typed fault kinds): the kind travels as a typed enum field of
+    ``abort`` (protocol version 4): decoded as ``FaultKind``, an unknown kind or an abort
+    without one is rejected, never guessed from the reason."""
+    assert mf.PROTOCOL_VERSION == 4
+    base = {
+        "type": "abort",
+        "version": 4,
+        "room": 1,
+        "manager_id": "h:1",
+        "reason": "r",
+    }
+    msg = mf.decode_message(msgspec.msgpack.encode({**base, "kind": "client"}))
+    assert msg.kind is mf.FaultKind.CLIENT
+    assert (msg.writes_pending, msg.write_failed) == (False, False)
+    with pytest.raises(ProtocolError, match="Invalid enum value 'oops'"):
+        mf.decode_message(msgspec.msgpack.encode({**base, "kind": "oops"}))
+    with pytest.raises(ProtocolError, match="missing required field `kind`"):
+        mf.decode_message(msgspec.msgpack.encode(base))
+
+
 @pytest.mark.parametrize(
     "data,msg",
     [
@@ -200,7 +237,7 @@ def test_message_roundtrip_is_named_map(msg):
         (msgspec.msgpack.encode([1, 2, 3]), "invalid control message"),
         (
             msgspec.msgpack.encode(
-                {"type": "abort_ack", "version": 3, "room": "x", "manager_id": "h"}
+                {"type": "abort_ack", "version": 4, "room": "x", "manager_id": "h"}
             ),
             "Expected `int`",
         ),
@@ -208,7 +245,7 @@ def test_message_roundtrip_is_named_map(msg):
             msgspec.msgpack.encode(
                 {
                     "type": "abort_ack",
-                    "version": 3,
+                    "version": 4,
                     "room": 1,
                     "manager_id": "h",
                     "extra": 0,
@@ -224,7 +261,7 @@ def test_message_roundtrip_is_named_map(msg):
             msgspec.msgpack.encode(
                 {"type": "abort_ack", "version": 1, "room": 1, "manager_id": "h"}
             ),
-            "protocol version 1, expected 3",
+            "protocol version 1, expected 4",
         ),
     ],
 )

@@ -9,6 +9,7 @@ import pytest
 from sglang.srt.disaggregation.encode_language.buffers import MultimodalBufferConfig
 from sglang.srt.disaggregation.encode_language.connection import ConnectionConfig
 from sglang.srt.server_args import ServerArgs
+from sglang.srt.utils.network import NetworkAddress
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -107,3 +108,55 @@ def test_default_advertised_address_is_upstreams_discovery(monkeypatch) -> None:
         "10.1.1.1",
         "10.1.1.1",
     )
+
+
+@pytest.mark.parametrize(
+    "argv, bind",
+    [
+        ((), "127.0.0.1"),  # upstream's --host default
+        (("--host", "0.0.0.0"), "0.0.0.0"),
+        # a name: bound as the IP upstream's resolver gives the language side for it
+        (("--host", "localhost"), NetworkAddress.resolve_host("localhost")),
+    ],
+    ids=["default-host", "wildcard", "name"],
+)
+def test_encode_control_socket_binds_host(monkeypatch, argv, bind) -> None:
+    """issue: blockers item 5: the encode side's control socket binds --host, as upstream's PD
+    bootstrap server, so it listens where the router's --prefill URL sends the language side;
+    its manager id still names the advertised (discovered) address. The language side keeps
+    binding its advertised address (the encoder dials the id it registers with)."""
+    monkeypatch.setenv("SGLANG_HOST_IP", "10.9.8.7")
+    enc = ConnectionConfig.from_server_args(
+        _parse("--disaggregation-mode", "encode", *argv)
+    )
+    assert enc.resolve_addresses() == ("10.9.8.7", bind)
+    lang = ConnectionConfig.from_server_args(
+        _parse("--disaggregation-mode", "language", *argv)
+    )
+    assert lang.bind_host is None
+    assert lang.resolve_addresses() == ("10.9.8.7", "10.9.8.7")
+
+
+def test_encode_refuses_a_bind_host_override() -> None:
+    """issue: blockers item 5: a bind_host on the encode side could move the control socket away
+    from the address the router hands out: refused at start-up, naming --host."""
+    with pytest.raises(
+        ValueError,
+        match=r"--disaggregation-mode encode: bind_host in --disaggregation-mm-transfer-config "
+        r"is not accepted; the control socket binds --host",
+    ):
+        ConnectionConfig.from_server_args(
+            _parse(
+                "--disaggregation-mode",
+                "encode",
+                "--disaggregation-mm-transfer-config",
+                '{"bind_host": "0.0.0.0"}',
+            )
+        )
+
+
+def test_unresolvable_bind_host_is_an_error() -> None:
+    """issue: blockers item 5: a --host that names no address fails before any socket opens."""
+    conn = ConnectionConfig(advertise_host="10.1.1.1", bind_host="no-such-host.invalid")
+    with pytest.raises(ValueError, match="Cannot resolve host 'no-such-host.invalid'"):
+        conn.resolve_addresses()

@@ -71,13 +71,106 @@ def test_checkpoint_without_vision_config(text_model, mode) -> None:
         _resolve(text_model, disaggregation_mode=mode)
 
 
-def test_no_speculative_decoding_on_encode(vl_model) -> None:
-    with pytest.raises(
-        ValueError,
-        match="--disaggregation-mode encode runs no language model, so "
-        r"speculative decoding \(--speculative-algorithm NGRAM\) cannot be used",
-    ):
-        _resolve(vl_model, disaggregation_mode="encode", speculative_algorithm="NGRAM")
+# Features refused at start-up (docs/serving.md "Feature compatibility"): mode, the arguments,
+# what the message names. Each runs SGLang's real argument pipeline.
+REFUSED = [
+    ("encode", {"pp_size": 2}, "pipeline parallelism", "runs no pipeline"),
+    ("language", {"pp_size": 2}, "pipeline parallelism", "no stage split is built"),
+    *(
+        (mode, args, what, why)
+        for mode in ("encode", "language")
+        for args, what, why in (
+            (
+                {"tp_size": 2, "dp_size": 2, "enable_dp_attention": True},
+                "DP attention",
+                "one transfer owner per attention-DP group",
+            ),
+            (
+                {"tp_size": 2, "attn_cp_size": 2},
+                "attention context parallelism",
+                "not split across context-parallel ranks",
+            ),
+            (
+                {"enable_pd_role_switch": True},
+                "PD role switching",
+                "cannot become a prefill or decode server",
+            ),
+            (
+                {"cuda_graph_backend_prefill": "breakable"},
+                "prefill CUDA graphs",
+                "",
+            ),
+            ({"speculative_algorithm": "NGRAM"}, "speculative decoding", ""),
+        )
+    ),
+    ("encode", {"enable_pdmux": True}, "PD multiplexing", "runs no prefill or decode"),
+    (
+        "language",
+        {"enable_pdmux": True},
+        "PD multiplexing",
+        "does not take the received multimodal rows",
+    ),
+    (
+        "encode",
+        {"cuda_graph_backend_decode": "full"},
+        "decode CUDA graphs",
+        "no decode",
+    ),
+    ("encode", {"enable_lora": True, "max_lora_rank": 8}, "LoRA", "no language model"),
+    ("encode", {"enable_hierarchical_cache": True}, "HiCache", "keeps no KV cache"),
+    ("encode", {"enable_mm_global_cache": True}, "--enable-mm-global-cache", ""),
+    ("language", {"enable_mm_global_cache": True}, "--enable-mm-global-cache", ""),
+    (
+        "language",
+        {"tp_size": 2, "mm_enable_dp_encoder": True},
+        "--mm-enable-dp-encoder",
+        "runs no vision tower",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "mode, args, what, why",
+    REFUSED,
+    ids=[f"{m}-{'-'.join(a)}" for m, a, _, _ in REFUSED],
+)
+def test_unsupported_features_are_refused(vl_model, mode, args, what, why) -> None:
+    """issue: blockers items 8 and 9: a feature whose forward path ignores the received rows
+    (--enable-pdmux on the language side), pipeline parallelism (no stage split of the
+    received rows, so no stage builds buffers), and every other feature the modes do not
+    support, refused while the arguments are resolved, with a message naming it."""
+    with pytest.raises(ValueError) as refused:
+        _resolve(vl_model, disaggregation_mode=mode, **args)
+    message = str(refused.value)
+    assert message.startswith(f"--disaggregation-mode {mode} does not support"), message
+    assert what in message and why in message, message
+
+
+def test_graph_defaults(vl_model) -> None:
+    """issue: blockers item 9: encode turns every CUDA graph off (it runs no language
+    forward); language turns prefill graphs off and keeps decode graphs."""
+    _, encode = _resolve(vl_model, disaggregation_mode="encode")
+    assert encode.disable_prefill_cuda_graph and encode.disable_decode_cuda_graph
+    _, language = _resolve(vl_model, disaggregation_mode="language")
+    assert language.disable_prefill_cuda_graph
+    assert not language.disable_decode_cuda_graph
+
+
+@pytest.mark.parametrize("mode", ["encode", "language"])
+def test_supported_features_are_accepted(vl_model, mode) -> None:
+    """Overlap scheduling (upstream's default; encode turns it off), and on the language side
+    LoRA and HiCache, resolve without an error."""
+    _, view = _resolve(vl_model, disaggregation_mode=mode)
+    assert view.disable_overlap_schedule is (mode == "encode" or view.device == "cpu")
+    if mode == "language":
+        _resolve(vl_model, disaggregation_mode=mode, enable_hierarchical_cache=True)
+        _resolve(
+            vl_model,
+            disaggregation_mode=mode,
+            enable_lora=True,
+            max_lora_rank=8,
+            lora_target_modules=["q_proj"],
+        )
 
 
 def test_language_defaults(vl_model) -> None:
@@ -126,3 +219,31 @@ def test_encode_tp_is_accepted(vl_model) -> None:
     """Encode ``--tp N``: rank 0 owns the transfer, every rank runs the TP vision tower."""
     _, view = _resolve(vl_model, disaggregation_mode="encode", tp_size=2)
     assert view.tp_size == 2
+
+
+@pytest.mark.parametrize(
+    "mode, config, message",
+    [
+        (
+            "encode",
+            '{"bind_host": "0.0.0.0"}',
+            r"--disaggregation-mode encode: bind_host in --disaggregation-mm-transfer-config "
+            r"is not accepted; the control socket binds --host",
+        ),
+        ("language", '{"bind_hots": "0.0.0.0"}', r"unknown transfer setting\(s\)"),
+    ],
+    ids=["encode-bind-host", "language-unknown-key"],
+)
+def test_transfer_settings_are_checked_before_launch(
+    vl_model, mode, config, message
+) -> None:
+    """issue: blockers item 5: the encode side's control socket binds --host (where the
+    router's --prefill URL sends the language side); an override that could move it, and any
+    bad transfer setting, is refused while the arguments are resolved, before a process starts.
+    """
+    with pytest.raises(ValueError, match=message):
+        _resolve(
+            vl_model,
+            disaggregation_mode=mode,
+            disaggregation_mm_transfer_config=config,
+        )

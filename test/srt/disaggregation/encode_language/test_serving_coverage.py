@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
+import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -183,6 +186,134 @@ def test_router_generate_streaming_matches_hf(deployment, vl_model) -> None:
     for chunk in chunks[:-1]:
         got = [e[1] for e in chunk["meta_info"]["output_token_logprobs"]]
         assert got == expected_tokens[: len(got)]
+
+
+# Public request fields that reach upstream's ``disaggregation_mode != NULL`` checks (meant as
+# "prefill/decode", docs/serving.md "PD-mode checks") or validation that only some modes run:
+# (extra top-level fields, extra sampling params, expected status). 200: served, the tokens
+# and logprobs equal HF; 400: refused by both servers, as a colocated server refuses it.
+REQUEST_FIELDS = {
+    "return_sampling_mask": ({"return_sampling_mask": True}, {"top_k": 1}, 200),
+    "return_sampling_mask_bad_top_k": (
+        {"return_sampling_mask": True},
+        # sampled (temperature 0 means top_k=1); top_k over --sampling-mask-max-tokens
+        {"temperature": 0.5, "top_k": 10**6},
+        400,
+    ),
+    "sampling_logprobs_mode_without_mask": (
+        {"sampling_logprobs_mode": "processed"},
+        {},
+        400,
+    ),
+    "top_logprobs_num": ({"top_logprobs_num": 3}, {}, 200),
+    "token_ids_logprob": ({"token_ids_logprob": [1, 2, 3]}, {}, 200),
+    "logprob_start_len": ({"logprob_start_len": 0}, {}, 200),
+    "return_hidden_states": ({"return_hidden_states": True}, {}, 400),
+    # without --enable-return-routed-experts the field is ignored, as on a colocated server
+    "return_routed_experts": ({"return_routed_experts": True}, {}, 200),
+    "session_params": ({"session_params": {"id": "no-such-session"}}, {}, 400),
+    "lora_path": ({"lora_path": "no-such-adapter"}, {}, 400),
+    "custom_logit_processor": ({"custom_logit_processor": "{}"}, {}, 400),
+    "beam_width": ({}, {"beam_width": 2}, 400),
+}
+
+
+# Fields sglang-router 0.3.2 does not forward (it re-serializes the body it knows): through the
+# router such a request is an ordinary one (200, equal to HF); the field reaches the servers
+# only from a client that talks to them directly.
+ROUTER_DROPS = {
+    "return_sampling_mask",
+    "return_sampling_mask_bad_top_k",
+    "sampling_logprobs_mode_without_mask",
+    "return_routed_experts",
+    "beam_width",
+}
+
+
+def _post_status(server, body: dict, timeout: float = 120) -> tuple[int, dict | str]:
+    request = urllib.request.Request(
+        server.url + "/generate",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def _post_pair_directly(encoder, language, body: dict) -> tuple[int, dict | str]:
+    """What the router does (the same body, with bootstrap fields, to both servers at once),
+    done by the client: sglang-router 0.3.2 forwards only the fields it knows, so this is how a
+    field the router drops (``return_sampling_mask``) reaches the servers. Returns the
+    language server's answer; the encode server's status must agree on refusals."""
+    args = encoder.spec.args
+    body = body | {
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": int(args[args.index("--disaggregation-bootstrap-port") + 1]),
+        "bootstrap_room": random.getrandbits(62),
+    }
+    with ThreadPoolExecutor(2) as pool:
+        enc = pool.submit(_post_status, encoder, body)
+        lang = pool.submit(_post_status, language, body)
+        enc_status, enc_out = enc.result()
+        lang_status, lang_out = lang.result()
+    assert (enc_status == 200) == (lang_status == 200), (enc_out, lang_out)
+    return lang_status, lang_out
+
+
+@pytest.mark.parametrize("field", list(REQUEST_FIELDS))
+def test_request_fields_served_or_refused(deployment, vl_model, field) -> None:
+    """issue: blockers item 3. An image request carrying each public field that reaches a
+    mode check, through the router and as a client talking to both servers directly (the
+    router drops fields it does not know), and the same field on a text-only request straight
+    to the language server: served (200, equal to HF, the field's output present) or refused
+    with a 4xx within seconds, never a crashed scheduler or a request that waits out the
+    transfer timeout; both servers stay up and answer the next request equal to HF."""
+    router, encoder, language = deployment
+    image_case, text_case = CASES["one_image"], CASES["text_only"]
+    extra, sampling, status = REQUEST_FIELDS[field]
+    for route, case, send in (
+        ("router", image_case, lambda body: _post_status(router, body)),
+        ("direct", image_case, lambda b: _post_pair_directly(encoder, language, b)),
+        ("language", text_case, lambda body: _post_status(language, body)),
+    ):
+        reference = _hf_reference(vl_model, case)
+        body = _payload(vl_model, case)
+        body["sampling_params"] |= sampling
+        body |= extra
+        start = time.monotonic()
+        got_status, out = send(body)
+        elapsed = time.monotonic() - start
+        expected = 200 if route == "router" and field in ROUTER_DROPS else status
+        assert got_status == expected, (field, route, got_status, out)
+        assert elapsed < 20, (field, route, elapsed)
+        assert encoder.alive() and language.alive(), (field, route)
+        if expected != 200 or (route == "router" and "temperature" in sampling):
+            continue  # refused, or sampled (not comparable with the greedy reference)
+        _assert_matches(out, reference, f"{field} via {route}")
+        meta = out["meta_info"]
+        n = len(reference[0])
+        if field == "top_logprobs_num":
+            tops = meta["output_top_logprobs"]
+            assert [len(t) for t in tops] == [3] * n
+            # greedy: the chosen token is the most likely one
+            assert [t[0][1] for t in tops] == reference[0]
+        if field == "token_ids_logprob":
+            ids = meta["output_token_ids_logprobs"]
+            assert [[e[1] for e in t] for t in ids] == [[1, 2, 3]] * n
+        if field == "logprob_start_len":
+            assert len(meta["input_token_logprobs"]) == meta["prompt_tokens"]
+        if field == "return_sampling_mask" and route != "router":
+            # top_k=1: the sampling support of every step is the chosen token alone
+            assert meta["output_token_sampling_mask"] == [[t] for t in reference[0]]
+    image_reference = _hf_reference(vl_model, image_case)
+    _assert_matches(
+        router.post("/generate", _payload(vl_model, image_case)),
+        image_reference,
+        field,
+    )
 
 
 def _small_deployment(server_pool, vl_model):

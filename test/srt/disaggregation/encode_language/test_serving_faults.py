@@ -16,11 +16,18 @@ import random
 import signal
 import threading
 import time
+import types
 import urllib.request
 import uuid
 
 import pytest
-from el_serving import CASES, assert_blocks_free
+from el_serving import (
+    CASES,
+    LOGPROB_TOLERANCE,
+    _greedy_body,
+    assert_blocks_free,
+    hf_reference,
+)
 from epd_testbed.cases import MAX_NEW_TOKENS
 from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
 from epd_testbed.servers import RequestError, encode_language_metrics, relaunch
@@ -173,6 +180,67 @@ def test_router_passes_a_client_fault_through(deployment, vl_model, image) -> No
     for _ in range(2):  # one per encoder under round robin
         out = router.post("/generate", _payload(vl_model, "one_image"))
         assert out["output_ids"] == _expected(vl_model, "one_image")
+    _wait_until(lambda: not _waiting(language), "the language side has nothing waiting")
+
+
+@pytest.mark.parametrize("host", ["no-such-host.invalid", "1.2.3.4:5"])
+def test_bad_bootstrap_host_is_refused(deployment, vl_model, host) -> None:
+    """issue: blockers item 3(a). A direct ``/generate`` to the language server whose
+    ``bootstrap_host`` cannot be resolved or parsed: a 400 that names the address (the
+    scheduler survives), and the deployment serves the next image request equal to HF.
+    """
+    router, encoder, _, language = deployment
+    payload = _payload(vl_model, "one_image") | _room_fields(encoder)
+    with pytest.raises(RequestError, match="HTTP 400") as err:
+        language.post("/generate", payload | {"bootstrap_host": host}, timeout=WAIT_S)
+    assert f"bootstrap address '{host}:{_bootstrap_port(encoder)}' cannot be used" in (
+        str(err.value)
+    )
+    out = router.post("/generate", _payload(vl_model, "one_image"))
+    assert out["output_ids"] == _expected(vl_model, "one_image")
+
+
+# Prompts on which the two sides once disagreed about a transfer: a placeholder token typed as
+# text without an image, and an image whose prompt has no placeholder for it.
+_MISMATCHED = {
+    "placeholder_without_image": (
+        [{"role": "user", "content": "Describe <|image_pad|> in one word."}],
+        False,
+    ),
+    "image_without_placeholder": (
+        [{"role": "user", "content": "What is in the picture?"}],
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(_MISMATCHED))
+def test_placeholder_and_media_mismatch_answers_like_colocated(
+    deployment, vl_model, name
+) -> None:
+    """issue: blockers item 6. Through the router (round robin: both encoders), the prompt
+    answers as the colocated model does, as text: token for token and logprob for logprob the
+    Hugging Face model on the same prompt without image (what a colocated server runs: no
+    image fills the placeholder, or no placeholder takes the image).
+    ``placeholder_without_image``: the encoder finishes the request itself and tells the
+    language side, which reserved for the placeholder, that nothing comes (before: HTTP 500
+    after the 30 s bootstrap timeout).
+    ``image_without_placeholder``: upstream's processor drops the image, neither side waits (a
+    guard; it passed before too). Every block is free afterwards (fixture)."""
+    router, _, _, language = deployment
+    messages, with_image = _MISMATCHED[name]
+    expected, logprobs = hf_reference(
+        vl_model, types.SimpleNamespace(messages=lambda: messages)
+    )
+    prompt, _ = render_prompt(vl_model, messages)
+    body = _greedy_body(prompt)
+    if with_image:
+        body["image_data"] = render_prompt(vl_model, CASES["one_image"].messages())[1]
+    for _ in range(2):
+        out = router.post("/generate", body, timeout=WAIT_S)
+        assert out["output_ids"] == expected
+        got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
+        assert got == pytest.approx(logprobs, abs=LOGPROB_TOLERANCE)
     _wait_until(lambda: not _waiting(language), "the language side has nothing waiting")
 
 

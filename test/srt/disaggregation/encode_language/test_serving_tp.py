@@ -7,19 +7,30 @@
   metrics show one network receive (``success``, counted by the receiving rank only) plus
   one broadcast sent by rank 0 and one broadcast received by rank 1 per image request.
 * Encode ``--tp 2``: both ranks run upstream's TP vision tower, rank 0 alone owns the transfer;
-  the answers equal Hugging Face and all blocks are free.
+  the answers equal Hugging Face and all blocks are free. A request the encoder's tokenizer
+  refuses (unreadable image, undecodable bytes, too long a prompt, a client gone during
+  preprocessing) is answered 4xx and every rank survives the abort it broadcasts.
 
 The tiny K=3 checkpoint (4 attention heads, 2 KV heads, 4 vision heads) divides by 2.
 """
 
 from __future__ import annotations
 
+import base64
+import http.client
+import http.server
+import json
+import threading
+import time
+import urllib.request
+
 import pytest
 from el_serving import CASES, LOGPROB_TOLERANCE, assert_blocks_free
 from el_serving import generate as _generate
 from el_serving import hf_reference as _hf_reference
 from epd_testbed import servers as srv
-from epd_testbed.servers import encode_language_metrics
+from epd_testbed.hf_reference import render_prompt
+from epd_testbed.servers import RequestError, encode_language_metrics
 from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
 pytestmark = pytest.mark.server
@@ -157,3 +168,120 @@ def test_encode_tp2_matches_hf(encode_tp2, vl_model, name) -> None:
     else:
         assert _delta(after, before, "bytes") == 0
         assert _delta(after, before, "requests.local") == 1
+
+
+class _ImageURL(http.server.ThreadingHTTPServer):
+    """A local image URL that answers 404 (an image that cannot be read); with ``stall``
+    only once the test sets ``release`` (bounded): the encode server's tokenizer manager is
+    still loading the request's media meanwhile."""
+
+    def __init__(self, stall: bool = False) -> None:
+        self.requested, self.release = threading.Event(), threading.Event()
+        if not stall:
+            self.release.set()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.requested.set()
+                outer.release.wait(60)
+                self.send_error(404)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/image.png"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+
+@pytest.fixture()
+def image_url():
+    made = []
+
+    def make(stall: bool = False) -> _ImageURL:
+        made.append(_ImageURL(stall))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+# What the encode server's tokenizer manager refuses before its scheduler sees it (each is then
+# an AbortReq broadcast to every encode rank, naming the failed bootstrap room).
+_REFUSED = {
+    "unreadable_url": lambda image_url: dict(image=image_url().url),
+    "undecodable": lambda _: dict(
+        image="data:image/png;base64," + base64.b64encode(b"not an image").decode()
+    ),
+    # past the context length (8192 tokens) on both sides' tokenizers
+    "too_long": lambda _: dict(text=" ".join(["word"] * 9000)),
+}
+
+
+def _body(vl_model, text: str = "", image=None) -> dict:
+    prompt, image_paths = render_prompt(vl_model, CASES["one_image"].messages())
+    return {
+        "text": prompt + text,
+        "image_data": [image] if image is not None else image_paths,
+        "sampling_params": {"temperature": 0.0, "max_new_tokens": 4},
+    }
+
+
+def _serves_after(router, encoder, language, vl_model) -> None:
+    """Both servers up; the next image request equals Hugging Face."""
+    _check_equal_hf(router, vl_model, CASES["one_image"])
+    for server in (encoder, language):
+        with urllib.request.urlopen(server.url + "/health", timeout=30) as r:
+            assert r.status == 200, server.spec.name
+
+
+@pytest.mark.parametrize("trigger", list(_REFUSED))
+def test_encode_tp2_survives_a_refused_request(
+    encode_tp2, vl_model, image_url, trigger
+) -> None:
+    """issue: blockers item 2. A request the encode server refuses before its scheduler (the
+    tokenizer manager cannot load or validate it) fails its bootstrap room through an abort
+    broadcast to both encode ranks; only rank 0 owns the transfer: the client gets a 4xx and
+    both servers keep serving (the next image request equals Hugging Face, every block free).
+    """
+    router, encoder, language = encode_tp2
+    with pytest.raises(RequestError, match=r"HTTP 4\d\d"):
+        router.post("/generate", _body(vl_model, **_REFUSED[trigger](image_url)))
+    _serves_after(router, encoder, language, vl_model)
+
+
+def test_encode_tp2_survives_a_client_gone_during_preprocessing(
+    encode_tp2, vl_model, image_url
+) -> None:
+    """issue: blockers item 2. The client closes its connection to the router while the
+    encode server still loads the request's image; the load then fails and the encoder's
+    refusal (an abort broadcast to both ranks) reaches nobody: both servers keep serving.
+    """
+    router, encoder, language = encode_tp2
+    image = image_url(stall=True)
+    failed = encode_language_metrics(encoder).get("requests.failed", 0)
+    conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=60)
+    conn.request(
+        "POST",
+        "/generate",
+        body=json.dumps(_body(vl_model, image=image.url)),
+        headers={"Content-Type": "application/json"},
+    )
+    assert image.requested.wait(60), "the encode server never fetched the image"
+    conn.close()
+    image.release.set()
+    # the refusal was counted (rank 0 processed the abort), then the deployment serves
+    deadline = time.monotonic() + 60
+    while encode_language_metrics(encoder).get("requests.failed", 0) == failed:
+        assert (
+            time.monotonic() < deadline
+        ), "the encode server never refused the request"
+        time.sleep(0.2)
+    _serves_after(router, encoder, language, vl_model)

@@ -121,6 +121,26 @@ class MultimodalPayload:
     deepstack: Optional[torch.Tensor]
     mrope_delta: int
     items: list = dataclasses.field(default_factory=list)  # item table, item_table.py
+    # CUDA event recorded on the producing stream once the tensors are written: the copies out
+    # of them (write_range, on a transfer thread's stream) wait for it (record_ready).
+    ready: Optional["torch.cuda.Event"] = None
+
+    def tensors(self) -> List[torch.Tensor]:
+        ts = [self.fill_ids, self.mrope_positions, self.mm_mask, self.embeddings]
+        return ts + ([self.deepstack] if self.deepstack is not None else [])
+
+    def device(self) -> Optional[torch.device]:
+        """The CUDA device of the payload's device tensors; None when all are on the host."""
+        return next((t.device for t in self.tensors() if t.is_cuda), None)
+
+    def record_ready(self) -> None:
+        """Set ``ready`` on the current stream: the producer calls this on the stream that
+        wrote the tensors, before the payload leaves for another thread (``send()``), whose
+        copies would otherwise race the producer's queued work (issue 15, item 1)."""
+        device = self.device()
+        if device is not None:
+            self.ready = torch.cuda.Event()
+            self.ready.record(torch.cuda.current_stream(device))
 
     @property
     def total_tokens(self) -> int:
@@ -254,10 +274,34 @@ def slice_received(data: ReceivedData, token_start, token_count, mm_start, mm_co
     )
 
 
-def _record_event() -> "torch.cuda.Event":
+def _record_event(device: torch.device) -> "torch.cuda.Event":
+    """An event on ``device``'s current stream, the stream its copies run on (a transfer
+    thread's current device is not the server's GPU: CUDA starts every thread on device 0).
+    """
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(device))
     return event
+
+
+def use_on_streams(t: torch.Tensor, streams) -> None:
+    """``t`` (a device tensor allocated on another stream) is read by work queued on
+    ``streams``: the caching allocator must not hand its memory to a new tensor of the
+    allocating stream before that work is done, whenever ``t`` is freed (``record_stream``).
+    Ordering the reads after the writes is the caller's part (events or host waits)."""
+    if t.is_cuda:
+        for stream in streams:
+            t.record_stream(stream)
+
+
+def _after_producer(payload: MultimodalPayload, device: torch.device) -> None:
+    """Order the copies this thread is about to queue out of ``payload`` after the producer's
+    stream (``payload.ready``), and keep the tensors' memory until those copies are done.
+    """
+    stream = torch.cuda.current_stream(device)
+    if payload.ready is not None:
+        stream.wait_event(payload.ready)
+    for t in payload.tensors():
+        use_on_streams(t, (stream,))
 
 
 def _copy_rows(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -451,6 +495,8 @@ class MultimodalDataBuffers:
         From a GPU payload the multimodal rows go in one asynchronous D2H copy per slot per run
         of blocks, then the token stream (ids and positions, 16 bytes a token; the mask comes to
         the host first, for the bitmaps), while the host builds bitmaps and headers; one wait.
+        The copies run on this thread's stream, after ``payload.ready`` (the producer's stream),
+        and have completed when this returns, so the blocks can be sent.
         """
         L, B = self.layout, self.block_size
         payload.validate(L, count_mask=False)
@@ -467,10 +513,13 @@ class MultimodalDataBuffers:
         self._check_blocks(blocks, nb)
         blocks = list(blocks[:nb])
         t = slice(token_start, token_start + token_count)
+        device = payload.device()
+        cuda = device is not None
+        if cuda:  # before any copy out of the payload
+            _after_producer(payload, device)
         mask = self._to_host(payload.mm_mask[t])  # for the bitmaps
         emb, ds = payload.embeddings, payload.deepstack
-        cuda = emb.is_cuda or payload.mm_mask.is_cuda
-        small = _record_event() if cuda else None
+        small = _record_event(device) if cuda else None
 
         def put_token_stream():  # 16 bytes a token: one copy per slot per run, into blocks
             for j, b, n in block_runs(blocks):
@@ -497,9 +546,11 @@ class MultimodalDataBuffers:
                     self.deepstack[b : b + n].view(n * B, -1)[: m1 - m0].copy_(
                         ds[src], non_blocking=True
                     )
-            pieces.append((j, n, _record_event() if cuda else None))
+            pieces.append((j, n, _record_event(device) if cuda else None))
         if not checksum:  # after the rows, so their D2H copies start first
             put_token_stream()
+            if cuda:  # the last event waited for covers the token stream's copies too
+                pieces.append((nb, 0, _record_event(device)))
         # Meanwhile the bitmaps and the headers, on the host.
         if small is not None:
             small.synchronize()
@@ -706,6 +757,9 @@ class MultimodalDataBuffers:
         # the headers and the token stream on the host.
         emb, ds = out.embeddings, out.deepstack
         non_blocking = self.pinned and emb.is_cuda
+        # Copies on this thread's stream of the rows' device; waited for (host) before return,
+        # so the thread that takes ``out`` (take()) needs no stream ordering, only the
+        # allocator rule for the streams it reads the rows on (``use_on_streams``).
         pieces = []
         for j, b, n in block_runs(blocks, PIECE_BLOCKS if verify else 0):
             m0, m1 = j * B, min(mm_count, (j + n) * B)
@@ -715,7 +769,7 @@ class MultimodalDataBuffers:
                         _copy_rows(
                             dst[m0:m1], slot[b : b + n].view(n * B, -1)[: m1 - m0]
                         )
-            pieces.append((j, n, _record_event() if non_blocking else None))
+            pieces.append((j, n, _record_event(emb.device) if non_blocking else None))
         auxes = self.aux.numpy()[blocks]  # a copy: the headers as they were checked
         try:
             manifest, checksums = self._check_stamps(blocks, auxes, expect)
@@ -834,6 +888,7 @@ class MultimodalDataBuffers:
 
 __all__ = [
     "alloc_received",
+    "use_on_streams",
     "block_runs",
     "slice_received",
     "MultimodalBufferConfig",

@@ -11,9 +11,13 @@
   it concerns, never the thread. It is event driven: it blocks in the ZMQ poller until a message
   arrives, a local thread calls ``wake()`` (a new request, an abort, a finished round, freed
   blocks), or the next timer is due (``_tick`` returns that deadline). No fixed tick.
-* Addressing: ``ConnectionConfig.resolve_addresses`` (advertised vs bind address); the encode
-  side's control socket listens on the bootstrap port (docs/transport.md, "Deploying across
-  nodes / addressing").
+* Addressing: ``ConnectionConfig.resolve_addresses`` (advertised vs bind address). The encode
+  side's control socket listens on ``--host``:``--disaggregation-bootstrap-port``, where the
+  router's ``--prefill`` URL sends the language side, as upstream's PD bootstrap server; its
+  manager id names the advertised address. A peer may reach a manager at another address than
+  the one it advertises: the language side learns the encoder's id from its ``RegisterAck`` and
+  names the encoder by the endpoint it dials (``ManagerBase.reached_at``; docs/transport.md,
+  "Deploying across nodes / addressing").
 * Liveness: peers with live requests are pinged every ``heartbeat_interval_s``; one that misses
   ``heartbeat_max_failures`` pongs in a row is declared dead (its requests fail) but is still
   pinged, and a pong revives it. A peer dead, or without a live request, for ``peer_prune_s`` is
@@ -29,6 +33,7 @@ describes the state machine.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -39,6 +44,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Protocol, Tuple
 
+import msgspec
 import zmq
 
 from sglang.srt.disaggregation.base.conn import KVPoll
@@ -48,10 +54,12 @@ from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalDataBuffers,
 )
 from sglang.srt.disaggregation.encode_language.manifest import (
+    FaultKind,
     Message,
     Ping,
     Pong,
     ProtocolError,
+    RegisterAck,
     decode_message,
     encode_message,
     make,
@@ -74,12 +82,14 @@ class ConnectionConfig:
     # port the router hands to the language side with each request. 0 = any free port. Language
     # managers always listen on a free port (they tell the encoder their endpoint).
     bootstrap_port: int = 0
-    # The address peers reach this process's control socket and transfer engine at. None =
+    # The address this manager names itself by (its manager id) and its transfer engine's. None =
     # upstream's local-IP discovery (get_local_ip_auto: $SGLANG_HOST_IP / $HOST_IP, then the NIC in
-    # $SGLANG_LOCAL_IP_NIC, then the source address of the default route). Not --host (HTTP bind).
+    # $SGLANG_LOCAL_IP_NIC, then the source address of the default route). The encoder's peers
+    # dial it where the router sends them, not here; the language side must be reachable here.
     advertise_host: Optional[str] = None
     # The address the control socket binds. None = the advertised address; "0.0.0.0" or "::" =
     # every interface (e.g. behind NAT, where the advertised address is not one of this host's).
+    # From the server arguments the encode side binds --host (from_server_args).
     bind_host: Optional[str] = None
     # Transfer engine, when this process has none yet (otherwise SGLang's shared one is used):
     # GPU id and --disaggregation-ib-device (a device, a list, or a per-GPU JSON mapping).
@@ -127,7 +137,11 @@ class ConnectionConfig:
         """``--disaggregation-mm-reserve-tokens``, ``--disaggregation-bootstrap-port``,
         ``--disaggregation-ib-device`` (else ``--mooncake-ib-device``, as upstream's engine) and this
         rank's ``gpu_id``, then the JSON ``--disaggregation-mm-transfer-config`` overrides; an
-        unknown key is an error naming the valid ones."""
+        unknown key is an error naming the valid ones. The encode side's control socket binds
+        ``--host``, as upstream's PD bootstrap server (``managers/disagg_service.py``): the
+        router's ``--prefill`` URL names the address the language side dials, and the HTTP
+        server the router reaches there binds ``--host`` too; a ``bind_host`` override is
+        refused there (it could move the socket away from that address)."""
         overrides = json.loads(server_args.disaggregation_mm_transfer_config or "{}")
         if not isinstance(overrides, dict):
             raise ValueError(
@@ -150,11 +164,21 @@ class ConnectionConfig:
             server_args.disaggregation_ib_device or server_args.mooncake_ib_device,
         )
         overrides.setdefault("gpu_id", gpu_id)
+        if server_args.disaggregation_mode == "encode":
+            if "bind_host" in overrides:
+                raise ValueError(
+                    "--disaggregation-mode encode: bind_host in --disaggregation-mm-transfer-"
+                    "config is not accepted; the control socket binds --host (as upstream's PD "
+                    "bootstrap server), the address the router's --prefill URL names. Set "
+                    "--host (0.0.0.0 for every interface) instead."
+                )
+            overrides["bind_host"] = server_args.host
         return cls(**overrides)
 
     def resolve_addresses(self) -> Tuple[str, str]:
-        """(advertised host, bind host). The advertised host must be routable: a wildcard is an
-        error, a failed discovery is an error that names the override."""
+        """(advertised host, bind host), both IPs (the bind host may be a wildcard). The
+        advertised host must be routable: a wildcard is an error, a failed discovery is an error
+        that names the override; a bind host that does not resolve is an error."""
         advertise = self.advertise_host
         if not advertise:
             try:
@@ -171,26 +195,72 @@ class ConnectionConfig:
             )
         # Manager ids compare as strings: spell the host as an IP, as peer_endpoint does.
         advertise = NetworkAddress.resolve_host(advertise.strip("[]"))
-        return advertise, self.bind_host or advertise
+        bind = (self.bind_host or advertise).strip("[]")
+        if bind not in _WILDCARDS:
+            # the IP the router's URL resolves to when it names this host by the same name
+            bind = NetworkAddress.resolve_host(bind)
+        return advertise, bind
 
 
 _WILDCARDS = ("0.0.0.0", "::", "*")
 
 
+class PeerAddressError(ValueError):
+    """A peer address (a request's ``bootstrap_host:bootstrap_port``) that cannot be parsed or
+    resolved: the request's fault, never the server's."""
+
+
+# peer_endpoint's name lookups, kept this long (a failed one for less: a DNS blip heals), in
+# a bounded table: the lookup runs on the language scheduler's thread, once per image request
+# without the table (a slow or failing resolver would stall every request behind it).
+PEER_LOOKUP_TTL_S = 60.0
+PEER_LOOKUP_FAILED_TTL_S = 5.0
+PEER_LOOKUP_MAX_ENTRIES = 1024
+_peer_lookups: "collections.OrderedDict[str, Tuple[float, str, bool]]" = (
+    collections.OrderedDict()
+)
+_peer_lookups_lock = threading.Lock()
+
+
 def peer_endpoint(addr: str) -> str:
     """A peer's control endpoint ``host:port`` spelled as its manager id is: the host resolved to
-    an IP (the router hands out the encode server's hostname with ``bootstrap_host``).
-    """
-    return NetworkAddress.parse(addr).resolved().to_host_port_str()
+    an IP (the router hands out the encode server's hostname with ``bootstrap_host``). Raises
+    ``PeerAddressError`` for an address that cannot be parsed or resolved. Lookups are cached
+    (``PEER_LOOKUP_*``)."""
+    now = time.monotonic()
+    with _peer_lookups_lock:
+        hit = _peer_lookups.get(addr)
+        if hit is not None and hit[0] > now:
+            _peer_lookups.move_to_end(addr)
+            _, value, ok = hit
+            if ok:
+                return value
+            raise PeerAddressError(value)
+    try:
+        value, ok = NetworkAddress.parse(addr).resolved().to_host_port_str(), True
+    except ValueError as e:
+        value, ok = f"bootstrap address {addr!r} cannot be used: {e}", False
+    ttl = PEER_LOOKUP_TTL_S if ok else PEER_LOOKUP_FAILED_TTL_S
+    with _peer_lookups_lock:
+        _peer_lookups[addr] = (now + ttl, value, ok)
+        _peer_lookups.move_to_end(addr)
+        while len(_peer_lookups) > PEER_LOOKUP_MAX_ENTRIES:
+            _peer_lookups.popitem(last=False)
+    if not ok:
+        raise PeerAddressError(value)
+    return value
 
 
 class TransferError(RuntimeError):
-    """A request failed; ``reason`` says why."""
+    """A request failed; ``reason`` says why, ``kind`` (``FaultKind``) what answers it."""
 
-    def __init__(self, room: int, reason: str):
+    def __init__(
+        self, room: int, reason: str, kind: FaultKind = FaultKind.INTERNAL
+    ) -> None:
         super().__init__(f"bootstrap room {room}: {reason}")
         self.room = room
         self.reason = reason
+        self.kind = kind
 
 
 class RoomInUseError(RuntimeError):
@@ -235,12 +305,14 @@ class ControlChannel:
             raise OSError(
                 e.errno,
                 f"cannot bind the control socket to {bind} ({e.strerror}): the port must be free "
-                "and the bind address one of this host's (set bind_host to 0.0.0.0 when the "
-                "advertised address is translated, e.g. NAT)",
+                "and the bind address one of this host's (the encode side binds --host; the "
+                "language side binds bind_host, else its advertised address: set bind_host to "
+                "0.0.0.0 when that address is translated, e.g. NAT)",
             ) from e
         bound = self.pull.getsockopt(zmq.LAST_ENDPOINT).decode()
         port = NetworkAddress.parse(bound[len("tcp://") :]).port
         self.endpoint = NetworkAddress(advertise_host, port).to_host_port_str()
+        self.listening = NetworkAddress(bind_host, port).to_host_port_str()
         self._push: Dict[str, zmq.Socket] = {}
         self._lock = threading.Lock()
         self.rejected = 0  # malformed / unknown messages dropped
@@ -411,6 +483,12 @@ class ManagerBase:
         self.channel = ControlChannel(bind, self._control_port(), advertise)
         # advertise_host:port, whatever the bind address
         self.manager_id = self.channel.endpoint
+        logger.info(
+            "%s control socket listening on %s, manager id %s",
+            self.role,
+            self.channel.listening,
+            self.manager_id,
+        )
         try:
             if engine is None:
                 engine = make_transfer_engine(
@@ -423,6 +501,11 @@ class ManagerBase:
             self.channel.close()
             raise
         self.lock = threading.RLock()
+        # A peer's manager id -> the endpoint this side reaches it at, where they differ: the
+        # language side dials the encoder where the router sends it (its --host), which need
+        # not be the address the encoder advertises. Learned from the encoder's RegisterAck;
+        # every message is handled under the endpoint (``_dispatch``).
+        self.reached_at: Dict[str, str] = {}
         self.health: Dict[str, PeerHealth] = {}
         # peer -> last time it had a live request (or registered) here
         self.last_active: Dict[str, float] = {}
@@ -483,6 +566,11 @@ class ManagerBase:
                 )
 
     def _dispatch(self, msg: Message) -> None:
+        endpoint = self.reached_at.get(msg.manager_id)
+        if endpoint is not None and not isinstance(msg, RegisterAck):
+            # name the sender as this side's tables do, and answer it where it is reached (a
+            # RegisterAck keeps the encoder's own id: the language side learns the name from it)
+            msg = msgspec.structs.replace(msg, manager_id=endpoint)
         if isinstance(msg, Ping):
             self.channel.send(
                 msg.manager_id,
@@ -575,9 +663,8 @@ class ManagerBase:
             n = cfg.heartbeat_max_failures
             self._declare_dead(
                 ep,
-                f"peer {ep} is unreachable (missed {n} heartbeats): it is down, cannot "
-                f"reach this side's advertised address {self.manager_id}, or answers "
-                f"under another address than {ep}",
+                f"peer {ep} is unreachable (missed {n} heartbeats): it is down, or cannot "
+                f"reach this side's advertised address {self.manager_id}",
             )
         for ep in forget:
             self.forget_peer(ep)
@@ -613,6 +700,8 @@ class ManagerBase:
             self.health.pop(endpoint, None)
             self.last_active.pop(endpoint, None)
             self._drop_registration(endpoint)
+            for name in [n for n, ep in self.reached_at.items() if ep == endpoint]:
+                del self.reached_at[name]
         self.channel.close_peer(endpoint)
         logger.info("%s: forgot peer %s", self.role, endpoint)
 
@@ -637,11 +726,13 @@ class ManagerBase:
 __all__ = [
     "ConnectionConfig",
     "ControlChannel",
+    "FaultKind",
     "KVPoll",
     "ManagerBase",
     "RoomInUseError",
     "make_transfer_engine",
     "peer_endpoint",
+    "PeerAddressError",
     "TransferError",
     "TransferRequest",
 ]

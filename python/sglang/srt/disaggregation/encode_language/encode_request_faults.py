@@ -6,9 +6,19 @@ request never reaches the scheduler and no ``EncodeSender`` exists for its boots
 the language server, which got the same body from the router, has reserved (or will reserve)
 blocks for that room. ``request_refused`` tells the scheduler (an ``AbortReq`` whose finished
 reason names the room, ``room_failure``) so that ``EncodeManager.fail_room`` answers the
-language side with Abort(reason) at once, and maps a client fault to HTTP 400 on the encode
-server; the language server answers 400 too (``status_of_transfer_failure``) so the router, which
-returns the error of whichever side failed, gives the client a 4xx either way.
+language side with Abort(reason, kind) at once, and maps a client fault to HTTP 400 on the
+encode server; the language server answers 400 too (``status_of_transfer_failure``) so the
+router, which returns the error of whichever side failed, gives the client a 4xx either way.
+
+Faults are typed: every failure carries a ``FaultKind`` (``manifest.py``), in the control
+messages (``Abort.kind``) and on the senders and receivers; ``http_status`` is the one place that
+maps a kind to the HTTP answer, ``fault_of_exception`` the one place that classifies what stopped
+a request before the scheduler. No reason text is parsed.
+
+``poll_and_end_failed``: upstream's ``poll_and_all_reduce`` (which also injects failures with
+``SGLANG_TEST_DISAGG_FAILURE_PROB``) for both schedulers, ending in the transport every request
+the agreed poll fails, so an injected (or another rank's) failure never leaves the room open on
+either side.
 """
 
 from __future__ import annotations
@@ -16,9 +26,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
-from sglang.srt.disaggregation.utils import FAKE_BOOTSTRAP_HOST
+import requests
+
+from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.encode_language.manifest import FaultKind
+from sglang.srt.disaggregation.utils import FAKE_BOOTSTRAP_HOST, poll_and_all_reduce
+from sglang.srt.environ import envs
 from sglang.srt.managers.io_struct import AbortReq
 
 if TYPE_CHECKING:
@@ -26,14 +41,45 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Prefix of the reason a client fault travels with: the language side answers 400 on it.
+# Prefix of a client fault's reason, for the people who read it (the status comes from the kind).
 CLIENT_FAULT = "client error"
-# Key of the failed bootstrap room in the AbortReq's finished_reason.
+# Keys of the failed bootstrap room and its fault kind in the AbortReq's finished_reason.
 ROOM_KEY = "encode_language_failed_room"
-# Media that cannot be loaded or decoded: FileNotFoundError, requests' connection and HTTP
-# errors, PIL's UnidentifiedImageError are OSErrors; upstream raises ValueError for bytes that
-# do not decode.
-CLIENT_FAULT_ERRORS = (OSError, ValueError)
+KIND_KEY = "encode_language_fault_kind"
+
+# The HTTP answer of each fault kind, on both sides.
+_STATUS = {
+    FaultKind.CLIENT: HTTPStatus.BAD_REQUEST,
+    FaultKind.TIMEOUT: HTTPStatus.GATEWAY_TIMEOUT,
+    FaultKind.UNAVAILABLE: HTTPStatus.SERVICE_UNAVAILABLE,
+    FaultKind.INTERNAL: HTTPStatus.INTERNAL_SERVER_ERROR,
+    # Not a failure: the language side runs such a request as it is, nothing answers this.
+    FaultKind.NO_TRANSFER: HTTPStatus.INTERNAL_SERVER_ERROR,
+}
+
+
+def http_status(kind: FaultKind) -> HTTPStatus:
+    """The one mapping from a fault kind to the HTTP status either server answers."""
+    return _STATUS[kind]
+
+
+def fault_of_exception(exc: BaseException) -> FaultKind:
+    """What ``exc``, raised while the encode server loaded and processed a request, says about
+    whose fault it is. A timeout (``TimeoutError``, a media download past upstream's
+    ``REQUEST_TIMEOUT``: ``requests.Timeout``) or a broken connection of this server
+    (``ConnectionError``) is not the client's: the same request may work later. Media that
+    cannot be read (a missing file, an HTTP error status, a URL nobody answers at:
+    ``requests.RequestException``), cannot be decoded (PIL's ``UnidentifiedImageError``, an
+    ``OSError``) and upstream's request validation (``ValueError``) are."""
+    if isinstance(exc, asyncio.CancelledError):
+        return FaultKind.CLIENT  # the client disconnected
+    if isinstance(exc, (TimeoutError, requests.Timeout)):
+        return FaultKind.TIMEOUT
+    if isinstance(exc, ConnectionError):  # requests' own ConnectionError is not one
+        return FaultKind.UNAVAILABLE
+    if isinstance(exc, (OSError, ValueError)):
+        return FaultKind.CLIENT
+    return FaultKind.INTERNAL
 
 
 def _undispatched_rooms(obj, request_states: Dict[str, "ReqState"]) -> List[int]:
@@ -64,13 +110,10 @@ def request_refused(
     rooms = _undispatched_rooms(obj, request_states)
     if isinstance(exc, GeneratorExit) or not rooms:
         return exc  # the caller stopped reading, or nothing waits for this request
+    kind, to_raise = fault_of_exception(exc), exc
     if isinstance(exc, asyncio.CancelledError):
-        reason, status, to_raise = (
-            "aborted by the client (disconnected)",
-            HTTPStatus.BAD_REQUEST,
-            exc,
-        )
-    elif isinstance(exc, CLIENT_FAULT_ERRORS):
+        reason = "aborted by the client (disconnected)"
+    elif kind == FaultKind.CLIENT:
         # OSError: media that cannot be read; ValueError: upstream's request validation
         # (context length, bytes that do not decode, ...), whose message says what is wrong
         what = (
@@ -79,11 +122,11 @@ def request_refused(
             else "invalid request"
         )
         reason = client_fault(f"{what}: {exc}")
-        status, to_raise = HTTPStatus.BAD_REQUEST, ValueError(reason)
+        to_raise = ValueError(reason)  # upstream's HTTP 400
         to_raise.__cause__ = exc
     else:
-        reason = f"encode server error: {type(exc).__name__}: {exc}"
-        status, to_raise = HTTPStatus.INTERNAL_SERVER_ERROR, exc
+        reason = f"encode server error ({kind.value}): {type(exc).__name__}: {exc}"
+    status = http_status(kind)
     for room in rooms:
         logger.error("encode: room %s refused before the transfer: %s", room, reason)
         tokenizer_manager._dispatch_to_scheduler(
@@ -94,33 +137,46 @@ def request_refused(
                     "message": reason,
                     "status_code": int(status),
                     ROOM_KEY: room,
+                    KIND_KEY: kind.value,
                 },
             )
         )
     return to_raise
 
 
-def room_failure(recv_req: AbortReq) -> Optional[Tuple[int, str]]:
-    """(room, reason) when ``recv_req`` was sent by ``request_refused``, else None."""
+def room_failure(recv_req: AbortReq) -> Optional[Tuple[int, str, FaultKind]]:
+    """(room, reason, kind) when ``recv_req`` was sent by ``request_refused``, else None."""
     reason = recv_req.finished_reason
     if not reason or reason.get(ROOM_KEY) is None:
         return None
-    return int(reason[ROOM_KEY]), str(reason.get("message"))
+    kind = FaultKind(reason.get(KIND_KEY, FaultKind.INTERNAL.value))
+    return int(reason[ROOM_KEY]), str(reason.get("message")), kind
 
 
 def client_fault(message: str) -> str:
-    """A failure reason the client caused: both sides answer it with 400."""
+    """The reason text of a client fault (its kind, ``FaultKind.CLIENT``, travels apart)."""
     return f"{CLIENT_FAULT}: {message}"
 
 
-def status_of_transfer_failure(reason: str) -> HTTPStatus:
-    """Either side's answer for a transfer that failed with ``reason``: 400 for a client fault,
-    the reason itself (encode side) or quoted by the language side's receiver ("encoder <id>
-    aborted: <reason>", a refused reservation "... aborted: request already failed: <reason>").
-    """
-    fault = f"{CLIENT_FAULT}: "
-    return (
-        HTTPStatus.BAD_REQUEST
-        if reason.startswith(fault) or f": {fault}" in reason
-        else HTTPStatus.INTERNAL_SERVER_ERROR
-    )
+def status_of_transfer_failure(transfer) -> HTTPStatus:
+    """Either side's answer for a failed transfer: the status of the sender's or receiver's
+    ``kind`` (a scheduler's stand-in for another TP rank has none: a server error)."""
+    return http_status(getattr(transfer, "kind", None) or FaultKind.INTERNAL)
+
+
+def poll_and_end_failed(transfers: Sequence, group) -> List[int]:
+    """Upstream's ``poll_and_all_reduce`` over ``transfers`` (senders, receivers or their TP
+    stand-ins), then ``abort`` each one the agreed poll reports Failed while its own state is
+    not: a failure injected by ``SGLANG_TEST_DISAGG_FAILURE_PROB`` (upstream injects it into the
+    poll only), or one of another TP rank. The transport then ends the room on both sides, so
+    nothing keeps blocks or waits for a request the scheduler dropped."""
+    polls = poll_and_all_reduce(transfers, group)
+    for t, poll in zip(transfers, polls):
+        if poll == KVPoll.Failed and t.poll() != KVPoll.Failed:
+            injected = envs.SGLANG_TEST_DISAGG_FAILURE_PROB.get() > 0
+            t.abort(  # kind: INTERNAL, every transfer's default
+                "failure injected by SGLANG_TEST_DISAGG_FAILURE_PROB"
+                if injected
+                else "the transfer failed on another tensor-parallel rank"
+            )
+    return polls

@@ -5,7 +5,8 @@ Shaped like a PD prefill server so ``sglang-router --pd-disaggregation`` fronts 
 1. ``add_disagg_encode_request``: a request with media gets an ``EncodeSender`` for its
    bootstrap room at once (the language side may reserve before or after); a request without
    image or video, or from the fake bootstrap host (health checks, warm-up), finishes at once
-   with nothing sent; the language side applies the same rule to the same body.
+   with nothing sent; if its prompt holds a placeholder token anyway, the language side (which
+   reserves on placeholders) is told "no transfer" (``_answer_no_transfer``).
 2. ``run_disagg_encode_batch``: the images (and videos) of the waiting requests go through
    upstream's ``get_image_feature`` / ``get_video_feature`` in one call per modality, as many
    requests per call as fit ``--max-prefill-tokens`` placeholder tokens (``take_vit_batch``) and
@@ -52,21 +53,22 @@ from sglang.srt.disaggregation.encode_language.connection import (
 )
 from sglang.srt.disaggregation.encode_language.encode_request_faults import (
     client_fault,
+    poll_and_end_failed,
     room_failure,
     status_of_transfer_failure,
 )
 from sglang.srt.disaggregation.encode_language.item_table import item_table
-from sglang.srt.disaggregation.encode_language.manifest import dtype_name
+from sglang.srt.disaggregation.encode_language.language_mm_receiver import (
+    placeholder_token_ids,
+    waits_for_rows,
+)
+from sglang.srt.disaggregation.encode_language.manifest import FaultKind, dtype_name
 from sglang.srt.disaggregation.encode_language.metrics import EncodeLanguageMetrics
 from sglang.srt.disaggregation.encode_language.sender import (
     EncodeManager,
     payload_nbytes,
 )
-from sglang.srt.disaggregation.utils import (
-    FAKE_BOOTSTRAP_HOST,
-    poll_and_all_reduce,
-    prepare_abort,
-)
+from sglang.srt.disaggregation.utils import FAKE_BOOTSTRAP_HOST, prepare_abort
 from sglang.srt.managers.schedule_batch import FINISH_LENGTH
 from sglang.srt.multimodal.modality import Modality
 from sglang.srt.runtime_context import (
@@ -132,6 +134,7 @@ def take_vit_batch(reqs: List, budget: int, tokens=vit_tokens) -> Tuple[List, Li
 
 
 def has_media(req: "Req") -> bool:
+    """Processed images or videos (upstream's processor drops one no placeholder takes)."""
     mm = req.multimodal_inputs
     return mm is not None and any(
         item.modality in (Modality.IMAGE, Modality.VIDEO) for item in mm.mm_items
@@ -150,7 +153,7 @@ class _FollowerSender:
     def send(self, payload) -> None:
         pass
 
-    def abort(self, reason: str = "") -> None:
+    def abort(self, reason: str = "", kind: FaultKind = FaultKind.INTERNAL) -> None:
         pass
 
 
@@ -183,8 +186,9 @@ class SchedulerDisaggregationEncodeMixin:
             deepstack_count=model.num_deepstack_embeddings,
             embed_dtype=dtype_name(self.model_config.dtype),
         )
-        # The control socket listens on --disaggregation-bootstrap-port (the port the router hands
-        # the language side) and advertises a routable address (docs/transport.md, addressing).
+        # The control socket binds --host on --disaggregation-bootstrap-port (where the router
+        # sends the language side); its id names the advertised address (docs/transport.md,
+        # addressing).
         conn = ConnectionConfig.from_server_args(
             self.server_args, gpu_id=get_device().gpu_id
         )
@@ -205,7 +209,7 @@ class SchedulerDisaggregationEncodeMixin:
         skipped = checkpoint_bytes_not_loaded(self.model_config.model_path)
         logger.info(
             "encode server: vision tower only (%.1f MiB of weights; %s of checkpoint "
-            "weights not loaded versus the full model), control endpoint %s",
+            "weights not loaded versus the full model), manager id %s",
             sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
             "unknown" if skipped is None else f"{skipped / 2**20:.1f} MiB",
             self.disagg_encode_manager.bootstrap_addr,
@@ -213,11 +217,17 @@ class SchedulerDisaggregationEncodeMixin:
 
     # Queues ---------------------------------------------------------------------------------
     def add_disagg_encode_request(self: "Scheduler", req: "Req") -> None:
-        if req.finished():  # rejected before admission (e.g. too long): answer now
+        if req.to_finish is not None and not req.finished():
+            # set_finish_with_abort (unknown session, ...) leaves the abort for the batch
+            # loop to apply; the encode loop runs no batch: apply it here.
+            req.finished_reason, req.to_finish = req.to_finish, None
+        if req.finished():  # refused before admission (too long, unknown session, ...)
+            self._fail_refused_room(req)
             self._finish_disagg_encode([req], outcome="failed")
             return
         if req.bootstrap_host == FAKE_BOOTSTRAP_HOST or not has_media(req):
             req.finished_reason = FINISH_LENGTH(length=0)
+            self._answer_no_transfer(req)
             self._finish_disagg_encode([req], outcome="local")
             return
         if not self.disagg_encode_is_owner:
@@ -240,6 +250,54 @@ class SchedulerDisaggregationEncodeMixin:
             return
         self.disagg_encode_waiting.append(req)
 
+    def _fail_refused_room(self: "Scheduler", req: "Req") -> None:
+        """The scheduler refused this request (upstream's checks: unknown session, beam
+        search, sampling mask options, ...). The language server got the same body and
+        reserves its room: end the room there with the refusal now, instead of leaving it to
+        the bootstrap timeout (the language side then answers the same 4xx)."""
+        if (
+            self.disagg_encode_manager is None
+            or req.bootstrap_room is None
+            or req.bootstrap_host == FAKE_BOOTSTRAP_HOST
+        ):
+            return
+        reason = req.finished_reason
+        status = getattr(reason, "status_code", None) or HTTPStatus.BAD_REQUEST
+        message = f"refused by the encode server: {getattr(reason, 'message', reason)}"
+        if 400 <= int(status) < 500:
+            self.disagg_encode_manager.fail_room(
+                req.bootstrap_room, client_fault(message), FaultKind.CLIENT
+            )
+        else:
+            self.disagg_encode_manager.fail_room(req.bootstrap_room, message)
+
+    def _answer_no_transfer(self: "Scheduler", req: "Req") -> None:
+        """A request finished here without media whose prompt still holds a placeholder token
+        (e.g. ``<|image_pad|>`` typed as text): the language side, which decides on the same
+        prompt, reserves its room; tell it now (``FaultKind.NO_TRANSFER``, also in answer to
+        a later reservation) so it runs the request as it is, as a colocated server does.
+        """
+        if (
+            self.disagg_encode_manager is None
+            or req.bootstrap_host == FAKE_BOOTSTRAP_HOST
+            or req.bootstrap_room is None
+            or not waits_for_rows(
+                req.origin_input_ids,
+                placeholder_token_ids(self.model_config.hf_config),
+            )
+        ):
+            return
+        logger.info(
+            "encode: request %s (room %s) has no media for its placeholder tokens: no transfer",
+            req.rid,
+            req.bootstrap_room,
+        )
+        self.disagg_encode_manager.fail_room(
+            req.bootstrap_room,
+            "the request has no image or video for its placeholder tokens",
+            FaultKind.NO_TRANSFER,
+        )
+
     def disagg_encode_queues_empty(self: "Scheduler") -> bool:
         return not self.disagg_encode_waiting and not self.disagg_encode_inflight
 
@@ -249,8 +307,11 @@ class SchedulerDisaggregationEncodeMixin:
         """
         refused = room_failure(recv_req)
         if refused is not None:
-            self.disagg_encode_manager.fail_room(*refused)
-            self.disagg_encode_metrics.request_done("failed")
+            # Every TP rank gets the abort; only the owner has a manager to tell the
+            # language side (the request never reached any rank's queues).
+            if self.disagg_encode_manager is not None:
+                self.disagg_encode_manager.fail_room(*refused)
+                self.disagg_encode_metrics.request_done("failed")
             return
         for req in self.disagg_encode_waiting + self.disagg_encode_inflight:
             if recv_req.abort_all or req.rid.startswith(recv_req.rid):
@@ -292,7 +353,7 @@ class SchedulerDisaggregationEncodeMixin:
             return
         if self.disagg_encode_tp_size > 1:
             # Every rank must run the (TP) vision tower on the same requests.
-            polls = poll_and_all_reduce(
+            polls = poll_and_end_failed(
                 [req.disagg_kv_sender for req in reqs], self.attn_tp_cpu_group
             )
         else:
@@ -336,7 +397,7 @@ class SchedulerDisaggregationEncodeMixin:
     def process_disagg_encode_inflight(self: "Scheduler") -> None:
         if not self.disagg_encode_inflight:
             return
-        polls = poll_and_all_reduce(
+        polls = poll_and_end_failed(
             [req.disagg_kv_sender for req in self.disagg_encode_inflight],
             self.attn_tp_cpu_group,
         )
@@ -380,7 +441,8 @@ class SchedulerDisaggregationEncodeMixin:
                         client_fault(
                             f"the request is too large for this encode server: its payload "
                             f"of {nbytes} bytes exceeds max_inflight_payload_bytes={bound}"
-                        )
+                        ),
+                        FaultKind.CLIENT,
                     )
                 if nbytes > room:
                     admitted = i
@@ -484,7 +546,7 @@ class SchedulerDisaggregationEncodeMixin:
             raise ValueError(
                 f"request {req.rid} has no M-RoPE positions for its {T} tokens"
             )
-        return MultimodalPayload(
+        payload = MultimodalPayload(
             fill_ids=fill_ids,
             mrope_positions=positions.to(torch.int64),
             mm_mask=mm_mask,
@@ -493,6 +555,10 @@ class SchedulerDisaggregationEncodeMixin:
             mrope_delta=int(torch.as_tensor(mm.mrope_position_delta).flatten()[0]),
             items=[entry.to_wire() for entry in item_table(items)],
         )
+        # The vision tower, cat and contiguous() are queued on this loop's stream (upstream's
+        # schedule_stream); the transfer worker copies on its own: it waits for this event.
+        payload.record_ready()
+        return payload
 
     def _fail_disagg_encode(self: "Scheduler", req: "Req") -> None:
         self.disagg_encode_held.discard(req.rid)
@@ -506,7 +572,7 @@ class SchedulerDisaggregationEncodeMixin:
         prepare_abort(
             req,
             f"encode/language transfer failed: {reason}",
-            status_code=status_of_transfer_failure(reason),
+            status_code=status_of_transfer_failure(req.disagg_kv_sender),
         )
         self._finish_disagg_encode([req], outcome="failed")
 

@@ -15,7 +15,10 @@ on ``LanguageManager`` / ``LanguageReceiver``:
   then pads ids by item hash (radix cache), chunks prefill, retracts and logs probabilities as
   in colocated serving.
 * A failed transfer (encoder abort, timeout, dead peer, bad data) fails the request at once
-  with the transport's reason.
+  with the transport's reason; an encoder that has no media for the placeholder answers
+  ``FaultKind.NO_TRANSFER`` and the request runs as it is (``waits_for_rows``).
+* An abort wins over a transfer that ended meanwhile (``WaitingRequest.aborted``), and the
+  aborts of an iteration apply before its poll.
 * ``--tp N`` (one receive per server): only attention-TP rank 0 (the *owner*) has a
   ``LanguageManager`` and creates receivers (``num_ranks=1``, so the encoder sends one copy).
   Every rank keeps the same waiting list (the scheduler hands every rank the same requests);
@@ -42,26 +45,29 @@ from sglang.srt.disaggregation.encode_language.allocator import OversizeError
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
     ReceivedData,
+    use_on_streams,
 )
 from sglang.srt.disaggregation.encode_language.connection import (
     ConnectionConfig,
+    PeerAddressError,
     RoomInUseError,
 )
 from sglang.srt.disaggregation.encode_language.encode_request_faults import (
+    poll_and_end_failed,
     status_of_transfer_failure,
 )
 from sglang.srt.disaggregation.encode_language.item_table import (
     ItemEntry,
     check_against_mask,
 )
-from sglang.srt.disaggregation.encode_language.manifest import dtype_name
+from sglang.srt.disaggregation.encode_language.manifest import FaultKind, dtype_name
 from sglang.srt.disaggregation.encode_language.metrics import EncodeLanguageMetrics
 from sglang.srt.disaggregation.encode_language.receiver import (
     LanguageManager,
     LanguageReceiver,
 )
-from sglang.srt.disaggregation.utils import FAKE_BOOTSTRAP_HOST, poll_and_all_reduce
-from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
+from sglang.srt.disaggregation.utils import FAKE_BOOTSTRAP_HOST, all_reduce_flags
+from sglang.srt.managers.io_struct import AbortReq, TokenizedGenerateReqInput
 from sglang.srt.managers.schedule_batch import (
     MultimodalDataItem,
     MultimodalProcessorOutput,
@@ -80,12 +86,28 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def placeholder_token_ids(hf_config) -> set:
+    """The image and video placeholder token ids of a Qwen3-VL config."""
+    return {hf_config.image_token_id, hf_config.video_token_id}
+
+
+def waits_for_rows(input_ids, placeholder_ids: set) -> bool:
+    """The language side's rule, which the encode server applies to the same prompt: a prompt
+    with a placeholder token reserves a room. The encoder has the last word (the media): it
+    sends the rows, or answers ``FaultKind.NO_TRANSFER`` and the prompt runs as it is.
+    """
+    return input_ids is not None and any(t in placeholder_ids for t in input_ids)
+
+
 @dataclasses.dataclass
 class WaitingRequest:
     recv_req: TokenizedGenerateReqInput
     # LanguageReceiver on the owner; a stand-in (below) on the other TP ranks
     receiver: Any
     since: float
+    # Set by an AbortReq (on every TP rank alike): the request fails whatever its transfer
+    # does meanwhile, even if it succeeded already.
+    aborted: Optional[str] = None
 
     @property
     def rid(self) -> str:
@@ -128,7 +150,7 @@ class LanguageMMReceiver:
         self.scheduler = scheduler
         hf_config = scheduler.model_config.hf_config
         self.hf_config = hf_config
-        self.placeholder_ids = {hf_config.image_token_id, hf_config.video_token_id}
+        self.placeholder_ids = placeholder_token_ids(hf_config)
         disagg = get_disagg()
         buffer_config = MultimodalBufferConfig.from_server_args(
             disagg,
@@ -161,6 +183,10 @@ class LanguageMMReceiver:
         ready: List = []
         aborts: List = []
         for recv_req in recv_reqs:
+            if isinstance(recv_req, AbortReq):
+                # Before the poll below: a request that becomes ready in this iteration is
+                # not in the scheduler's queues yet when the scheduler handles this abort.
+                self.abort_waiting_requests(recv_req)
             if not self.needs_transfer(recv_req):
                 ready.append(recv_req)
                 continue
@@ -178,16 +204,21 @@ class LanguageMMReceiver:
         return ready, aborts
 
     def abort_waiting_requests(self, recv_req) -> None:
-        """``/abort_request`` or a client disconnect: the room ends on both sides; the next
-        poll reports the request failed."""
+        """``/abort_request`` or a client disconnect: the room ends on both sides and the next
+        poll fails the request, also when its transfer succeeded meanwhile (as upstream's EPD
+        receiver fails PENDING and SUCCESS requests alike). Idempotent: the scheduler calls it
+        again for an abort ``process_waiting_requests`` already applied."""
         for w in self.waiting_list:
-            if recv_req.abort_all or w.rid.startswith(recv_req.rid):
+            if w.aborted is None and (
+                recv_req.abort_all or w.rid.startswith(recv_req.rid)
+            ):
                 logger.info(
                     "language: abort request %s (room %s)",
                     w.rid,
                     w.recv_req.bootstrap_room,
                 )
-                w.receiver.abort("aborted by the client")
+                w.aborted = "aborted by the client"
+                w.receiver.abort(w.aborted)
 
     # Rules --------------------------------------------------------------------------------------
     def needs_transfer(self, recv_req) -> bool:
@@ -195,8 +226,7 @@ class LanguageMMReceiver:
         return (
             isinstance(recv_req, TokenizedGenerateReqInput)
             and recv_req.bootstrap_host != FAKE_BOOTSTRAP_HOST
-            and recv_req.input_ids is not None
-            and any(t in self.placeholder_ids for t in recv_req.input_ids)
+            and waits_for_rows(recv_req.input_ids, self.placeholder_ids)
         )
 
     # Internals ----------------------------------------------------------------------------------
@@ -223,7 +253,7 @@ class LanguageMMReceiver:
                 num_ranks=1,  # one receive per server; the other TP ranks get a broadcast
                 max_tokens=self.scheduler.max_req_input_len,
             )
-        except (RoomInUseError, OversizeError) as e:
+        except (RoomInUseError, OversizeError, PeerAddressError) as e:
             if self.num_ranks == 1:
                 return str(e)
             # The other ranks queued the request: fail it through the poll agreement.
@@ -233,43 +263,37 @@ class LanguageMMReceiver:
         return None
 
     def _poll(self, ready: List, aborts: List) -> None:
-        polls = poll_and_all_reduce(
+        polls = poll_and_end_failed(
             [w.receiver for w in self.waiting_list], self.scheduler.attn_tp_cpu_group
         )
-        still_waiting = []
+        without_transfer = self._without_transfer(
+            [
+                w
+                for w, poll in zip(self.waiting_list, polls)
+                if poll == KVPoll.Failed and w.aborted is None
+            ]
+        )
+        arrived, still_waiting = [], []
         for w, poll in zip(self.waiting_list, polls):
-            if poll == KVPoll.Success:
-                try:
-                    self._attach(w.recv_req, self._take_rows(w))
-                except Exception as e:
-                    logger.exception(
-                        "language: request %s: received data is invalid", w.rid
+            if w.aborted is not None:
+                # Rows that arrived meanwhile are dropped with the receiver.
+                self._count_failed()
+                aborts.append(
+                    (
+                        self._req_for_error(w.recv_req),
+                        w.aborted,
+                        HTTPStatus.BAD_REQUEST,
                     )
-                    self._count_failed()
-                    aborts.append(
-                        (
-                            self._req_for_error(w.recv_req),
-                            f"received multimodal data is invalid: {e}",
-                            HTTPStatus.INTERNAL_SERVER_ERROR,
-                        )
-                    )
-                    continue
-                if self.is_owner:  # counted once per server, by the rank that received
-                    self.metrics.request_done(
-                        "success", latency_s=time.monotonic() - w.since
-                    )
-                try:
-                    self._check_context_length(w.recv_req)
-                except ValueError as e:
-                    logger.error("language: request %s refused: %s", w.rid, e)
-                    aborts.append(
-                        (
-                            self._req_for_error(w.recv_req),
-                            str(e),
-                            HTTPStatus.BAD_REQUEST,
-                        )
-                    )
-                    continue
+                )
+            elif poll == KVPoll.Success:
+                arrived.append(w)
+            elif poll == KVPoll.Failed and w.rid in without_transfer:
+                logger.info(
+                    "language: request %s (room %s): the encode server has no media for its "
+                    "placeholder tokens; it runs as it is",
+                    w.rid,
+                    w.recv_req.bootstrap_room,
+                )
                 ready.append(w.recv_req)
             elif poll == KVPoll.Failed:
                 reason = w.receiver.reason or "transfer failed"
@@ -294,12 +318,87 @@ class LanguageMMReceiver:
                     (
                         self._req_for_error(w.recv_req),
                         f"multimodal transfer failed: {reason}",
-                        status_of_transfer_failure(reason),
+                        status_of_transfer_failure(w.receiver),
                     )
                 )
             else:
                 still_waiting.append(w)
         self.waiting_list = still_waiting
+        if arrived:
+            self._admit_arrived(arrived, ready, aborts)
+
+    def _without_transfer(self, failed: List[WaitingRequest]) -> set:
+        """Rids of the ``failed`` requests the encode server finished without a transfer
+        (``FaultKind.NO_TRANSFER``): the owner's receivers know, the other TP ranks learn it
+        by a MAX all-reduce (every rank calls this with the same requests)."""
+        flags = [
+            int(getattr(w.receiver, "kind", None) == FaultKind.NO_TRANSFER)
+            for w in failed
+        ]
+        if self.num_ranks > 1 and flags:
+            flags = all_reduce_flags(
+                flags, self.scheduler.attn_tp_cpu_group, op=dist.ReduceOp.MAX
+            )
+        return {w.rid for w, flag in zip(failed, flags) if flag}
+
+    def _admit_arrived(self, arrived: List, ready: List, aborts: List) -> None:
+        """Attach the rows of the requests whose transfer succeeded; with ``--tp > 1`` the
+        ranks then agree on which failed (``_agree_on_failures``), so a rank-local error
+        fails the request on every rank and the batches stay the same."""
+        errors = []
+        for w in arrived:
+            try:
+                self._attach(w.recv_req, self._take_rows(w))
+                errors.append(None)
+            except Exception as e:
+                logger.exception(
+                    "language: request %s: received data is invalid", w.rid
+                )
+                errors.append(f"received multimodal data is invalid: {e}")
+        for w, error in zip(arrived, self._agree_on_failures(errors)):
+            if error is not None:
+                self._count_failed()
+                aborts.append(
+                    (
+                        self._req_for_error(w.recv_req),
+                        error,
+                        HTTPStatus.INTERNAL_SERVER_ERROR,
+                    )
+                )
+                continue
+            if self.is_owner:  # counted once per server, by the rank that received
+                self.metrics.request_done(
+                    "success", latency_s=time.monotonic() - w.since
+                )
+            try:
+                self._check_context_length(w.recv_req)
+            except ValueError as e:
+                logger.error("language: request %s refused: %s", w.rid, e)
+                aborts.append(
+                    (
+                        self._req_for_error(w.recv_req),
+                        str(e),
+                        HTTPStatus.BAD_REQUEST,
+                    )
+                )
+                continue
+            ready.append(w.recv_req)
+
+    def _agree_on_failures(self, errors: List[Optional[str]]) -> List[Optional[str]]:
+        """Each request's error, failed on every TP rank if it failed on any (a MAX
+        all-reduce over the TP cpu group, as upstream's ``_finalize_shm_features``)."""
+        if self.num_ranks == 1:
+            return errors
+        failed = all_reduce_flags(
+            [int(e is not None) for e in errors],
+            self.scheduler.attn_tp_cpu_group,
+            op=dist.ReduceOp.MAX,
+        )
+        return [
+            error
+            or ("received multimodal data is invalid on another TP rank" if f else None)
+            for error, f in zip(errors, failed)
+        ]
 
     def _check_context_length(self, recv_req: TokenizedGenerateReqInput) -> None:
         """Upstream's context-length check (the tokenizer manager's), again with the expanded
@@ -381,6 +480,10 @@ class LanguageMMReceiver:
         ``on_device`` on GPUs: over the device (NCCL) group, the owner copying its pinned
         rows to its GPU once and every rank keeping the result on its device (no host round
         trip; not exercised on the CPU test bed). Bools travel as uint8 (gloo has no bool).
+        Device branch, stream order: the H2D copy and the result live on this thread's current
+        stream; ProcessGroupNCCL's stream waits for it before the broadcast, and it for that
+        stream after (the collective keeps ``buf`` until done); the pinned host source stays
+        allocated until its copy ran (PyTorch's host allocator records the copy's event).
         """
         group = self.scheduler.attn_tp_group
         is_bool = t.dtype == torch.bool
@@ -404,6 +507,18 @@ class LanguageMMReceiver:
             raise ValueError("the encode server sent no item table")
         check_against_mask(entries, data.mm_mask)
         rows = data.rows
+        if rows.is_cuda:
+            # Written on another stream (the manager thread's read_round, waited for before
+            # Success) or on this one (the TP broadcast); read here and by the forward, which
+            # runs after this stream (upstream: forward_stream.wait_stream(schedule_stream)):
+            # the allocator keeps the memory until both streams' reads are done.
+            use_on_streams(
+                rows,
+                (
+                    torch.cuda.current_stream(rows.device),
+                    self.scheduler.forward_stream,
+                ),
+            )
         row_of_token = torch.cumsum(data.mm_mask.to(torch.int64), 0) - 1
         items = []
         for entry in entries:

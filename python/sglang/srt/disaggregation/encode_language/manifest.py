@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 LAYOUT_VERSION = 3  # 2: aux header carries room, reservation generation and a block checksum; 3: XXH3
-PROTOCOL_VERSION = (
-    3  # 2: epochs, generations, sender ids, Unregistered; 3: Reserve.checksum
-)
+# 2: epochs, generations, sender ids, Unregistered; 3: Reserve.checksum;
+# 4: Abort.kind (FaultKind) and Abort.write_failed
+PROTOCOL_VERSION = 4
 
 # dtype <-> wire name; the names are what manifests carry.
 _DTYPES = {
@@ -377,7 +377,7 @@ class Register(_Msg, tag="register"):
 class RegisterAck(_Msg, tag="register_ack"):
     """Encoder -> language manager: registration ``epoch`` accepted, or the reason not."""
 
-    manager_id: str  # the encoder's control endpoint
+    manager_id: str  # the encoder's id: its advertised address and bound port
     epoch: int
     ok: bool
     error: str
@@ -429,16 +429,37 @@ class RoundDone(_Msg, tag="round_done"):
     items: list = []  # last round only: the item table (item_table.py)
 
 
+class FaultKind(str, enum.Enum):
+    """Why a request failed, carried typed with the failure (``Abort.kind``, the senders' and
+    receivers' ``kind``, ``TransferError.kind``) so neither side parses reasons; the HTTP answer
+    of each kind is decided in one place (``encode_request_faults.http_status``)."""
+
+    CLIENT = "client"  # the request itself cannot be served (media, size, room, client abort)
+    TIMEOUT = "timeout"  # a peer, a write or a resource did not answer in time
+    UNAVAILABLE = (
+        "unavailable"  # a peer is down, unreachable or forgot our registration
+    )
+    INTERNAL = "internal"  # anything else: a failed write, invalid data, a server error
+    # Not a fault: the encoder finished the request itself, with no media to send (a prompt
+    # with a placeholder token but no image); the language side runs it as it is.
+    NO_TRANSFER = "no_transfer"
+
+
 class Abort(_Msg, tag="abort"):
     """Either direction: the request is over; from the language side it asks for an AbortAck.
     From the encoder, ``writes_pending`` False means no write for the room is in flight; True
-    means a write timed out and may still land (the language side fences the blocks until the
-    encoder's AbortAck)."""
+    means a write may still land: the language side fences the blocks until the encoder's
+    AbortAck, which follows when a timed-out write returns complete. ``write_failed`` (with
+    ``writes_pending``): a transfer-engine write returned an error while parts of it may still
+    be in flight; no AbortAck will ever say they ended, so the fence ends only by
+    ``fence_timeout_s`` and its blocks are then exposed (checksummed when reused)."""
 
     room: int
     manager_id: str
     reason: str
+    kind: FaultKind
     writes_pending: bool = False
+    write_failed: bool = False
 
 
 class AbortAck(_Msg, tag="abort_ack"):

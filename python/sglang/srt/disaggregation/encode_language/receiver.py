@@ -22,10 +22,16 @@ not in ``_TRANSITIONS``.
   room, or until ``fence_timeout_s`` (logged). Blocks released by that timeout are *exposed*: a
   late write may still land in them. Every round whose reservation includes an exposed block asks
   the encoder for block checksums (``Reserve.checksum``), so such a write is caught by the next
-  owner's ``read_round`` (room, generation and checksum checks). Other rounds skip the checksum
+  owner's ``read_round`` (room, generation and checksum checks). A fence for a write the encoder
+  reports failed (``Abort.write_failed``: parts may still land, no AbortAck will come) ends only
+  by that timeout. Other rounds skip the checksum
   pass on both sides: every other way a block comes back (the last round's ``RoundDone``, an
   ``AbortAck``, an ``Abort`` without pending writes, a failure outside RESERVED) follows the end
   of the encoder's last write into it. The room/generation stamp is checked in every round.
+* A request for an encoder this side has declared dead fails at once (``FaultKind.UNAVAILABLE``)
+  instead of waiting ``bootstrap_timeout_s`` with blocks held; the encoder is still pinged, and
+  its next pong makes requests to it go through again.
+* Every failure carries a ``FaultKind`` (``receiver.kind``; from the encoder: ``Abort.kind``).
 * Registrations carry an epoch. An encoder that no longer holds ours answers a reservation with
   ``Unregistered``; the registration is dropped and round-0 receivers register again.
 * Status tables are dropped as soon as a request ends; a receiver keeps its own result.
@@ -62,6 +68,7 @@ from sglang.srt.disaggregation.encode_language.connection import (
 from sglang.srt.disaggregation.encode_language.manifest import (
     Abort,
     AbortAck,
+    FaultKind,
     LayoutMismatchError,
     ProtocolError,
     Register,
@@ -114,6 +121,9 @@ class _Fence:
     since: float
     asked_at: float
     reason: str
+    kind: FaultKind = FaultKind.INTERNAL
+    # the encoder reported a failed write: no AbortAck will come, only fence_timeout_s ends it
+    expire_only: bool = False
 
 
 class LanguageManager(ManagerBase):
@@ -180,6 +190,17 @@ class LanguageManager(ManagerBase):
                 self, bootstrap_addr, room, rank, num_ranks, nb, max_tokens
             )
             self.rooms[room] = r
+            if self.peer_is_dead(bootstrap_addr):
+                # No blocks taken, nothing sent: it fails now, not after bootstrap_timeout_s.
+                self._fail_locked(
+                    r,
+                    f"encoder {bootstrap_addr} is declared dead (it missed "
+                    f"{self.config.heartbeat_max_failures} heartbeats); requests to it fail "
+                    f"until it answers a heartbeat again",
+                    notify=False,
+                    kind=FaultKind.UNAVAILABLE,
+                )
+                return r
             self._advance_locked(r, time.monotonic())
         self.wake()  # its timers (and heartbeat to a new peer) start now
         return r
@@ -204,7 +225,7 @@ class LanguageManager(ManagerBase):
             if reg.ok is None:
                 return
             if reg.ok is False:
-                self._fail_locked(r, reg.error)
+                self._fail_locked(r, reg.error, kind=FaultKind.INTERNAL)
                 return
             self._reserve_locked(r, reg.epoch, now)
 
@@ -259,7 +280,9 @@ class LanguageManager(ManagerBase):
             self._on_abort(msg)
         elif isinstance(msg, AbortAck):
             with self.lock:
-                self._release_fence_locked((msg.manager_id, msg.room), "abort_ack")
+                self._release_fence_locked(
+                    (msg.manager_id, msg.room), "abort_ack", from_encoder=True
+                )
         else:
             logger.warning(
                 "language: unexpected control message %s; dropped", type(msg).__name__
@@ -285,20 +308,34 @@ class LanguageManager(ManagerBase):
     def _on_register_ack(self, msg: RegisterAck) -> None:
         now = time.monotonic()
         with self.lock:
-            reg = self.registrations.get(msg.manager_id)
-            if reg is None or reg.epoch != msg.epoch:
-                # an answer to a registration we no longer wait for; or an encoder that advertises
-                # another address than the bootstrap address the router handed out
+            # The epoch (unique on this manager) names the registration answered: the encoder
+            # signs with its advertised address, we registered where the router sent us.
+            endpoint = next(
+                (ep for ep, g in self.registrations.items() if g.epoch == msg.epoch),
+                None,
+            )
+            if endpoint is None:
                 logger.warning(
-                    "language: RegisterAck from %s (epoch %s) that no pending registration "
-                    "names (pending: %s): a late answer, or the encoder advertises another "
-                    "address than its bootstrap address",
+                    "language: RegisterAck from %s (epoch %s) that no registration names "
+                    "(registered: %s): a late answer; dropped",
                     msg.manager_id,
                     msg.epoch,
                     sorted(self.registrations),
                 )
                 return
+            reg = self.registrations[endpoint]
             ok, error = msg.ok, msg.error
+            other = self.reached_at.get(msg.manager_id, msg.manager_id)
+            if other != endpoint and other in self.registrations:
+                ok, error = False, (
+                    f"encoder {msg.manager_id} is registered here through {other} already; "
+                    f"one encoder reached through two addresses ({other}, {endpoint}) is "
+                    "not supported: give the router one URL per encoder"
+                )
+            elif msg.manager_id != endpoint:
+                self.reached_at[msg.manager_id] = endpoint  # ManagerBase._dispatch
+            else:
+                self.reached_at.pop(msg.manager_id, None)
             try:
                 self.layout.check_compatible(msg.layout, where="encoder")
             except LayoutMismatchError as e:
@@ -335,24 +372,52 @@ class LanguageManager(ManagerBase):
                     f"encoder {r.encoder} dropped our registration during the request",
                     fence=False,
                     notify=False,
+                    kind=FaultKind.UNAVAILABLE,
                 )
 
     def _on_abort(self, msg: Abort) -> None:
         with self.lock:
             key = (msg.manager_id, msg.room)
-            if key in self.fences and not msg.writes_pending:
-                self._release_fence_locked(key, "abort from the encoder")
+            if key in self.fences:
+                if msg.write_failed:
+                    self._expire_only_locked(key)
+                elif not msg.writes_pending:
+                    self._release_fence_locked(
+                        key, "abort from the encoder", from_encoder=True
+                    )
                 return
             r = self._room_from(msg, msg.manager_id)
             if r is None:
                 return
             # The encoder sends Abort with writes_pending=False only when none of its writes
-            # is in flight; with True, a timed-out write may still land.
+            # is in flight; with True, a timed-out or failed write may still land.
+            fence = (
+                msg.writes_pending or msg.write_failed
+            ) and r.phase == Phase.RESERVED
             self._fail_locked(
                 r,
                 f"encoder {msg.manager_id} aborted: {msg.reason}",
-                fence=msg.writes_pending and r.phase == Phase.RESERVED,
+                fence=fence,
                 notify=False,
+                kind=msg.kind,
+            )
+            if fence and msg.write_failed:
+                self._expire_only_locked(key)
+
+    def _expire_only_locked(self, key: Tuple[str, int]) -> None:
+        """The encoder's write into the fence's blocks failed while parts of it may still be
+        in flight: nothing will say when they end, so neither an AbortAck nor an Abort ends
+        the fence; ``fence_timeout_s`` does, and exposes its blocks."""
+        f = self.fences[key]
+        if not f.expire_only:
+            f.expire_only = True
+            logger.warning(
+                "language: room %d: encoder %s reports a failed write that may still land; "
+                "its %d blocks stay fenced until fence_timeout_s, then are checksummed when "
+                "reused",
+                f.room,
+                f.encoder,
+                len(f.handle),
             )
 
     def _on_round_done(self, msg: RoundDone) -> None:
@@ -495,6 +560,7 @@ class LanguageManager(ManagerBase):
                 f"encoder {r.encoder} is no longer registered",
                 fence=False,
                 notify=False,
+                kind=FaultKind.UNAVAILABLE,
             )
             return
         self._reserve_locked(r, reg.epoch, now)
@@ -506,6 +572,7 @@ class LanguageManager(ManagerBase):
         reason: str,
         fence: Optional[bool] = None,
         notify: bool = True,
+        kind: FaultKind = FaultKind.INTERNAL,
     ) -> None:
         """Fail ``r`` and end it. ``fence`` (default: the encoder may be writing, i.e. RESERVED)
         quarantines its blocks and asks the encoder to abort; otherwise the blocks are freed and
@@ -514,31 +581,47 @@ class LanguageManager(ManagerBase):
             fence = r.phase == Phase.RESERVED
         r.data = None  # a failed request's partial rows are never handed out
         if r.status != KVPoll.Failed:
-            r.reason = reason
+            r.reason, r.kind = reason, kind
             r._set_status(KVPoll.Failed)
-            logger.info("language: room %d failed: %s", r.room, reason)
+            logger.info("language: room %d failed (%s): %s", r.room, kind.value, reason)
         if fence and r.handle is not None:
             now = time.monotonic()
             r.handle.quarantine()
             self.fences[(r.encoder, r.room)] = _Fence(
-                r.encoder, r.room, r.handle, now, now, reason
+                r.encoder, r.room, r.handle, now, now, reason, kind
             )
             r.handle = None
-            self._send_abort(r.encoder, r.room, reason)
+            self._send_abort(r.encoder, r.room, reason, kind)
         elif notify and r.reserved_once:
-            self._send_abort(r.encoder, r.room, reason)
+            self._send_abort(r.encoder, r.room, reason, kind)
         self._release_locked(r)
 
-    def _send_abort(self, encoder: str, room: int, reason: str) -> None:
-        self.channel.send(
-            encoder, make(Abort, room=room, manager_id=self.manager_id, reason=reason)
+    def _send_abort(
+        self, encoder: str, room: int, reason: str, kind: FaultKind
+    ) -> None:
+        msg = make(
+            Abort, room=room, manager_id=self.manager_id, reason=reason, kind=kind
         )
+        self.channel.send(encoder, msg)
 
     def _release_fence_locked(
-        self, key: Tuple[str, int], why: str, acked: bool = True
+        self,
+        key: Tuple[str, int],
+        why: str,
+        acked: bool = True,
+        from_encoder: bool = False,
     ) -> None:
         """Free a fence's blocks; not ``acked`` (the encoder never said its writes ended):
-        they stay exposed to a late write for good."""
+        they stay exposed to a late write for good. The encoder's word (``from_encoder``)
+        does not end a fence whose write failed (``expire_only``)."""
+        f = self.fences.get(key)
+        if f is not None and from_encoder and f.expire_only:
+            logger.info(
+                "language: room %d: %s ignored: the encoder's failed write may still land",
+                f.room,
+                why,
+            )
+            return
         f = self.fences.pop(key, None)
         if f is not None:
             if not acked:
@@ -561,10 +644,12 @@ class LanguageManager(ManagerBase):
             del self.rooms[r.room]
         r._finished = True
 
-    def _abort_receiver(self, r: "LanguageReceiver", reason: str) -> None:
+    def _abort_receiver(
+        self, r: "LanguageReceiver", reason: str, kind: FaultKind
+    ) -> None:
         with self.lock:
             if r.phase != Phase.DONE:
-                self._fail_locked(r, reason)
+                self._fail_locked(r, reason, kind=kind)
         self.wake()  # a fence's timers start now
 
     # Timers ---------------------------------------------------------------------------------------
@@ -601,9 +686,12 @@ class LanguageManager(ManagerBase):
                     )
                     self._release_fence_locked(key, "fence timeout", acked=False)
                     continue
+                if f.expire_only:  # no AbortAck will come: nothing to ask
+                    due = min(due, f.since + cfg.fence_timeout_s)
+                    continue
                 if now - f.asked_at > cfg.abort_ack_timeout_s:
                     f.asked_at = now
-                    self._send_abort(f.encoder, f.room, f.reason)
+                    self._send_abort(f.encoder, f.room, f.reason, f.kind)
                 due = min(
                     due,
                     f.since + cfg.fence_timeout_s,
@@ -629,9 +717,12 @@ class LanguageManager(ManagerBase):
         limit = self._phase_timeout(r)
         if limit is None or now - r.phase_since <= limit:
             return
+        timeout = FaultKind.TIMEOUT
         if r.phase == Phase.ALLOC:
             self._fail_locked(
-                r, f"waiting timeout: no free blocks within {cfg.waiting_timeout_s}s"
+                r,
+                f"waiting timeout: no free blocks within {cfg.waiting_timeout_s}s",
+                kind=timeout,
             )
         elif r.phase == Phase.REGISTER:
             self.registrations.pop(r.encoder, None)
@@ -640,22 +731,26 @@ class LanguageManager(ManagerBase):
                 f"bootstrap timeout: encoder {r.encoder} did not answer registration "
                 f"within {cfg.bootstrap_timeout_s}s (is it listening there, and can it reach "
                 f"this side's advertised address {self.manager_id}?)",
+                kind=timeout,
             )
         elif r.phase == Phase.RESERVED and r.round == 0:
             self._fail_locked(
                 r,
                 f"waiting timeout: no data from encoder within {cfg.waiting_timeout_s}s",
+                kind=timeout,
             )
         elif r.phase == Phase.RESERVED:
             self._fail_locked(
                 r,
                 f"transfer timeout: round {r.round} did not arrive within {cfg.transfer_timeout_s}s",
+                kind=timeout,
             )
         elif r.phase == Phase.RESUME_ALLOC:
             # The encoder is not writing (it waits for our Reserve): released at once.
             self._fail_locked(
                 r,
                 f"resume timeout: no blocks for round {r.round} within {cfg.resume_timeout_s}s",
+                kind=timeout,
             )
 
     def _active_peers(self) -> List[str]:
@@ -676,7 +771,9 @@ class LanguageManager(ManagerBase):
             for r in list(self.rooms.values()):
                 if r.encoder == endpoint:
                     # A dead-declared encoder may only be stalled: RESERVED blocks are fenced.
-                    self._fail_locked(r, reason, notify=False)
+                    self._fail_locked(
+                        r, reason, notify=False, kind=FaultKind.UNAVAILABLE
+                    )
 
     def _drop_registration(self, endpoint: str) -> None:
         self.registrations.pop(endpoint, None)
@@ -711,6 +808,7 @@ class LanguageReceiver:
         self.generation = 0  # of the current reservation
         self.status = KVPoll.Bootstrapping
         self.reason = ""
+        self.kind = FaultKind.INTERNAL  # what failed the request, once Failed
         self.reserved_once = False
         self.checksum = False  # the current reservation asked for block checksums
         self.manifest: Optional[RequestManifest] = None
@@ -727,10 +825,14 @@ class LanguageReceiver:
         return self.status
 
     def failure_exception(self) -> None:
-        raise TransferError(self.room, self.reason or "failed")
+        raise TransferError(self.room, self.reason or "failed", self.kind)
 
-    def abort(self, reason: str = "aborted by language side") -> None:
-        self.mgr._abort_receiver(self, reason)
+    def abort(
+        self,
+        reason: str = "aborted by language side",
+        kind: FaultKind = FaultKind.INTERNAL,
+    ) -> None:
+        self.mgr._abort_receiver(self, reason, kind)
 
     def clear(self) -> None:
         """Drop received data (the manager already dropped its tables)."""

@@ -27,11 +27,21 @@ Abort: ``sender.abort()`` or a language ``Abort`` fails the room; if a write is 
 worker finishes or fails it first, and only then tells the destinations (``Abort``, or
 ``AbortAck`` to the one that asked), so a language block is never freed while being written.
 
-Bounded writes: every transfer-engine write runs on a writer thread and the worker waits at most
-``data_write_timeout_s`` for it. Past that the room fails and the destination gets
-``Abort(writes_pending=True)``: the write cannot be cancelled, so the destination fences those
-blocks, and this side quarantines the staging blocks, until the write returns; then the
-destination gets ``AbortAck`` (an ``Abort`` asking about that room is answered only then).
+Bounded writes: every transfer-engine write runs on a writer thread and the worker waits for it
+until ``write_deadline_s``: Mooncake's own timeout for the bytes written
+(``mooncake_timeout_s``) plus ``data_write_timeout_s``, so a write Mooncake watches always ends
+by Mooncake's verdict first, and this deadline only catches a write Mooncake is not timing.
+Past it the room fails and the destination gets ``Abort(writes_pending=True)``: the write cannot
+be cancelled, so the destination fences those blocks, and this side quarantines the staging
+blocks, until the write returns; a write that returns complete earns the destination an
+``AbortAck`` (an ``Abort`` asking about that room is answered only then).
+
+Failed writes: Mooncake returns -1 while parts of a batch may still be in flight (a task FAILED
+while others wait, a slice TIMEOUT, its own deadline), and nothing says when they end. So a
+failed write is treated as one that may still land: the staging blocks stay quarantined for
+``fence_timeout_s`` and the destination gets ``Abort(writes_pending=True, write_failed=True)``
+and never an ``AbortAck`` for the room: its blocks stay fenced until its fence timeout and are
+checksummed when reused.
 
 Admission: payloads are held by reference until their last round. ``send()`` of a payload that
 would take the bytes held past ``max_inflight_payload_bytes`` raises ``PayloadBudgetError`` and
@@ -45,6 +55,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -69,6 +80,7 @@ from sglang.srt.disaggregation.encode_language.connection import (
 from sglang.srt.disaggregation.encode_language.manifest import (
     Abort,
     AbortAck,
+    FaultKind,
     LayoutManifest,
     LayoutMismatchError,
     Ping,
@@ -91,7 +103,28 @@ class PayloadBudgetError(TransferError):
 
 
 class WriteTimeoutError(TransferError):
-    """A transfer-engine write did not return within ``data_write_timeout_s``."""
+    """A transfer-engine write did not return by its deadline (``write_deadline_s``)."""
+
+    def __init__(self, room: int, reason: str):
+        super().__init__(room, reason, FaultKind.TIMEOUT)
+
+
+def mooncake_timeout_s(nbytes: int) -> float:
+    """How long Mooncake's ``batch_transfer_sync`` lets one batch of ``nbytes`` run before it
+    returns -1: ``MC_TRANSFER_TIMEOUT`` whole seconds (at least 5; 30 when unset) plus one
+    nanosecond per byte, read as Mooncake reads it (``TransferEnginePy``)."""
+    env = os.environ.get("MC_TRANSFER_TIMEOUT")
+    seconds = 30 if env is None else max(5, _atoi(env))
+    return seconds + nbytes * 1e-9
+
+
+def _atoi(text: str) -> int:
+    """C's ``atoi``: the leading integer of ``text``, 0 when there is none."""
+    digits = text.strip()
+    sign = -1 if digits[:1] == "-" else 1
+    digits = digits[1:] if digits[:1] in "+-" else digits
+    n = len(digits) - len(digits.lstrip("0123456789"))
+    return sign * int(digits[:n]) if n else 0
 
 
 @dataclasses.dataclass
@@ -129,6 +162,7 @@ class _Room:
     in_flight: bool = False
     waiting_since: float = 0.0  # start of the current wait for destinations
     failed: Optional[str] = None  # reason, once failed
+    fault_kind: FaultKind = FaultKind.INTERNAL  # what failed it, once failed
     # managers that asked to abort
     ack_to: List[str] = dataclasses.field(default_factory=list)
     bytes_sent: int = 0
@@ -137,14 +171,7 @@ class _Room:
 
 def payload_nbytes(payload: MultimodalPayload) -> int:
     """Host or device bytes a payload holds while the encoder keeps it."""
-    tensors = (
-        payload.fill_ids,
-        payload.mrope_positions,
-        payload.mm_mask,
-        payload.embeddings,
-        payload.deepstack,
-    )
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return sum(t.numel() * t.element_size() for t in payload.tensors())
 
 
 class EncodeManager(ManagerBase):
@@ -164,9 +191,13 @@ class EncodeManager(ManagerBase):
         self._probes: Dict[int, threading.Event] = {}
         # (room, language manager) -> timed-out writes that have not returned yet
         self._pending_writes: Dict[Tuple[int, str], int] = {}
-        # room -> (reason, time) of rooms that failed, kept for bootstrap_timeout_s so that a
-        # reservation arriving after the failure is refused with it (no fresh room to time out)
-        self._failed_rooms: Dict[int, Tuple[str, float]] = {}
+        # (room, language manager) -> (until, staging) of writes that failed while parts may
+        # still be in flight: the staging stays quarantined and the room is never acknowledged
+        # until fence_timeout_s has passed
+        self._failed_writes: Dict[Tuple[int, str], Tuple[float, List[BlockHandle]]] = {}
+        # room -> (reason, kind, time) of rooms that failed, kept for bootstrap_timeout_s so that
+        # a reservation arriving after the failure is refused with it (no fresh room to time out)
+        self._failed_rooms: Dict[int, Tuple[str, FaultKind, float]] = {}
         self.inflight_payload_bytes = 0
         self.refused_registrations = 0
         super().__init__(buffer_config, config, engine)
@@ -204,10 +235,12 @@ class EncodeManager(ManagerBase):
         self.wake()  # its bootstrap timer starts now
         return sender
 
-    def fail_room(self, room: int, reason: str) -> None:
+    def fail_room(
+        self, room: int, reason: str, kind: FaultKind = FaultKind.INTERNAL
+    ) -> None:
         """Fail a request that never got a sender (its tokenizer refused it, e.g. an image
-        that cannot be read): a language side that reserved the room gets Abort(reason) now,
-        one that reserves it later gets it at once."""
+        that cannot be read): a language side that reserved the room gets Abort(reason, kind)
+        now, one that reserves it later gets it at once."""
         with self.lock:
             r = self.rooms.get(room)
             if r is not None and r.sender is not None:
@@ -215,7 +248,7 @@ class EncodeManager(ManagerBase):
             if r is None:
                 now = time.monotonic()
                 r = self.rooms[room] = _Room(room=room, created=now, waiting_since=now)
-            self._fail_locked(r, reason)
+            self._fail_locked(r, reason, kind)
         self.wake()
 
     def num_active_rooms(self) -> int:
@@ -314,7 +347,7 @@ class EncodeManager(ManagerBase):
         self.channel.send(msg.manager_id, ack)
 
     def _on_reserve(self, msg: Reserve) -> None:
-        def refuse(reason):
+        def refuse(reason, kind=FaultKind.INTERNAL):
             logger.warning(
                 "encode: refused reservation of room %d rank %d from %s: %s",
                 msg.room,
@@ -324,7 +357,13 @@ class EncodeManager(ManagerBase):
             )
             self.channel.send(
                 msg.manager_id,
-                make(Abort, room=msg.room, manager_id=self.manager_id, reason=reason),
+                make(
+                    Abort,
+                    room=msg.room,
+                    manager_id=self.manager_id,
+                    reason=reason,
+                    kind=kind,
+                ),
             )
 
         with self.lock:
@@ -358,9 +397,8 @@ class EncodeManager(ManagerBase):
                 return refuse(f"invalid rank {msg.rank} of {msg.num_ranks}")
             r = self.rooms.get(msg.room)
             if r is None and msg.room in self._failed_rooms:
-                return refuse(
-                    f"request already failed: {self._failed_rooms[msg.room][0]}"
-                )
+                reason, kind, _ = self._failed_rooms[msg.room]
+                return refuse(f"request already failed: {reason}", kind)
             if r is None:
                 if msg.round != 0:
                     return refuse("unknown room (already finished or failed)")
@@ -369,7 +407,7 @@ class EncodeManager(ManagerBase):
                     room=msg.room, created=now, waiting_since=now
                 )
             if r.failed:
-                return refuse(f"request already failed: {r.failed}")
+                return refuse(f"request already failed: {r.failed}", r.fault_kind)
             if r.num_ranks is None:
                 r.num_ranks = msg.num_ranks
             elif r.num_ranks != msg.num_ranks:
@@ -380,7 +418,8 @@ class EncodeManager(ManagerBase):
             if msg.round == 0:
                 if d is not None:
                     return refuse(
-                        f"bootstrap room {msg.room} is already in use (rank {msg.rank} already reserved)"
+                        f"bootstrap room {msg.room} is already in use (rank {msg.rank} already reserved)",
+                        FaultKind.CLIENT,
                     )
                 r.dests[msg.rank] = _Dest(
                     msg.manager_id,
@@ -417,14 +456,25 @@ class EncodeManager(ManagerBase):
                 d.manager_id != msg.manager_id for d in r.dests.values()
             ):
                 # Nothing of ours writes for that manager, unless a timed-out write has not
-                # returned yet: its AbortAck follows when it does.
-                if (msg.room, msg.manager_id) not in self._pending_writes:
+                # returned yet (its AbortAck follows when it does) or a write failed (it may
+                # still land: never acknowledged, said again).
+                key = (msg.room, msg.manager_id)
+                if key in self._failed_writes:
+                    self.channel.send(
+                        msg.manager_id,
+                        self._write_failed_abort(
+                            msg.room, "a write for this room failed and may still land"
+                        ),
+                    )
+                elif key not in self._pending_writes:
                     ack = make(AbortAck, room=msg.room, manager_id=self.manager_id)
                     self.channel.send(msg.manager_id, ack)
                 return
             r.ack_to.append(msg.manager_id)
             self._fail_locked(
-                r, f"aborted by language side {msg.manager_id}: {msg.reason}"
+                r,
+                f"aborted by language side {msg.manager_id}: {msg.reason}",
+                msg.kind,
             )
 
     # Scheduling -------------------------------------------------------------------------------
@@ -450,6 +500,13 @@ class EncodeManager(ManagerBase):
 
     def _submit(self, sender: "EncodeSender", payload: MultimodalPayload) -> None:
         payload.validate(self.layout)
+        if payload.device() is not None and payload.ready is None:
+            # The worker's copies run on another thread's stream: without the producer's
+            # event they may read the rows before the producer's stream wrote them.
+            raise ValueError(
+                "a payload with CUDA tensors needs its ready event: call "
+                "payload.record_ready() on the stream that produced it before send()"
+            )
         nbytes = payload_nbytes(payload)
         bound = self.config.max_inflight_payload_bytes
         with self.lock:
@@ -497,13 +554,14 @@ class EncodeManager(ManagerBase):
                     logger.exception(
                         "encode: round %d of room %d failed", r.round, room
                     )
-                reason = (
-                    e.reason
-                    if isinstance(e, TransferError)
-                    else f"transfer failed: {e}"
-                )
+                if isinstance(e, TransferError):
+                    reason, kind = e.reason, e.kind
+                elif isinstance(e, OversizeError):  # the request exceeds a destination
+                    reason, kind = f"transfer failed: {e}", FaultKind.CLIENT
+                else:
+                    reason, kind = f"transfer failed: {e}", FaultKind.INTERNAL
                 with self.lock:
-                    self._fail_locked(r, reason)
+                    self._fail_locked(r, reason, kind)
             finally:
                 with self.lock:
                     r.in_flight = False
@@ -531,7 +589,9 @@ class EncodeManager(ManagerBase):
         for d, p in zip(dests, peers):
             if p is None:
                 raise TransferError(
-                    r.room, f"destination {d.manager_id} is no longer registered"
+                    r.room,
+                    f"destination {d.manager_id} is no longer registered",
+                    FaultKind.UNAVAILABLE,
                 )
             if d.max_tokens and T > d.max_tokens:
                 raise OversizeError(
@@ -550,7 +610,9 @@ class EncodeManager(ManagerBase):
         if staging is None:
             if r.failed:
                 return
-            raise TransferError(r.room, f"no encode staging blocks within {timeout}s")
+            raise TransferError(
+                r.room, f"no encode staging blocks within {timeout}s", FaultKind.TIMEOUT
+            )
         # Pipelined: the round is staged in chunks of pipeline_blocks blocks; one writer job
         # per destination writes each chunk (one transfer-engine batch, in order) as soon as it
         # is staged, so staging chunk i+1 overlaps the transfer of chunk i. One staging serves
@@ -651,6 +713,24 @@ class EncodeManager(ManagerBase):
                 r = self.engine.batch_transfer_sync(session_id, *segs)
                 ret = r if r < 0 else 0
 
+    def write_deadline_s(self, staging: BlockHandle) -> float:
+        """How long the worker waits for the writer job of one round to one destination:
+        Mooncake's own timeout for every batch the job may write (one per chunk of
+        ``pipeline_blocks``; every staged byte counted) plus ``data_write_timeout_s``. Mooncake
+        therefore always returns its -1 first for a write it is timing; this deadline fires
+        only for a write stuck where Mooncake has no timer (e.g. its connection handshake).
+        """
+        nb = len(staging)
+        step = self.config.pipeline_blocks or nb
+        block_bytes = sum(self.layout.slot_block_bytes)
+        return (
+            sum(
+                mooncake_timeout_s(min(step, nb - k0) * block_bytes)
+                for k0 in range(0, nb, step)
+            )
+            + self.config.data_write_timeout_s
+        )
+
     def _await_write(
         self,
         room: int,
@@ -658,44 +738,95 @@ class EncodeManager(ManagerBase):
         job: concurrent.futures.Future,
         staging: BlockHandle,
     ) -> None:
-        """Wait for the writer job of one round to one destination, for at most
-        ``data_write_timeout_s``. On timeout the write keeps running (Mooncake cannot cancel
-        it): a job not started is cancelled; otherwise the staging blocks are quarantined and
-        the destination is owed an AbortAck when the job returns. A failed write is reported
-        once the job has returned (nothing still reads the staging blocks)."""
-        timeout = self.config.data_write_timeout_s
+        """Wait for the writer job of one round to one destination until
+        ``write_deadline_s``. Past it the write keeps running (Mooncake cannot cancel it): a
+        job not started is cancelled; otherwise the staging blocks are quarantined and the
+        destination is owed an AbortAck if the job returns complete. A failed write (ret < 0)
+        may still land in part: ``_write_failed_locked``."""
+        timeout = self.write_deadline_s(staging)
         try:
             ret = job.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
             if job.cancel():
                 raise WriteTimeoutError(
-                    room, f"data write to {manager_id} did not start within {timeout}s"
+                    room,
+                    f"data write to {manager_id} did not start within {timeout:.1f}s",
                 ) from None
             with self.lock:
                 key = (room, manager_id)
                 self._pending_writes[key] = self._pending_writes.get(key, 0) + 1
                 staging.quarantine()
             job.add_done_callback(
-                lambda _: self._late_write_returned(room, manager_id, staging)
+                lambda done: self._late_write_returned(room, manager_id, staging, done)
             )
             raise WriteTimeoutError(
                 room,
-                f"data write to {manager_id} timed out after {timeout}s (it may still land)",
+                f"data write to {manager_id} timed out after {timeout:.1f}s (it may still land)",
             ) from None
         if ret < 0:
+            with self.lock:
+                self._write_failed_locked(room, manager_id, staging)
             raise TransferError(
-                room, f"Mooncake write to {manager_id} failed (ret={ret})"
+                room,
+                f"Mooncake write to {manager_id} failed (ret={ret}; parts of it may still land)",
             )
 
-    def _late_write_returned(
+    def _write_failed_locked(
         self, room: int, manager_id: str, staging: BlockHandle
     ) -> None:
+        """A write to ``manager_id`` failed: parts may still be in flight and nothing will say
+        when they end. Its staging stays quarantined, and the room is never acknowledged to
+        that destination, for ``fence_timeout_s`` (``_tick`` frees it then)."""
+        staging.quarantine()
+        until = time.monotonic() + self.config.fence_timeout_s
+        key = (room, manager_id)
+        handles = self._failed_writes.get(key, (0.0, []))[1]
+        self._failed_writes[key] = (until, handles + [staging])
+
+    def _write_failed_abort(
+        self, room: int, reason: str, kind: FaultKind = FaultKind.INTERNAL
+    ) -> Abort:
+        """The Abort for a destination whose write failed: no AbortAck will follow."""
+        return make(
+            Abort,
+            room=room,
+            manager_id=self.manager_id,
+            reason=reason,
+            kind=kind,
+            writes_pending=True,
+            write_failed=True,
+        )
+
+    def _late_write_returned(
+        self,
+        room: int,
+        manager_id: str,
+        staging: BlockHandle,
+        job: concurrent.futures.Future,
+    ) -> None:
+        failed = job.cancelled() or job.exception() is not None or job.result() < 0
         with self.lock:
             key = (room, manager_id)
             self._pending_writes[key] -= 1
             if self._pending_writes[key] == 0:
                 del self._pending_writes[key]
-            staging.free()
+            if failed:
+                self._write_failed_locked(room, manager_id, staging)
+            else:
+                staging.free()
+        if failed:
+            logger.warning(
+                "encode: timed-out write of room %d to %s returned failed; parts of it may "
+                "still land, so the room is never acknowledged",
+                room,
+                manager_id,
+            )
+            self.channel.send(
+                manager_id,
+                self._write_failed_abort(room, "a timed-out write returned failed"),
+            )
+            self.wake()  # the staging quarantine's timer starts now
+            return
         logger.warning(
             "encode: timed-out write of room %d to %s returned; acknowledging",
             room,
@@ -706,27 +837,33 @@ class EncodeManager(ManagerBase):
         )
 
     # Failure ------------------------------------------------------------------------------------
-    def _fail_locked(self, r: _Room, reason: str) -> None:
+    def _fail_locked(
+        self, r: _Room, reason: str, kind: FaultKind = FaultKind.INTERNAL
+    ) -> None:
         """Fail the room now; tell the destinations now if no write is in flight, else the
         worker does it when the write has finished, failed or timed out."""
         if r.failed is None:
-            r.failed = reason
-            logger.info("encode: room %d failed: %s", r.room, reason)
+            r.failed, r.fault_kind = reason, kind
+            logger.info("encode: room %d failed (%s): %s", r.room, kind.value, reason)
             if r.sender is not None:
-                r.sender._set_failed(reason)
+                r.sender._set_failed(reason, kind)
             self.allocator.notify_waiters()  # a worker may wait for staging blocks for it
         if not r.in_flight:
             self._finish_failed_locked(r)
 
     def _finish_failed_locked(self, r: _Room) -> None:
-        """No write is in flight any more (or one timed out): tell every destination and drop
-        the room. A destination whose write is still pending gets ``writes_pending=True`` now
-        and an AbortAck when the write returns."""
+        """No write is in flight any more (or one timed out or failed): tell every destination
+        and drop the room. A destination whose write is still pending gets
+        ``writes_pending=True`` now and an AbortAck if the write returns complete; one whose
+        write failed gets ``write_failed=True`` and never an AbortAck."""
         if self.rooms.get(r.room) is not r:
             return
         for d in r.dests.values():
-            pending = (r.room, d.manager_id) in self._pending_writes
-            if d.manager_id in r.ack_to and not pending:
+            key = (r.room, d.manager_id)
+            pending = key in self._pending_writes
+            if key in self._failed_writes:
+                msg = self._write_failed_abort(r.room, r.failed, r.fault_kind)
+            elif d.manager_id in r.ack_to and not pending:
                 msg = make(AbortAck, room=r.room, manager_id=self.manager_id)
             else:
                 msg = make(
@@ -734,6 +871,7 @@ class EncodeManager(ManagerBase):
                     room=r.room,
                     manager_id=self.manager_id,
                     reason=r.failed,
+                    kind=r.fault_kind,
                     writes_pending=pending,
                 )
             self.channel.send(d.manager_id, msg)
@@ -743,12 +881,12 @@ class EncodeManager(ManagerBase):
             )
         self._drop_room_locked(r)
         if r.sender is not None:
-            r.sender._finish(KVPoll.Failed, r.failed, r)
+            r.sender._finish(KVPoll.Failed, r.failed, r, r.fault_kind)
 
     def _drop_room_locked(self, r: _Room) -> None:
         del self.rooms[r.room]
         if r.failed:
-            self._failed_rooms[r.room] = (r.failed, time.monotonic())
+            self._failed_rooms[r.room] = (r.failed, r.fault_kind, time.monotonic())
         self.inflight_payload_bytes -= r.payload_bytes
         r.payload, r.payload_bytes = None, 0
 
@@ -770,6 +908,7 @@ class EncodeManager(ManagerBase):
                             r,
                             f"bootstrap timeout: no encode request for room {r.room} "
                             f"within {cfg.bootstrap_timeout_s}s",
+                            FaultKind.TIMEOUT,
                         )
                         continue
                 if r.round == 0 and not all_reserved:
@@ -779,6 +918,7 @@ class EncodeManager(ManagerBase):
                             r,
                             f"bootstrap timeout: {len(r.dests)}/{r.num_ranks or '?'} "
                             f"destinations reserved within {cfg.bootstrap_timeout_s}s",
+                            FaultKind.TIMEOUT,
                         )
                 elif r.round > 0:
                     due = min(due, r.waiting_since + cfg.resume_timeout_s)
@@ -788,13 +928,28 @@ class EncodeManager(ManagerBase):
                             r,
                             f"resume timeout: {ready}/{r.num_ranks} destinations asked for "
                             f"round {r.round} within {cfg.resume_timeout_s}s",
+                            FaultKind.TIMEOUT,
                         )
             # After the rooms: a room failed above leaves a record whose expiry must count.
-            for room, (_, since) in list(self._failed_rooms.items()):
+            for room, (_, _, since) in list(self._failed_rooms.items()):
                 if now - since > cfg.bootstrap_timeout_s:
                     del self._failed_rooms[room]
                 else:
                     due = min(due, since + cfg.bootstrap_timeout_s)
+            for key, (until, handles) in list(self._failed_writes.items()):
+                if now >= until:
+                    del self._failed_writes[key]
+                    for h in handles:
+                        h.free()
+                    logger.warning(
+                        "encode: staging of the failed write of room %d to %s released "
+                        "after fence_timeout_s (%.1fs)",
+                        key[0],
+                        key[1],
+                        cfg.fence_timeout_s,
+                    )
+                else:
+                    due = min(due, until)
         return min(due, super()._tick(now))
 
     def _active_peers(self) -> List[str]:
@@ -808,7 +963,7 @@ class EncodeManager(ManagerBase):
             self.peers.pop(endpoint, None)
             for r in list(self.rooms.values()):
                 if any(d.manager_id == endpoint for d in r.dests.values()):
-                    self._fail_locked(r, reason)
+                    self._fail_locked(r, reason, FaultKind.UNAVAILABLE)
 
     def _drop_registration(self, endpoint: str) -> None:
         self.peers.pop(endpoint, None)
@@ -820,12 +975,14 @@ class EncodeManager(ManagerBase):
             w.join(timeout=5)
         self._writer.shutdown(wait=False, cancel_futures=True)
 
-    def _abort_sender(self, sender: "EncodeSender", reason: str) -> None:
+    def _abort_sender(
+        self, sender: "EncodeSender", reason: str, kind: FaultKind
+    ) -> None:
         with self.lock:
             r = self.rooms.get(sender.room)
             if r is None or r.sender is not sender:
                 return
-            self._fail_locked(r, reason)
+            self._fail_locked(r, reason, kind)
         self.wake()
 
 
@@ -838,12 +995,14 @@ class EncodeSender:
         self.room = room
         self._status = KVPoll.Bootstrapping
         self.reason = ""
+        self.kind = FaultKind.INTERNAL  # what failed the request, once Failed
         self._metric = KVTransferMetric()
         self.rounds = 0  # rounds sent once the transfer succeeded (1 + resume rounds)
         self._done = threading.Event()
 
     def send(self, payload: MultimodalPayload) -> None:
-        """Hand over the request (kept by reference until its last round; do not modify it).
+        """Hand over the request (kept by reference until its last round; do not modify it;
+        CUDA tensors need ``payload.record_ready()`` on their producing stream first).
         ``PayloadBudgetError``: over the in-flight bound, nothing changed, call again later.
         Any other error fails the request."""
         try:
@@ -852,20 +1011,29 @@ class EncodeSender:
             raise
         except Exception as e:
             if not isinstance(e, TransferError):
-                self.mgr._abort_sender(self, f"rejected: {e}")
+                kind = (
+                    FaultKind.CLIENT
+                    if isinstance(e, OversizeError)
+                    else FaultKind.INTERNAL
+                )
+                self.mgr._abort_sender(self, f"rejected: {e}", kind)
             raise
 
     def poll(self) -> int:
         return self._status
 
     def failure_exception(self) -> None:
-        raise TransferError(self.room, self.reason or "failed")
+        raise TransferError(self.room, self.reason or "failed", self.kind)
 
     def get_transfer_metric(self) -> KVTransferMetric:
         return self._metric
 
-    def abort(self, reason: str = "aborted by encoder") -> None:
-        self.mgr._abort_sender(self, reason)
+    def abort(
+        self,
+        reason: str = "aborted by encoder",
+        kind: FaultKind = FaultKind.INTERNAL,
+    ) -> None:
+        self.mgr._abort_sender(self, reason, kind)
 
     def clear(self) -> None:
         """Nothing to clear: the manager drops the room when the request ends."""
@@ -880,14 +1048,20 @@ class EncodeSender:
         if self._status not in (KVPoll.Success, KVPoll.Failed):
             self._status = max(self._status, status)
 
-    def _set_failed(self, reason: str) -> None:
+    def _set_failed(self, reason: str, kind: FaultKind) -> None:
         if self._status != KVPoll.Success:
-            self.reason = reason
+            self.reason, self.kind = reason, kind
             self._status = KVPoll.Failed
 
-    def _finish(self, status: int, reason: str, r: _Room) -> None:
+    def _finish(
+        self,
+        status: int,
+        reason: str,
+        r: _Room,
+        kind: FaultKind = FaultKind.INTERNAL,
+    ) -> None:
         if status == KVPoll.Failed:
-            self._set_failed(reason)
+            self._set_failed(reason, kind)
         else:
             self._status = KVPoll.Success
             self.rounds = r.round + 1

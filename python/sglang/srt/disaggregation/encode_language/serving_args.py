@@ -8,12 +8,17 @@ What each mode implies:
 
 * ``encode``: the checkpoint's VL class is built with upstream's ``encoder_only`` switch (vision
   tower only); the scheduler runs the encode loop (``encode_scheduler.py``). Its control socket
-  listens on ``--disaggregation-bootstrap-port`` (the port given after ``--prefill URL`` to
-  the router). Overlap scheduling is off (the encode loop does not use it). With ``--tp N``
-  every rank runs the TP vision tower and rank 0 alone owns the transfer.
+  binds ``--host`` on ``--disaggregation-bootstrap-port`` (the port given after ``--prefill
+  URL`` to the router), as upstream's PD bootstrap server. Overlap scheduling and CUDA graphs
+  are off (the encode loop runs no language forward). With ``--tp N`` every rank runs the TP
+  vision tower and rank 0 alone owns the transfer.
 * ``language``: ``Qwen3MoeForCausalLM`` is built from the VL checkpoint (the architecture is
   overridden unless ``--json-model-override-args`` already names one); no multimodal processor
-  runs there; requests with media wait for their rows in ``language_mm_receiver.py``.
+  runs there; requests with media wait for their rows in ``language_mm_receiver.py``. Prefill
+  CUDA graphs are off (the rows enter the prefill in the model's Python forward).
+
+Features a mode cannot serve correctly (``_UNSUPPORTED``: PP, DP attention, attention CP,
+pdmux, ...) are refused here; docs/serving.md "Feature compatibility" lists every feature.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from sglang.srt.arg_groups.overrides import (
     model_config_of,
     resolving_view,
 )
+from sglang.srt.disaggregation.encode_language.connection import ConnectionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -48,20 +54,131 @@ def handle_encode_language_disaggregation(server_args) -> None:
             f"{flag} supports only --disaggregation-transfer-backend mooncake "
             f"(or mooncake_tcp), got {cfg.disaggregation_transfer_backend!r}"
         )
+    # The transfer settings and addressing rules (a bind_host override on the encode side),
+    # refused before any process starts rather than when a scheduler builds its manager.
+    ConnectionConfig.from_server_args(cfg)
+    _refuse_unsupported(cfg, mode, flag)
     if mode == "encode":
         _handle_encode(server_args, cfg, flag)
     else:
         _handle_language(server_args, cfg, flag)
 
 
+# Features either mode refuses at start-up: (mode(s), is it asked for?, the flag, why). The
+# table in docs/serving.md ("Feature compatibility") lists these and what each mode does with
+# the rest; test_serving_args.py starts the real argument pipeline with each.
+_UNSUPPORTED = (
+    (
+        ("encode", "language"),
+        lambda c: c.pp_size > 1,
+        "pipeline parallelism (--pp-size > 1)",
+        {
+            "encode": "the encode loop runs no pipeline",
+            "language": "rows are received by one process per attention-TP group and "
+            "embedded by the first stage, but deepstack rows are added in the first K "
+            "layers, which later stages may hold: no stage split is built",
+        },
+    ),
+    (
+        ("encode", "language"),
+        lambda c: c.attn_dp_size > 1,
+        "DP attention (--attn-dp-size / --enable-dp-attention)",
+        "one transfer owner per attention-DP group (encode: one control socket per "
+        "bootstrap port) is not built",
+    ),
+    (
+        ("encode", "language"),
+        lambda c: c.attn_cp_size > 1 or c.dcp_size > 1,
+        "attention context parallelism (--attn-cp-size / --dcp-size > 1)",
+        "received rows are not split across context-parallel ranks",
+    ),
+    (
+        ("encode", "language"),
+        lambda c: c.enable_pdmux,
+        "PD multiplexing (--enable-pdmux)",
+        {
+            "encode": "the encode loop runs no prefill or decode",
+            "language": "its forward path does not take the received multimodal rows",
+        },
+    ),
+    (
+        ("encode", "language"),
+        lambda c: c.enable_pd_role_switch,
+        "PD role switching (--enable-pd-role-switch)",
+        "an encode or language server cannot become a prefill or decode server",
+    ),
+    (
+        ("encode",),
+        lambda c: c.enable_mm_global_cache,
+        "--enable-mm-global-cache",
+        "the encode loop calls the vision tower directly, not the cached embedding path",
+    ),
+    (
+        ("language",),
+        lambda c: c.enable_mm_global_cache or c.mm_enable_dp_encoder,
+        "--enable-mm-global-cache / --mm-enable-dp-encoder",
+        "the language server runs no vision tower (the encode server does)",
+    ),
+    (
+        ("encode",),
+        lambda c: c.speculative_algorithm is not None,
+        "speculative decoding (--speculative-algorithm)",
+        "it runs no language model",
+    ),
+    (
+        ("language",),
+        lambda c: c.speculative_algorithm is not None,
+        "speculative decoding (--speculative-algorithm)",
+        "the draft model's forward path does not take the received multimodal rows",
+    ),
+    (
+        ("encode",),
+        lambda c: c.enable_lora,
+        "LoRA (--enable-lora)",
+        "it runs no language model, where adapters apply",
+    ),
+    (
+        ("encode",),
+        lambda c: c.enable_hierarchical_cache,
+        "HiCache (--enable-hierarchical-cache)",
+        "it keeps no KV cache",
+    ),
+    (
+        ("encode", "language"),
+        lambda c: c.cuda_graph_backend_prefill not in (None, "disabled"),
+        "prefill CUDA graphs (--cuda-graph-backend-prefill)",
+        {
+            "encode": "it runs no prefill",
+            "language": "the received rows enter the prefill in the model's Python "
+            "forward, which a captured prefill graph is not shown to replay",
+        },
+    ),
+    (
+        ("encode",),
+        lambda c: c.cuda_graph_backend_decode not in (None, "disabled"),
+        "decode CUDA graphs (--cuda-graph-backend-decode)",
+        "it runs no decode",
+    ),
+)
+
+
+def _refuse_unsupported(cfg, mode: str, flag: str) -> None:
+    for modes, asked, what, why in _UNSUPPORTED:
+        if mode in modes and asked(cfg):
+            reason = why[mode] if isinstance(why, dict) else why
+            raise ValueError(f"{flag} does not support {what}: {reason}")
+
+
 def _handle_encode(server_args, cfg, flag: str) -> None:
-    if cfg.speculative_algorithm is not None:
-        raise ValueError(
-            f"{flag} runs no language model, so speculative decoding "
-            f"(--speculative-algorithm {cfg.speculative_algorithm}) cannot be used there"
-        )
     _require_vision_config(server_args, flag)
-    declare_resolution(server_args, _SOURCE, disable_overlap_schedule=True)
+    # The encode loop calls the vision tower only: no overlap, no graphs of a language forward.
+    declare_resolution(
+        server_args,
+        _SOURCE,
+        disable_overlap_schedule=True,
+        disable_decode_cuda_graph=True,
+        disable_prefill_cuda_graph=True,
+    )
 
 
 def _handle_language(server_args, cfg, flag: str) -> None:
@@ -72,6 +189,9 @@ def _handle_language(server_args, cfg, flag: str) -> None:
             server_args, _SOURCE, json_model_override_args=json.dumps(overrides)
         )
     _require_vision_config(server_args, flag)
+    # Received rows enter the prefill in the model's Python forward (prepare_mm_inputs):
+    # prefill graphs off; decode graphs stay (decode batches carry no rows).
+    declare_resolution(server_args, _SOURCE, disable_prefill_cuda_graph=True)
 
 
 def _require_vision_config(server_args, flag: str) -> None:

@@ -121,15 +121,12 @@ class EncodeLanguageServerBase(PDDisaggregationServerBase):
 
     @classmethod
     def launch_worker(cls, url: str, mode_args: list, nccl_port: str, gpus: range):
-        # The router hands the language side the encode URL's host as bootstrap_host, so both
-        # workers advertise that address (upstream's discovery honours SGLANG_HOST_IP; by default
-        # it would pick the default route's address, which a loopback URL does not name).
-        env = dict(os.environ, SGLANG_HOST_IP=urlparse(url).hostname)
+        # No SGLANG_HOST_IP: the encoder's control socket binds --host (the URL's host, where
+        # the router sends the language side), whatever address discovery advertises.
         return popen_launch_pd_server(
             cls.model,
             url,
             timeout=DEFAULT_TIMEOUT_FOR_SERVER_LAUNCH,
-            env=env,
             other_args=[
                 "--trust-remote-code",
                 *mode_args,
