@@ -101,7 +101,19 @@ REFUSED = [
                 "",
             ),
             ({"speculative_algorithm": "NGRAM"}, "speculative decoding", ""),
+            # The JSON wins over every other graph flag in upstream's resolution.
+            (
+                {"cuda_graph_config": {"prefill": {"backend": "breakable"}}},
+                "prefill CUDA graphs",
+                "",
+            ),
         )
+    ),
+    (
+        "encode",
+        {"dp_size": 2},
+        "data parallelism",
+        "would bind the same --host:--disaggregation-bootstrap-port",
     ),
     ("encode", {"enable_pdmux": True}, "PD multiplexing", "runs no prefill or decode"),
     (
@@ -113,6 +125,12 @@ REFUSED = [
     (
         "encode",
         {"cuda_graph_backend_decode": "full"},
+        "decode CUDA graphs",
+        "no decode",
+    ),
+    (
+        "encode",
+        {"cuda_graph_config": {"decode": {"backend": "full"}}},
         "decode CUDA graphs",
         "no decode",
     ),
@@ -129,16 +147,26 @@ REFUSED = [
 ]
 
 
+def _case_id(mode: str, args: dict) -> str:
+    # A JSON config names its phase: cuda_graph_config.prefill
+    keys = (
+        f"{k}.{next(iter(v))}" if isinstance(v, dict) else k for k, v in args.items()
+    )
+    return f"{mode}-{'-'.join(keys)}"
+
+
 @pytest.mark.parametrize(
     "mode, args, what, why",
     REFUSED,
-    ids=[f"{m}-{'-'.join(a)}" for m, a, _, _ in REFUSED],
+    ids=[_case_id(m, a) for m, a, _, _ in REFUSED],
 )
 def test_unsupported_features_are_refused(vl_model, mode, args, what, why) -> None:
     """issue: blockers items 8 and 9: a feature whose forward path ignores the received rows
     (--enable-pdmux on the language side), pipeline parallelism (no stage split of the
-    received rows, so no stage builds buffers), and every other feature the modes do not
-    support, refused while the arguments are resolved, with a message naming it."""
+    received rows, so no stage builds buffers), replica DP on the encode side (every replica
+    would bind the one bootstrap port), graphs asked for through the --cuda-graph-config JSON,
+    and every other feature the modes do not support, refused while the arguments are
+    resolved, with a message naming it."""
     with pytest.raises(ValueError) as refused:
         _resolve(vl_model, disaggregation_mode=mode, **args)
     message = str(refused.value)
@@ -151,15 +179,26 @@ def test_graph_defaults(vl_model) -> None:
     forward); language turns prefill graphs off and keeps decode graphs."""
     _, encode = _resolve(vl_model, disaggregation_mode="encode")
     assert encode.disable_prefill_cuda_graph and encode.disable_decode_cuda_graph
+    assert encode.cuda_graph_config.prefill.backend == "disabled"
+    assert encode.cuda_graph_config.decode.backend == "disabled"
     _, language = _resolve(vl_model, disaggregation_mode="language")
     assert language.disable_prefill_cuda_graph
     assert not language.disable_decode_cuda_graph
+    assert language.cuda_graph_config.prefill.backend == "disabled"
+    # Asking for what the mode resolves to anyway is accepted.
+    disabled = {"prefill": {"backend": "disabled"}}
+    for mode in ("encode", "language"):
+        _, view = _resolve(
+            vl_model, disaggregation_mode=mode, cuda_graph_config=disabled
+        )
+        assert view.cuda_graph_config.prefill.backend == "disabled"
 
 
 @pytest.mark.parametrize("mode", ["encode", "language"])
 def test_supported_features_are_accepted(vl_model, mode) -> None:
     """Overlap scheduling (upstream's default; encode turns it off), and on the language side
-    LoRA and HiCache, resolve without an error."""
+    LoRA, HiCache and replica DP (each replica its own receiver on its own port), resolve
+    without an error."""
     _, view = _resolve(vl_model, disaggregation_mode=mode)
     assert view.disable_overlap_schedule is (mode == "encode" or view.device == "cpu")
     if mode == "language":
@@ -171,6 +210,8 @@ def test_supported_features_are_accepted(vl_model, mode) -> None:
             max_lora_rank=8,
             lora_target_modules=["q_proj"],
         )
+        _, view = _resolve(vl_model, disaggregation_mode=mode, dp_size=2)
+        assert view.dp_size == 2
 
 
 def test_language_defaults(vl_model) -> None:

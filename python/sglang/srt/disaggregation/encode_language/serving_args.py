@@ -17,14 +17,16 @@ What each mode implies:
   runs there; requests with media wait for their rows in ``language_mm_receiver.py``. Prefill
   CUDA graphs are off (the rows enter the prefill in the model's Python forward).
 
-Features a mode cannot serve correctly (``_UNSUPPORTED``: PP, DP attention, attention CP,
-pdmux, ...) are refused here; docs/serving.md "Feature compatibility" lists every feature.
+Features a mode cannot serve correctly (``_UNSUPPORTED``: PP, DP attention, replica DP on the
+encode side, attention CP, pdmux, ...) are refused here; docs/serving.md "Feature
+compatibility" lists every feature.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from typing import Optional
 
 from sglang.srt.arg_groups.overrides import (
     declare_resolution,
@@ -32,6 +34,7 @@ from sglang.srt.arg_groups.overrides import (
     resolving_view,
 )
 from sglang.srt.disaggregation.encode_language.connection import ConnectionConfig
+from sglang.srt.model_executor.cuda_graph_config import CudaGraphConfig
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +88,14 @@ _UNSUPPORTED = (
         "DP attention (--attn-dp-size / --enable-dp-attention)",
         "one transfer owner per attention-DP group (encode: one control socket per "
         "bootstrap port) is not built",
+    ),
+    (
+        ("encode",),
+        lambda c: c.dp_size > 1,
+        "data parallelism (--dp-size > 1)",
+        "every replica's transfer owner would bind the same --host:"
+        "--disaggregation-bootstrap-port, the one address the router hands out for it; "
+        "run one encode server per replica (one --prefill URL and bootstrap port each)",
     ),
     (
         ("encode", "language"),
@@ -145,8 +156,8 @@ _UNSUPPORTED = (
     ),
     (
         ("encode", "language"),
-        lambda c: c.cuda_graph_backend_prefill not in (None, "disabled"),
-        "prefill CUDA graphs (--cuda-graph-backend-prefill)",
+        lambda c: _graph_backend_asked(c, "prefill") not in (None, "disabled"),
+        "prefill CUDA graphs (--cuda-graph-backend-prefill / --cuda-graph-config)",
         {
             "encode": "it runs no prefill",
             "language": "the received rows enter the prefill in the model's Python "
@@ -155,11 +166,28 @@ _UNSUPPORTED = (
     ),
     (
         ("encode",),
-        lambda c: c.cuda_graph_backend_decode not in (None, "disabled"),
-        "decode CUDA graphs (--cuda-graph-backend-decode)",
+        lambda c: _graph_backend_asked(c, "decode") not in (None, "disabled"),
+        "decode CUDA graphs (--cuda-graph-backend-decode / --cuda-graph-config)",
         "it runs no decode",
     ),
 )
+
+
+def _graph_backend_asked(cfg, phase: str) -> Optional[str]:
+    """The CUDA-graph backend the user asked for in ``phase``, None if not asked.
+
+    Upstream's ``parse_cuda_graph_config`` (run after this hook) resolves it with this
+    precedence: the ``--cuda-graph-config`` JSON, then ``--cuda-graph-backend-PHASE``, then
+    the ``disable_*_cuda_graph`` switches this hook declares, and locks the phase's backend, so
+    no later default turns a graph on: what is asked here is what resolves.
+    """
+    explicit = cfg.cuda_graph_config
+    if isinstance(explicit, CudaGraphConfig):
+        explicit = explicit.to_dict()  # only the fields set away from the defaults
+    backend = ((explicit or {}).get(phase) or {}).get("backend")
+    if backend is None:
+        backend = getattr(cfg, f"cuda_graph_backend_{phase}")
+    return backend
 
 
 def _refuse_unsupported(cfg, mode: str, flag: str) -> None:

@@ -50,10 +50,8 @@ REPS = 30
 # Qwen3-VL-30B-A3B rows (H = 2048, K = 3 deepstack levels, bf16): 1024 image tokens of 1100.
 H, K, B = 2048, 3, 128
 T, M = 1100, 1024
-N, CHAIN = (
-    8192,
-    12,
-)  # the slow producer: 12 products of 8192x8192 bf16 matrices (~20 ms)
+# The slow producer: 12 products of 8192x8192 bf16 matrices (~20 ms).
+N, CHAIN = 8192, 12
 
 
 @pytest.fixture
