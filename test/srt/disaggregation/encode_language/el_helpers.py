@@ -10,7 +10,7 @@ from typing import Callable, Union
 os.environ.setdefault("MC_FORCE_TCP", "1")
 os.environ.setdefault("MOONCAKE_PROTOCOL", "tcp")
 # Mooncake's own write timeout (its minimum, 5 s): the encoder's write deadline is built on it
-# (sender.write_deadline_s), and a hung-write test waits that long.
+# (ConnectionConfig.write_deadline_s), and a hung-write test waits that long.
 os.environ.setdefault("MC_TRANSFER_TIMEOUT", "5")
 
 import torch

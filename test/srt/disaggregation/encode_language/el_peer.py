@@ -31,9 +31,8 @@ def room_state(mgr, room: int):
 
 
 STALLED_WRITES = []  # (first part's ret, late part's ret) of "sigstop_mid" writes
-STRAGGLERS = (
-    []
-)  # the unwritten rest of "fail_in_flight" writes, landed on the test's command
+# the unwritten rest of "fail_in_flight" / "raise_in_flight" writes, landed on the test's command
+STRAGGLERS = []
 
 
 def stall_next_write(mgr, mode: str, release: threading.Event) -> None:
@@ -54,6 +53,8 @@ def stall_next_write(mgr, mode: str, release: threading.Event) -> None:
       loopback TCP. It writes every segment but the multimodal rows (the last two), returns -1
       at once, and keeps the rows (no aux segment: a straggler carries none) for
       ``land_straggler``, which writes them, really, whenever the test says.
+      ``"raise_in_flight"``: the same, but the call raises (as the engine's binding may, after
+      part of the batch was submitted) instead of returning -1.
     """
     engine = mgr.engine
     real = engine.batch_transfer_sync
@@ -63,9 +64,11 @@ def stall_next_write(mgr, mode: str, release: threading.Event) -> None:
 
     def stalled(session_id, srcs, dsts, lens):
         engine.batch_transfer_sync = real  # one write only
-        if mode == "fail_in_flight":
+        if mode in ("fail_in_flight", "raise_in_flight"):
             real(session_id, srcs[:-2], dsts[:-2], lens[:-2])
             STRAGGLERS.append((session_id, srcs[-2:], dsts[-2:], lens[-2:]))
+            if mode == "raise_in_flight":
+                raise RuntimeError("transfer engine error")
             return -1
         if mode in ("hang", "hang_fail"):
             release.wait(120)
@@ -158,7 +161,7 @@ def peer_main(conn, buffer_config, conn_config) -> None:
             stall_next_write(mgr, args[0], release)
         elif cmd == "stalled_writes":
             return list(STALLED_WRITES)
-        elif cmd == "land_straggler":  # the rest of a "fail_in_flight" write lands now
+        elif cmd == "land_straggler":  # the rest of a "*_in_flight" write lands now
             return mgr.engine.batch_transfer_sync(*STRAGGLERS.pop())
         elif cmd == "release_write":
             release.set()

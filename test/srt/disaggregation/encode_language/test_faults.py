@@ -29,6 +29,7 @@ from el_helpers import (
     wait_until,
 )
 from el_peer import poll_as_scheduler
+from fastapi import HTTPException
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.allocator import OversizeError
@@ -170,16 +171,24 @@ def test_waiting_timeout(peers, make_lang):
 
 def test_transfer_timeout_encoder_stopped(mp_ctx, make_lang, peers):
     """The encoder process freezes (SIGSTOP) between rounds: transfer timeout; when it thaws it
-    acknowledges the abort and the blocks come back."""
+    acknowledges the abort and the blocks come back. The language side waits for the round the
+    encoder's own bound for it (``round_timeout_s``): staging (0.2 s) + Mooncake's timeout
+    (MC_TRANSFER_TIMEOUT=5 s in el_helpers; the bytes are negligible) + data_write_timeout_s
+    (0.1 s) + transfer_grace_s (0.2 s)."""
     victim = EncodePeer(mp_ctx, buffer_config(), conn_config(heartbeat_interval_s=30))
     try:
-        lang = make_lang(transfer_timeout_s=0.5, heartbeat_interval_s=30)
+        lang = make_lang(
+            transfer_timeout_s=0.2,
+            data_write_timeout_s=0.1,
+            transfer_grace_s=0.2,
+            heartbeat_interval_s=30,
+        )
         room = new_room()
         rx, blocker = stuck_in_resume(victim, lang, room)
         os.kill(victim.pid, signal.SIGSTOP)
         blocker.free()
-        assert wait_until(lambda: rx.poll() == KVPoll.Failed, 10)
-        assert rx.reason == "transfer timeout: round 1 did not arrive within 0.5s"
+        assert wait_until(lambda: rx.poll() == KVPoll.Failed, 15)
+        assert rx.reason == "transfer timeout: round 1 did not arrive within 5.5s"
         # Blocks fenced, not freed: the encoder might still write.
         assert wait_until(lambda: rx.finished, 10)
         assert (
@@ -408,20 +417,37 @@ def test_what_stopped_a_request_is_classified(exc, kind):
     assert fault_of_exception(exc) is kind
 
 
+def upstream_answer(raised: BaseException) -> int:
+    """The HTTP status upstream answers for what its tokenizer manager raised: an
+    HTTPException's ``status_code`` (http_server's HTTPException handler for /generate,
+    ``OpenAIServingBase.handle_request`` for the OpenAI endpoints), 400 for a ValueError
+    (``http_server._create_error_response`` reads a ``status_code`` attribute, the OpenAI
+    endpoints answer every ValueError 400: a ValueError must be a client fault), 500 for
+    anything else."""
+    if isinstance(raised, HTTPException):
+        return raised.status_code
+    return 400 if isinstance(raised, ValueError) else 500
+
+
 @pytest.mark.parametrize(
     "exc,status,kind",
     [
         (TimeoutError("media download timed out"), 504, FaultKind.TIMEOUT),
         (ConnectionResetError("reset by peer"), 503, FaultKind.UNAVAILABLE),
         (FileNotFoundError("/no/such.png"), 400, FaultKind.CLIENT),
+        (RuntimeError("bug"), 500, FaultKind.INTERNAL),
     ],
-    ids=["timeout", "connection", "missing-file"],
+    ids=["timeout", "connection", "missing-file", "internal"],
 )
 def test_refused_request_carries_its_kind_to_the_room(exc, status, kind):
     """issue: blockers item 8 (typed fault kinds): the encode server's tokenizer refuses a
     request; the abort it hands the scheduler (for ``fail_room``) carries the kind, and only a
     client fault is raised as upstream's 400 (a ValueError). Before the fix TimeoutError and
-    ConnectionError, being OSErrors, were answered 400 as client errors."""
+    ConnectionError, being OSErrors, were answered 400 as client errors. The encode server's
+    own answer carries the kind's status too, the one the language side answers (review of
+    issue 15, finding 9: a timeout or a broken connection was re-raised as it was, which
+    upstream answers 500, while the room's abort and the language side said 504 / 503).
+    """
     sent = []
     tokenizer_manager = SimpleNamespace(_dispatch_to_scheduler=sent.append)
     obj = SimpleNamespace(
@@ -434,6 +460,7 @@ def test_refused_request_carries_its_kind_to_the_room(exc, status, kind):
     assert abort.finished_reason["status_code"] == status
     assert room_failure(abort) == (7, abort.finished_reason["message"], kind)
     assert isinstance(raised, ValueError) == (kind is FaultKind.CLIENT)
+    assert upstream_answer(raised) == status
 
 
 def test_client_fault_arrives_typed_on_the_other_side(peers, make_lang):
@@ -456,9 +483,8 @@ def test_client_fault_arrives_typed_on_the_other_side(peers, make_lang):
         == f"encoder {peer.addr} aborted: client error: the image cannot be read"
     )
     assert rx.kind is FaultKind.CLIENT and status_of_transfer_failure(rx) == 400
-    late = lang.create_receiver(
-        peer.addr, room
-    )  # the same room, reserved after the failure
+    # the same room, reserved after the failure
+    late = lang.create_receiver(peer.addr, room)
     assert wait_final(lang, late) == KVPoll.Failed
     assert late.kind is FaultKind.CLIENT and "request already failed" in late.reason
 
@@ -497,9 +523,8 @@ def test_injected_failure_ends_the_room_on_both_sides(peers, make_lang):
     request while its receiver kept its blocks reserved (until waiting_timeout_s) and the
     encoder kept the room."""
     peer = peers()
-    peer.call(
-        "load_scheduler_poll", timeout=60
-    )  # before any room: no heartbeat to miss
+    # before any room: no heartbeat to miss
+    peer.call("load_scheduler_poll", timeout=60)
     lang = make_lang()
     injected = "failure injected by SGLANG_TEST_DISAGG_FAILURE_PROB"
     # Language side.
@@ -509,9 +534,8 @@ def test_injected_failure_ends_the_room_on_both_sides(peers, make_lang):
     peer.call("create", room)
     assert poll_as_scheduler(rx, 1.0) == KVPoll.Failed
     assert rx.poll() == KVPoll.Failed and rx.reason == injected
-    assert (
-        wait_final(lang, rx) == KVPoll.Failed
-    )  # blocks back after the encoder's AbortAck
+    # blocks back after the encoder's AbortAck
+    assert wait_final(lang, rx) == KVPoll.Failed
     assert peer.call("wait", room, 10) == (
         KVPoll.Failed,
         f"aborted by language side {lang.manager_id}: {injected}",

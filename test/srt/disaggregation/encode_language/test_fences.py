@@ -10,6 +10,7 @@ import signal
 import pytest
 import torch
 from conftest import (
+    RESERVE,
     B,
     EncodePeer,
     H,
@@ -22,8 +23,11 @@ from conftest import (
 from el_helpers import accounting_ok, assert_same, make_payload, wait_until
 
 from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.encode_language.connection import (
+    ConnectionConfig,
+    mooncake_timeout_s,
+)
 from sglang.srt.disaggregation.encode_language.receiver import Phase
-from sglang.srt.disaggregation.encode_language.sender import mooncake_timeout_s
 
 
 def process_state(pid: int) -> str:
@@ -49,7 +53,8 @@ def test_stalled_encoder_late_write_never_passes_wrong_bytes(
     victim = EncodePeer(mp_ctx, buffer_config(), conn_config(heartbeat_interval_s=30))
     # The second encoder must not give up on us while we hold our lock.
     healthy = peers(heartbeat_interval_s=30)
-    lang = make_lang(num_blocks=2, fence_timeout_s=1.0)  # the pool is one reservation
+    # the pool is one reservation
+    lang = make_lang(num_blocks=2, fence_timeout_s=1.0)
     payload_b = (2, 2 * B, 2 * B - 5)  # seed, tokens, multimodal tokens
     try:
         room_a, room_b = new_room(), new_room()
@@ -75,9 +80,8 @@ def test_stalled_encoder_late_write_never_passes_wrong_bytes(
         assert counts == dict(free=0, quarantined=0, used=2, total=2)
 
         pa, pb = make_payload(1, 2 * B, 2 * B - 3, H, 3), make_payload(*payload_b, H, 3)
-        rows = lang.buffers.embeddings[
-            a_blocks[0]
-        ]  # first block's embedding rows, live view
+        # first block's embedding rows, live view
+        rows = lang.buffers.embeddings[a_blocks[0]]
 
         def resume_victim():
             """SIGCONT; wait until A's late rows are visible in the blocks (the engine may
@@ -179,8 +183,9 @@ def test_hung_write_is_bounded_and_its_blocks_fenced(mp_ctx, make_lang, returns)
         victim.close()
 
 
+@pytest.mark.parametrize("mode", ["fail_in_flight", "raise_in_flight"])
 def test_failed_write_that_lands_later_never_passes_wrong_bytes(
-    mp_ctx, peers, make_lang
+    mp_ctx, peers, make_lang, mode
 ):
     """issue: blockers item 4: Mooncake returns -1 while part of the batch is still in flight
     (a fake engine call stands in for that, see ``el_peer.stall_next_write``: loopback TCP
@@ -191,26 +196,33 @@ def test_failed_write_that_lands_later_never_passes_wrong_bytes(
     the blocks until fence_timeout_s and then checksums every round on them, and the encoder
     keeps the staging blocks quarantined for its fence_timeout_s. Before the fix the room
     ended with Abort(writes_pending=False), the blocks were freed unfenced, and the next
-    request reported Success carrying the previous request's embeddings."""
+    request reported Success carrying the previous request's embeddings. ``raise_in_flight``
+    (review of issue 15, finding 2): the engine call raises instead of returning -1, after
+    part of the batch was written; handled the same way (before the fix the exception skipped
+    the failed-write path and the room ended with Abort(writes_pending=False) again)."""
     victim = EncodePeer(mp_ctx, buffer_config(), conn_config(fence_timeout_s=3.0))
-    healthy = peers(
-        heartbeat_interval_s=30
-    )  # must not give up on us while we hold our lock
-    lang = make_lang(num_blocks=2, fence_timeout_s=1.0)  # the pool is one reservation
+    # must not give up on us while we hold our lock
+    healthy = peers(heartbeat_interval_s=30)
+    # the pool is one reservation
+    lang = make_lang(num_blocks=2, fence_timeout_s=1.0)
     payload_a, payload_b = (1, 2 * B, 2 * B - 3), (2, 2 * B, 2 * B - 5)
     pa, pb = make_payload(*payload_a, H, 3), make_payload(*payload_b, H, 3)
+    what = (
+        "ret=-1"
+        if mode == "fail_in_flight"
+        else "raised RuntimeError: transfer engine error"
+    )
+    reason = f"Mooncake write to {lang.manager_id} failed ({what}; parts of it may still land)"
     try:
         room_a, room_b = new_room(), new_room()
         rx_a = lang.create_receiver(victim.addr, room_a)
         assert wait_until(lambda: rx_a.phase == Phase.RESERVED, 10)
         a_blocks = rx_a.handle.blocks
-        victim.call("stall_next_write", "fail_in_flight")
+        victim.call("stall_next_write", mode)
         victim.call("send", room_a, *payload_a)
-        reason = f"Mooncake write to {lang.manager_id} failed (ret=-1; parts of it may still land)"
-        assert victim.call("wait", room_a, 20) == (KVPoll.Failed, reason)
-        assert wait_final(lang, rx_a) == KVPoll.Failed
-        assert rx_a.reason == f"encoder {victim.addr} aborted: {reason}"
         # Observed now, asserted after the next request's outcome (the point of the test).
+        outcome_a = victim.call("wait", room_a, 20)
+        assert wait_final(lang, rx_a) == KVPoll.Failed
         after_failure = (accounting_ok(lang.allocator), victim.state()["quarantined"])
 
         rx_b = lang.create_receiver(healthy.addr, room_b)
@@ -224,9 +236,13 @@ def test_failed_write_that_lands_later_never_passes_wrong_bytes(
             assert victim.call("land_straggler") == 0  # and A's rows over it
             assert wait_until(lambda: torch.equal(rows, pa.embeddings[:B]), 10)
         status = wait_final(lang, rx_b)
-        if status == KVPoll.Success:
-            assert_same(rx_b.take(), pb)  # never wrong bytes
-        assert status == KVPoll.Failed and "late write" in rx_b.reason, rx_b.reason
+        # never wrong bytes: the late rows are in B's blocks, so B is refused
+        assert status == KVPoll.Failed and "late write" in rx_b.reason, (
+            status,
+            rx_b.reason,
+        )
+        assert outcome_a == (KVPoll.Failed, reason)
+        assert rx_a.reason == f"encoder {victim.addr} aborted: {reason}"
         # Fenced on the language side, the staging quarantined on the encoder, after A failed.
         assert after_failure == (dict(free=0, quarantined=2, used=0, total=2), 2)
         assert lang.exposed_blocks == set(a_blocks) and rx_b.checksum
@@ -236,6 +252,68 @@ def test_failed_write_that_lands_later_never_passes_wrong_bytes(
         healthy.assert_idle()
     finally:
         victim.close()
+
+
+def test_language_side_hears_the_encoders_verdict_on_a_hung_write(mp_ctx, make_lang):
+    """issue: blockers item 4 (one coherent deadline rule; review of issue 15, finding 5): a
+    later round's write hangs; the encoder's verdict (its write deadline: Mooncake's 5 s,
+    MC_TRANSFER_TIMEOUT in el_helpers, + data_write_timeout_s 0.5 s) reaches the language
+    side before the language side's own timeout for the round, which follows from the same
+    rule (``round_timeout_s``). Before the fix the language side's fixed transfer_timeout_s
+    (1 s here, 60 s against the encoder's 60 s + bytes by default) fired first: it failed the
+    room itself with "transfer timeout: round 1 did not arrive within 1.0s"."""
+    cc = dict(transfer_timeout_s=1.0, data_write_timeout_s=0.5, heartbeat_interval_s=30)
+    victim = EncodePeer(mp_ctx, buffer_config(), conn_config(**cc))
+    lang = make_lang(**cc)
+    try:
+        room = new_room()
+        rx = lang.create_receiver(victim.addr, room)
+        assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
+        # Round 0 lands; round 1 waits for blocks a blocker holds, then its write hangs.
+        blocker = lang.allocator.alloc(lang.allocator.num_free(), owner="blocker")
+        lang.config.resume_tokens = 2 * RESERVE  # more blocks than the request holds
+        victim.call("send", room, 9, 4 * RESERVE, 10)
+        assert wait_until(lambda: rx.phase == Phase.RESUME_ALLOC, 10)
+        victim.call("stall_next_write", "hang")
+        blocker.free()
+        assert wait_final(lang, rx) == KVPoll.Failed
+        assert rx.reason == (
+            f"encoder {victim.addr} aborted: data write to {lang.manager_id} timed out "
+            "after 5.5s (it may still land)"
+        )
+        victim.call(
+            "release_write"
+        )  # the write returns complete: AbortAck, blocks back
+        assert wait_until(lambda: not lang.fences, 10)
+        victim.assert_idle()
+    finally:
+        victim.call("release_write")
+        victim.close()
+
+
+@pytest.mark.parametrize(
+    "pipeline_blocks,write_deadline",
+    [
+        (0, 5.504),  # one batch: Mooncake's 5 s + 1 ns per byte, + data_write_timeout_s
+        (1, 20.504),  # four batches of one block: 4 x 5 s + the bytes + 0.5 s
+        (3, 10.504),  # batches of 3 and 1 blocks
+    ],
+)
+def test_round_deadlines_follow_one_rule(monkeypatch, pipeline_blocks, write_deadline):
+    """issue: blockers item 4 (one coherent deadline rule; review of issue 15, finding 5):
+    the encoder's write deadline for a round of 4 blocks of 1 MB is Mooncake's own timeout for
+    each batch it writes plus data_write_timeout_s; the language side waits for that round
+    the encoder's whole bound for it (transfer_timeout_s for staging blocks, then that
+    deadline) plus transfer_grace_s, so the encoder's verdict always comes first."""
+    monkeypatch.setenv("MC_TRANSFER_TIMEOUT", "5")
+    cfg = ConnectionConfig(
+        pipeline_blocks=pipeline_blocks,
+        transfer_timeout_s=2.0,
+        data_write_timeout_s=0.5,
+        transfer_grace_s=1.0,
+    )
+    assert cfg.write_deadline_s(4, 1_000_000) == pytest.approx(write_deadline)
+    assert cfg.round_timeout_s(4, 1_000_000) == pytest.approx(write_deadline + 3.0)
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,10 @@ the scheduler's abort path).
   process, Mooncake TCP) transfer the request; the abort reaches the adapter after the control
   thread set Success, or in the iteration the request becomes ready. Either way the request
   fails with the abort (400), never runs, and every block is free on both sides.
-* ``--tp 2``: two gloo ranks; an exception on one rank while attaching the received rows fails
-  the request on both, so the batches of the two ranks stay the same.
+* ``--tp 2``: two gloo ranks; an exception on one rank while allocating the buffers of the
+  received rows or attaching them fails the request on both, so the batches of the two ranks
+  stay the same and neither waits in a collective the other left.
+* Bootstrap address lookups: typed faults, cached, and looked up off the scheduler's thread.
 
 What the scheduler would run on an admitted request is replaced by test doubles (the
 scheduler object, ``_attach``, the context-length check): they need a loaded model.
@@ -16,7 +18,10 @@ scheduler object, ``_attach``, the context-length check): they need a loaded mod
 
 from __future__ import annotations
 
+import datetime
 import os
+import threading
+import time
 import types
 
 import pytest
@@ -24,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import new_room, wait_final
+from el_helpers import wait_until
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.managers.io_struct import AbortReq, TokenizedGenerateReqInput
@@ -35,12 +41,14 @@ IMAGE_TOKEN = 7
 def _adapter(manager, group, rank: int = 0, num_ranks: int = 1):
     """A ``LanguageMMReceiver`` over ``manager`` with a stand-in scheduler; admitted requests
     are recorded instead of attached to a model's inputs."""
+    from sglang.srt.disaggregation.encode_language.connection import PeerLookups
     from sglang.srt.disaggregation.encode_language.language_mm_receiver import (
         LanguageMMReceiver,
     )
     from sglang.srt.disaggregation.encode_language.metrics import EncodeLanguageMetrics
 
     rx = object.__new__(LanguageMMReceiver)
+    rx.peer_lookups = PeerLookups()  # this test's own table
     rx.scheduler = types.SimpleNamespace(
         attn_tp_cpu_group=group,
         attn_tp_group=types.SimpleNamespace(
@@ -208,40 +216,61 @@ def _received():
 
 def _tp_worker(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # A rank that left a collective the other waits in fails the test in seconds.
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20)
+    )
     from sglang.srt.disaggregation.encode_language.language_mm_receiver import (
         WaitingRequest,
         _FollowerPoll,
     )
 
     rx = _adapter(None, dist.group.WORLD, rank=rank, num_ranks=2)
-    if rank == 1:  # a rank-local failure while attaching the rows of request "a"
+    empty = torch.empty
+    if rank == 1:
+        # "a": allocating the buffer of its rows fails on rank 1 only (on a GPU: a CUDA OOM
+        # in torch.empty); "b": attaching its rows raises on rank 1 only.
+        rows_shape = tuple(_received().rows.shape)
+        failures = ["rank-local allocation failure"]
+
+        def failing_empty(*args, **kwargs):
+            shape = args[0] if len(args) == 1 and not isinstance(args[0], int) else args
+            if failures and tuple(shape) == rows_shape:
+                raise RuntimeError(failures.pop())
+            return empty(*args, **kwargs)
+
+        torch.empty = failing_empty
 
         def attach(recv_req, data):
-            if recv_req.rid == "a":
+            if recv_req.rid == "b":
                 raise RuntimeError("rank-local failure")
             rx.attached.append(recv_req.rid)
 
         rx._attach = attach
-    for rid in ("a", "b", "c"):
+    for rid in ("a", "b", "c", "d"):
         receiver = _Arrived(_received()) if rank == 0 else _FollowerPoll()
         if rid == "c" and rank == 0:
             receiver = _NoTransfer()
         rx.waiting_list.append(
             WaitingRequest(_request(rid, "127.0.0.1:1", 1), receiver, 0.0)
         )
-    ready, aborts = rx.process_waiting_requests([])
-    results[rank] = ([r.rid for r in ready], aborts)
+    try:
+        ready, aborts = rx.process_waiting_requests([])
+    finally:
+        torch.empty = empty
+    results[rank] = ([r.rid for r in ready], aborts, rx.attached)
     dist.destroy_process_group()
 
 
 @pytest.mark.timeout(300)
 def test_tp_ranks_agree_on_a_rank_local_failure() -> None:
-    """issue: blockers item 8 (TP ranks agree on failure). Rows of two requests arrive on both
-    ranks; attaching request "a" raises on rank 1 only. Both ranks fail "a" and admit "b"
-    (a MAX all-reduce of the failures, as upstream's ``_finalize_shm_features``). Request "c",
-    which the encoder finished without media (item 6: only the owner's receiver knows), runs
-    as it is on both ranks."""
+    """issue: blockers item 8 (TP ranks agree on failure), and review finding 3 of item 8.
+    Rows of three requests arrive on both ranks. Allocating the buffer for the rows of "a"
+    fails on rank 1 only: both ranks still join every collective of "a" (they agree on the
+    allocation before the rows travel) and fail it. Attaching "b" raises on rank 1 only:
+    both fail it (a MAX all-reduce of the failures, as upstream's ``_finalize_shm_features``).
+    "d" is admitted on both. Request "c", which the encoder finished without media (item 6:
+    only the owner's receiver knows), runs as it is on both ranks."""
     from epd_testbed.servers import free_port
 
     ctx = mp.get_context("spawn")
@@ -251,50 +280,160 @@ def test_tp_ranks_agree_on_a_rank_local_failure() -> None:
             _tp_worker, args=(free_port(), results), nprocs=2, start_method="spawn"
         )
         owner, follower = results[0], results[1]
-    assert owner[0] == follower[0] == ["c", "b"]
+    assert owner[0] == follower[0] == ["c", "d"]
+    assert "a" not in owner[2] + follower[2]  # its rows reached neither rank's requests
     assert follower[1] == [
-        ("a", "received multimodal data is invalid: rank-local failure", 500)
+        (
+            "a",
+            "received multimodal data is invalid: rank-local allocation failure",
+            500,
+        ),
+        ("b", "received multimodal data is invalid: rank-local failure", 500),
     ]
     assert owner[1] == [
-        ("a", "received multimodal data is invalid on another TP rank", 500)
+        ("a", "received multimodal data is invalid on another TP rank", 500),
+        ("b", "received multimodal data is invalid on another TP rank", 500),
     ]
 
 
-# Bootstrap address lookups on the scheduler thread -------------------------------------------
-def test_bootstrap_address_lookups_are_cached(monkeypatch) -> None:
-    """issue: blockers item 3(a). The language scheduler resolves each image request's
-    ``bootstrap_host``: a name is looked up once per ``PEER_LOOKUP_TTL_S`` (a failed one once
-    per ``PEER_LOOKUP_FAILED_TTL_S``), not once per request, and an address that cannot be
-    used raises ``PeerAddressError`` (a 400 for the request). The resolver is a test double:
-    this machine has no DNS whose answers the test controls."""
+# Bootstrap address lookups -------------------------------------------------------------------
+def test_bootstrap_address_lookups_are_cached_and_typed(monkeypatch) -> None:
+    """issue: blockers item 3(a). Looking up a request's ``bootstrap_host``: a name that
+    resolves is kept ``ttl_s``, one that names no host (EAI_NONAME) or does not parse is the
+    request's fault (``FaultKind.CLIENT``, 400) and kept ``failed_ttl_s``; a lookup that failed
+    for now (EAI_AGAIN: the resolver did not answer) is ``FaultKind.UNAVAILABLE`` (503, the
+    router counts it against the server) and not kept. getaddrinfo is a test double (this
+    machine has no DNS the test controls) under upstream's ``NetworkAddress``; the clock is
+    the lookups' own."""
     import socket
 
     from sglang.srt.disaggregation.encode_language import connection
+    from sglang.srt.disaggregation.encode_language.manifest import FaultKind
 
-    lookups = []
+    calls = []
 
     def getaddrinfo(host, *args):
-        lookups.append(host)
+        calls.append(host)
         if host == "encoder.test":
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.1.2.3", 0))]
+        if host == "flaky.test":
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure")
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    now = [100.0]
+    lookups = connection.PeerLookups(clock=lambda: now[0])
+
+    def fault(addr: str) -> FaultKind:
+        with pytest.raises(connection.PeerAddressError, match="cannot be") as e:
+            lookups.lookup(addr)
+        return e.value.kind
+
     for _ in range(3):
-        assert connection.peer_endpoint("encoder.test:8998") == "10.1.2.3:8998"
-        with pytest.raises(connection.PeerAddressError, match="cannot be used"):
-            connection.peer_endpoint("no-such-host.invalid:8998")
-    with pytest.raises(connection.PeerAddressError, match="'1.2.3.4:5:8998'"):
-        connection.peer_endpoint("1.2.3.4:5:8998")
-    assert lookups.count("encoder.test") == 1
-    assert lookups.count("no-such-host.invalid") == 1
-    # past the TTLs: looked up again
-    now = connection.time.monotonic()
-    monkeypatch.setattr(
-        connection.time, "monotonic", lambda: now + connection.PEER_LOOKUP_TTL_S + 1
+        assert lookups.lookup("encoder.test:8998") == "10.1.2.3:8998"
+        assert fault("no-such-host.invalid:8998") == FaultKind.CLIENT
+        assert fault("flaky.test:8998") == FaultKind.UNAVAILABLE
+        assert fault("encoder.test:port") == FaultKind.CLIENT  # does not parse
+    assert calls.count("encoder.test") == 1
+    assert calls.count("no-such-host.invalid") == 1
+    assert calls.count("flaky.test") == 3
+    now[0] += lookups.ttl_s + 1  # past both periods: looked up again
+    assert lookups.lookup("encoder.test:8998") == "10.1.2.3:8998"
+    assert fault("no-such-host.invalid:8998") == FaultKind.CLIENT
+    assert calls.count("encoder.test") == 2
+    assert calls.count("no-such-host.invalid") == 2
+
+
+def test_bootstrap_address_is_looked_up_off_the_scheduler_thread(
+    peers, make_lang, single_rank_group
+) -> None:
+    """issue: blockers item 3(a). A request whose ``bootstrap_host`` is not in the lookup
+    table waits in the adapter's waiting list while a worker thread looks it up: the
+    scheduler's iterations go on meanwhile (the resolver double blocks until released), then
+    the request is received and admitted. A lookup that fails for now answers 503, a name
+    that does not exist 400; both fail the request and nothing else. The resolver is a test
+    double (no DNS here the test controls): it names the real encode peer's address."""
+    from sglang.srt.disaggregation.encode_language import connection
+    from sglang.srt.disaggregation.encode_language.manifest import FaultKind
+
+    peer = peers()
+    lang = make_lang()
+    rx = _adapter(lang, single_rank_group)
+    port = peer.addr.rsplit(":", 1)[1]
+    release, threads = threading.Event(), []
+
+    def resolve(addr: str) -> str:
+        threads.append(threading.current_thread())
+        host = addr.rsplit(":", 1)[0]
+        if host == "encoder.test":
+            assert release.wait(30)  # a slow resolver
+            return peer.addr
+        kind = FaultKind.UNAVAILABLE if host == "flaky.test" else FaultKind.CLIENT
+        raise connection.PeerAddressError(
+            f"bootstrap address {addr!r} cannot be used", kind
+        )
+
+    rx.peer_lookups = connection.PeerLookups(resolve=resolve)
+    room = new_room()
+    req = _request("slow-dns", f"encoder.test:{port}", room)
+    for _ in range(3):  # the scheduler's iterations while the lookup is pending
+        assert rx.process_waiting_requests([req] if _ == 0 else []) == ([], [])
+    assert [w.rid for w in rx.waiting_list] == ["slow-dns"]
+    release.set()
+    assert wait_until(  # the lookup answers: the receiver starts in a next iteration
+        lambda: rx.process_waiting_requests([]) == ([], [])
+        and lang.num_active_rooms() == 1,
+        20,
     )
-    assert connection.peer_endpoint("encoder.test:8998") == "10.1.2.3:8998"
-    with pytest.raises(connection.PeerAddressError):
-        connection.peer_endpoint("no-such-host.invalid:8998")
-    assert lookups.count("encoder.test") == 2
-    assert lookups.count("no-such-host.invalid") == 2
+    peer.call("send", room, 1, 40, 20)
+    assert peer.call("wait", room, 20) == (KVPoll.Success, "")
+    assert _iterate_until(rx, []) == ([req], []) and rx.attached == ["slow-dns"]
+    refused = [
+        _request("flaky", f"flaky.test:{port}", new_room()),
+        _request("no-such-host", f"no-such-host.invalid:{port}", new_room()),
+    ]
+    ready, aborts = _iterate_until(rx, refused, count=2)
+    assert ready == []
+    assert sorted((rid, status) for rid, _, status in aborts) == [
+        ("flaky", 503),
+        ("no-such-host", 400),
+    ]
+    assert all("cannot be used" in error for _, error, _ in aborts)
+    assert rx.waiting_list == []
+    assert threading.main_thread() not in threads and len(threads) == 3
+    peer.assert_idle()
+
+
+def _iterate_until(rx, recv_reqs, count: int = 1, timeout: float = 20.0):
+    """The scheduler's iterations, the first with ``recv_reqs``, until ``count`` requests
+    left the waiting list (bounded): (ready, aborts) of all of them."""
+    ready, aborts = [], []
+    deadline = time.monotonic() + timeout
+    while len(ready) + len(aborts) < count:
+        assert time.monotonic() < deadline, "the request never left the waiting list"
+        r, a = rx.process_waiting_requests(recv_reqs)
+        recv_reqs = []
+        ready += r
+        aborts += a
+        time.sleep(0.01)
+    return ready, aborts
+
+
+def test_a_room_in_use_on_tp_2_is_a_client_fault() -> None:
+    """issue: blockers item 8 (typed faults). With ``--tp > 1`` a request whose bootstrap
+    room is in use fails through the poll agreement, by the owner's refused stand-in: it is
+    answered 400, as on TP 1, on either side (the encode side's stand-in had no kind: 500).
+    """
+    from sglang.srt.disaggregation.encode_language.encode_request_faults import (
+        status_of_transfer_failure,
+    )
+    from sglang.srt.disaggregation.encode_language.encode_scheduler import (
+        _RefusedSender,
+    )
+    from sglang.srt.disaggregation.encode_language.language_mm_receiver import (
+        _RefusedPoll,
+    )
+
+    reason = "bootstrap room 1 is already in use"
+    assert status_of_transfer_failure(_RefusedSender(reason)) == 400
+    assert status_of_transfer_failure(_RefusedPoll(reason)) == 400

@@ -171,11 +171,11 @@ def test_encode_tp2_matches_hf(encode_tp2, vl_model, name) -> None:
 
 
 class _ImageURL(http.server.ThreadingHTTPServer):
-    """A local image URL that answers 404 (an image that cannot be read); with ``stall``
-    only once the test sets ``release`` (bounded): the encode server's tokenizer manager is
-    still loading the request's media meanwhile."""
+    """A local image URL that answers ``image`` (bytes), else 404 (an image that cannot be
+    read); with ``stall`` only once the test sets ``release`` (bounded): the encode server's
+    tokenizer manager is still loading the request's media meanwhile."""
 
-    def __init__(self, stall: bool = False) -> None:
+    def __init__(self, stall: bool = False, image: bytes | None = None) -> None:
         self.requested, self.release = threading.Event(), threading.Event()
         if not stall:
             self.release.set()
@@ -185,7 +185,14 @@ class _ImageURL(http.server.ThreadingHTTPServer):
             def do_GET(self) -> None:
                 outer.requested.set()
                 outer.release.wait(60)
-                self.send_error(404)
+                if image is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(image)))
+                self.end_headers()
+                self.wfile.write(image)
 
             def log_message(self, *args) -> None:
                 pass
@@ -204,8 +211,8 @@ class _ImageURL(http.server.ThreadingHTTPServer):
 def image_url():
     made = []
 
-    def make(stall: bool = False) -> _ImageURL:
-        made.append(_ImageURL(stall))
+    def make(stall: bool = False, image: bytes | None = None) -> _ImageURL:
+        made.append(_ImageURL(stall, image))
         return made[-1]
 
     yield make
@@ -260,28 +267,33 @@ def test_encode_tp2_survives_a_refused_request(
 def test_encode_tp2_survives_a_client_gone_during_preprocessing(
     encode_tp2, vl_model, image_url
 ) -> None:
-    """issue: blockers item 2. The client closes its connection to the router while the
-    encode server still loads the request's image; the load then fails and the encoder's
-    refusal (an abort broadcast to both ranks) reaches nobody: both servers keep serving.
-    """
+    """issue: blockers item 2. A streamed request whose client closes its connection to the
+    router while the encode server still loads the request's image: the router closes its
+    upstream connections, the encode server's HTTP server cancels the request
+    (``asyncio.CancelledError`` in its tokenizer manager) and refuses its room with an abort
+    broadcast to both ranks, while the image is still not answered (a load that went on
+    would have got a valid image and no refusal). Both servers keep serving."""
     router, encoder, language = encode_tp2
-    image = image_url(stall=True)
+    _, image_paths = render_prompt(vl_model, CASES["one_image"].messages())
+    with open(image_paths[0], "rb") as f:
+        image = image_url(stall=True, image=f.read())
     failed = encode_language_metrics(encoder).get("requests.failed", 0)
     conn = http.client.HTTPConnection("127.0.0.1", router.port, timeout=60)
     conn.request(
         "POST",
         "/generate",
-        body=json.dumps(_body(vl_model, image=image.url)),
+        body=json.dumps(_body(vl_model, image=image.url) | {"stream": True}),
         headers={"Content-Type": "application/json"},
     )
     assert image.requested.wait(60), "the encode server never fetched the image"
     conn.close()
-    image.release.set()
-    # the refusal was counted (rank 0 processed the abort), then the deployment serves
-    deadline = time.monotonic() + 60
+    # the refusal was counted (rank 0 processed the abort) before the image was answered
+    deadline = time.monotonic() + 30
     while encode_language_metrics(encoder).get("requests.failed", 0) == failed:
         assert (
             time.monotonic() < deadline
-        ), "the encode server never refused the request"
+        ), "the encode server did not refuse the request when its client left"
         time.sleep(0.2)
+    assert not image.release.is_set()
+    image.release.set()
     _serves_after(router, encoder, language, vl_model)

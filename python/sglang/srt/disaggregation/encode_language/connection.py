@@ -34,15 +34,18 @@ describes the state machine.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
+import ipaddress
 import itertools
 import json
 import logging
 import math
 import os
+import socket
 import threading
 import time
-from typing import Dict, List, Optional, Protocol, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Tuple
 
 import msgspec
 import zmq
@@ -71,6 +74,24 @@ from sglang.srt.distributed.device_communicators.mooncake_transfer_engine import
 from sglang.srt.utils.network import NetworkAddress, get_local_ip_auto, zmq_connect
 
 logger = logging.getLogger(__name__)
+
+
+def mooncake_timeout_s(nbytes: int) -> float:
+    """How long Mooncake's ``batch_transfer_sync`` lets one batch of ``nbytes`` run before it
+    returns -1: ``MC_TRANSFER_TIMEOUT`` whole seconds (at least 5; 30 when unset) plus one
+    nanosecond per byte, read as Mooncake reads it (``TransferEnginePy``)."""
+    env = os.environ.get("MC_TRANSFER_TIMEOUT")
+    seconds = 30 if env is None else max(5, _atoi(env))
+    return seconds + nbytes * 1e-9
+
+
+def _atoi(text: str) -> int:
+    """C's ``atoi``: the leading integer of ``text``, 0 when there is none."""
+    digits = text.strip()
+    sign = -1 if digits[:1] == "-" else 1
+    digits = digits[1:] if digits[:1] in "+-" else digits
+    n = len(digits) - len(digits.lstrip("0123456789"))
+    return sign * int(digits[:n]) if n else 0
 
 
 @dataclasses.dataclass
@@ -102,7 +123,9 @@ class ConnectionConfig:
     # Timeouts (seconds).
     bootstrap_timeout_s: float = 30.0  # peer registered + every destination reserved
     waiting_timeout_s: float = 300.0  # language: reserved -> first round arrives
-    # language: a further round requested -> it arrives
+    # Encoder: a round waits this long for staging blocks. Language: a further round requested
+    # -> it arrives, within round_timeout_s (this, plus the encoder's write deadline, plus
+    # transfer_grace_s), so the encoder's own verdict on a slow write always comes first.
     transfer_timeout_s: float = 60.0
     # encoder: partial round -> all destinations ask for more;
     # language: waiting for resume blocks
@@ -120,6 +143,9 @@ class ConnectionConfig:
     # Encoder: one transfer-engine write (one round to one destination) may take this long;
     # past it the room fails and the destination is told a write may still land.
     data_write_timeout_s: float = 30.0
+    # Language: how much longer than the encoder's own bound for a round it waits for the round
+    # (round_timeout_s): the encoder's Abort or RoundDone is on its way meanwhile.
+    transfer_grace_s: float = 5.0
     # Language: blocks a peer may still write (declared dead, or its write timed out) stay
     # quarantined until its abort_ack or this long, whichever comes first (logged when it fires).
     fence_timeout_s: float = 120.0
@@ -131,6 +157,33 @@ class ConnectionConfig:
     # Encoder: payload bytes held by reference until their last round; send() past the bound
     # raises PayloadBudgetError and changes nothing (0 = unbounded).
     max_inflight_payload_bytes: int = 8 << 30
+
+    def write_deadline_s(self, num_blocks: int, block_bytes: int) -> float:
+        """Encoder: how long the writes of one round of ``num_blocks`` blocks (``block_bytes``
+        each, every slot counted) to one destination may take: Mooncake's own timeout for every
+        batch (one per chunk of ``pipeline_blocks``) plus ``data_write_timeout_s``. Mooncake
+        therefore always returns its -1 first for a write it is timing; this deadline fires
+        only for a write stuck where Mooncake has no timer (e.g. its connection handshake).
+        """
+        step = self.pipeline_blocks or num_blocks
+        chunks = [min(step, num_blocks - k) for k in range(0, num_blocks, step)]
+        return (
+            sum(mooncake_timeout_s(n * block_bytes) for n in chunks)
+            + self.data_write_timeout_s
+        )
+
+    def round_timeout_s(self, num_blocks: int, block_bytes: int) -> float:
+        """Language: how long a further round into ``num_blocks`` reserved blocks may take to
+        arrive. The encoder's own bound for it (``transfer_timeout_s`` for staging blocks, then
+        ``write_deadline_s``) plus ``transfer_grace_s``: the encoder's verdict (its RoundDone,
+        or the Abort of a write that failed or timed out) always arrives first, so the language
+        side never races it. The rule assumes both sides share these settings and
+        ``MC_TRANSFER_TIMEOUT`` (docs/transport.md, "Bounded writes")."""
+        return (
+            self.transfer_timeout_s
+            + self.write_deadline_s(num_blocks, block_bytes)
+            + self.transfer_grace_s
+        )
 
     @classmethod
     def from_server_args(cls, server_args, *, gpu_id: int = 0) -> "ConnectionConfig":
@@ -206,49 +259,176 @@ _WILDCARDS = ("0.0.0.0", "::", "*")
 
 
 class PeerAddressError(ValueError):
-    """A peer address (a request's ``bootstrap_host:bootstrap_port``) that cannot be parsed or
-    resolved: the request's fault, never the server's."""
+    """A peer address (a request's ``bootstrap_host:bootstrap_port``) that cannot be used.
+    ``kind``: ``FaultKind.CLIENT`` when it cannot be parsed or names no host (the request's
+    fault: 400); ``FaultKind.UNAVAILABLE`` when the lookup failed for now (the resolver did not
+    answer: the same request may work later, 503, which the router counts against the server).
+    """
+
+    def __init__(self, message: str, kind: FaultKind = FaultKind.CLIENT) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
-# peer_endpoint's name lookups, kept this long (a failed one for less: a DNS blip heals), in
-# a bounded table: the lookup runs on the language scheduler's thread, once per image request
-# without the table (a slow or failing resolver would stall every request behind it).
-PEER_LOOKUP_TTL_S = 60.0
-PEER_LOOKUP_FAILED_TTL_S = 5.0
-PEER_LOOKUP_MAX_ENTRIES = 1024
-_peer_lookups: "collections.OrderedDict[str, Tuple[float, str, bool]]" = (
-    collections.OrderedDict()
-)
-_peer_lookups_lock = threading.Lock()
+# getaddrinfo answers that the name does not exist or cannot be used as given: the request's
+# fault. Any other failure (EAI_AGAIN: the resolver did not answer in time, EAI_FAIL, a
+# system error) says nothing about the name and may heal.
+_NAME_ERRORS = {
+    getattr(socket, name)
+    for name in (
+        "EAI_NONAME",
+        "EAI_NODATA",
+        "EAI_ADDRFAMILY",
+        "EAI_SERVICE",
+        "EAI_FAMILY",
+    )
+    if hasattr(socket, name)
+}
+
+
+def resolve_endpoint(addr: str) -> str:
+    """``host:port`` with the host resolved to an IP (upstream's ``NetworkAddress``), or
+    ``PeerAddressError`` with the fault's kind."""
+    try:
+        return NetworkAddress.parse(addr).resolved().to_host_port_str()
+    except ValueError as e:  # parse error, or resolve_host's wrapped gaierror
+        cause = e.__cause__
+        kind = (
+            FaultKind.UNAVAILABLE
+            if isinstance(cause, socket.gaierror) and cause.errno not in _NAME_ERRORS
+            else FaultKind.CLIENT
+        )
+        raise PeerAddressError(
+            f"bootstrap address {addr!r} cannot be used: {e}", kind
+        ) from e
+    except OSError as e:  # a resolver that failed otherwise (a timeout, a system error)
+        raise PeerAddressError(
+            f"bootstrap address {addr!r} cannot be resolved now: {e}",
+            FaultKind.UNAVAILABLE,
+        ) from e
+
+
+def _names_a_host(addr: str) -> bool:
+    """Whether looking ``addr`` up asks a resolver: a host name, not an IP or an address that
+    does not parse."""
+    try:
+        host = NetworkAddress.parse(addr).host
+    except ValueError:
+        return False  # refused by the parser
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return False
+
+
+class PeerLookups:
+    """Name lookups of peer addresses, as their manager ids spell them (the router hands out the
+    encode server's hostname with ``bootstrap_host``), kept ``ttl_s`` (a client fault for
+    ``failed_ttl_s``: a name that appears heals soon; a failure that may heal is not kept) in
+    a bounded table. ``lookup_async`` answers a miss on a worker thread, so the language
+    scheduler's thread never waits for a resolver (a slow or failing one would stall every
+    request behind it). ``resolve`` and ``clock`` are parameters for tests."""
+
+    def __init__(
+        self,
+        resolve: Callable[[str], str] = resolve_endpoint,
+        clock: Callable[[], float] = time.monotonic,
+        ttl_s: float = 60.0,
+        failed_ttl_s: float = 5.0,
+        max_entries: int = 1024,
+        workers: int = 2,
+    ) -> None:
+        self._resolve, self._clock = resolve, clock
+        self.ttl_s = ttl_s
+        self.failed_ttl_s = failed_ttl_s
+        self.max_entries = max_entries
+        self._workers = workers
+        # addr -> (expires, endpoint or error message, None or the error's kind)
+        self._table: "collections.OrderedDict" = collections.OrderedDict()
+        self._pending: Dict[str, concurrent.futures.Future] = {}
+        self._lock = threading.Lock()
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+    def cached(self, addr: str) -> Optional[str]:
+        """The endpoint of ``addr`` when the table answers it (a kept failure raises its
+        ``PeerAddressError``), else None."""
+        with self._lock:
+            hit = self._table.get(addr)
+            if hit is None or hit[0] <= self._clock():
+                return None
+            self._table.move_to_end(addr)
+        _, value, kind = hit
+        if kind is not None:
+            raise PeerAddressError(value, kind)
+        return value
+
+    def lookup(self, addr: str) -> str:
+        """The endpoint of ``addr``, looked up on this thread on a miss."""
+        value = self.cached(addr)
+        if value is not None:
+            return value
+        now = self._clock()
+        try:
+            value, kind, ttl = self._resolve(addr), None, self.ttl_s
+        except PeerAddressError as e:
+            value, kind, ttl = str(e), e.kind, self.failed_ttl_s
+            if kind != FaultKind.CLIENT:
+                raise  # may heal: the next request looks again
+        with self._lock:
+            self._table[addr] = (now + ttl, value, kind)
+            self._table.move_to_end(addr)
+            while len(self._table) > self.max_entries:
+                self._table.popitem(last=False)
+        if kind is not None:
+            raise PeerAddressError(value, kind)
+        return value
+
+    def lookup_async(self, addr: str) -> concurrent.futures.Future:
+        """``lookup(addr)`` as a future: done at once when the table answers or no resolver
+        is asked (an IP, an address that does not parse), else looked up on a worker thread
+        (one lookup per address at a time)."""
+        try:
+            value = self.cached(addr)
+            if value is None and not _names_a_host(addr):
+                value = self.lookup(addr)
+        except PeerAddressError as e:
+            value = e
+        if value is not None:
+            done = concurrent.futures.Future()
+            if isinstance(value, PeerAddressError):
+                done.set_exception(value)
+            else:
+                done.set_result(value)
+            return done
+        with self._lock:
+            future = self._pending.get(addr)
+            started = future is None
+            if started:
+                if self._executor is None:
+                    self._executor = concurrent.futures.ThreadPoolExecutor(
+                        self._workers, thread_name_prefix="el-peer-lookup"
+                    )
+                future = self._executor.submit(self.lookup, addr)
+                self._pending[addr] = future
+        if started:  # outside the lock: a done future runs the callback here
+            future.add_done_callback(lambda f: self._forget_pending(addr, f))
+        return future
+
+    def _forget_pending(self, addr: str, future: concurrent.futures.Future) -> None:
+        with self._lock:
+            if self._pending.get(addr) is future:
+                del self._pending[addr]
+
+
+# This process's lookups (the language scheduler's).
+PEER_LOOKUPS = PeerLookups()
 
 
 def peer_endpoint(addr: str) -> str:
     """A peer's control endpoint ``host:port`` spelled as its manager id is: the host resolved to
-    an IP (the router hands out the encode server's hostname with ``bootstrap_host``). Raises
-    ``PeerAddressError`` for an address that cannot be parsed or resolved. Lookups are cached
-    (``PEER_LOOKUP_*``)."""
-    now = time.monotonic()
-    with _peer_lookups_lock:
-        hit = _peer_lookups.get(addr)
-        if hit is not None and hit[0] > now:
-            _peer_lookups.move_to_end(addr)
-            _, value, ok = hit
-            if ok:
-                return value
-            raise PeerAddressError(value)
-    try:
-        value, ok = NetworkAddress.parse(addr).resolved().to_host_port_str(), True
-    except ValueError as e:
-        value, ok = f"bootstrap address {addr!r} cannot be used: {e}", False
-    ttl = PEER_LOOKUP_TTL_S if ok else PEER_LOOKUP_FAILED_TTL_S
-    with _peer_lookups_lock:
-        _peer_lookups[addr] = (now + ttl, value, ok)
-        _peer_lookups.move_to_end(addr)
-        while len(_peer_lookups) > PEER_LOOKUP_MAX_ENTRIES:
-            _peer_lookups.popitem(last=False)
-    if not ok:
-        raise PeerAddressError(value)
-    return value
+    an IP (``PEER_LOOKUPS``). Raises ``PeerAddressError``."""
+    return PEER_LOOKUPS.lookup(addr)
 
 
 class TransferError(RuntimeError):
@@ -733,6 +913,7 @@ __all__ = [
     "make_transfer_engine",
     "peer_endpoint",
     "PeerAddressError",
+    "PeerLookups",
     "TransferError",
     "TransferRequest",
 ]

@@ -6,9 +6,10 @@ request never reaches the scheduler and no ``EncodeSender`` exists for its boots
 the language server, which got the same body from the router, has reserved (or will reserve)
 blocks for that room. ``request_refused`` tells the scheduler (an ``AbortReq`` whose finished
 reason names the room, ``room_failure``) so that ``EncodeManager.fail_room`` answers the
-language side with Abort(reason, kind) at once, and maps a client fault to HTTP 400 on the
-encode server; the language server answers 400 too (``status_of_transfer_failure``) so the
-router, which returns the error of whichever side failed, gives the client a 4xx either way.
+language side with Abort(reason, kind) at once. The encode server answers with the kind's status
+(400 for a client fault, 504 for a timeout, 503 for a broken connection, 500 otherwise); the
+language server answers the same (``status_of_transfer_failure``), so the router, which returns
+the error of whichever side failed, gives the client that status either way.
 
 Faults are typed: every failure carries a ``FaultKind`` (``manifest.py``), in the control
 messages (``Abort.kind``) and on the senders and receivers; ``http_status`` is the one place that
@@ -29,6 +30,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import requests
+from fastapi import HTTPException
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.manifest import FaultKind
@@ -82,6 +84,18 @@ def fault_of_exception(exc: BaseException) -> FaultKind:
     return FaultKind.INTERNAL
 
 
+class RequestRefusedError(HTTPException):
+    """What the encode server raises for a request it refused, not the client's fault, before
+    its scheduler: upstream answers an ``HTTPException`` with its ``status_code`` on
+    ``/generate`` (the app's HTTPException handler) and on the OpenAI endpoints
+    (``OpenAIServingBase.handle_request``). Not a ValueError: those endpoints answer any
+    ValueError 400. A client fault is raised as a plain ValueError: 400 everywhere."""
+
+    def __init__(self, reason: str, kind: FaultKind):
+        super().__init__(status_code=int(http_status(kind)), detail=reason)
+        self.kind = kind
+
+
 def _undispatched_rooms(obj, request_states: Dict[str, "ReqState"]) -> List[int]:
     """Bootstrap rooms of the (sub-)requests of ``obj`` that never reached the scheduler (a
     dispatched one has a sender, which the scheduler's abort path ends)."""
@@ -105,7 +119,11 @@ def request_refused(
     exc: BaseException,
 ) -> BaseException:
     """Fail the bootstrap rooms of the requests of ``obj`` that ``exc`` stopped before the
-    scheduler; returns what to raise (a ValueError, i.e. HTTP 400, for a client fault).
+    scheduler; returns what to raise, which upstream answers with the kind's status, the one
+    the language side answers too: a ValueError (400) for a client fault, a
+    ``RequestRefusedError`` (504, 503) for a timeout or a broken connection, the exception
+    itself for an internal error (upstream answers 500 and logs it) and for a client that
+    disconnected (its CancelledError).
     """
     rooms = _undispatched_rooms(obj, request_states)
     if isinstance(exc, GeneratorExit) or not rooms:
@@ -123,9 +141,12 @@ def request_refused(
         )
         reason = client_fault(f"{what}: {exc}")
         to_raise = ValueError(reason)  # upstream's HTTP 400
-        to_raise.__cause__ = exc
     else:
         reason = f"encode server error ({kind.value}): {type(exc).__name__}: {exc}"
+        if kind != FaultKind.INTERNAL:  # a timeout (504) or a broken connection (503)
+            to_raise = RequestRefusedError(reason, kind)
+    if to_raise is not exc:
+        to_raise.__cause__ = exc
     status = http_status(kind)
     for room in rooms:
         logger.error("encode: room %s refused before the transfer: %s", room, reason)

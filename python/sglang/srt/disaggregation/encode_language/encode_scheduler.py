@@ -161,6 +161,8 @@ class _RefusedSender(_FollowerSender):
     """The owner could not create a sender (room in use): the request fails through the poll
     agreement, so every rank drops it before the vision tower runs."""
 
+    kind = FaultKind.CLIENT  # answered 400, as on TP 1
+
     def __init__(self, reason: str) -> None:
         self.reason = reason
 

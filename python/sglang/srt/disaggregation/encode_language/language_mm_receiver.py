@@ -26,6 +26,11 @@ on ``LanguageManager`` / ``LanguageReceiver``:
   states over the TP cpu group yields the owner's state on every rank. When a request is ready,
   all ranks take part in one broadcast from the owner (a pickled header, then the rows in a
   fixed order), so every rank attaches the same rows before the request enters scheduling.
+  Every rank joins every collective of a request whatever fails on it (``_take_rows``).
+* The request's ``bootstrap_host`` is looked up off the scheduler's thread
+  (``PeerLookups.lookup_async``): a request whose name is not in the lookup table waits here
+  (``_Resolving``) meanwhile; a name that does not exist is the client's fault (400), a
+  lookup that failed for now a 503.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from sglang.srt.disaggregation.encode_language.buffers import (
     use_on_streams,
 )
 from sglang.srt.disaggregation.encode_language.connection import (
+    PEER_LOOKUPS,
     ConnectionConfig,
     PeerAddressError,
     RoomInUseError,
@@ -128,11 +134,12 @@ class _FollowerPoll:
 
 
 class _RefusedPoll:
-    """The owner could not create a receiver (room in use, too large): the request fails
-    through the poll agreement, so every rank drops it in the same iteration."""
+    """The owner could not create a receiver (room in use, too large, a bootstrap address that
+    cannot be used): the request fails through the poll agreement, so every rank drops it in
+    the same iteration, answered by ``kind``."""
 
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+    def __init__(self, reason: str, kind: FaultKind = FaultKind.CLIENT) -> None:
+        self.reason, self.kind = reason, kind
 
     def poll(self) -> int:
         return KVPoll.Failed
@@ -141,8 +148,31 @@ class _RefusedPoll:
         pass
 
 
-# The rows broadcast over the TP group, in this order on every rank.
+class _Resolving:
+    """The owner's stand-in while the request's bootstrap address is looked up on a worker
+    thread (``lookup``, a future): reports Bootstrapping, so the MIN all-reduce keeps every
+    rank waiting; the owner replaces it with the receiver once the lookup is done."""
+
+    reason = None
+
+    def __init__(self, lookup, deadline: float) -> None:
+        self.lookup, self.deadline = lookup, deadline
+
+    def poll(self) -> int:
+        return KVPoll.Bootstrapping
+
+    def abort(self, reason: str = "") -> None:
+        pass  # nothing started; the lookup's answer is dropped with the request
+
+
+class _FailedOnAnotherRank(Exception):
+    """``_take_rows``: another TP rank could not take part; ``_agree_on_failures`` names it."""
+
+
+# The rows broadcast over the TP group, in this order on every rank; the last ones (the
+# multimodal rows) on the device on GPUs.
 _TOKEN_FIELDS = ("fill_ids", "mrope_positions", "mm_mask")
+_ON_DEVICE = (False, False, False, True)
 
 
 class LanguageMMReceiver:
@@ -171,6 +201,7 @@ class LanguageMMReceiver:
             LanguageManager(buffer_config, conn) if self.is_owner else None
         )
         self.waiting_list: List[WaitingRequest] = []
+        self.peer_lookups = PEER_LOOKUPS
         self.metrics = EncodeLanguageMetrics(
             "language", scheduler.metrics_reporter.enable_metrics
         )
@@ -197,6 +228,8 @@ class LanguageMMReceiver:
                     (self._req_for_error(recv_req), error, HTTPStatus.BAD_REQUEST)
                 )
         if self.waiting_list:
+            if self.is_owner:
+                self._start_looked_up()
             self._poll(ready, aborts)
         if self.manager is not None:
             self.metrics.observe_blocks(self.manager.allocator)
@@ -240,27 +273,53 @@ class LanguageMMReceiver:
                 "a request with an image or video needs bootstrap_host, bootstrap_port and "
                 "bootstrap_room (send it through sglang-router --pd-disaggregation)"
             )
+        now = time.monotonic()
         if not self.is_owner:
-            self.waiting_list.append(
-                WaitingRequest(recv_req, _FollowerPoll(), time.monotonic())
-            )
+            self.waiting_list.append(WaitingRequest(recv_req, _FollowerPoll(), now))
             return None
+        lookup = self.peer_lookups.lookup_async(
+            f"{recv_req.bootstrap_host}:{recv_req.bootstrap_port}"
+        )
+        rx = (
+            self._create_receiver(recv_req, lookup)
+            if lookup.done()
+            else _Resolving(lookup, now + self.manager.config.bootstrap_timeout_s)
+        )
+        self.waiting_list.append(WaitingRequest(recv_req, rx, now))
+        return None
+
+    def _start_looked_up(self) -> None:
+        """The owner: start the requests whose bootstrap address lookup finished (or ran out
+        of the bootstrap timeout)."""
+        now = time.monotonic()
+        for w in self.waiting_list:
+            if not isinstance(w.receiver, _Resolving) or w.aborted is not None:
+                continue
+            if w.receiver.lookup.done():
+                w.receiver = self._create_receiver(w.recv_req, w.receiver.lookup)
+            elif now > w.receiver.deadline:
+                reason = (
+                    f"looking up bootstrap address {w.recv_req.bootstrap_host!r} took "
+                    f"over {self.manager.config.bootstrap_timeout_s} s"
+                )
+                logger.error("language: request %s refused: %s", w.rid, reason)
+                w.receiver = _RefusedPoll(reason, FaultKind.UNAVAILABLE)
+
+    def _create_receiver(self, recv_req: TokenizedGenerateReqInput, lookup):
+        """The receiver of ``recv_req`` at the looked-up endpoint (``lookup``, a done future),
+        or a ``_RefusedPoll`` that fails it through the poll agreement (every TP rank queued
+        the request)."""
         try:
-            rx = self.manager.create_receiver(
-                f"{recv_req.bootstrap_host}:{recv_req.bootstrap_port}",
+            return self.manager.create_receiver(
+                lookup.result(),
                 recv_req.bootstrap_room,
                 rank=0,
                 num_ranks=1,  # one receive per server; the other TP ranks get a broadcast
                 max_tokens=self.scheduler.max_req_input_len,
             )
         except (RoomInUseError, OversizeError, PeerAddressError) as e:
-            if self.num_ranks == 1:
-                return str(e)
-            # The other ranks queued the request: fail it through the poll agreement.
             logger.error("language: request %s refused: %s", recv_req.rid, e)
-            rx = _RefusedPoll(str(e))
-        self.waiting_list.append(WaitingRequest(recv_req, rx, time.monotonic()))
-        return None
+            return _RefusedPoll(str(e), getattr(e, "kind", FaultKind.CLIENT))
 
     def _poll(self, ready: List, aborts: List) -> None:
         polls = poll_and_end_failed(
@@ -303,7 +362,7 @@ class LanguageMMReceiver:
                         (
                             self._req_for_error(w.recv_req),
                             reason,
-                            HTTPStatus.BAD_REQUEST,
+                            status_of_transfer_failure(w.receiver),
                         )
                     )
                     continue
@@ -350,6 +409,8 @@ class LanguageMMReceiver:
             try:
                 self._attach(w.recv_req, self._take_rows(w))
                 errors.append(None)
+            except _FailedOnAnotherRank:
+                errors.append(None)  # _agree_on_failures says so
             except Exception as e:
                 logger.exception(
                     "language: request %s: received data is invalid", w.rid
@@ -424,6 +485,14 @@ class LanguageMMReceiver:
         token fields over the cpu group, the multimodal rows ([M, (1+K)*H], embedding and
         deepstack side by side) in one broadcast (on GPUs over the device group, and kept on
         the device on every rank).
+
+        Every rank joins every collective of the request, whatever fails on it: the owner's
+        error taking the rows travels in the header (every rank raises it); a rank's error
+        allocating its buffers (a CUDA OOM copying the rows to the device on the owner, or
+        allocating them on another rank) is agreed on by a MAX all-reduce before the rows
+        travel, so no rank leaves a broadcast the others wait in. The rank that failed raises
+        its error, the others ``_FailedOnAnotherRank``; ``_agree_on_failures`` then fails the
+        request on every rank.
         """
         if self.num_ranks == 1:
             return w.receiver.take()
@@ -431,7 +500,6 @@ class LanguageMMReceiver:
         if self.is_owner:
             try:
                 data = w.receiver.take()
-                wide = data.rows
                 header = {
                     "error": None,
                     "manifest": data.manifest,
@@ -439,8 +507,7 @@ class LanguageMMReceiver:
                     "hidden": data.embeddings.shape[1],
                     "deepstack": data.deepstack is not None,
                     "rows": [
-                        (tuple(t.shape), t.dtype)
-                        for t in [getattr(data, f) for f in _TOKEN_FIELDS] + [wide]
+                        (tuple(t.shape), t.dtype) for t in self._row_sources(data)
                     ],
                 }
             except Exception as e:
@@ -448,14 +515,35 @@ class LanguageMMReceiver:
         header = self._broadcast_object(header)
         if header["error"] is not None:
             raise ValueError(header["error"])
-        got = []
-        for i, (shape, dtype) in enumerate(header["rows"]):
-            mine = None
-            if self.is_owner:
-                mine = getattr(data, _TOKEN_FIELDS[i]) if i < 3 else wide
-            t = mine if mine is not None else torch.empty(shape, dtype=dtype)
-            got.append(self._broadcast_tensor(t, on_device=i == 3))
-        ids, pos, mask, wide = got
+        sources = self._row_sources(data) if self.is_owner else [None] * 4
+        bufs, error = [], None
+        try:
+            for source, (shape, dtype), on_device in zip(
+                sources, header["rows"], _ON_DEVICE
+            ):
+                bufs.append(self._row_buffer(source, shape, dtype, on_device))
+        except Exception as e:
+            error = e
+        group = self.scheduler.attn_tp_group
+        (failed,) = all_reduce_flags(
+            [int(error is not None)], group.cpu_group, op=dist.ReduceOp.MAX
+        )
+        if error is not None:
+            raise error
+        if failed:
+            raise _FailedOnAnotherRank()
+        for buf in bufs:
+            dist.broadcast(
+                buf,
+                src=group.first_rank,
+                group=(
+                    group.cpu_group if buf.device.type == "cpu" else group.device_group
+                ),
+            )
+        ids, pos, mask, wide = [
+            buf.to(torch.bool) if dtype == torch.bool else buf
+            for buf, (_, dtype) in zip(bufs, header["rows"])
+        ]
         H = header["hidden"]
         self.metrics.request_done("tp_broadcast" if self.is_owner else "tp_received")
         return ReceivedData(
@@ -469,36 +557,43 @@ class LanguageMMReceiver:
             rows=wide,
         )
 
+    @staticmethod
+    def _row_sources(data: ReceivedData) -> List[torch.Tensor]:
+        """The owner's tensors broadcast over the TP group, in ``_TOKEN_FIELDS`` order, then
+        the multimodal rows."""
+        return [getattr(data, f) for f in _TOKEN_FIELDS] + [data.rows]
+
     def _broadcast_object(self, obj):
         group = self.scheduler.attn_tp_group
         box = [obj]
         dist.broadcast_object_list(box, src=group.first_rank, group=group.cpu_group)
         return box[0]
 
-    def _broadcast_tensor(self, t: torch.Tensor, on_device: bool) -> torch.Tensor:
-        """Broadcast one tensor from the owner. Over the TP cpu (gloo) group, except
-        ``on_device`` on GPUs: over the device (NCCL) group, the owner copying its pinned
-        rows to its GPU once and every rank keeping the result on its device (no host round
-        trip; not exercised on the CPU test bed). Bools travel as uint8 (gloo has no bool).
+    def _row_buffer(
+        self, source: Optional[torch.Tensor], shape, dtype, on_device: bool
+    ) -> torch.Tensor:
+        """This rank's buffer of one broadcast tensor: the owner's ``source``, another rank's
+        empty buffer of ``shape``. Bools travel as uint8 (gloo has no bool). On the host,
+        broadcast over the TP cpu (gloo) group, except ``on_device`` on GPUs: on the device,
+        broadcast over the device (NCCL) group, the owner copying its pinned rows to its GPU
+        once and every rank keeping the result on its device (no host round trip; not
+        exercised on the CPU test bed).
         Device branch, stream order: the H2D copy and the result live on this thread's current
         stream; ProcessGroupNCCL's stream waits for it before the broadcast, and it for that
-        stream after (the collective keeps ``buf`` until done); the pinned host source stays
+        stream after (the collective keeps the buffer until done); the pinned host source stays
         allocated until its copy ran (PyTorch's host allocator records the copy's event).
         """
-        group = self.scheduler.attn_tp_group
-        is_bool = t.dtype == torch.bool
-        buf = t.to(torch.uint8) if is_bool else t
-        if self.scheduler.device == "cpu" or not on_device:
-            buf = buf.contiguous()
-            dist.broadcast(buf, src=group.first_rank, group=group.cpu_group)
-        else:  # not exercised on the CPU test bed
-            device = f"{self.scheduler.device}:{get_device().gpu_id}"
-            if self.is_owner:
-                buf = buf.to(device, non_blocking=True)
-            else:  # only the shape matters: no host -> device copy of an empty buffer
-                buf = torch.empty_like(buf, device=device)
-            dist.broadcast(buf, src=group.first_rank, group=group.device_group)
-        return buf.to(torch.bool) if is_bool else buf
+        wire = torch.uint8 if dtype == torch.bool else dtype
+        device = (
+            "cpu"
+            if self.scheduler.device == "cpu" or not on_device
+            else f"{self.scheduler.device}:{get_device().gpu_id}"
+        )
+        if (
+            source is None
+        ):  # only the shape matters: no host -> device copy of an empty buffer
+            return torch.empty(shape, dtype=wire, device=device)
+        return source.to(device=device, dtype=wire, non_blocking=True).contiguous()
 
     def _attach(self, recv_req: TokenizedGenerateReqInput, data: ReceivedData) -> None:
         """Turn received data into the precomputed multimodal inputs of ``recv_req``."""

@@ -369,9 +369,8 @@ class Register(_Msg, tag="register"):
     session_id: str  # Mooncake session id of the language engine
     layout: LayoutManifest
     slot_ptrs: List[int]  # base address of each slot buffer, in Slot order
-    slot_block_bytes: List[
-        int
-    ]  # bytes one block occupies in each slot; must match layout
+    # bytes one block occupies in each slot; must match layout
+    slot_block_bytes: List[int]
 
 
 class RegisterAck(_Msg, tag="register_ack"):
@@ -436,9 +435,8 @@ class FaultKind(str, enum.Enum):
 
     CLIENT = "client"  # the request itself cannot be served (media, size, room, client abort)
     TIMEOUT = "timeout"  # a peer, a write or a resource did not answer in time
-    UNAVAILABLE = (
-        "unavailable"  # a peer is down, unreachable or forgot our registration
-    )
+    # a peer is down, unreachable or forgot our registration
+    UNAVAILABLE = "unavailable"
     INTERNAL = "internal"  # anything else: a failed write, invalid data, a server error
     # Not a fault: the encoder finished the request itself, with no media to send (a prompt
     # with a placeholder token but no image); the language side runs it as it is.

@@ -89,9 +89,8 @@ class Phase(enum.Enum):
     ALLOC = "alloc"  # waiting for blocks
     REGISTER = "register"  # waiting for the encoder to accept our registration
     RESERVED = "reserved"  # Reserve sent: the encoder may be writing our blocks
-    RESUME_ALLOC = (
-        "resume_alloc"  # round copied out; waiting for the next round's blocks
-    )
+    # round copied out; waiting for the next round's blocks
+    RESUME_ALLOC = "resume_alloc"
     DONE = "done"  # ended; blocks freed or fenced
 
 
@@ -170,9 +169,8 @@ class LanguageManager(ManagerBase):
         """Start receiving request ``room`` from the encoder at ``bootstrap_addr``. Raises
         OversizeError when the reservation can never fit this pool, RoomInUseError when the room
         is live (or still fenced) here."""
-        bootstrap_addr = peer_endpoint(
-            bootstrap_addr
-        )  # as the encoder's manager id spells it
+        # as the encoder's manager id spells it
+        bootstrap_addr = peer_endpoint(bootstrap_addr)
         reserve = reserve_tokens or self.config.default_reserve_tokens
         nb = blocks_for_tokens(reserve, self.layout.block_size)
         self.allocator.check_fits(nb)
@@ -361,9 +359,8 @@ class LanguageManager(ManagerBase):
             r = self._room_from(msg, msg.manager_id)
             if r is None or r.phase != Phase.RESERVED or r.epoch != msg.epoch:
                 return
-            if (
-                r.round == 0
-            ):  # the encoder refused before keeping anything: reserve again
+            # round 0: the encoder refused before keeping anything: reserve again
+            if r.round == 0:
                 r._transition(Phase.REGISTER, now)
                 self._advance_locked(r, now)
             else:
@@ -706,8 +703,10 @@ class LanguageManager(ManagerBase):
             return cfg.waiting_timeout_s
         if r.phase == Phase.REGISTER:
             return cfg.bootstrap_timeout_s
+        if r.phase == Phase.RESERVED and r.round == 0:
+            return cfg.waiting_timeout_s
         if r.phase == Phase.RESERVED:
-            return cfg.waiting_timeout_s if r.round == 0 else cfg.transfer_timeout_s
+            return cfg.round_timeout_s(len(r.handle), sum(self.layout.slot_block_bytes))
         if r.phase == Phase.RESUME_ALLOC:
             return cfg.resume_timeout_s
         return None
@@ -742,7 +741,7 @@ class LanguageManager(ManagerBase):
         elif r.phase == Phase.RESERVED:
             self._fail_locked(
                 r,
-                f"transfer timeout: round {r.round} did not arrive within {cfg.transfer_timeout_s}s",
+                f"transfer timeout: round {r.round} did not arrive within {limit:.1f}s",
                 kind=timeout,
             )
         elif r.phase == Phase.RESUME_ALLOC:
@@ -759,9 +758,8 @@ class LanguageManager(ManagerBase):
             return list(live | {f.encoder for f in self.fences.values()})
 
     def _pong_nonce(self, ping) -> int:
-        if (
-            ping.nonce < 0
-        ):  # health probe: report the nonce the encoder wrote into our scratch block
+        # health probe: report the nonce the encoder wrote into our scratch block
+        if ping.nonce < 0:
             return -self.buffers.read_scratch_nonce()
         return ping.nonce
 

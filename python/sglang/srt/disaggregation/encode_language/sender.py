@@ -28,9 +28,10 @@ worker finishes or fails it first, and only then tells the destinations (``Abort
 ``AbortAck`` to the one that asked), so a language block is never freed while being written.
 
 Bounded writes: every transfer-engine write runs on a writer thread and the worker waits for it
-until ``write_deadline_s``: Mooncake's own timeout for the bytes written
-(``mooncake_timeout_s``) plus ``data_write_timeout_s``, so a write Mooncake watches always ends
-by Mooncake's verdict first, and this deadline only catches a write Mooncake is not timing.
+until ``ConnectionConfig.write_deadline_s``: Mooncake's own timeout for the bytes written
+(``connection.mooncake_timeout_s``) plus ``data_write_timeout_s``, so a write Mooncake watches
+always ends by Mooncake's verdict first, and this deadline only catches a write Mooncake is not
+timing (the language side waits for a round longer still: ``ConnectionConfig.round_timeout_s``).
 Past it the room fails and the destination gets ``Abort(writes_pending=True)``: the write cannot
 be cancelled, so the destination fences those blocks, and this side quarantines the staging
 blocks, until the write returns; a write that returns complete earns the destination an
@@ -55,7 +56,6 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -103,28 +103,11 @@ class PayloadBudgetError(TransferError):
 
 
 class WriteTimeoutError(TransferError):
-    """A transfer-engine write did not return by its deadline (``write_deadline_s``)."""
+    """A transfer-engine write did not return by its deadline
+    (``ConnectionConfig.write_deadline_s``)."""
 
     def __init__(self, room: int, reason: str):
         super().__init__(room, reason, FaultKind.TIMEOUT)
-
-
-def mooncake_timeout_s(nbytes: int) -> float:
-    """How long Mooncake's ``batch_transfer_sync`` lets one batch of ``nbytes`` run before it
-    returns -1: ``MC_TRANSFER_TIMEOUT`` whole seconds (at least 5; 30 when unset) plus one
-    nanosecond per byte, read as Mooncake reads it (``TransferEnginePy``)."""
-    env = os.environ.get("MC_TRANSFER_TIMEOUT")
-    seconds = 30 if env is None else max(5, _atoi(env))
-    return seconds + nbytes * 1e-9
-
-
-def _atoi(text: str) -> int:
-    """C's ``atoi``: the leading integer of ``text``, 0 when there is none."""
-    digits = text.strip()
-    sign = -1 if digits[:1] == "-" else 1
-    digits = digits[1:] if digits[:1] in "+-" else digits
-    n = len(digits) - len(digits.lstrip("0123456789"))
-    return sign * int(digits[:n]) if n else 0
 
 
 @dataclasses.dataclass
@@ -620,9 +603,8 @@ class EncodeManager(ManagerBase):
         # later destination restamps each chunk only after every write to the previous one
         # returned (never while a write reads it).
         step = self.config.pipeline_blocks or nb
-        checksum = any(
-            d.checksum for d in dests
-        )  # one staging serves every destination
+        # one staging serves every destination
+        checksum = any(d.checksum for d in dests)
         try:
             nbytes = 0
             for i, (d, p) in enumerate(zip(dests, peers)):
@@ -666,9 +648,8 @@ class EncodeManager(ManagerBase):
                 chunks.put(None)
                 self._await_write(r.room, d.manager_id, job, staging)
         finally:
-            if (
-                not staging.quarantined
-            ):  # else the pending writes free it when they return
+            # else the pending writes free it when they return
+            if not staging.quarantined:
                 staging.free()
         with self.lock:
             if r.failed:
@@ -713,24 +694,6 @@ class EncodeManager(ManagerBase):
                 r = self.engine.batch_transfer_sync(session_id, *segs)
                 ret = r if r < 0 else 0
 
-    def write_deadline_s(self, staging: BlockHandle) -> float:
-        """How long the worker waits for the writer job of one round to one destination:
-        Mooncake's own timeout for every batch the job may write (one per chunk of
-        ``pipeline_blocks``; every staged byte counted) plus ``data_write_timeout_s``. Mooncake
-        therefore always returns its -1 first for a write it is timing; this deadline fires
-        only for a write stuck where Mooncake has no timer (e.g. its connection handshake).
-        """
-        nb = len(staging)
-        step = self.config.pipeline_blocks or nb
-        block_bytes = sum(self.layout.slot_block_bytes)
-        return (
-            sum(
-                mooncake_timeout_s(min(step, nb - k0) * block_bytes)
-                for k0 in range(0, nb, step)
-            )
-            + self.config.data_write_timeout_s
-        )
-
     def _await_write(
         self,
         room: int,
@@ -739,14 +702,16 @@ class EncodeManager(ManagerBase):
         staging: BlockHandle,
     ) -> None:
         """Wait for the writer job of one round to one destination until
-        ``write_deadline_s``. Past it the write keeps running (Mooncake cannot cancel it): a
-        job not started is cancelled; otherwise the staging blocks are quarantined and the
-        destination is owed an AbortAck if the job returns complete. A failed write (ret < 0)
-        may still land in part: ``_write_failed_locked``."""
-        timeout = self.write_deadline_s(staging)
-        try:
-            ret = job.result(timeout=timeout)
-        except concurrent.futures.TimeoutError:
+        ``ConnectionConfig.write_deadline_s``. Past it the write keeps running (Mooncake cannot
+        cancel it): a job not started is cancelled; otherwise the staging blocks are quarantined
+        and the destination is owed an AbortAck if the job returns complete. A failed write
+        (ret < 0, or the engine raised) may still land in part: ``_write_failed_locked``.
+        """
+        timeout = self.config.write_deadline_s(
+            len(staging), sum(self.layout.slot_block_bytes)
+        )
+        done, _ = concurrent.futures.wait([job], timeout=timeout)
+        if not done:
             if job.cancel():
                 raise WriteTimeoutError(
                     room,
@@ -763,13 +728,22 @@ class EncodeManager(ManagerBase):
                 room,
                 f"data write to {manager_id} timed out after {timeout:.1f}s (it may still land)",
             ) from None
+        # The engine raising (e.g. from its binding, after part of the batch was submitted) is
+        # a failed write like ret < 0, as in _late_write_returned.
+        error = job.exception()
+        ret = -1 if error is not None else job.result()
         if ret < 0:
             with self.lock:
                 self._write_failed_locked(room, manager_id, staging)
+            what = (
+                f"ret={ret}"
+                if error is None
+                else f"raised {type(error).__name__}: {error}"
+            )
             raise TransferError(
                 room,
-                f"Mooncake write to {manager_id} failed (ret={ret}; parts of it may still land)",
-            )
+                f"Mooncake write to {manager_id} failed ({what}; parts of it may still land)",
+            ) from error
 
     def _write_failed_locked(
         self, room: int, manager_id: str, staging: BlockHandle
