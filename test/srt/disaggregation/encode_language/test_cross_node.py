@@ -205,9 +205,8 @@ def test_wrong_advertised_address_fails_clearly(nodes, encoder, start_peer):
     room = new_room()
     lang.call("receive", dial, room)
     enc.call("send", room, 1, B + 1, 4)
-    bound = (
-        2 * timeout + 10
-    )  # the slower side's bootstrap timeout, plus slack for a busy machine
+    # the slower side's bootstrap timeout, plus slack for a busy machine
+    bound = 2 * timeout + 10
     enc_status, enc_reason = enc.call("wait", room, bound, timeout=bound + 10)
     status, finished, reason, got = lang.call("wait", room, bound, timeout=bound + 10)
     assert (status, finished, got) == (KVPoll.Failed, True, None)

@@ -281,9 +281,8 @@ def test_language_side_hears_the_encoders_verdict_on_a_hung_write(mp_ctx, make_l
             f"encoder {victim.addr} aborted: data write to {lang.manager_id} timed out "
             "after 5.5s (it may still land)"
         )
-        victim.call(
-            "release_write"
-        )  # the write returns complete: AbortAck, blocks back
+        # the write returns complete: AbortAck, blocks back
+        victim.call("release_write")
         assert wait_until(lambda: not lang.fences, 10)
         victim.assert_idle()
     finally:

@@ -344,6 +344,46 @@ def test_bootstrap_address_lookups_are_cached_and_typed(monkeypatch) -> None:
     assert calls.count("no-such-host.invalid") == 2
 
 
+def test_bootstrap_lookups_serve_the_last_answer_and_bound_the_queue() -> None:
+    """issue: blockers item 3(a). A resolver blip after a name's entry expired answers the
+    last good endpoint (the encoder did not move because DNS hiccuped), a name never resolved
+    fails 503; lookups running at once are bounded: one more answers 503 at once instead of
+    queueing in front of the encoder's own name. The resolver is a test double."""
+    from sglang.srt.disaggregation.encode_language import connection
+    from sglang.srt.disaggregation.encode_language.manifest import FaultKind
+
+    healthy, release = [True], threading.Event()
+
+    def resolve(addr: str) -> str:
+        host = addr.rsplit(":", 1)[0]
+        if host.startswith("slow"):
+            assert release.wait(30)
+        if not healthy[0]:
+            raise connection.PeerAddressError("resolver down", FaultKind.UNAVAILABLE)
+        return "10.1.2.3:" + addr.rsplit(":", 1)[1]
+
+    now = [0.0]
+    lookups = connection.PeerLookups(
+        resolve=resolve, clock=lambda: now[0], max_pending=2
+    )
+    assert lookups.lookup("encoder.test:8998") == "10.1.2.3:8998"
+    now[0] += lookups.ttl_s + 1
+    healthy[0] = False
+    assert lookups.lookup("encoder.test:8998") == "10.1.2.3:8998"
+    with pytest.raises(connection.PeerAddressError) as e:
+        lookups.lookup("other.test:8998")
+    assert e.value.kind == FaultKind.UNAVAILABLE
+    healthy[0] = True
+    running = [lookups.lookup_async(f"slow{i}.test:1") for i in range(2)]
+    refused = lookups.lookup_async("slow2.test:1")
+    assert refused.done() and not any(f.done() for f in running)
+    assert isinstance(refused.exception(), connection.PeerAddressError)
+    assert refused.exception().kind == FaultKind.UNAVAILABLE
+    release.set()
+    assert [f.result(30) for f in running] == ["10.1.2.3:1", "10.1.2.3:1"]
+    assert lookups.lookup_async("slow2.test:1").result(30) == "10.1.2.3:1"
+
+
 def test_bootstrap_address_is_looked_up_off_the_scheduler_thread(
     peers, make_lang, single_rank_group
 ) -> None:

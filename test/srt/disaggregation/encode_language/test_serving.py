@@ -96,9 +96,8 @@ def test_same_image_twice_hits_the_prefix_cache(deployment, vl_model) -> None:
     first = _generate(router, vl_model, case)
     second = _generate(router, vl_model, case)
     prompt_tokens = second["meta_info"]["prompt_tokens"]
-    assert (
-        second["meta_info"]["cached_tokens"] == prompt_tokens - 1
-    )  # all but the last token
+    # all but the last token
+    assert second["meta_info"]["cached_tokens"] == prompt_tokens - 1
     for out in (first, second):
         assert out["output_ids"] == expected_tokens
         got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]

@@ -579,9 +579,8 @@ class MultimodalDataBuffers:
             )
             header = manifest.pack(stamp)
             aux[b, : len(header)] = np.frombuffer(header, dtype=np.uint8)
-        _wait_for(
-            pieces
-        )  # unchecksummed: the headers were written while the rows copied
+        # unchecksummed: the headers were written while the rows copied
+        _wait_for(pieces)
         return manifest
 
     def _checksums_after(

@@ -338,12 +338,16 @@ class PeerLookups:
         failed_ttl_s: float = 5.0,
         max_entries: int = 1024,
         workers: int = 2,
+        max_pending: int = 64,
     ) -> None:
         self._resolve, self._clock = resolve, clock
         self.ttl_s = ttl_s
         self.failed_ttl_s = failed_ttl_s
         self.max_entries = max_entries
         self._workers = workers
+        # names looked up at once at most; more answer 503 at once (unique names from clients
+        # must not queue up in front of the encoder's own name)
+        self.max_pending = max_pending
         # addr -> (expires, endpoint or error message, None or the error's kind)
         self._table: "collections.OrderedDict" = collections.OrderedDict()
         self._pending: Dict[str, concurrent.futures.Future] = {}
@@ -374,6 +378,11 @@ class PeerLookups:
         except PeerAddressError as e:
             value, kind, ttl = str(e), e.kind, self.failed_ttl_s
             if kind != FaultKind.CLIENT:
+                with self._lock:
+                    stale = self._table.get(addr)
+                if stale is not None and stale[2] is None:
+                    # the resolver failed for now: the last good answer serves until it heals
+                    return stale[1]
                 raise  # may heal: the next request looks again
         with self._lock:
             self._table[addr] = (now + ttl, value, kind)
@@ -403,6 +412,16 @@ class PeerLookups:
             return done
         with self._lock:
             future = self._pending.get(addr)
+            if future is None and len(self._pending) >= self.max_pending:
+                future = concurrent.futures.Future()
+                future.set_exception(
+                    PeerAddressError(
+                        f"bootstrap address {addr!r}: {len(self._pending)} name lookups "
+                        "already running",
+                        FaultKind.UNAVAILABLE,
+                    )
+                )
+                return future
             started = future is None
             if started:
                 if self._executor is None:

@@ -175,9 +175,8 @@ class SchedulerDisaggregationEncodeMixin:
 
     def init_disagg_encode(self: "Scheduler") -> None:
         self.disagg_encode_waiting: List["Req"] = []  # sender created, ViT not run yet
-        self.disagg_encode_inflight: List["Req"] = (
-            []
-        )  # payload handed over, transferring
+        # payload handed over, transferring
+        self.disagg_encode_inflight: List["Req"] = []
         self.disagg_encode_held: set = set()  # rids held back by the payload bound
         model = self.tp_worker.model_runner.model
         hf_config = self.model_config.hf_config

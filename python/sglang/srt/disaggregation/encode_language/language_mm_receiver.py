@@ -320,6 +320,11 @@ class LanguageMMReceiver:
         except (RoomInUseError, OversizeError, PeerAddressError) as e:
             logger.error("language: request %s refused: %s", recv_req.rid, e)
             return _RefusedPoll(str(e), getattr(e, "kind", FaultKind.CLIENT))
+        except Exception as e:  # fails the request, never the scheduler
+            logger.exception("language: request %s could not start", recv_req.rid)
+            return _RefusedPoll(
+                f"could not start the transfer: {e}", FaultKind.INTERNAL
+            )
 
     def _poll(self, ready: List, aborts: List) -> None:
         polls = poll_and_end_failed(
