@@ -162,3 +162,17 @@ def push_endpoints(channel) -> list:
     """The peers a ControlChannel holds an open PUSH socket to."""
     with channel._lock:
         return sorted(channel._push)
+
+
+def run_two_ranks(worker) -> tuple:
+    """``worker(rank, port, results)`` in two spawned processes (a gloo group of 2 on a free
+    port); returns what each rank stored in ``results[rank]``."""
+    import torch.multiprocessing as mp
+    from epd_testbed.servers import free_port
+
+    with mp.get_context("spawn").Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(
+            worker, args=(free_port(), results), nprocs=2, start_method="spawn"
+        )
+        return results[0], results[1]

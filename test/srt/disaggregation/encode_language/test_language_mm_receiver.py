@@ -27,9 +27,8 @@ import types
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import new_room, wait_final
-from el_helpers import wait_until
+from el_helpers import run_two_ranks, wait_until
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.managers.io_struct import AbortReq, TokenizedGenerateReqInput
@@ -271,15 +270,7 @@ def test_tp_ranks_agree_on_a_rank_local_failure() -> None:
     both fail it (a MAX all-reduce of the failures, as upstream's ``_finalize_shm_features``).
     "d" is admitted on both. Request "c", which the encoder finished without media (item 6:
     only the owner's receiver knows), runs as it is on both ranks."""
-    from epd_testbed.servers import free_port
-
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(
-            _tp_worker, args=(free_port(), results), nprocs=2, start_method="spawn"
-        )
-        owner, follower = results[0], results[1]
+    owner, follower = run_two_ranks(_tp_worker)
     assert owner[0] == follower[0] == ["c", "d"]
     assert "a" not in owner[2] + follower[2]  # its rows reached neither rank's requests
     assert follower[1] == [

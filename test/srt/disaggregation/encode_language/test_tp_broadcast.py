@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from el_helpers import run_two_ranks
 
 
 def _rows(with_deepstack: bool) -> dict:
@@ -57,9 +57,7 @@ def _worker(rank: int, port: int, results) -> None:
         LanguageMMReceiver,
         WaitingRequest,
     )
-    from sglang.srt.disaggregation.encode_language.metrics import (
-        EncodeLanguageMetrics,
-    )
+    from sglang.srt.disaggregation.encode_language.metrics import EncodeLanguageMetrics
 
     group = types.SimpleNamespace(
         first_rank=0, cpu_group=dist.group.WORLD, device_group=dist.group.WORLD
@@ -96,15 +94,7 @@ def _worker(rank: int, port: int, results) -> None:
 
 @pytest.mark.timeout(300)
 def test_rows_broadcast_to_the_other_rank() -> None:
-    from epd_testbed.servers import free_port
-
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(
-            _worker, args=(free_port(), results), nprocs=2, start_method="spawn"
-        )
-        owner, follower = results[0], results[1]
+    owner, follower = run_two_ranks(_worker)
     assert len(owner) == len(follower) == 3
     for i, with_deepstack in enumerate((True, False)):
         expected = _rows(with_deepstack)
