@@ -7,6 +7,15 @@ current chunk, splits deepstack off and scatters both, the same routine the colo
 runs. It needs a "multimodal model" with a few hooks; this object is that model for
 ``Qwen3MoeForCausalLM`` and is used only when the class is built from a VL config (no
 subclass, no calls into the VL class). Text-only checkpoints never construct it.
+
+Where the rows live: a request keeps its rows for its whole life (chunked prefill and a
+re-prefill after retraction read them again, as upstream keeps ``precomputed_embeddings``), so
+they live in pinned host memory on every rank (``rows_to_host``, at ``_attach``), never on the
+device outside a forward: on the device they would hold 16-32 MiB per 1024² image outside the
+KV budget (docs/benchmarks-gpu.md, "Received rows"). Each extend forward copies the rows of the
+items its chunk covers to the device on its own stream (``stage_rows``) and puts the host
+tensors back after embedding (``restore_rows``); the device copies are then freed in the
+forward stream's order, like any activation of that forward.
 """
 
 from __future__ import annotations
@@ -19,6 +28,57 @@ import torch
 from sglang.srt.multimodal.modality import Modality
 
 logger = logging.getLogger(__name__)
+
+
+def rows_to_host(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` where a request keeps them: a pinned host copy of device rows, queued on the
+    current stream (ordered before the forward's reads by upstream's
+    ``forward_stream.wait_stream(schedule_stream)``; the source stays allocated in that
+    stream's order); host rows as they are. Nothing reads the copy on the host: the forward
+    reads it through ``stage_rows`` only."""
+    if not rows.is_cuda:
+        return rows
+    host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+    host.copy_(rows, non_blocking=True)
+    return host
+
+
+def _covers(offsets, start: int, end: int) -> bool:
+    """Whether an item's token spans (inclusive) meet the extend range ``[start, end)``."""
+    return any(s < end and e >= start for s, e in offsets)
+
+
+def stage_rows(
+    mm_inputs: List[Any],
+    prefix_lens: List[int],
+    extend_lens: List[int],
+    device: torch.device,
+) -> List[Tuple[Any, torch.Tensor]]:
+    """Copy the rows of every item the extend batch's chunks cover to ``device`` (one H2D copy
+    from pinned memory per item, on the current stream) and set them on the item;
+    ``[(item, host rows)]`` for ``restore_rows``. Items outside the chunk keep their host rows
+    (upstream slices them empty, reading nothing)."""
+    staged = []
+    for mm, prefix, n in zip(mm_inputs, prefix_lens, extend_lens):
+        if mm is None:
+            continue
+        for item in mm.mm_items:
+            rows = item.precomputed_embeddings
+            if (
+                not isinstance(rows, torch.Tensor)
+                or rows.device == device
+                or not _covers(item.offsets, prefix, prefix + n)
+            ):
+                continue
+            item.precomputed_embeddings = rows.to(device, non_blocking=True)
+            staged.append((item, rows))
+    return staged
+
+
+def restore_rows(staged: List[Tuple[Any, torch.Tensor]]) -> None:
+    """Put the host rows back on the items ``stage_rows`` staged (the request keeps them)."""
+    for item, host in staged:
+        item.precomputed_embeddings = host
 
 
 class LanguageMultimodalInputs:
@@ -89,12 +149,21 @@ class LanguageMultimodalInputs:
             len(forward_batch.mm_inputs) - with_mm,
         )
         kwargs: dict = {}
-        input_embeds = prepare_mm_inputs(
-            input_ids,
-            forward_batch,
-            language_model,
-            kwargs,
-            multimodal_model=self,
-            use_deepstack=self.use_deepstack,
+        staged = stage_rows(
+            forward_batch.mm_inputs,
+            forward_batch.extend_prefix_lens_cpu,
+            forward_batch.extend_seq_lens_cpu,
+            input_ids.device,
         )
+        try:
+            input_embeds = prepare_mm_inputs(
+                input_ids,
+                forward_batch,
+                language_model,
+                kwargs,
+                multimodal_model=self,
+                use_deepstack=self.use_deepstack,
+            )
+        finally:
+            restore_rows(staged)
         return input_embeds, kwargs.get("input_deepstack_embeds")
