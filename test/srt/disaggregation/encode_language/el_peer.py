@@ -10,6 +10,7 @@ import traceback
 import el_helpers  # noqa: F401  (sets the Mooncake TCP environment)
 from el_helpers import declare_dead, make_payload, push_endpoints
 
+from sglang.srt.disaggregation.encode_language.manifest import RequestShape
 from sglang.srt.disaggregation.encode_language.sender import EncodeManager
 
 
@@ -22,6 +23,8 @@ def room_state(mgr, room: int):
         return dict(
             round=r.round,
             num_ranks=r.num_ranks,
+            expected=len(r.dests),  # destinations whose Expect arrived
+            announced=r.announced,
             ready=sum(1 for d in r.dests.values() if d.round == r.round),
             token_sent=r.token_sent,
             mm_sent=r.mm_sent,
@@ -124,16 +127,17 @@ def peer_main(conn, buffer_config, conn_config) -> None:
     release = threading.Event()
 
     def handle(cmd, args):
-        if cmd == "create":
-            (room,) = args
-            senders[room] = mgr.create_sender(room)
+        if cmd == "create":  # the request arrives: room, its shape (total, mm tokens)
+            room, total, mm = args
+            senders[room] = mgr.create_sender(room, RequestShape(total, mm))
         elif cmd == "send":
             room, seed, total, mm = args
+            payload = make_payload(seed, total, mm, H, K, buffer_config.embed_dtype)
             if room not in senders:
-                senders[room] = mgr.create_sender(room)
-            senders[room].send(
-                make_payload(seed, total, mm, H, K, buffer_config.embed_dtype)
-            )
+                senders[room] = mgr.create_sender(
+                    room, RequestShape(total, mm, payload.items)
+                )
+            senders[room].send(payload)
         elif cmd == "wait":
             room, timeout = args
             s = senders.pop(room)

@@ -82,19 +82,21 @@ def test_64_concurrent_mixed_sizes_small_pool(peers, make_lang):
 
 
 def test_two_destination_ranks_wait_for_each_other(peers, make_lang):
-    """Language TP=2: a round starts only when both ranks reserved; a rank slow to get resume
-    blocks holds the next round back for both; both receive identical, exact data."""
+    """Language TP=2: the request is announced only when both ranks expect it, a round starts
+    only when both ranks reserved; a rank slow to get resume blocks holds the next round back
+    for both; both receive identical, exact data."""
     peer = peers()
     r0, r1 = make_lang(), make_lang(num_blocks=4, resume_tokens=2 * RESERVE)
     room, seed, total, mm = new_room(), 11, 3 * RESERVE, 20
     rx0 = r0.create_receiver(peer.addr, room, rank=0, num_ranks=2)
     assert wait_until(
-        lambda: (peer.call("room_state", room) or {}).get("ready") == 1, 10
+        lambda: (peer.call("room_state", room) or {}).get("expected") == 1, 10
     )
     peer.call("send", room, seed, total, mm)
     st = peer.call("room_state", room)
-    # waits for rank 1
-    assert st["token_sent"] == 0 and not st["in_flight"] and st["ready"] == 1
+    # waits for rank 1: not announced, nothing reserved, nothing sent
+    assert st["token_sent"] == 0 and not st["in_flight"] and st["ready"] == 0
+    assert not st["announced"] and rx0.phase == Phase.ANNOUNCE and rx0.handle is None
     # Rank 1 resumes with 4 blocks but a blocker holds 2 of its 4: its resume allocation waits.
     blocker = r1.allocator.alloc(2, owner="blocker")
     # gets the other 2 blocks
@@ -125,6 +127,7 @@ def test_health_probe_uses_scratch_block_only(peers, make_lang):
     lang = make_lang()
     room = new_room()
     rx = lang.create_receiver(peer.addr, room)
+    peer.call("create", room, 3 * RESERVE, 30)
     assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
     for _ in range(3):
         assert peer.call("probe", lang.manager_id) is True
@@ -145,9 +148,9 @@ def test_reused_room_is_a_clear_error_both_sides(peers, make_lang):
         RoomInUseError, match=f"bootstrap room {room} is already in use"
     ):
         lang.create_receiver(peer.addr, room)
-    peer.call("create", room)
+    peer.call("create", room, 20, 5)
     with pytest.raises(Exception, match=f"bootstrap room {room} is already in use"):
-        peer.call("create", room)
+        peer.call("create", room, 20, 5)
     # A second language instance (another manager) claiming the same room and rank is refused.
     other = make_lang()
     rx2 = other.create_receiver(peer.addr, room)

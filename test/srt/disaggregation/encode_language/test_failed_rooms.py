@@ -1,7 +1,8 @@
 """``EncodeManager.fail_room``: a request the encode server refused before it had a sender (its
 tokenizer could not load the image) fails the room on the language side at once, whether the
-language side reserved before the failure (Abort) or reserves after it (the tombstone refuses
-the reservation with the same reason instead of opening a room that waits for a timeout)."""
+language side expected the request before the failure (Abort) or expects it after (the
+tombstone refuses the Expect with the same reason instead of opening a room that waits for a
+timeout)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from sglang.srt.disaggregation.encode_language.receiver import Phase
 REASON = "client error: the request's media cannot be used: no such file"
 
 
-def test_fail_room_after_reservation(peers, make_lang):
+def test_fail_room_after_expect(peers, make_lang):
     peer = peers()
     lang = make_lang()
     room = new_room()
     rx = lang.create_receiver(peer.addr, room)
-    assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
+    assert wait_until(lambda: rx.phase == Phase.ANNOUNCE, 10)
     peer.call("fail_room", room, REASON)
     assert wait_final(lang, rx) == KVPoll.Failed
     assert rx.reason == f"encoder {peer.addr} aborted: {REASON}"
@@ -27,7 +28,7 @@ def test_fail_room_after_reservation(peers, make_lang):
     peer.assert_idle()
 
 
-def test_reservation_after_the_failure_is_refused_with_its_reason(peers, make_lang):
+def test_expect_after_the_failure_is_refused_with_its_reason(peers, make_lang):
     peer = peers()
     lang = make_lang()
     room = new_room()

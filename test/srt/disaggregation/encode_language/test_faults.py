@@ -32,7 +32,6 @@ from el_peer import poll_as_scheduler
 from fastapi import HTTPException
 
 from sglang.srt.disaggregation.base.conn import KVPoll
-from sglang.srt.disaggregation.encode_language.allocator import OversizeError
 from sglang.srt.disaggregation.encode_language.encode_request_faults import (
     fault_of_exception,
     http_status,
@@ -53,6 +52,7 @@ def stuck_in_resume(peer, lang, room, total=4 * RESERVE):
     """Start a request and park it between rounds: the language side cannot get resume blocks
     because a blocker holds the rest of its pool. Returns (receiver, blocker handle)."""
     rx = lang.create_receiver(peer.addr, room)
+    peer.call("create", room, total, 10)
     assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
     blocker = lang.allocator.alloc(lang.allocator.num_free(), owner="blocker")
     lang.config.resume_tokens = 2 * RESERVE  # needs more blocks than the request holds
@@ -103,8 +103,8 @@ def test_receiver_abort_while_encoder_may_write_waits_for_ack(peers, make_lang):
     lang = make_lang()
     room = new_room()
     rx = lang.create_receiver(peer.addr, room)
+    peer.call("create", room, 20, 5)
     assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
-    peer.call("create", room)
     rx.abort("client went away")
     assert rx.poll() == KVPoll.Failed
     assert wait_final(lang, rx) == KVPoll.Failed  # finished = released after AbortAck
@@ -140,15 +140,15 @@ def test_bootstrap_timeout_language_side(make_lang, peers):
 
 
 def test_bootstrap_timeout_encoder_side(peers, make_lang):
-    """The encoder has the request but the second language rank never reserves."""
+    """The encoder has the request but the second language rank never expects it."""
     peer = peers(bootstrap_timeout_s=0.5)
     lang = make_lang()
     room = new_room()
     rx = lang.create_receiver(peer.addr, room, rank=0, num_ranks=2)
-    peer.call("create", room)
+    peer.call("create", room, 20, 5)
     assert peer.call("wait", room, 10) == (
         KVPoll.Failed,
-        "bootstrap timeout: 1/2 destinations reserved within 0.5s",
+        "bootstrap timeout: 1/2 destinations expected the request within 0.5s",
     )
     assert wait_final(lang, rx) == KVPoll.Failed and "bootstrap timeout" in rx.reason
     ok_transfer(peer, lang)
@@ -161,7 +161,7 @@ def test_waiting_timeout(peers, make_lang):
     lang = make_lang(waiting_timeout_s=0.5)
     room = new_room()
     rx = lang.create_receiver(peer.addr, room)
-    peer.call("create", room)
+    peer.call("create", room, 20, 5)
     assert wait_final(lang, rx) == KVPoll.Failed
     assert rx.reason == "waiting timeout: no data from encoder within 0.5s"
     assert peer.call("wait", room, 10)[0] == KVPoll.Failed
@@ -281,6 +281,7 @@ def test_bad_reservation_fails_only_that_request(peers, make_lang):
     ok_transfer(peer, lang)  # registers lang with the peer
     room = new_room()
     rx = lang.create_receiver(peer.addr, room)
+    peer.call("create", room, 20, 3)
     assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
     bad = make(
         Reserve,
@@ -302,16 +303,32 @@ def test_bad_reservation_fails_only_that_request(peers, make_lang):
     peer.assert_idle()
 
 
-def test_oversize_rejected_up_front(peers, make_lang):
+def test_oversize_rejected_at_the_announcement(peers, make_lang):
+    """A reservation is min(blocks the announced request needs, reserve): a reserve larger
+    than the pool fails only a request that needs more than the pool, on both sides, as a
+    client fault; a smaller request under the same reserve goes through."""
     peer = peers()
     lang = make_lang(num_blocks=4)
-    with pytest.raises(
-        OversizeError, match="request needs 5 blocks but the whole pool has 4"
-    ):
-        lang.create_receiver(peer.addr, new_room(), reserve_tokens=33)
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room, reserve_tokens=33)
+    # 5 blocks of 8 tokens; failed at the announcement, before any payload (the ViT) exists
+    peer.call("create", room, 33, 4)
+    assert wait_final(lang, rx) == KVPoll.Failed
+    assert "request needs 5 blocks but the whole pool has 4" in rx.reason
+    assert wait_until(lambda: peer.call("poll", room)[0] == KVPoll.Failed, 10)
+    status, reason, kind = peer.call("fault", room)
+    assert "request needs 5 blocks but the whole pool has 4" in reason
+    assert rx.kind is FaultKind.CLIENT and kind is FaultKind.CLIENT
+    assert peer.call("wait", room, 10)[0] == KVPoll.Failed
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room, reserve_tokens=33)
+    peer.call("send", room, 2, 20, 4)  # 3 blocks: fits, one round
+    assert peer.call("wait", room, 10) == (KVPoll.Success, "")
+    assert wait_final(lang, rx) == KVPoll.Success
+    assert_same(rx.take(), make_payload(2, 20, 4, H, 3))
     room = new_room()
     rx = lang.create_receiver(peer.addr, room, max_tokens=40)
-    peer.call("send", room, 1, 41, 4)
+    peer.call("create", room, 41, 4)
     status, reason = peer.call("wait", room, 10)
     assert (
         status == KVPoll.Failed
@@ -340,7 +357,8 @@ def test_randomized_faults_no_leak_no_hang(peers, make_lang):
             if rnd.random() < 0.9:
                 peer.call("send", room, op, total, live[room][2])
             else:
-                peer.call("create", room)  # never sent: will be aborted below
+                # never sent: will be aborted below
+                peer.call("create", room, total, live[room][2])
         else:
             room = rnd.choice(list(live))
             rx = live[room][0]
@@ -354,8 +372,9 @@ def test_randomized_faults_no_leak_no_hang(peers, make_lang):
                     pass  # encoder already finished or never had it
     for room, (rx, total, mm, seed) in live.items():
         if rx.poll() not in (KVPoll.Success, KVPoll.Failed) and rx.phase in (
-            Phase.ALLOC,
             Phase.REGISTER,
+            Phase.ANNOUNCE,
+            Phase.ALLOC,
             Phase.RESERVED,
         ):
             if (
@@ -473,7 +492,7 @@ def test_client_fault_arrives_typed_on_the_other_side(peers, make_lang):
     lang = make_lang()
     room = new_room()
     rx = lang.create_receiver(peer.addr, room)
-    assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
+    assert wait_until(lambda: rx.phase == Phase.ANNOUNCE, 10)
     peer.call(
         "fail_room", room, "client error: the image cannot be read", FaultKind.CLIENT
     )
@@ -490,8 +509,8 @@ def test_client_fault_arrives_typed_on_the_other_side(peers, make_lang):
 
     room = new_room()
     rx = lang.create_receiver(peer.addr, room)
+    peer.call("create", room, 20, 5)
     assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
-    peer.call("create", room)
     rx.abort("the client disconnected", FaultKind.CLIENT)
     assert wait_until(lambda: peer.call("poll", room)[0] == KVPoll.Failed, 10)
     assert peer.call("fault", room) == (
@@ -502,9 +521,9 @@ def test_client_fault_arrives_typed_on_the_other_side(peers, make_lang):
     assert peer.call("wait", room, 10)[0] == KVPoll.Failed
     assert wait_final(lang, rx) == KVPoll.Failed
 
-    timed_out = peers(bootstrap_timeout_s=0.3)  # its sender never gets a reservation
+    timed_out = peers(bootstrap_timeout_s=0.3)  # its sender is never expected
     room = new_room()
-    timed_out.call("create", room)
+    timed_out.call("create", room, 20, 5)
     assert wait_until(lambda: timed_out.call("poll", room)[0] == KVPoll.Failed, 10)
     status, reason, kind = timed_out.call("fault", room)
     assert reason.startswith("bootstrap timeout") and kind is FaultKind.TIMEOUT
@@ -530,8 +549,8 @@ def test_injected_failure_ends_the_room_on_both_sides(peers, make_lang):
     # Language side.
     room = new_room()
     rx = lang.create_receiver(peer.addr, room)
+    peer.call("create", room, 20, 5)
     assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
-    peer.call("create", room)
     assert poll_as_scheduler(rx, 1.0) == KVPoll.Failed
     assert rx.poll() == KVPoll.Failed and rx.reason == injected
     # blocks back after the encoder's AbortAck
@@ -543,8 +562,8 @@ def test_injected_failure_ends_the_room_on_both_sides(peers, make_lang):
     # Encode side.
     room = new_room()
     rx = lang.create_receiver(peer.addr, room)
+    peer.call("create", room, 20, 5)
     assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
-    peer.call("create", room)
     assert peer.call("poll_scheduler", room, 1.0) == KVPoll.Failed
     assert peer.call("wait", room, 10) == (KVPoll.Failed, injected)
     assert wait_final(lang, rx) == KVPoll.Failed
@@ -552,6 +571,7 @@ def test_injected_failure_ends_the_room_on_both_sides(peers, make_lang):
     # No injection: the same poll reports the transfer's own state and ends nothing.
     room = new_room()
     rx = lang.create_receiver(peer.addr, room)
+    peer.call("create", room, RESERVE, 5)
     assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
     assert poll_as_scheduler(rx, 0.0) == KVPoll.WaitingForInput
     peer.call("send", room, 1, RESERVE, 5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 
 import pytest
 import torch
@@ -27,7 +28,16 @@ from sglang.srt.disaggregation.encode_language.connection import (
     ConnectionConfig,
     mooncake_timeout_s,
 )
+from sglang.srt.disaggregation.encode_language.manifest import RequestShape
 from sglang.srt.disaggregation.encode_language.receiver import Phase
+from sglang.srt.disaggregation.encode_language.sender import EncodeManager, WriterPool
+
+
+def create_sender(enc, room, payload):
+    """An in-process encoder's request for ``payload`` (its shape is announced)."""
+    return enc.create_sender(
+        room, RequestShape(payload.total_tokens, payload.mm_tokens, payload.items)
+    )
 
 
 def process_state(pid: int) -> str:
@@ -42,8 +52,9 @@ def test_stalled_encoder_late_write_never_passes_wrong_bytes(
     mp_ctx, peers, make_lang, caplog, late_write
 ):
     """issue 7 item 10: an encoder process stopped (SIGSTOP) mid-write past the heartbeat budget
-    is declared dead; its blocks are quarantined (not free, not in use) until the fence timeout
-    (logged), then a second request from another encoder reuses them. The stalled encoder resumes
+    is declared dead; issue 16 item 2: its blocks are freed at once, exposed (not quarantined
+    until the fence timeout, 120 s here), and a second request from another encoder reuses them
+    with its round checksummed. The stalled encoder resumes
     (SIGCONT) and the rest of its write lands in the second request's blocks, either before that
     request's own write (which overwrites it: byte-exact) or after it and before its copy-out
     (the test holds the language manager's lock to order that): the generation/checksum check
@@ -54,11 +65,12 @@ def test_stalled_encoder_late_write_never_passes_wrong_bytes(
     # The second encoder must not give up on us while we hold our lock.
     healthy = peers(heartbeat_interval_s=30)
     # the pool is one reservation
-    lang = make_lang(num_blocks=2, fence_timeout_s=1.0)
+    lang = make_lang(num_blocks=2, fence_timeout_s=120.0)
     payload_b = (2, 2 * B, 2 * B - 5)  # seed, tokens, multimodal tokens
     try:
         room_a, room_b = new_room(), new_room()
         rx_a = lang.create_receiver(victim.addr, room_a)
+        victim.call("create", room_a, 2 * B, 2 * B - 3)
         assert wait_until(lambda: rx_a.phase == Phase.RESERVED, 10)
         a_blocks = rx_a.handle.blocks
         victim.call("stall_next_write", "sigstop_mid")
@@ -68,11 +80,12 @@ def test_stalled_encoder_late_write_never_passes_wrong_bytes(
         assert wait_until(lambda: lang.peer_is_dead(victim.addr), 10)
         assert rx_a.poll() == KVPoll.Failed and "unreachable" in rx_a.reason
         counts = accounting_ok(lang.allocator)
-        assert counts == dict(free=0, quarantined=2, used=0, total=2)
+        # freed at once (no AbortAck can come from a dead encoder), exposed
+        assert counts == dict(free=2, quarantined=0, used=0, total=2)
+        assert lang.exposed_blocks == set(a_blocks) and not lang.fences
         rx_b = lang.create_receiver(healthy.addr, room_b)
-        assert rx_b.phase == Phase.ALLOC  # fenced blocks are not handed out
-        assert wait_until(lambda: rx_b.phase == Phase.RESERVED, 10)  # fence timeout
-        assert "fence timeout: releasing 2 blocks of room" in caplog.text
+        healthy.call("create", room_b, *payload_b[1:])
+        assert wait_until(lambda: rx_b.phase == Phase.RESERVED, 10)
         assert rx_b.handle.blocks == a_blocks
         # Released without the victim's abort_ack: exposed, so B's round is checksummed.
         assert lang.exposed_blocks == set(a_blocks) and rx_b.checksum
@@ -117,6 +130,8 @@ def test_stalled_encoder_late_write_never_passes_wrong_bytes(
         assert status == expected, rx_b.reason
         checksummed = lang.rounds_checksummed
         ok_transfer(healthy, lang)
+        # revived by a pong (until then a request for it fails at once)
+        assert wait_until(lambda: not lang.peer_is_dead(victim.addr), 10)
         ok_transfer(victim, lang)
         # Rounds on the exposed blocks stay checksummed (the pool is those two blocks).
         assert lang.rounds_checksummed > checksummed
@@ -134,18 +149,20 @@ def test_hung_write_is_bounded_and_its_blocks_fenced(mp_ctx, make_lang, returns)
     side is told a write may still land and fences the blocks), does not hold the worker
     (another request completes meanwhile), and when the write finally returns complete the
     encoder acknowledges and both sides' quarantined blocks come back. issue: blockers item 4:
-    when it returns failed (-1: parts may still be in flight) nothing is acknowledged: the
-    language side's fence ends only at fence_timeout_s, exposing its blocks, and the encoder's
-    staging stays quarantined for its fence_timeout_s."""
+    when it returns failed (-1: parts may still be in flight) nothing is acknowledged, and the
+    encoder's staging stays quarantined for its fence_timeout_s; issue 16 item 2: the language
+    side frees the fence's blocks as soon as the encoder reports the failed write, exposed,
+    instead of at its fence_timeout_s (120 s here)."""
     victim = EncodePeer(
         mp_ctx,
         buffer_config(),
         conn_config(data_write_timeout_s=0.5, fence_timeout_s=1.0),
     )
-    lang = make_lang(fence_timeout_s=5.0)
+    lang = make_lang(fence_timeout_s=120.0)
     try:
         room = new_room()
         rx = lang.create_receiver(victim.addr, room)
+        victim.call("create", room, 2 * B, 9)
         assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
         blocks = rx.handle.blocks
         victim.call(
@@ -172,9 +189,8 @@ def test_hung_write_is_bounded_and_its_blocks_fenced(mp_ctx, make_lang, returns)
         if returns == "complete":  # AbortAck once the write returned
             assert wait_until(lambda: not lang.fences, 10)
             assert not lang.exposed_blocks
-        else:  # no AbortAck: the fence waits for its timeout, then exposes the blocks
-            assert wait_until(lambda: lang.fences[key].expire_only, 10)
-            assert wait_until(lambda: not lang.fences, 10)
+        else:  # no AbortAck: the encoder's Abort(write_failed) frees them, exposed
+            assert wait_until(lambda: key not in lang.fences, 10)
             assert lang.exposed_blocks == set(blocks)
         assert accounting_ok(lang.allocator)["quarantined"] == 0
         victim.assert_idle()
@@ -192,8 +208,9 @@ def test_failed_write_that_lands_later_never_passes_wrong_bytes(
     cannot provoke it); the rest (the multimodal rows, no aux segment) lands later, after the
     next owner of the blocks (another encoder) wrote them and before its copy-out. The next
     request is correct (checksummed and verified) or refused, never Success with the failed
-    request's rows: the failed room ends with Abort(write_failed), the language side fences
-    the blocks until fence_timeout_s and then checksums every round on them, and the encoder
+    request's rows: the failed room ends with Abort(write_failed), the language side frees
+    the blocks at once as exposed (issue 16 item 2; before, fenced until fence_timeout_s) and
+    checksums every round on them, and the encoder
     keeps the staging blocks quarantined for its fence_timeout_s. Before the fix the room
     ended with Abort(writes_pending=False), the blocks were freed unfenced, and the next
     request reported Success carrying the previous request's embeddings. ``raise_in_flight``
@@ -204,7 +221,7 @@ def test_failed_write_that_lands_later_never_passes_wrong_bytes(
     # must not give up on us while we hold our lock
     healthy = peers(heartbeat_interval_s=30)
     # the pool is one reservation
-    lang = make_lang(num_blocks=2, fence_timeout_s=1.0)
+    lang = make_lang(num_blocks=2, fence_timeout_s=120.0)
     payload_a, payload_b = (1, 2 * B, 2 * B - 3), (2, 2 * B, 2 * B - 5)
     pa, pb = make_payload(*payload_a, H, 3), make_payload(*payload_b, H, 3)
     what = (
@@ -216,6 +233,7 @@ def test_failed_write_that_lands_later_never_passes_wrong_bytes(
     try:
         room_a, room_b = new_room(), new_room()
         rx_a = lang.create_receiver(victim.addr, room_a)
+        victim.call("create", room_a, *payload_a[1:])
         assert wait_until(lambda: rx_a.phase == Phase.RESERVED, 10)
         a_blocks = rx_a.handle.blocks
         victim.call("stall_next_write", mode)
@@ -226,6 +244,7 @@ def test_failed_write_that_lands_later_never_passes_wrong_bytes(
         after_failure = (accounting_ok(lang.allocator), victim.state()["quarantined"])
 
         rx_b = lang.create_receiver(healthy.addr, room_b)
+        healthy.call("create", room_b, *payload_b[1:])
         assert wait_until(lambda: rx_b.phase == Phase.RESERVED, 10)
         assert rx_b.handle.blocks == a_blocks
         rows = lang.buffers.embeddings[a_blocks[0]]  # first block's rows, live view
@@ -243,8 +262,8 @@ def test_failed_write_that_lands_later_never_passes_wrong_bytes(
         )
         assert outcome_a == (KVPoll.Failed, reason)
         assert rx_a.reason == f"encoder {victim.addr} aborted: {reason}"
-        # Fenced on the language side, the staging quarantined on the encoder, after A failed.
-        assert after_failure == (dict(free=0, quarantined=2, used=0, total=2), 2)
+        # Freed (exposed) on the language side, the staging quarantined on the encoder.
+        assert after_failure == (dict(free=2, quarantined=0, used=0, total=2), 2)
         assert lang.exposed_blocks == set(a_blocks) and rx_b.checksum
         ok_transfer(healthy, lang)
         ok_transfer(victim, lang)
@@ -268,6 +287,7 @@ def test_language_side_hears_the_encoders_verdict_on_a_hung_write(mp_ctx, make_l
     try:
         room = new_room()
         rx = lang.create_receiver(victim.addr, room)
+        victim.call("create", room, 4 * RESERVE, 10)
         assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
         # Round 0 lands; round 1 waits for blocks a blocker holds, then its write hangs.
         blocker = lang.allocator.alloc(lang.allocator.num_free(), owner="blocker")
@@ -335,3 +355,110 @@ def test_write_deadline_follows_mooncakes_own(monkeypatch, env, nbytes, expected
     else:
         monkeypatch.setenv("MC_TRANSFER_TIMEOUT", env)
     assert mooncake_timeout_s(nbytes) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("path", ["worker", "writer_pool"])
+def test_hung_writes_do_not_starve_later_writes(make_lang, path):
+    """issue 16 item 2 (the writer pool refilled when a hung write is abandoned): writes hang
+    past their deadline (Mooncake's 5 s per batch, MC_TRANSFER_TIMEOUT in el_helpers, +
+    data_write_timeout_s 0.5 s) until no thread that makes writes is left; each is abandoned
+    (its room fails, its blocks fenced) and the thread it holds gets a replacement, so a normal
+    request afterwards succeeds byte for byte, and once the writes return their threads end.
+    ``worker``: one-chunk rounds, written on the worker thread (issue 16 item 5), 2 workers, 3
+    hung writes. ``writer_pool``: pipelined rounds (2 chunks), whose writer jobs run on the
+    writer pool; 1 worker and 1 writer thread, 1 hung write. Before the fix the abandoned
+    writes kept the writer pool's threads: every later write failed "did not start within
+    5.5s" (10.5s pipelined). In-process: the encoder shares this process's Mooncake engine;
+    the hung writes are a fake engine call that blocks (a hung Mooncake write cannot be
+    produced on loopback), then makes the real write."""
+    lang = make_lang()
+    cc = dict(data_write_timeout_s=0.5)
+    if path == "writer_pool":
+        cc.update(num_transfer_workers=1, pipeline_blocks=1)
+    enc = EncodeManager(buffer_config(), conn_config(**cc))
+    workers = enc.config.num_transfer_workers
+    hung = workers + 1 if path == "worker" else workers
+    engine = enc.engine
+    real = engine.batch_transfer_sync
+    release, entered = threading.Event(), []
+
+    def hanging(session_id, *segs):
+        entered.append(session_id)  # atomic
+        if len(entered) <= hung:
+            release.wait(60)
+        return real(session_id, *segs)
+
+    engine.batch_transfer_sync = hanging
+
+    def held_threads():  # threads an abandoned write holds
+        if path == "writer_pool":
+            return enc._writer.num_abandoned
+        return sum(t.is_alive() for t in enc._workers) - workers
+
+    try:
+
+        def start(seed, total, mm):
+            room = new_room()
+            payload = make_payload(seed, total, mm, H, 3)
+            sender = create_sender(enc, room, payload)
+            rx = lang.create_receiver(enc.bootstrap_addr, room)
+            assert wait_until(lambda: sender.poll() == KVPoll.WaitingForInput, 10)
+            sender.send(payload)
+            return sender, rx, payload
+
+        stuck = [start(seed, RESERVE, 5) for seed in range(hung)]  # 2 blocks each
+        deadline = enc.config.write_deadline_s(2, sum(enc.layout.slot_block_bytes))
+        reason = (
+            f"data write to {lang.manager_id} timed out after {deadline:.1f}s (it may "
+            "still land)"
+        )
+        for sender, rx, _ in stuck:
+            assert (sender.wait(30), sender.reason) == (KVPoll.Failed, reason)
+            assert wait_final(lang, rx) == KVPoll.Failed
+        assert len(entered) == hung and held_threads() == hung
+        sender, rx, payload = start(7, 3 * RESERVE, 20)  # three rounds
+        assert (sender.wait(30), sender.reason) == (KVPoll.Success, "")
+        assert wait_final(lang, rx) == KVPoll.Success
+        assert_same(rx.take(), payload)
+        release.set()  # the hung writes return complete: AbortAck, fences end
+        assert wait_until(lambda: held_threads() == 0, 10)
+        assert wait_until(lambda: not lang.fences, 10)
+        assert wait_until(lambda: enc.allocator.num_free() == enc.layout.num_blocks, 10)
+        assert not enc._pending_writes and enc.num_active_rooms() == 0
+    finally:
+        release.set()
+        engine.batch_transfer_sync = real
+        enc.close()
+
+
+def test_writer_pool_refill_is_bounded():
+    """issue 16 item 2: an abandoned job's thread is replaced at most ``max_abandoned`` times
+    at once; past the bound no replacement starts (later jobs wait for a thread), and the
+    thread of an abandoned job exits once its job returns."""
+    pool = WriterPool(1, max_abandoned=1, name="test-writer")
+    gates = [threading.Event() for _ in range(2)]
+    try:
+        first = pool.submit(gates[0].wait, 10)
+        assert wait_until(lambda: first.running(), 5)
+        assert pool.abandon(first) and pool.num_abandoned == 1
+        assert pool.submit(lambda: 7).result(5) == 7  # on the replacement
+        second = pool.submit(gates[1].wait, 10)
+        assert wait_until(lambda: second.running(), 5)
+        assert not pool.abandon(second)  # the bound: no replacement
+        third = pool.submit(lambda: 8)
+        assert not third.done()
+        gates[1].set()  # the second job's thread was not abandoned: it runs the third
+        assert third.result(5) == 8 and second.result() is True
+        gates[0].set()
+        assert first.result(5) is True
+        assert wait_until(lambda: pool.num_abandoned == 0, 5)
+        assert wait_until(
+            lambda: sum(t.name.startswith("test-writer") for t in threading.enumerate())
+            == 1,
+            5,
+        )
+        assert not pool.abandon(first)  # a job that returned is not abandoned
+    finally:
+        for g in gates:
+            g.set()
+        pool.shutdown()

@@ -143,6 +143,17 @@ ALL = [
     ),
     mf.make(mf.Unregistered, manager_id="h:3", room=1, epoch=2),
     mf.make(
+        mf.Expect, room=1, manager_id="h:1", epoch=1, rank=1, num_ranks=2, max_tokens=9
+    ),
+    mf.make(
+        mf.Announce,
+        room=1,
+        manager_id="h:3",
+        total_tokens=300,
+        mm_tokens=256,
+        items=[["image", [[10, 265]], 2**63 + 5, b"\x01" * 32]],
+    ),
+    mf.make(
         mf.Reserve,
         room=1,
         manager_id="h:1",
@@ -206,12 +217,11 @@ def test_message_roundtrip_is_named_map(msg):
 
 def test_abort_carries_its_fault_kind_typed():
     """issue: blockers item 8 (typed fault kinds): the kind travels as a typed enum field of
-    ``abort`` (protocol version 4): decoded as ``FaultKind``, an unknown kind or an abort
+    ``abort`` (since protocol version 4): decoded as ``FaultKind``, an unknown kind or an abort
     without one is rejected, never guessed from the reason."""
-    assert mf.PROTOCOL_VERSION == 4
     base = {
         "type": "abort",
-        "version": 4,
+        "version": mf.PROTOCOL_VERSION,
         "room": 1,
         "manager_id": "h:1",
         "reason": "r",
@@ -237,7 +247,7 @@ def test_abort_carries_its_fault_kind_typed():
         (msgspec.msgpack.encode([1, 2, 3]), "invalid control message"),
         (
             msgspec.msgpack.encode(
-                {"type": "abort_ack", "version": 4, "room": "x", "manager_id": "h"}
+                {"type": "abort_ack", "version": 5, "room": "x", "manager_id": "h"}
             ),
             "Expected `int`",
         ),
@@ -245,7 +255,7 @@ def test_abort_carries_its_fault_kind_typed():
             msgspec.msgpack.encode(
                 {
                     "type": "abort_ack",
-                    "version": 4,
+                    "version": 5,
                     "room": 1,
                     "manager_id": "h",
                     "extra": 0,
@@ -261,7 +271,7 @@ def test_abort_carries_its_fault_kind_typed():
             msgspec.msgpack.encode(
                 {"type": "abort_ack", "version": 1, "room": 1, "manager_id": "h"}
             ),
-            "protocol version 1, expected 4",
+            "protocol version 1, expected 5",
         ),
     ],
 )

@@ -13,6 +13,8 @@ from sglang.srt.disaggregation.encode_language.connection import RoomInUseError
 from sglang.srt.disaggregation.encode_language.manifest import (
     AUX_HEADER_BYTES,
     AbortAck,
+    Announce,
+    Expect,
     Ping,
     Pong,
     Register,
@@ -33,8 +35,9 @@ def fake():
     f.close()
 
 
-def reserved(fake, lang, room, total=2 * B):
-    """A receiver whose encoder is ``fake``; returns (receiver, its Reserve)."""
+def reserved(fake, lang, room, total=2 * B, mm=5):
+    """A receiver whose encoder is ``fake``, announced as (total, mm) tokens; returns
+    (receiver, its Reserve)."""
     rx = lang.create_receiver(fake.addr, room)
     if fake.addr not in lang.registrations or lang.registrations[fake.addr].ok is None:
         reg = fake.expect(Register)
@@ -49,6 +52,20 @@ def reserved(fake, lang, room, total=2 * B):
                 layout=lang.layout,
             ),
         )
+    expect = fake.expect(Expect)
+    assert (
+        expect.room == room and rx.handle is None
+    )  # no blocks before the announcement
+    fake.send(
+        lang.manager_id,
+        make(
+            Announce,
+            room=room,
+            manager_id=fake.addr,
+            total_tokens=total,
+            mm_tokens=mm,
+        ),
+    )
     res = fake.expect(Reserve)
     assert res.room == room and wait_until(lambda: rx.phase == Phase.RESERVED, 10)
     return rx, res

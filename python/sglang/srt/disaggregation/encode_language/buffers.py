@@ -559,11 +559,9 @@ class MultimodalDataBuffers:
         if token_count == T and n_mask != M:
             _wait_for(pieces)  # no copy may still write the blocks once this raises
             payload.check_mask_count(n_mask)
-        bits = np.packbits(
-            np.pad(mask_np, (0, nb * B - token_count)).reshape(nb, B),
-            axis=1,
-            bitorder="little",
-        )
+        padded = np.zeros(nb * B, dtype=bool)  # (np.pad: ~25 us more on a small round)
+        padded[:token_count] = mask_np
+        bits = np.packbits(padded.reshape(nb, B), axis=1, bitorder="little")
         aux = self.aux.numpy()
         aux[blocks] = 0
         aux[blocks, AUX_HEADER_BYTES : AUX_HEADER_BYTES + bits.shape[1]] = bits

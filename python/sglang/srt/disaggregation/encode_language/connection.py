@@ -19,8 +19,10 @@
   names the encoder by the endpoint it dials (``ManagerBase.reached_at``; docs/transport.md,
   "Deploying across nodes / addressing").
 * Liveness: peers with live requests are pinged every ``heartbeat_interval_s``; one that misses
-  ``heartbeat_max_failures`` pongs in a row is declared dead (its requests fail) but is still
-  pinged, and a pong revives it. A peer dead, or without a live request, for ``peer_prune_s`` is
+  ``heartbeat_max_failures`` pongs in a row (the liveness window,
+  ``ConnectionConfig.liveness_window_s``) is declared dead (its requests fail) but is still
+  pinged, and a pong revives it. A ping this side sent late (it was not running itself) is not
+  counted as missed. A peer dead, or without a live request, for ``peer_prune_s`` is
   forgotten: health entry, registration and PUSH socket.
 * ``TransferRequest``: the small protocol the per-request objects (``EncodeSender``,
   ``LanguageReceiver``) implement for a scheduler loop. They do not subclass upstream's
@@ -71,6 +73,7 @@ from sglang.srt.distributed.device_communicators.mooncake_transfer_engine import
     MooncakeTransferEngine,
     init_mooncake_transfer_engine,
 )
+from sglang.srt.environ import envs
 from sglang.srt.utils.network import NetworkAddress, get_local_ip_auto, zmq_connect
 
 logger = logging.getLogger(__name__)
@@ -132,8 +135,22 @@ class ConnectionConfig:
     resume_timeout_s: float = 60.0
     # language: abort sent -> encoder confirms no write in flight
     abort_ack_timeout_s: float = 30.0
-    heartbeat_interval_s: float = 2.0
-    heartbeat_max_failures: int = 3  # missed pongs in a row = peer dead
+    # Liveness (docs/transport.md, "Liveness"): a watched peer is pinged every
+    # heartbeat_interval_s and declared dead once a ping has gone unanswered for the liveness
+    # window, heartbeat_interval_s x heartbeat_max_failures (10 s by default). Defaults as
+    # upstream PD's (SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL, at least 2 s, and
+    # SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE, at least 1; common/conn.py), read from the
+    # same environment variables.
+    heartbeat_interval_s: float = dataclasses.field(
+        default_factory=lambda: max(
+            envs.SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL.get(), 2.0
+        )
+    )
+    heartbeat_max_failures: int = dataclasses.field(
+        default_factory=lambda: max(
+            envs.SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE.get(), 1
+        )
+    )
     num_transfer_workers: int = 2  # encode side
     # Encoder: stage and write a round in chunks of this many blocks, so staging chunk i+1
     # overlaps the transfer-engine write of chunk i (0 = one chunk per round). Off by default:
@@ -157,6 +174,15 @@ class ConnectionConfig:
     # Encoder: payload bytes held by reference until their last round; send() past the bound
     # raises PayloadBudgetError and changes nothing (0 = unbounded).
     max_inflight_payload_bytes: int = 8 << 30
+
+    @property
+    def liveness_window_s(self) -> float:
+        """The liveness window: a peer silent (a ping unanswered) this long is declared dead
+        and its requests fail (503); a pause shorter than this (a GC pause, SIGSTOP, a noisy
+        neighbour) loses no request. The verdict comes this long after the first ping the
+        peer left unanswered, so at most one ``heartbeat_interval_s`` later than this after
+        it went silent."""
+        return self.heartbeat_interval_s * self.heartbeat_max_failures
 
     def write_deadline_s(self, num_blocks: int, block_bytes: int) -> float:
         """Encoder: how long the writes of one round of ``num_blocks`` blocks (``block_bytes``
@@ -840,7 +866,22 @@ class ManagerBase:
                 if now < h.next_ping:
                     due = min(due, h.next_ping)
                     continue
-                if h.outstanding is not None and not h.dead:
+                if (
+                    h.outstanding is not None
+                    and not h.dead
+                    and now - h.next_ping > cfg.heartbeat_interval_s / 2
+                ):
+                    # This side's timer is late by half an interval: it was not running
+                    # (stopped, starved), so the peer's pong may be unread or was never
+                    # asked for in time. Not a miss: ask again, a full interval from now.
+                    logger.info(
+                        "%s: heartbeat to %s ran %.1fs late (this side was not running); "
+                        "not counted as missed",
+                        self.role,
+                        ep,
+                        now - h.next_ping,
+                    )
+                elif h.outstanding is not None and not h.dead:
                     h.missed += 1
                     if h.missed >= cfg.heartbeat_max_failures:
                         # declared below; pinged from the next interval on

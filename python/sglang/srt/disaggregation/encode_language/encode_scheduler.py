@@ -3,18 +3,22 @@
 Shaped like a PD prefill server so ``sglang-router --pd-disaggregation`` fronts it unchanged:
 
 1. ``add_disagg_encode_request``: a request with media gets an ``EncodeSender`` for its
-   bootstrap room at once (the language side may reserve before or after); a request without
+   bootstrap room at once, with its shape (T unpadded tokens, M placeholder tokens, the item
+   table: the processor ran in the tokenizer manager), which the transport announces to the
+   language side once it expects the request (it may do so before or after); a request without
    image or video, or from the fake bootstrap host (health checks, warm-up), finishes at once
    with nothing sent; if its prompt holds a placeholder token anyway, the language side (which
    reserves on placeholders) is told "no transfer" (``_answer_no_transfer``).
-2. ``run_disagg_encode_batch``: the images (and videos) of the waiting requests go through
-   upstream's ``get_image_feature`` / ``get_video_feature`` in one call per modality, as many
-   requests per call as fit ``--max-prefill-tokens`` placeholder tokens (``take_vit_batch``) and
-   whose payloads fit the in-flight bound (``_admit_payloads``: the rest wait), and
-   ``separate_deepstack_embeds`` splits the rows; each request's ``MultimodalPayload`` (unpadded
-   ids, M-RoPE positions and delta, multimodal mask, rows, item table) is handed to its sender.
-   The ViT does not wait for the language side's reservation: the transport starts the rounds
-   when both are there.
+2. ``run_disagg_encode_batch``: only requests whose every destination has reserved blocks
+   for round 0 (sender poll ``WaitingForInput``; ``Bootstrapping`` ones keep waiting) go on: so
+   payload bytes are only ever held by requests that hold language blocks, and language blocks
+   only by requests whose vision tower will run (no cycle of waits between the two bounds).
+   Their images (and videos) go through upstream's ``get_image_feature`` /
+   ``get_video_feature`` in one call per modality, as many requests per call as fit
+   ``--max-prefill-tokens`` placeholder tokens (``take_vit_batch``) and whose payloads fit the
+   in-flight bound (``_admit_payloads``: the rest wait), and ``separate_deepstack_embeds`` splits
+   the rows; each request's ``MultimodalPayload`` (unpadded ids, M-RoPE positions and delta,
+   multimodal mask, rows, item table) is handed to its sender.
 3. ``process_disagg_encode_inflight``: senders are polled (MIN over the TP group, as PD
    does); Success finishes the request with an empty output (``FINISH_LENGTH(0)``, no tokens,
    empty logprob lists), exactly what the router merges from a prefill server; Failed answers
@@ -57,12 +61,19 @@ from sglang.srt.disaggregation.encode_language.encode_request_faults import (
     room_failure,
     status_of_transfer_failure,
 )
-from sglang.srt.disaggregation.encode_language.item_table import item_table
+from sglang.srt.disaggregation.encode_language.item_table import (
+    ItemTableError,
+    item_table,
+)
 from sglang.srt.disaggregation.encode_language.language_mm_receiver import (
     placeholder_token_ids,
     waits_for_rows,
 )
-from sglang.srt.disaggregation.encode_language.manifest import FaultKind, dtype_name
+from sglang.srt.disaggregation.encode_language.manifest import (
+    FaultKind,
+    RequestShape,
+    dtype_name,
+)
 from sglang.srt.disaggregation.encode_language.metrics import EncodeLanguageMetrics
 from sglang.srt.disaggregation.encode_language.sender import (
     EncodeManager,
@@ -131,6 +142,18 @@ def take_vit_batch(reqs: List, budget: int, tokens=vit_tokens) -> Tuple[List, Li
         if i > 0 and total > budget:
             return reqs[:i], reqs[i:]
     return list(reqs), []
+
+
+def request_shape(req: "Req") -> RequestShape:
+    """What the encoder announces for ``req`` before its vision tower runs: the unpadded
+    tokens, the placeholder tokens its images and videos fill, and their item table (what
+    ``_payload`` will carry)."""
+    mm_items = req.multimodal_inputs.mm_items
+    return RequestShape(
+        len(req.origin_input_ids_unpadded),
+        vit_tokens(req),
+        [entry.to_wire() for entry in item_table(mm_items)],
+    )
 
 
 def has_media(req: "Req") -> bool:
@@ -237,10 +260,15 @@ class SchedulerDisaggregationEncodeMixin:
             return
         try:
             req.disagg_kv_sender = self.disagg_encode_manager.create_sender(
-                req.bootstrap_room
+                req.bootstrap_room, request_shape(req)
             )
-        except RoomInUseError as e:
+        except (RoomInUseError, ItemTableError) as e:
             logger.error("encode: request %s refused: %s", req.rid, e)
+            if isinstance(e, ItemTableError):  # a modality the transport does not carry
+                # the language side expects the room: it gets the refusal, not a timeout
+                self.disagg_encode_manager.fail_room(
+                    req.bootstrap_room, client_fault(str(e)), FaultKind.CLIENT
+                )
             if self.disagg_encode_tp_size > 1:
                 # The other ranks queued it: fail it through the poll agreement.
                 req.disagg_kv_sender = _RefusedSender(str(e))
@@ -359,17 +387,21 @@ class SchedulerDisaggregationEncodeMixin:
             )
         else:
             polls = [req.disagg_kv_sender.poll() for req in reqs]
-        live = []
+        live, unreserved = [], []
         for req, poll in zip(reqs, polls):
             if poll == KVPoll.Failed:  # aborted or refused while waiting
                 self._fail_disagg_encode(req)
-            else:
+            elif poll == KVPoll.WaitingForInput:  # every destination reserved round 0
                 live.append(req)
+            else:  # Bootstrapping: not announced, or waiting for language blocks
+                unreserved.append(req)
         if not live:
+            self.disagg_encode_waiting = unreserved
             return
         live, later = take_vit_batch(live, get_schedule().max_prefill_tokens)
         live, held = self._admit_payloads(live)
-        self.disagg_encode_waiting = held + later
+        waiting = {id(req) for req in held + later + unreserved}
+        self.disagg_encode_waiting = [req for req in reqs if id(req) in waiting]
         if not live:
             return
         try:

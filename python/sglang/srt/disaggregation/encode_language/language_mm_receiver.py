@@ -6,7 +6,9 @@ on ``LanguageManager`` / ``LanguageReceiver``:
 
 * A tokenized request whose prompt holds an image or video placeholder (the shared rule with
   the encode server, which finishes at once when there is no media) waits here, beside the
-  normal scheduler, while its rows are received (reserve -> rounds -> take). Everything else
+  normal scheduler, while its rows are received (expect -> the encoder's announcement ->
+  reserve -> rounds -> take; a request too large for this rank fails at the announcement,
+  answered 400 on both sides). Everything else
   (text-only, health checks and warm-up from the fake bootstrap host) passes straight through.
 * A received request becomes an ordinary multimodal request: ``input_ids`` are the encode
   side's expanded ids, and ``mm_inputs`` holds one precomputed ``MultimodalDataItem`` per image
@@ -46,7 +48,6 @@ import torch
 import torch.distributed as dist
 
 from sglang.srt.disaggregation.base.conn import KVPoll
-from sglang.srt.disaggregation.encode_language.allocator import OversizeError
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
     ReceivedData,
@@ -66,6 +67,7 @@ from sglang.srt.disaggregation.encode_language.item_table import (
     ItemEntry,
     check_against_mask,
 )
+from sglang.srt.disaggregation.encode_language.language_mm_inputs import rows_to_host
 from sglang.srt.disaggregation.encode_language.manifest import FaultKind, dtype_name
 from sglang.srt.disaggregation.encode_language.metrics import EncodeLanguageMetrics
 from sglang.srt.disaggregation.encode_language.receiver import (
@@ -134,7 +136,7 @@ class _FollowerPoll:
 
 
 class _RefusedPoll:
-    """The owner could not create a receiver (room in use, too large, a bootstrap address that
+    """The owner could not create a receiver (room in use, a bootstrap address that
     cannot be used): the request fails through the poll agreement, so every rank drops it in
     the same iteration, answered by ``kind``."""
 
@@ -206,7 +208,9 @@ class LanguageMMReceiver:
             "language", scheduler.metrics_reporter.enable_metrics
         )
         if self.manager is not None:
-            self.metrics.observe_blocks(self.manager.allocator)
+            self.metrics.observe_blocks(
+                self.manager.allocator, len(self.manager.exposed_blocks)
+            )
 
     # The mm_receiver interface ---------------------------------------------------------------
     def process_waiting_requests(self, recv_reqs: List) -> Tuple[List, List]:
@@ -232,7 +236,9 @@ class LanguageMMReceiver:
                 self._start_looked_up()
             self._poll(ready, aborts)
         if self.manager is not None:
-            self.metrics.observe_blocks(self.manager.allocator)
+            self.metrics.observe_blocks(
+                self.manager.allocator, len(self.manager.exposed_blocks)
+            )
         self.metrics.observe_waiting(len(self.waiting_list))
         return ready, aborts
 
@@ -317,7 +323,7 @@ class LanguageMMReceiver:
                 num_ranks=1,  # one receive per server; the other TP ranks get a broadcast
                 max_tokens=self.scheduler.max_req_input_len,
             )
-        except (RoomInUseError, OversizeError, PeerAddressError) as e:
+        except (RoomInUseError, PeerAddressError) as e:
             logger.error("language: request %s refused: %s", recv_req.rid, e)
             return _RefusedPoll(str(e), getattr(e, "kind", FaultKind.CLIENT))
         except Exception as e:  # fails the request, never the scheduler
@@ -488,8 +494,8 @@ class LanguageMMReceiver:
         """The received rows of a ready request; with ``--tp > 1`` every rank calls this for
         the same requests in the same order and gets the owner's rows over the TP group: the
         token fields over the cpu group, the multimodal rows ([M, (1+K)*H], embedding and
-        deepstack side by side) in one broadcast (on GPUs over the device group, and kept on
-        the device on every rank).
+        deepstack side by side) in one broadcast (on GPUs over the device group; ``_attach``
+        then moves them to pinned host memory on every rank).
 
         Every rank joins every collective of the request, whatever fails on it: the owner's
         error taking the rows travels in the header (every rank raises it); a rank's error
@@ -581,8 +587,8 @@ class LanguageMMReceiver:
         empty buffer of ``shape``. Bools travel as uint8 (gloo has no bool). On the host,
         broadcast over the TP cpu (gloo) group, except ``on_device`` on GPUs: on the device,
         broadcast over the device (NCCL) group, the owner copying its pinned rows to its GPU
-        once and every rank keeping the result on its device (no host round trip; not
-        exercised on the CPU test bed).
+        once (no host round trip through gloo; not exercised on the CPU test bed); the device
+        buffer lives only until ``_attach`` has copied its items to pinned host memory.
         Device branch, stream order: the H2D copy and the result live on this thread's current
         stream; ProcessGroupNCCL's stream waits for it before the broadcast, and it for that
         stream after (the collective keeps the buffer until done); the pinned host source stays
@@ -609,16 +615,11 @@ class LanguageMMReceiver:
         rows = data.rows
         if rows.is_cuda:
             # Written on another stream (the manager thread's read_round, waited for before
-            # Success) or on this one (the TP broadcast); read here and by the forward, which
-            # runs after this stream (upstream: forward_stream.wait_stream(schedule_stream)):
-            # the allocator keeps the memory until both streams' reads are done.
-            use_on_streams(
-                rows,
-                (
-                    torch.cuda.current_stream(rows.device),
-                    self.scheduler.forward_stream,
-                ),
-            )
+            # Success) or on this one (the TP broadcast); read only here, by the items' copies
+            # to pinned host memory (rows_to_host): the request keeps its rows on the host for
+            # its whole life, and the forward copies them back per chunk (stage_rows). The
+            # allocator keeps the memory until this stream's reads are done.
+            use_on_streams(rows, (torch.cuda.current_stream(rows.device),))
         row_of_token = torch.cumsum(data.mm_mask.to(torch.int64), 0) - 1
         items = []
         for entry in entries:
@@ -631,7 +632,8 @@ class LanguageMMReceiver:
                 offsets=[tuple(span) for span in entry.offsets],
                 format=MultimodalInputFormat.PRECOMPUTED_EMBEDDING,
                 # an item's rows are consecutive in the row stream: a view, not a copy
-                precomputed_embeddings=(
+                # (gathered on the device, before the copy to the host, when they are not)
+                precomputed_embeddings=rows_to_host(
                     rows[first : first + n] if contiguous else rows[idx.to(rows.device)]
                 ),
             )

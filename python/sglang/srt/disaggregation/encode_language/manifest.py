@@ -27,8 +27,9 @@ import torch
 
 LAYOUT_VERSION = 3  # 2: aux header carries room, reservation generation and a block checksum; 3: XXH3
 # 2: epochs, generations, sender ids, Unregistered; 3: Reserve.checksum;
-# 4: Abort.kind (FaultKind) and Abort.write_failed
-PROTOCOL_VERSION = 4
+# 4: Abort.kind (FaultKind) and Abort.write_failed; 5: Expect and Announce (reservations sized
+# from the encoder's announcement of the request's shape)
+PROTOCOL_VERSION = 5
 
 # dtype <-> wire name; the names are what manifests carry.
 _DTYPES = {
@@ -384,13 +385,50 @@ class RegisterAck(_Msg, tag="register_ack"):
 
 
 class Unregistered(_Msg, tag="unregistered"):
-    """Encoder -> language manager: a reservation relied on registration ``epoch``, which this
-    encoder does not hold (it declared the manager dead, pruned it, or restarted). The language
-    side registers again and re-sends round-0 reservations."""
+    """Encoder -> language manager: an ``Expect`` or reservation relied on registration
+    ``epoch``, which this encoder does not hold (it declared the manager dead, pruned it, or
+    restarted). The language side registers again and sends its ``Expect`` again (a receiver
+    past round 0 fails: its encoder room is gone)."""
 
     manager_id: str  # the encoder
     room: int
     epoch: int
+
+
+class Expect(_Msg, tag="expect"):
+    """Language rank -> encoder: this rank holds request ``room`` and waits for its
+    announcement (sent once registration ``epoch`` is acknowledged; no blocks are held yet).
+    """
+
+    room: int
+    manager_id: str
+    epoch: int  # the registration this relies on
+    rank: int
+    num_ranks: int
+    max_tokens: int  # most tokens this rank accepts for one request; 0 = no limit
+
+
+class Announce(_Msg, tag="announce"):
+    """Encoder -> language rank: the request's exact shape, known before its vision tower runs
+    (the processor ran at arrival). Sent once the encoder holds the request and every
+    destination's ``Expect``; the language side reserves ``min(needed, reserve)`` blocks then.
+    ``items`` is the item table (item_table.py) the payload carries: what a language side can
+    match against what it already holds."""
+
+    room: int
+    manager_id: str  # the encoder; must be the room's encoder
+    total_tokens: int
+    mm_tokens: int
+    items: list = []
+
+
+class RequestShape(NamedTuple):
+    """What the encoder announces for a request: total tokens T, multimodal tokens M and the
+    item table entries (``ItemEntry.to_wire()``), as its payload will carry them."""
+
+    total_tokens: int
+    mm_tokens: int
+    items: list = []
 
 
 class Reserve(_Msg, tag="reserve"):
@@ -478,7 +516,17 @@ class Pong(_Msg, tag="pong"):
 
 
 Message = Union[
-    Register, RegisterAck, Unregistered, Reserve, RoundDone, Abort, AbortAck, Ping, Pong
+    Register,
+    RegisterAck,
+    Unregistered,
+    Expect,
+    Announce,
+    Reserve,
+    RoundDone,
+    Abort,
+    AbortAck,
+    Ping,
+    Pong,
 ]
 _decoder = msgspec.msgpack.Decoder(Message)
 _encoder = msgspec.msgpack.Encoder()

@@ -11,6 +11,8 @@ observable from outside the process::
     sglang:encode_language_waiting_requests{role}     requests whose transfer is not over
     sglang:encode_language_held_total{role}           requests the encoder held back before
                                                       the vision tower (in-flight payload bound)
+    sglang:encode_language_exposed_blocks{role}       language: blocks a late write may still
+                                                      reach (rounds on them are checksummed)
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ class EncodeLanguageMetrics:
             labelnames=("role",),
             multiprocess_mode="mostrecent",
         )
+        self._exposed = Gauge(
+            name="sglang:encode_language_exposed_blocks",
+            documentation="Language side: blocks freed while a dead or failed encoder's write may still land in them; rounds on them are checksummed until the exposure ends (a bound from Mooncake's own transfer timeout).",
+            labelnames=("role",),
+            multiprocess_mode="mostrecent",
+        )
         self._held = Counter(
             name="sglang:encode_language_held_total",
             documentation="Requests the encoder held back before the vision tower until in-flight payload bytes dropped below max_inflight_payload_bytes (once per request).",
@@ -77,12 +85,13 @@ class EncodeLanguageMetrics:
         self._last_waiting = num_requests
         self._waiting.labels(self.role).set(num_requests)
 
-    def observe_blocks(self, allocator) -> None:
+    def observe_blocks(self, allocator, exposed: int = 0) -> None:
+        """``exposed``: of those blocks, how many a late write may reach (language side)."""
         if not self.enabled:
             return
         # free + quarantined (a dead or timed-out peer may still write them) + in use = total
         acc = allocator.accounting()
-        snapshot = (acc["free"], acc["quarantined"], acc["used"], acc["total"])
+        snapshot = (acc["free"], acc["quarantined"], acc["used"], acc["total"], exposed)
         if snapshot == self._last_blocks:
             return
         self._last_blocks = snapshot
@@ -90,6 +99,7 @@ class EncodeLanguageMetrics:
         self._blocks.labels(self.role, "quarantined").set(acc["quarantined"])
         self._blocks.labels(self.role, "in_use").set(acc["used"])
         self._blocks.labels(self.role, "total").set(acc["total"])
+        self._exposed.labels(self.role).set(exposed)
 
     def request_done(
         self,

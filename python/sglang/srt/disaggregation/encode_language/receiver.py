@@ -2,11 +2,20 @@
 
 Lifecycle of a receiver (``Phase``; ``KVPoll`` values in brackets)::
 
-    create_receiver ─> ALLOC [Bootstrapping] ─blocks─> REGISTER [Bootstrapping] ─ack ok─>
+    create_receiver ─> REGISTER [Bootstrapping] ─ack ok, Expect sent─> ANNOUNCE [Bootstrapping]
+      ─Announce(T, M, items)─> ALLOC [Bootstrapping] ─min(blocks for T, reserve) blocks─>
       RESERVED r=0 [WaitingForInput] ─RoundDone(partial)─> RESUME_ALLOC [Transferring]
       ─blocks─> RESERVED r+1 [Transferring] ─ ... ─> RoundDone(last) ─> DONE [Success] ─> take()
-    RESERVED r=0 ─Unregistered─> REGISTER (register again, same blocks)
+    ANNOUNCE, ALLOC, RESERVED r=0 ─Unregistered─> REGISTER (register again; blocks freed)
     any ─failure─> DONE [Failed]
+
+Admission: a request holds no blocks until the encoder announces its exact shape (it does so
+once it holds the request and every destination's Expect); then it reserves
+``min(blocks for T, reserve)`` blocks, in announcement order (nobody overtakes), waiting in ALLOC
+without a timer: waiting for blocks is load, not a fault (a dead encoder is found by heartbeats).
+Pairing (``ANNOUNCE``) is bounded by ``bootstrap_timeout_s + transfer_grace_s``, so the
+encoder's own pairing verdict (``bootstrap_timeout_s``) arrives first; reserved round 0 -> its
+first round by ``waiting_timeout_s``.
 
 ``Phase`` has one transition function (``LanguageReceiver._transition``) that refuses any edge
 not in ``_TRANSITIONS``.
@@ -16,15 +25,17 @@ not in ``_TRANSITIONS``.
   ``Priority.RESUME``; with the default ``resume_tokens`` (= the initial reservation) that reuses
   the request's own blocks and can never wait. Data already received is never asked for again.
 * The encoder may write a request's blocks only while it is RESERVED. A request that fails there
-  (timeout, local abort, encoder declared dead, encoder's write timed out) does not free its
-  blocks: they are *fenced* (quarantined in the allocator, counted apart from free and in use)
-  and the encoder is asked to abort, every ``abort_ack_timeout_s``, until its ``AbortAck`` for the
-  room, or until ``fence_timeout_s`` (logged). Blocks released by that timeout are *exposed*: a
-  late write may still land in them. Every round whose reservation includes an exposed block asks
-  the encoder for block checksums (``Reserve.checksum``), so such a write is caught by the next
-  owner's ``read_round`` (room, generation and checksum checks). A fence for a write the encoder
-  reports failed (``Abort.write_failed``: parts may still land, no AbortAck will come) ends only
-  by that timeout. Other rounds skip the checksum
+  while its encoder is alive (timeout, local abort, the encoder's write timed out) does not free
+  its blocks: they are *fenced* (quarantined in the allocator, counted apart from free and in
+  use) and the encoder is asked to abort, every ``abort_ack_timeout_s``, until its ``AbortAck``
+  for the room, or until ``fence_timeout_s`` (logged). Where no AbortAck can come (the encoder is
+  declared dead, or reports a failed write: ``Abort.write_failed``, parts may still land) the
+  blocks are not fenced but freed at once as *exposed*, as are a fence timeout's: a late write may
+  still land in them, so every round whose reservation includes an exposed block asks the encoder
+  for block checksums (``Reserve.checksum``) and the next owner's ``read_round`` catches such a
+  write (room, generation and checksum checks). Exposure ends after a bound derived from
+  Mooncake's own transfer timeout (``_Exposure``), so ``exposed_blocks`` does not grow for good.
+  Other rounds skip the checksum
   pass on both sides: every other way a block comes back (the last round's ``RoundDone``, an
   ``AbortAck``, an ``Abort`` without pending writes, a failure outside RESERVED) follows the end
   of the encoder's last write into it. The room/generation stamp is checked in every round.
@@ -32,8 +43,9 @@ not in ``_TRANSITIONS``.
   instead of waiting ``bootstrap_timeout_s`` with blocks held; the encoder is still pinged, and
   its next pong makes requests to it go through again.
 * Every failure carries a ``FaultKind`` (``receiver.kind``; from the encoder: ``Abort.kind``).
-* Registrations carry an epoch. An encoder that no longer holds ours answers a reservation with
-  ``Unregistered``; the registration is dropped and round-0 receivers register again.
+* Registrations carry an epoch. An encoder that no longer holds ours answers an Expect or a
+  reservation with ``Unregistered``; the registration is dropped and receivers that have not
+  received a round register again and send their Expect again.
 * Status tables are dropped as soon as a request ends; a receiver keeps its own result.
 """
 
@@ -49,7 +61,11 @@ import time
 from typing import Dict, List, Optional, Set, Tuple
 
 from sglang.srt.disaggregation.base.conn import KVPoll
-from sglang.srt.disaggregation.encode_language.allocator import BlockHandle, Priority
+from sglang.srt.disaggregation.encode_language.allocator import (
+    BlockHandle,
+    OversizeError,
+    Priority,
+)
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
     ReceivedData,
@@ -68,12 +84,15 @@ from sglang.srt.disaggregation.encode_language.connection import (
 from sglang.srt.disaggregation.encode_language.manifest import (
     Abort,
     AbortAck,
+    Announce,
+    Expect,
     FaultKind,
     LayoutMismatchError,
     ProtocolError,
     Register,
     RegisterAck,
     RequestManifest,
+    RequestShape,
     Reserve,
     RoundDone,
     Unregistered,
@@ -86,8 +105,10 @@ logger = logging.getLogger(__name__)
 class Phase(enum.Enum):
     """Where a receiver is; finer than ``KVPoll``."""
 
-    ALLOC = "alloc"  # waiting for blocks
     REGISTER = "register"  # waiting for the encoder to accept our registration
+    # Expect sent: waiting for the encoder's announcement of the shape
+    ANNOUNCE = "announce"
+    ALLOC = "alloc"  # announced: waiting for blocks (queued, in announcement order)
     RESERVED = "reserved"  # Reserve sent: the encoder may be writing our blocks
     # round copied out; waiting for the next round's blocks
     RESUME_ALLOC = "resume_alloc"
@@ -95,8 +116,9 @@ class Phase(enum.Enum):
 
 
 _TRANSITIONS = {
-    Phase.ALLOC: {Phase.REGISTER, Phase.DONE},
-    Phase.REGISTER: {Phase.RESERVED, Phase.DONE},
+    Phase.REGISTER: {Phase.ANNOUNCE, Phase.DONE},
+    Phase.ANNOUNCE: {Phase.ALLOC, Phase.REGISTER, Phase.DONE},
+    Phase.ALLOC: {Phase.RESERVED, Phase.REGISTER, Phase.DONE},
     Phase.RESERVED: {Phase.RESUME_ALLOC, Phase.REGISTER, Phase.DONE},
     Phase.RESUME_ALLOC: {Phase.RESERVED, Phase.DONE},
     Phase.DONE: set(),
@@ -121,8 +143,42 @@ class _Fence:
     asked_at: float
     reason: str
     kind: FaultKind = FaultKind.INTERNAL
-    # the encoder reported a failed write: no AbortAck will come, only fence_timeout_s ends it
-    expire_only: bool = False
+
+
+@dataclasses.dataclass
+class _Exposure:
+    """Blocks freed while ``writer`` (an encoder) may still have a write into them in flight.
+
+    Why the exposure ends: a late write is a transfer-engine write the encoder started before
+    the blocks were freed. Mooncake bounds every batch itself (``batch_transfer_sync`` gives up
+    ``MC_TRANSFER_TIMEOUT`` s + 1 ns per byte after it started: ``connection.mooncake_timeout_s``),
+    and the encoder's own deadline for a round into these blocks is that, for each chunk, plus
+    ``data_write_timeout_s`` (``ConnectionConfig.write_deadline_s``); the transport gives up the
+    batch's remaining slices with it. So a write that started before ``since`` no longer lands
+    ``bound_s = write_deadline_s(len(blocks))`` after it, *counted while the writer runs*: its
+    timers do not advance its writes while it is stopped (SIGSTOP, a frozen VM), and a resumed
+    write lands after its deadline has passed. So the clock does not run while this side holds
+    the writer dead; it restarts when the writer answers a heartbeat again (revived) or when it
+    is forgotten (dead ``peer_prune_s``: taken as gone; a writer stopped even longer and then
+    resumed is outside this bound).
+    """
+
+    writer: str
+    blocks: Tuple[int, ...]
+    since: float
+    bound_s: float
+
+
+@dataclasses.dataclass
+class _RoundCopy:
+    """One round to copy out of its blocks, as checked under the lock (``_on_round_done``)."""
+
+    msg: RoundDone
+    blocks: List[int]
+    expect: RoundStamp
+    verify: bool  # the round carries block checksums (``Reserve.checksum``)
+    # the request's tensors (``alloc_received``); None before its first round
+    dest: Optional[ReceivedData]
 
 
 class LanguageManager(ManagerBase):
@@ -145,9 +201,11 @@ class LanguageManager(ManagerBase):
         self.rooms: Dict[int, "LanguageReceiver"] = {}
         self.registrations: Dict[str, _Registration] = {}
         self.fences: Dict[Tuple[str, int], _Fence] = {}
-        # Blocks released from a fence without the encoder's abort_ack: a late write may still
-        # land in them, so rounds that use them are checksummed.
+        # Blocks freed without the encoder's word that its writes into them ended (a dead
+        # encoder, a failed write, a fence timeout): a late write may still land in them, so
+        # rounds that use them are checksummed, until their exposure ends (``_Exposure``).
         self.exposed_blocks: Set[int] = set()
+        self._exposures: List[_Exposure] = []
         self.rounds_checksummed = 0
         self._epochs = itertools.count(1)
         self._generations = itertools.count(1)
@@ -166,14 +224,15 @@ class LanguageManager(ManagerBase):
         reserve_tokens: Optional[int] = None,
         max_tokens: int = 0,
     ) -> "LanguageReceiver":
-        """Start receiving request ``room`` from the encoder at ``bootstrap_addr``. Raises
-        OversizeError when the reservation can never fit this pool, RoomInUseError when the room
-        is live (or still fenced) here."""
+        """Start receiving request ``room`` from the encoder at ``bootstrap_addr``: register
+        (if needed) and tell the encoder it is expected; no blocks are held until the encoder
+        announces the request's shape. Raises RoomInUseError when the room is live (or still
+        fenced) here; a request that can never fit this pool fails at its announcement.
+        """
         # as the encoder's manager id spells it
         bootstrap_addr = peer_endpoint(bootstrap_addr)
         reserve = reserve_tokens or self.config.default_reserve_tokens
         nb = blocks_for_tokens(reserve, self.layout.block_size)
-        self.allocator.check_fits(nb)
         with self.lock:
             if room in self.rooms:
                 raise RoomInUseError(
@@ -209,13 +268,8 @@ class LanguageManager(ManagerBase):
 
     # Progress ---------------------------------------------------------------------------------
     def _advance_locked(self, r: "LanguageReceiver", now: float) -> None:
-        """Move a receiver forward as far as possible without waiting."""
-        if r.phase == Phase.ALLOC:
-            h = self.allocator.alloc(r.reserve_blocks, owner=("room", r.room))
-            if h is None:
-                return
-            r.handle = h
-            r._transition(Phase.REGISTER, now)
+        """REGISTER: register with the encoder if needed; once acknowledged, send the Expect
+        (ANNOUNCE). Blocks come only after the announcement (``_admit_locked``)."""
         if r.phase == Phase.REGISTER:
             reg = self.registrations.get(r.encoder)
             if reg is None or (reg.ok is False and self.peer_is_dead(r.encoder)):
@@ -225,7 +279,71 @@ class LanguageManager(ManagerBase):
             if reg.ok is False:
                 self._fail_locked(r, reg.error, kind=FaultKind.INTERNAL)
                 return
-            self._reserve_locked(r, reg.epoch, now)
+            self._expect_locked(r, reg.epoch, now)
+
+    def _expect_locked(self, r: "LanguageReceiver", epoch: int, now: float) -> None:
+        r._transition(Phase.ANNOUNCE, now)
+        r.epoch = epoch
+        # the encoder knows the room from now on: a failure tells it
+        r.reserved_once = True
+        msg = make(
+            Expect,
+            room=r.room,
+            manager_id=self.manager_id,
+            epoch=epoch,
+            rank=r.rank,
+            num_ranks=r.num_ranks,
+            max_tokens=r.max_tokens,
+        )
+        self.channel.send(r.encoder, msg)
+
+    def _on_announce(self, msg: Announce) -> None:
+        """The encoder holds the request and every destination expects it: check its size
+        against this rank (a request over ``max_tokens`` or one that can never fit the pool
+        fails on both sides, a client fault), then queue for ``min(blocks for T, reserve)``
+        blocks."""
+        now = time.monotonic()
+        with self.lock:
+            r = self._room_from(msg, msg.manager_id)
+            if r is None or r.phase != Phase.ANNOUNCE:
+                logger.debug("language: stale Announce for room %d", msg.room)
+                return
+            T, M = msg.total_tokens, msg.mm_tokens
+            if T < 1 or not (0 <= M <= T):
+                self._fail_locked(
+                    r, f"announcement has inconsistent counts: T={T} M={M}"
+                )
+                return
+            if r.max_tokens and T > r.max_tokens:
+                self._fail_locked(
+                    r,
+                    f"request has {T} tokens but language rank {r.rank} accepts at most "
+                    f"{r.max_tokens}",
+                    kind=FaultKind.CLIENT,
+                )
+                return
+            nb = min(blocks_for_tokens(T, self.layout.block_size), r.reserve_blocks)
+            try:
+                self.allocator.check_fits(nb)
+            except OversizeError as e:
+                self._fail_locked(r, str(e), kind=FaultKind.CLIENT)
+                return
+            r.shape = RequestShape(T, M, list(msg.items))
+            r.alloc_blocks = nb
+            r._transition(Phase.ALLOC, now)
+            self._admit_locked(now)
+
+    def _admit_locked(self, now: float) -> None:
+        """Blocks for announced receivers (ALLOC), in announcement order: the first that does
+        not fit waits, and every later one with it (nobody overtakes). Freed blocks wake the
+        control thread, which comes back here."""
+        queued = [r for r in self.rooms.values() if r.phase == Phase.ALLOC]
+        for r in sorted(queued, key=lambda r: r.phase_since):
+            h = self.allocator.alloc(r.alloc_blocks, owner=("room", r.room))
+            if h is None:
+                return
+            r.handle = h
+            self._reserve_locked(r, r.epoch, now)
 
     def _register_locked(self, encoder: str, now: float) -> _Registration:
         reg = self.registrations[encoder] = _Registration(epoch=next(self._epochs))
@@ -270,6 +388,8 @@ class LanguageManager(ManagerBase):
     def _handle(self, msg) -> None:
         if isinstance(msg, RegisterAck):
             self._on_register_ack(msg)
+        elif isinstance(msg, Announce):
+            self._on_announce(msg)
         elif isinstance(msg, Unregistered):
             self._on_unregistered(msg)
         elif isinstance(msg, RoundDone):
@@ -278,9 +398,7 @@ class LanguageManager(ManagerBase):
             self._on_abort(msg)
         elif isinstance(msg, AbortAck):
             with self.lock:
-                self._release_fence_locked(
-                    (msg.manager_id, msg.room), "abort_ack", from_encoder=True
-                )
+                self._release_fence_locked((msg.manager_id, msg.room), "abort_ack")
         else:
             logger.warning(
                 "language: unexpected control message %s; dropped", type(msg).__name__
@@ -357,13 +475,19 @@ class LanguageManager(ManagerBase):
                 )
                 del self.registrations[msg.manager_id]
             r = self._room_from(msg, msg.manager_id)
-            if r is None or r.phase != Phase.RESERVED or r.epoch != msg.epoch:
+            if r is None or r.epoch != msg.epoch:
                 return
-            # round 0: the encoder refused before keeping anything: reserve again
-            if r.round == 0:
+            if r.phase in (Phase.ANNOUNCE, Phase.ALLOC) or (
+                r.phase == Phase.RESERVED and r.round == 0
+            ):
+                # The encoder refused our Expect or round-0 Reserve before keeping it (no
+                # write can come): free the blocks, register and expect again.
+                if r.handle is not None:
+                    r.handle.free()
+                    r.handle = None
                 r._transition(Phase.REGISTER, now)
                 self._advance_locked(r, now)
-            else:
+            elif r.phase == Phase.RESERVED:
                 self._fail_locked(
                     r,
                     f"encoder {r.encoder} dropped our registration during the request",
@@ -377,17 +501,20 @@ class LanguageManager(ManagerBase):
             key = (msg.manager_id, msg.room)
             if key in self.fences:
                 if msg.write_failed:
-                    self._expire_only_locked(key)
-                elif not msg.writes_pending:
+                    # no AbortAck will come: freed now, exposed
                     self._release_fence_locked(
-                        key, "abort from the encoder", from_encoder=True
+                        key, "the encoder's write failed", acked=False
                     )
+                elif not msg.writes_pending:
+                    self._release_fence_locked(key, "abort from the encoder")
                 return
             r = self._room_from(msg, msg.manager_id)
             if r is None:
                 return
             # The encoder sends Abort with writes_pending=False only when none of its writes
-            # is in flight; with True, a timed-out or failed write may still land.
+            # is in flight; with True, a timed-out or failed write may still land: fenced
+            # until the AbortAck of a timed-out write, exposed at once for a failed one
+            # (parts may still land, and nothing will say when they ended).
             fence = (
                 msg.writes_pending or msg.write_failed
             ) and r.phase == Phase.RESERVED
@@ -397,28 +524,15 @@ class LanguageManager(ManagerBase):
                 fence=fence,
                 notify=False,
                 kind=msg.kind,
-            )
-            if fence and msg.write_failed:
-                self._expire_only_locked(key)
-
-    def _expire_only_locked(self, key: Tuple[str, int]) -> None:
-        """The encoder's write into the fence's blocks failed while parts of it may still be
-        in flight: nothing will say when they end, so neither an AbortAck nor an Abort ends
-        the fence; ``fence_timeout_s`` does, and exposes its blocks."""
-        f = self.fences[key]
-        if not f.expire_only:
-            f.expire_only = True
-            logger.warning(
-                "language: room %d: encoder %s reports a failed write that may still land; "
-                "its %d blocks stay fenced until fence_timeout_s, then are checksummed when "
-                "reused",
-                f.room,
-                f.encoder,
-                len(f.handle),
+                expose=msg.write_failed,
             )
 
     def _on_round_done(self, msg: RoundDone) -> None:
-        now = time.monotonic()
+        """Check the round under the lock, copy it out of the blocks *without* the lock (the
+        scheduler thread's ``create_receiver`` and ``abort`` take it: a 32 MiB copy must not
+        stall a decode step), then commit under the lock. While it copies the receiver is
+        marked ``copying``: a failure meanwhile ends it at once (Failed) but leaves its blocks
+        to this method, which frees them once the copy is done (``_fail_locked``)."""
         with self.lock:
             r = self._room_from(msg, msg.manager_id)
             if r is None or r.phase != Phase.RESERVED or msg.round != r.round:
@@ -429,15 +543,39 @@ class LanguageManager(ManagerBase):
                 )
                 return
             try:
-                self._take_round_locked(r, msg)
+                job = self._check_round_locked(r, msg)
             except Exception as e:
-                logger.exception(
-                    "language: bad round %d of room %d", msg.round, msg.room
-                )
-                # The encoder finished writing this round: nothing is in flight.
+                self._bad_round_locked(r, msg, e)
+                return
+            r.copying = True
+        data = error = None
+        try:
+            data = self._copy_round(job)
+        except Exception as e:
+            error = e
+        now = time.monotonic()
+        with self.lock:
+            r.copying = False
+            if data is not None:
+                self.rounds_checksummed += job.verify
+            if r.status == KVPoll.Failed:
+                # Failed while copying (an abort, a dead encoder): the encoder's writes into the
+                # blocks ended with its RoundDone, so they are freed (here, once), not fenced;
+                # after the last round the encoder has nothing left to abort.
                 self._fail_locked(
-                    r, f"invalid data in round {msg.round}: {e}", fence=False
+                    r,
+                    r.reason,
+                    fence=False,
+                    notify=r.notify_after_copy and not msg.last,
+                    kind=r.kind,
                 )
+                return
+            try:
+                if error is not None:
+                    raise error
+                self._commit_round_locked(r, msg, job, data)
+            except Exception as e:
+                self._bad_round_locked(r, msg, e)
                 return
             if msg.last:
                 r._set_status(KVPoll.Success)
@@ -448,7 +586,21 @@ class LanguageManager(ManagerBase):
             r._transition(Phase.RESUME_ALLOC, now)
             self._try_resume_locked(r, now)
 
-    def _take_round_locked(self, r: "LanguageReceiver", msg: RoundDone) -> None:
+    def _bad_round_locked(self, r: "LanguageReceiver", msg: RoundDone, e) -> None:
+        logger.error(
+            "language: bad round %d of room %d: %s",
+            msg.round,
+            msg.room,
+            e,
+            exc_info=e,
+        )
+        # The encoder finished writing this round: nothing is in flight.
+        self._fail_locked(r, f"invalid data in round {msg.round}: {e}", fence=False)
+
+    def _check_round_locked(
+        self, r: "LanguageReceiver", msg: RoundDone
+    ) -> "_RoundCopy":
+        """What ``msg`` says against what ``r`` expects; the copy to make (``_copy_round``)."""
         B = self.layout.block_size
         cap = len(r.handle) * B
         if msg.generation != r.generation:
@@ -482,31 +634,52 @@ class LanguageManager(ManagerBase):
             raise ProtocolError(
                 f"round_done says {msg.mm_tokens} multimodal of {msg.total_tokens} tokens"
             )
-        if r.data is None:  # first round: the request's final tensors, filled in place
-            r.data = alloc_received(
+        if r.data is not None and (
+            r.data.fill_ids.shape[0],
+            r.data.embeddings.shape[0],
+        ) != (msg.total_tokens, msg.mm_tokens):
+            raise ProtocolError("request size changed between rounds")
+        return _RoundCopy(
+            blocks=r.handle.blocks,
+            expect=RoundStamp(r.room, r.generation, msg.token_start // B),
+            dest=r.data,
+            msg=msg,
+            verify=r.checksum,
+        )
+
+    def _copy_round(self, job: "_RoundCopy") -> ReceivedData:
+        """Copy (and, where asked, checksum) one round out of its blocks into the request's
+        tensors (``job.dest``, allocated here at the first round); runs without the manager
+        lock. Returns the round's part of them, with the manifest read from the blocks.
+        """
+        msg = job.msg
+        if job.dest is None:  # first round: the request's tensors, filled in place
+            job.dest = alloc_received(
                 self.layout,
                 msg.total_tokens,
                 msg.mm_tokens,
                 self.rows_device,
                 self.buffers.pinned,
             )
-        elif (r.data.fill_ids.shape[0], r.data.embeddings.shape[0]) != (
-            msg.total_tokens,
-            msg.mm_tokens,
-        ):
-            raise ProtocolError("request size changed between rounds")
-        expect = RoundStamp(r.room, r.generation, msg.token_start // B)
-        data = self.buffers.read_round(
-            r.handle.blocks,
+        return self.buffers.read_round(
+            job.blocks,
             msg.token_count,
             msg.mm_count,
-            expect,
+            job.expect,
             out=slice_received(
-                r.data, msg.token_start, msg.token_count, msg.mm_start, msg.mm_count
+                job.dest, msg.token_start, msg.token_count, msg.mm_start, msg.mm_count
             ),
-            verify=r.checksum,
+            verify=job.verify,
         )
-        self.rounds_checksummed += r.checksum
+
+    def _commit_round_locked(
+        self,
+        r: "LanguageReceiver",
+        msg: RoundDone,
+        job: "_RoundCopy",
+        data: ReceivedData,
+    ) -> None:
+        """The copied round's manifest and bitmap against the request; then it counts."""
         manifest = data.manifest
         manifest.check_against(self.layout)
         if (manifest.total_tokens, manifest.mm_tokens) != (
@@ -535,6 +708,7 @@ class LanguageManager(ManagerBase):
                 raise ProtocolError(
                     f"multimodal bitmap marks {mm_bits} tokens, manifest says {manifest.mm_tokens}"
                 )
+        r.data = job.dest
         r.manifest = manifest
         r.tokens_received, r.mm_received, r.mm_bits = done_tokens, done_rows, mm_bits
         if msg.last:
@@ -570,10 +744,14 @@ class LanguageManager(ManagerBase):
         fence: Optional[bool] = None,
         notify: bool = True,
         kind: FaultKind = FaultKind.INTERNAL,
+        expose: bool = False,
     ) -> None:
         """Fail ``r`` and end it. ``fence`` (default: the encoder may be writing, i.e. RESERVED)
-        quarantines its blocks and asks the encoder to abort; otherwise the blocks are freed and
-        the encoder, if it knows the room and ``notify``, is told."""
+        quarantines its blocks and asks the encoder to abort, until its AbortAck; with
+        ``expose`` (no AbortAck can come: the encoder is declared dead, or its write failed)
+        they are freed at once instead, exposed to the late write (``_Exposure``). Otherwise
+        the blocks are freed and the encoder, if it knows the room and ``notify``, is told.
+        """
         if fence is None:
             fence = r.phase == Phase.RESERVED
         r.data = None  # a failed request's partial rows are never handed out
@@ -581,7 +759,16 @@ class LanguageManager(ManagerBase):
             r.reason, r.kind = reason, kind
             r._set_status(KVPoll.Failed)
             logger.info("language: room %d failed (%s): %s", r.room, kind.value, reason)
-        if fence and r.handle is not None:
+        if r.copying:
+            # _on_round_done is copying a round out of r's blocks (the encoder's writes into
+            # them ended with its RoundDone): it frees them once the copy is done, not now.
+            r.notify_after_copy = r.notify_after_copy and notify
+            return
+        if fence and expose and r.handle is not None:
+            self._expose_locked(r.encoder, r.handle.blocks)
+            if notify:  # it drops the room if it comes back
+                self._send_abort(r.encoder, r.room, reason, kind)
+        elif fence and r.handle is not None:
             now = time.monotonic()
             r.handle.quarantine()
             self.fences[(r.encoder, r.room)] = _Fence(
@@ -602,27 +789,14 @@ class LanguageManager(ManagerBase):
         self.channel.send(encoder, msg)
 
     def _release_fence_locked(
-        self,
-        key: Tuple[str, int],
-        why: str,
-        acked: bool = True,
-        from_encoder: bool = False,
+        self, key: Tuple[str, int], why: str, acked: bool = True
     ) -> None:
         """Free a fence's blocks; not ``acked`` (the encoder never said its writes ended):
-        they stay exposed to a late write for good. The encoder's word (``from_encoder``)
-        does not end a fence whose write failed (``expire_only``)."""
-        f = self.fences.get(key)
-        if f is not None and from_encoder and f.expire_only:
-            logger.info(
-                "language: room %d: %s ignored: the encoder's failed write may still land",
-                f.room,
-                why,
-            )
-            return
+        exposed to a late write (``_Exposure``)."""
         f = self.fences.pop(key, None)
         if f is not None:
             if not acked:
-                self.exposed_blocks.update(f.handle.blocks)
+                self._expose_locked(f.encoder, f.handle.blocks)
             logger.info(
                 "language: room %d: %d fenced blocks released (%s)",
                 f.room,
@@ -630,6 +804,47 @@ class LanguageManager(ManagerBase):
                 why,
             )
             f.handle.free()
+
+    def _expose_locked(self, writer: str, blocks) -> None:
+        """``blocks`` are about to be freed while ``writer`` may still write them: every round
+        on them is checksummed until the exposure ends (``_Exposure``)."""
+        bound = self.config.write_deadline_s(
+            len(blocks), sum(self.layout.slot_block_bytes)
+        )
+        self._exposures.append(
+            _Exposure(writer, tuple(blocks), time.monotonic(), bound)
+        )
+        self.exposed_blocks.update(blocks)
+
+    def _expire_exposures_locked(self, now: float) -> float:
+        """End the exposures whose bound has passed (their writer not held dead); return
+        when the next one ends."""
+        due = math.inf
+        kept = []
+        for e in self._exposures:
+            if self.peer_is_dead(e.writer):
+                e.since = now  # its writes do not advance while it is stopped
+            if now - e.since < e.bound_s:
+                kept.append(e)
+                due = min(due, e.since + e.bound_s)
+        if len(kept) != len(self._exposures):
+            ended = len(self._exposures) - len(kept)
+            self._exposures = kept
+            self.exposed_blocks = {b for e in kept for b in e.blocks}
+            logger.info(
+                "language: %d exposures ended (%d blocks still exposed)",
+                ended,
+                len(self.exposed_blocks),
+            )
+        return due
+
+    def _on_peer_revived(self, endpoint: str) -> None:
+        # the writer runs again: a write it had in flight ends within the bound from now
+        with self.lock:
+            for e in self._exposures:
+                if e.writer == endpoint:
+                    e.since = max(e.since, time.monotonic())
+        self.wake()
 
     def _release_locked(self, r: "LanguageReceiver") -> None:
         self.allocator.cancel_resume(("room", r.room))
@@ -659,12 +874,9 @@ class LanguageManager(ManagerBase):
         with self.lock:
             for r in [x for x in self.rooms.values() if x.phase == Phase.RESUME_ALLOC]:
                 self._try_resume_locked(r, now)
-            for r in [
-                x
-                for x in self.rooms.values()
-                if x.phase in (Phase.ALLOC, Phase.REGISTER)
-            ]:
+            for r in [x for x in self.rooms.values() if x.phase == Phase.REGISTER]:
                 self._advance_locked(r, now)
+            self._admit_locked(now)
             for r in list(self.rooms.values()):
                 self._check_timeouts_locked(r, now)
                 limit = self._phase_timeout(r)
@@ -675,16 +887,13 @@ class LanguageManager(ManagerBase):
                     logger.warning(
                         "language: fence timeout: releasing %d blocks of room %d that encoder %s "
                         "may still write (no abort_ack within %.1fs); rounds using them are "
-                        "checksummed from now on, so a late write is caught",
+                        "checksummed until their exposure ends, so a late write is caught",
                         len(f.handle),
                         f.room,
                         f.encoder,
                         cfg.fence_timeout_s,
                     )
                     self._release_fence_locked(key, "fence timeout", acked=False)
-                    continue
-                if f.expire_only:  # no AbortAck will come: nothing to ask
-                    due = min(due, f.since + cfg.fence_timeout_s)
                     continue
                 if now - f.asked_at > cfg.abort_ack_timeout_s:
                     f.asked_at = now
@@ -694,15 +903,18 @@ class LanguageManager(ManagerBase):
                     f.since + cfg.fence_timeout_s,
                     f.asked_at + cfg.abort_ack_timeout_s,
                 )
+            due = min(due, self._expire_exposures_locked(now))
         return min(due, super()._tick(now))
 
     def _phase_timeout(self, r: "LanguageReceiver") -> Optional[float]:
         """How long ``r`` may stay in its phase (``_check_timeouts_locked`` enforces it)."""
         cfg = self.config
-        if r.phase == Phase.ALLOC:
-            return cfg.waiting_timeout_s
         if r.phase == Phase.REGISTER:
             return cfg.bootstrap_timeout_s
+        if r.phase == Phase.ANNOUNCE:
+            # the encoder's pairing verdict (bootstrap_timeout_s from our Expect) comes first
+            return cfg.bootstrap_timeout_s + cfg.transfer_grace_s
+        # ALLOC: no timer; waiting for blocks is load (a dead encoder is found by heartbeats)
         if r.phase == Phase.RESERVED and r.round == 0:
             return cfg.waiting_timeout_s
         if r.phase == Phase.RESERVED:
@@ -717,10 +929,11 @@ class LanguageManager(ManagerBase):
         if limit is None or now - r.phase_since <= limit:
             return
         timeout = FaultKind.TIMEOUT
-        if r.phase == Phase.ALLOC:
+        if r.phase == Phase.ANNOUNCE:
             self._fail_locked(
                 r,
-                f"waiting timeout: no free blocks within {cfg.waiting_timeout_s}s",
+                f"bootstrap timeout: encoder {r.encoder} did not announce the request within "
+                f"{limit:.1f}s (its request for this room never arrived there)",
                 kind=timeout,
             )
         elif r.phase == Phase.REGISTER:
@@ -754,7 +967,9 @@ class LanguageManager(ManagerBase):
 
     def _active_peers(self) -> List[str]:
         with self.lock:
-            live = {r.encoder for r in self.rooms.values() if r.phase != Phase.ALLOC}
+            # every phase waits on the encoder (REGISTER and ANNOUNCE for its answer, ALLOC
+            # with no timer of its own): its heartbeat finds a dead one
+            live = {r.encoder for r in self.rooms.values()}
             return list(live | {f.encoder for f in self.fences.values()})
 
     def _pong_nonce(self, ping) -> int:
@@ -764,14 +979,22 @@ class LanguageManager(ManagerBase):
         return ping.nonce
 
     def _on_peer_dead(self, endpoint: str, reason: str) -> None:
+        """Every request of a dead-declared encoder fails now (503): one that is not RESERVED
+        holds no block it may write (freed); a RESERVED one's blocks, and those fenced for its
+        AbortAck, are freed at once, exposed (a dead verdict may be a stall: its write may
+        still land), not quarantined for ``fence_timeout_s``. The encoder is told (Abort),
+        so if it was only stalled it drops the rooms when it runs again."""
         with self.lock:
             self.registrations.pop(endpoint, None)
             for r in list(self.rooms.values()):
                 if r.encoder == endpoint:
-                    # A dead-declared encoder may only be stalled: RESERVED blocks are fenced.
                     self._fail_locked(
-                        r, reason, notify=False, kind=FaultKind.UNAVAILABLE
+                        r, reason, kind=FaultKind.UNAVAILABLE, expose=True
                     )
+            for key in [k for k in self.fences if k[0] == endpoint]:
+                self._release_fence_locked(
+                    key, "its encoder is declared dead", acked=False
+                )
 
     def _drop_registration(self, endpoint: str) -> None:
         self.registrations.pop(endpoint, None)
@@ -796,17 +1019,21 @@ class LanguageReceiver:
         self.room = room
         self.rank = rank
         self.num_ranks = num_ranks
-        self.reserve_blocks = reserve_blocks
+        self.reserve_blocks = reserve_blocks  # most blocks a round reserves
         self.max_tokens = max_tokens
         self.handle: Optional[BlockHandle] = None
-        self.phase = Phase.ALLOC
+        self.phase = Phase.REGISTER
         self.phase_since = time.monotonic()
+        # the encoder's announcement (T, M, item table), and the blocks reserved for round 0
+        self.shape: Optional[RequestShape] = None
+        self.alloc_blocks = 0
         self.round = 0
         self.epoch = 0  # registration epoch of the current reservation
         self.generation = 0  # of the current reservation
         self.status = KVPoll.Bootstrapping
         self.reason = ""
         self.kind = FaultKind.INTERNAL  # what failed the request, once Failed
+        # the encoder knows the room (Expect sent): a failure tells it
         self.reserved_once = False
         self.checksum = False  # the current reservation asked for block checksums
         self.manifest: Optional[RequestManifest] = None
@@ -817,6 +1044,9 @@ class LanguageReceiver:
         self.mm_received = 0
         self.mm_bits = 0  # multimodal tokens the received bitmaps mark
         self.items: tuple = ()  # item table, from the last round (item_table.py)
+        # a round is being copied out of our blocks without the manager lock (_on_round_done)
+        self.copying = False
+        self.notify_after_copy = True  # a failure during that copy tells the encoder
         self._finished = False
 
     def poll(self) -> int:

@@ -7,10 +7,20 @@ Flow of one request (bootstrap room R) with N language destinations (language TP
    field, logged here, and nothing is ever written to that peer. A reservation naming a
    registration this side does not hold (peer declared dead, pruned, or this process restarted)
    is answered with ``Unregistered``, and the language side registers again.
-2. Each destination rank sends ``Reserve(room, round=0, blocks)``. A room may learn about its
-   destinations before or after ``create_sender(R)``.
+2. Each destination rank sends ``Expect(room)``: it holds the request, and no blocks yet. A room
+   may learn about its destinations before or after ``create_sender(R, shape)``, whose shape
+   (T tokens, M multimodal tokens, item table) is known when the request arrives (its processor
+   ran in the tokenizer manager). Once both halves are here (the request and every
+   destination's Expect) the encoder sends ``Announce(T, M, items)`` to every destination
+   (and at once to an Expect that comes again later); each reserves ``min(needed, reserve)``
+   blocks and sends ``Reserve(room, round=0, blocks)``. Pairing is bounded by
+   ``bootstrap_timeout_s``; waiting for the reservations after the announcement is not (it
+   waits for language blocks: load; a dead peer is found by heartbeats). The sender polls
+   ``WaitingForInput`` once every destination reserved round 0: the encode scheduler runs the
+   vision tower only then, so payload bytes are held only by requests that hold language blocks.
 3. ``sender.send(payload)`` hands over the request (the sender keeps a reference; the caller must
-   not modify the tensors afterwards). A round starts only when the payload is there and *every*
+   not modify the tensors afterwards); a payload whose T, M or items differ from the announced
+   shape fails the request. A round starts only when the payload is there and *every*
    destination has reserved blocks for that round.
 4. A round stages the next ``min(remaining, capacity)`` tokens (and as many multimodal rows) in
    this side's blocks, writes them into every destination with Mooncake, frees the staging
@@ -27,15 +37,18 @@ Abort: ``sender.abort()`` or a language ``Abort`` fails the room; if a write is 
 worker finishes or fails it first, and only then tells the destinations (``Abort``, or
 ``AbortAck`` to the one that asked), so a language block is never freed while being written.
 
-Bounded writes: every transfer-engine write runs on a writer thread and the worker waits for it
-until ``ConnectionConfig.write_deadline_s``: Mooncake's own timeout for the bytes written
+Bounded writes: a round written as one chunk is written on the worker thread itself and the
+control thread watches its deadline (no thread hand-off on a small request's path); a pipelined
+round's chunks go to a writer thread and the worker waits for it. Either way the deadline is
+``ConnectionConfig.write_deadline_s``: Mooncake's own timeout for the bytes written
 (``connection.mooncake_timeout_s``) plus ``data_write_timeout_s``, so a write Mooncake watches
 always ends by Mooncake's verdict first, and this deadline only catches a write Mooncake is not
 timing (the language side waits for a round longer still: ``ConnectionConfig.round_timeout_s``).
 Past it the room fails and the destination gets ``Abort(writes_pending=True)``: the write cannot
 be cancelled, so the destination fences those blocks, and this side quarantines the staging
 blocks, until the write returns; a write that returns complete earns the destination an
-``AbortAck`` (an ``Abort`` asking about that room is answered only then).
+``AbortAck`` (an ``Abort`` asking about that room is answered only then). The thread the write
+holds gets a replacement, so later rounds still start (bounded: ``MAX_ABANDONED_WRITES``).
 
 Failed writes: Mooncake returns -1 while parts of a batch may still be in flight (a task FAILED
 while others wait, a slice TIMEOUT, its own deadline), and nothing says when they end. So a
@@ -54,6 +67,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import math
 import queue
@@ -80,6 +94,8 @@ from sglang.srt.disaggregation.encode_language.connection import (
 from sglang.srt.disaggregation.encode_language.manifest import (
     Abort,
     AbortAck,
+    Announce,
+    Expect,
     FaultKind,
     LayoutManifest,
     LayoutMismatchError,
@@ -87,6 +103,7 @@ from sglang.srt.disaggregation.encode_language.manifest import (
     ProtocolError,
     Register,
     RegisterAck,
+    RequestShape,
     Reserve,
     RoundDone,
     Slot,
@@ -95,6 +112,33 @@ from sglang.srt.disaggregation.encode_language.manifest import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Writer threads that abandoned (timed-out) writes may hold at once (``WriterPool``), and
+# workers that abandoned writes made on them (``EncodeManager._write_inline``).
+MAX_ABANDONED_WRITES = 64
+
+
+class _Abandoned(Exception):
+    """Raised on a worker whose write returned after the control thread abandoned it at its
+    deadline (``_expire_writes_locked``); ``replaced``: a replacement worker was started.
+    """
+
+    def __init__(self, replaced: bool):
+        super().__init__(replaced)
+        self.replaced = replaced
+
+
+@dataclasses.dataclass(eq=False)
+class _InlineWrite:
+    """A write made on a worker thread (``_write_inline``), watched by the control thread."""
+
+    room: "_Room"
+    manager_id: str
+    staging: BlockHandle
+    deadline: float  # monotonic
+    timeout: float
+    thread: threading.Thread  # the worker making it
+    replaced: bool = False  # abandoned, and a replacement worker started
 
 
 class PayloadBudgetError(TransferError):
@@ -110,6 +154,107 @@ class WriteTimeoutError(TransferError):
         super().__init__(room, reason, FaultKind.TIMEOUT)
 
 
+class WriterPool:
+    """The threads that run transfer-engine writes (``size`` of them take jobs at any time).
+
+    A write abandoned at its deadline (``abandon``) keeps its thread: Mooncake cannot cancel
+    it. The pool then starts a replacement, so later writes still start, and the abandoned
+    write's thread exits once its write returns. Bounded: at most ``max_abandoned`` threads are
+    held by abandoned writes at once; past that no replacement is started (the write's thread
+    rejoins the pool when it returns), so a peer that hangs every write costs that many
+    threads, not one per request (each also holds its staging blocks, quarantined)."""
+
+    def __init__(self, size: int, max_abandoned: int, name: str):
+        self.size, self.max_abandoned, self._name = size, max_abandoned, name
+        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._running: set = set()  # futures of the jobs running now
+        self._abandoned: set = (
+            set()
+        )  # of those, the ones abandoned (their thread retires)
+        self._started = itertools.count()
+        self._threads: List[threading.Thread] = []
+        for _ in range(size):
+            self._start_thread()
+
+    @property
+    def num_abandoned(self) -> int:
+        """Threads held by abandoned writes that have not returned yet."""
+        with self._lock:
+            return len(self._abandoned)
+
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def abandon(self, future: concurrent.futures.Future) -> bool:
+        """The caller stopped waiting for this running job: start a replacement thread (the
+        job's thread exits when the job returns). False when the job is not running (it ended
+        meanwhile) or ``max_abandoned`` threads are already held (no replacement)."""
+        with self._lock:
+            if future not in self._running or future in self._abandoned:
+                return False
+            if len(self._abandoned) >= self.max_abandoned:
+                logger.error(
+                    "encode: %d writer threads are held by abandoned writes (the bound); "
+                    "no replacement, later writes may not start in time",
+                    len(self._abandoned),
+                )
+                return False
+            self._abandoned.add(future)
+            self._start_thread()
+        return True
+
+    def _start_thread(self) -> None:
+        t = threading.Thread(
+            target=self._loop,
+            name=f"{self._name}-{next(self._started)}",
+            daemon=True,
+        )
+        self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            future, fn, args = item
+            with self._lock:
+                if not future.set_running_or_notify_cancel():
+                    continue
+                self._running.add(future)
+            try:
+                result, error = fn(*args), None
+            except BaseException as e:  # the job's failure is the future's
+                result, error = None, e
+            with self._lock:
+                self._running.discard(future)
+                retire = future in self._abandoned
+                self._abandoned.discard(future)
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+            if retire:
+                return  # a replacement took this thread's place
+
+    def shutdown(self) -> None:
+        """Cancel the queued jobs and end the idle threads (running ones end after their job)."""
+        while True:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        with self._lock:
+            threads = len(self._threads)
+        for _ in range(threads):
+            self._jobs.put(None)
+
+
 @dataclasses.dataclass
 class _Peer:
     manager_id: str
@@ -119,11 +264,15 @@ class _Peer:
     slot_ptrs: List[int]
 
 
+# _Dest.round of a destination that expects the request but has not reserved round 0 yet
+EXPECTING = -1
+
+
 @dataclasses.dataclass
 class _Dest:
     manager_id: str
     rank: int
-    round: int
+    round: int  # the round its current reservation is for; EXPECTING before round 0
     generation: int
     blocks: List[int]
     max_tokens: int = 0
@@ -135,6 +284,8 @@ class _Room:
     room: int
     created: float
     sender: Optional["EncodeSender"] = None
+    shape: Optional[RequestShape] = None  # from create_sender: what is announced
+    announced: bool = False  # Announce sent to every destination
     num_ranks: Optional[int] = None
     dests: Dict[int, _Dest] = dataclasses.field(default_factory=dict)
     payload: Optional[MultimodalPayload] = None
@@ -170,7 +321,8 @@ class EncodeManager(ManagerBase):
     ):
         self.peers: Dict[str, _Peer] = {}
         self.rooms: Dict[int, _Room] = {}
-        self._queue: "queue.Queue[Optional[int]]" = queue.Queue()
+        # rooms whose next round is due, for the workers (SimpleQueue: C, a cheaper hand-off)
+        self._queue: "queue.SimpleQueue[Optional[int]]" = queue.SimpleQueue()
         self._probes: Dict[int, threading.Event] = {}
         # (room, language manager) -> timed-out writes that have not returned yet
         self._pending_writes: Dict[Tuple[int, str], int] = {}
@@ -183,26 +335,28 @@ class EncodeManager(ManagerBase):
         self._failed_rooms: Dict[int, Tuple[str, FaultKind, float]] = {}
         self.inflight_payload_bytes = 0
         self.refused_registrations = 0
+        # writes made on a worker thread (_write_inline) until they return or are abandoned
+        self._inline_writes: set = set()
+        # workers replaced while an abandoned write holds them (they end when it returns)
+        self._retiring_workers: set = set()
         super().__init__(buffer_config, config, engine)
         n = self.config.num_transfer_workers
-        self._writer = concurrent.futures.ThreadPoolExecutor(
-            n, thread_name_prefix="el-encode-write"
-        )
-        self._workers = [
-            threading.Thread(
-                target=self._worker_loop, name=f"el-encode-worker-{i}", daemon=True
-            )
-            for i in range(n)
-        ]
-        for w in self._workers:
-            w.start()
+        # pipelined rounds' writer jobs (_await_write)
+        self._writer = WriterPool(n, MAX_ABANDONED_WRITES, "el-encode-write")
+        self._worker_ids = itertools.count()
+        self._workers: List[threading.Thread] = []
+        for _ in range(n):
+            self._start_worker()
 
     def _control_port(self) -> int:
         """The bootstrap port: the router hands it to the language side with each request."""
         return self.config.bootstrap_port
 
     # Public API -----------------------------------------------------------------------------
-    def create_sender(self, room: int) -> "EncodeSender":
+    def create_sender(self, room: int, shape: RequestShape) -> "EncodeSender":
+        """The request of ``room``, whose ``shape`` (T, M, item table) is known at arrival:
+        it is announced to the destinations once every one of them expects the request.
+        """
         with self.lock:
             r = self.rooms.get(room)
             if r is not None and r.sender is not None:
@@ -213,9 +367,10 @@ class EncodeManager(ManagerBase):
                 r = self.rooms[room] = _Room(room=room, created=time.monotonic())
             r.waiting_since = time.monotonic()
             sender = EncodeSender(self, room)
-            r.sender = sender
+            r.sender, r.shape = sender, RequestShape(*shape)
+            self._announce_locked(r)
             self._update_sender_status(r)
-        self.wake()  # its bootstrap timer starts now
+        self.wake()  # its pairing timer starts now
         return sender
 
     def fail_room(
@@ -274,6 +429,8 @@ class EncodeManager(ManagerBase):
     def _handle(self, msg) -> None:
         if isinstance(msg, Register):
             self._on_register(msg)
+        elif isinstance(msg, Expect):
+            self._on_expect(msg)
         elif isinstance(msg, Reserve):
             self._on_reserve(msg)
         elif isinstance(msg, Abort):
@@ -329,45 +486,131 @@ class EncodeManager(ManagerBase):
         )
         self.channel.send(msg.manager_id, ack)
 
-    def _on_reserve(self, msg: Reserve) -> None:
-        def refuse(reason, kind=FaultKind.INTERNAL):
-            logger.warning(
-                "encode: refused reservation of room %d rank %d from %s: %s",
-                msg.room,
-                msg.rank,
-                msg.manager_id,
-                reason,
-            )
-            self.channel.send(
-                msg.manager_id,
-                make(
-                    Abort,
-                    room=msg.room,
-                    manager_id=self.manager_id,
-                    reason=reason,
-                    kind=kind,
-                ),
-            )
+    def _refuse(self, msg, what: str, reason: str, kind=FaultKind.INTERNAL) -> None:
+        """Answer an ``Expect`` or ``Reserve`` with an Abort naming why."""
+        logger.warning(
+            "encode: refused %s of room %d rank %d from %s: %s",
+            what,
+            msg.room,
+            msg.rank,
+            msg.manager_id,
+            reason,
+        )
+        self.channel.send(
+            msg.manager_id,
+            make(
+                Abort,
+                room=msg.room,
+                manager_id=self.manager_id,
+                reason=reason,
+                kind=kind,
+            ),
+        )
 
+    def _peer_holds_locked(self, msg, what: str) -> Optional[_Peer]:
+        """The peer whose registration ``msg`` relies on; None (and ``Unregistered`` sent,
+        so it registers again) when this encoder does not hold that registration."""
+        peer = self.peers.get(msg.manager_id)
+        if peer is not None and peer.epoch == msg.epoch:
+            return peer
+        logger.warning(
+            "encode: %s of room %d from %s relies on registration epoch %d, which this "
+            "encoder does not hold; asking it to register again",
+            what,
+            msg.room,
+            msg.manager_id,
+            msg.epoch,
+        )
+        self.channel.send(
+            msg.manager_id,
+            make(
+                Unregistered,
+                manager_id=self.manager_id,
+                room=msg.room,
+                epoch=msg.epoch,
+            ),
+        )
+        return None
+
+    def _on_expect(self, msg: Expect) -> None:
+        """A destination holds the request and waits for its announcement: recorded as a
+        destination that has not reserved yet (``EXPECTING``). Announced once the request
+        and every destination are here; a destination that expects it again (after
+        registering again) is answered at once."""
+        refuse = lambda reason, kind=FaultKind.INTERNAL: self._refuse(  # noqa: E731
+            msg, "expect", reason, kind
+        )
         with self.lock:
-            peer = self.peers.get(msg.manager_id)
-            if peer is None or peer.epoch != msg.epoch:
-                logger.warning(
-                    "encode: reservation of room %d from %s relies on registration epoch %d, "
-                    "which this encoder does not hold; asking it to register again",
-                    msg.room,
-                    msg.manager_id,
-                    msg.epoch,
+            if self._peer_holds_locked(msg, "expect") is None:
+                return
+            if msg.num_ranks < 1 or not (0 <= msg.rank < msg.num_ranks):
+                return refuse(f"invalid rank {msg.rank} of {msg.num_ranks}")
+            r = self.rooms.get(msg.room)
+            if r is None and msg.room in self._failed_rooms:
+                reason, kind, _ = self._failed_rooms[msg.room]
+                return refuse(f"request already failed: {reason}", kind)
+            if r is None:
+                now = time.monotonic()
+                r = self.rooms[msg.room] = _Room(
+                    room=msg.room, created=now, waiting_since=now
                 )
-                self.channel.send(
-                    msg.manager_id,
-                    make(
-                        Unregistered,
-                        manager_id=self.manager_id,
-                        room=msg.room,
-                        epoch=msg.epoch,
-                    ),
+            if r.failed:
+                return refuse(f"request already failed: {r.failed}", r.fault_kind)
+            if r.num_ranks is None:
+                r.num_ranks = msg.num_ranks
+            elif r.num_ranks != msg.num_ranks:
+                return refuse(
+                    f"room {msg.room} has {r.num_ranks} destinations, this one says {msg.num_ranks}"
                 )
+            d = r.dests.get(msg.rank)
+            if d is not None and (
+                d.manager_id != msg.manager_id or d.round != EXPECTING
+            ):
+                return refuse(
+                    f"bootstrap room {msg.room} is already in use (rank {msg.rank} already "
+                    f"expects it)",
+                    FaultKind.CLIENT,
+                )
+            r.dests[msg.rank] = _Dest(
+                msg.manager_id, msg.rank, EXPECTING, 0, [], msg.max_tokens
+            )
+            if r.announced:
+                self._send_announce_locked(r, r.dests[msg.rank])
+            else:
+                self._announce_locked(r)
+
+    def _announce_locked(self, r: _Room) -> None:
+        """Both halves are here (the request's shape and every destination's Expect): tell
+        every destination the shape, so it reserves what the request needs."""
+        if r.announced or r.failed or r.shape is None:
+            return
+        if r.num_ranks is None or len(r.dests) != r.num_ranks:
+            return
+        r.announced = True
+        for d in r.dests.values():
+            self._send_announce_locked(r, d)
+
+    def _send_announce_locked(self, r: _Room, d: _Dest) -> None:
+        T, M, items = r.shape
+        self.channel.send(
+            d.manager_id,
+            make(
+                Announce,
+                room=r.room,
+                manager_id=self.manager_id,
+                total_tokens=T,
+                mm_tokens=M,
+                items=list(items),
+            ),
+        )
+
+    def _on_reserve(self, msg: Reserve) -> None:
+        refuse = lambda reason, kind=FaultKind.INTERNAL: self._refuse(  # noqa: E731
+            msg, "reservation", reason, kind
+        )
+        with self.lock:
+            peer = self._peer_holds_locked(msg, "reservation")
+            if peer is None:
                 return
             nb = peer.layout.num_blocks
             if (
@@ -383,52 +626,28 @@ class EncodeManager(ManagerBase):
                 reason, kind, _ = self._failed_rooms[msg.room]
                 return refuse(f"request already failed: {reason}", kind)
             if r is None:
-                if msg.round != 0:
-                    return refuse("unknown room (already finished or failed)")
-                now = time.monotonic()
-                r = self.rooms[msg.room] = _Room(
-                    room=msg.room, created=now, waiting_since=now
-                )
+                return refuse("unknown room (already finished or failed)")
             if r.failed:
                 return refuse(f"request already failed: {r.failed}", r.fault_kind)
-            if r.num_ranks is None:
-                r.num_ranks = msg.num_ranks
-            elif r.num_ranks != msg.num_ranks:
-                return refuse(
-                    f"room {msg.room} has {r.num_ranks} destinations, this one says {msg.num_ranks}"
-                )
             d = r.dests.get(msg.rank)
+            if d is None or d.manager_id != msg.manager_id:
+                return refuse(f"reservation for room {msg.room} without its expect")
             if msg.round == 0:
-                if d is not None:
+                if not r.announced or d.round != EXPECTING:
                     return refuse(
-                        f"bootstrap room {msg.room} is already in use (rank {msg.rank} already reserved)",
-                        FaultKind.CLIENT,
+                        f"unexpected reservation for round 0 of room {msg.room} "
+                        f"({'already reserved' if r.announced else 'not announced yet'})"
                     )
-                r.dests[msg.rank] = _Dest(
-                    msg.manager_id,
-                    msg.rank,
-                    0,
-                    msg.generation,
-                    list(msg.blocks),
-                    msg.max_tokens,
-                    msg.checksum,
+            elif msg.round != r.round or d.round == r.round:
+                return refuse(
+                    f"unexpected reservation for round {msg.round} (room is at round {r.round})"
                 )
-            else:
-                if (
-                    d is None
-                    or d.manager_id != msg.manager_id
-                    or msg.round != r.round
-                    or d.round == r.round
-                ):
-                    return refuse(
-                        f"unexpected reservation for round {msg.round} (room is at round {r.round})"
-                    )
-                d.round, d.generation, d.blocks, d.checksum = (
-                    msg.round,
-                    msg.generation,
-                    list(msg.blocks),
-                    msg.checksum,
-                )
+            d.round, d.generation, d.blocks, d.checksum = (
+                msg.round,
+                msg.generation,
+                list(msg.blocks),
+                msg.checksum,
+            )
             self._update_sender_status(r)
             self._maybe_schedule(r)
 
@@ -465,7 +684,12 @@ class EncodeManager(ManagerBase):
         s = r.sender
         if s is None or r.failed:
             return
-        all_ready = r.num_ranks is not None and len(r.dests) == r.num_ranks
+        # every destination reserved round 0: the request may run its vision tower
+        all_ready = (
+            r.num_ranks is not None
+            and len(r.dests) == r.num_ranks
+            and all(d.round != EXPECTING for d in r.dests.values())
+        )
         if r.payload is not None and (r.token_sent > 0 or r.in_flight or all_ready):
             s._set_status(KVPoll.Transferring)
         elif all_ready:
@@ -500,6 +724,13 @@ class EncodeManager(ManagerBase):
                 )
             if r.payload is not None:
                 raise TransferError(sender.room, "send() called twice")
+            shape = (payload.total_tokens, payload.mm_tokens, list(payload.items))
+            if shape != (r.shape.total_tokens, r.shape.mm_tokens, list(r.shape.items)):
+                raise ValueError(
+                    f"payload of {shape[0]} tokens / {shape[1]} multimodal tokens (items "
+                    f"{shape[2]}) differs from the announced shape "
+                    f"{r.shape.total_tokens} / {r.shape.mm_tokens} (items {r.shape.items})"
+                )
             if bound and nbytes > bound:
                 raise OversizeError(
                     f"payload of {nbytes} bytes exceeds max_inflight_payload_bytes={bound}; "
@@ -516,9 +747,22 @@ class EncodeManager(ManagerBase):
             r.first_send = time.monotonic()
             self._update_sender_status(r)
             self._maybe_schedule(r)
-        self.wake()
+            scheduled = r.in_flight
+        if (
+            not scheduled
+        ):  # a round queued now needs no timer (the wake-up costs ~0.1 ms)
+            self.wake()
 
     # Worker -------------------------------------------------------------------------------------
+    def _start_worker(self) -> None:
+        w = threading.Thread(
+            target=self._worker_loop,
+            name=f"el-encode-worker-{next(self._worker_ids)}",
+            daemon=True,
+        )
+        self._workers = [x for x in self._workers if x.is_alive()] + [w]
+        w.start()
+
     def _worker_loop(self) -> None:
         while True:
             room = self._queue.get()
@@ -530,6 +774,15 @@ class EncodeManager(ManagerBase):
                 continue
             try:
                 self._run_round(r)
+            except _Abandoned as e:
+                # The control thread failed the round at the write's deadline (the room is
+                # not this worker's any more); the write has returned since.
+                if e.replaced:  # a replacement took this worker's place
+                    with self.lock:
+                        self._retiring_workers.discard(threading.current_thread())
+                        self._workers.remove(threading.current_thread())
+                    return
+                continue
             except Exception as e:  # one request fails, the worker lives on
                 if isinstance(e, WriteTimeoutError):
                     logger.error("encode: %s", e)
@@ -545,16 +798,19 @@ class EncodeManager(ManagerBase):
                     reason, kind = f"transfer failed: {e}", FaultKind.INTERNAL
                 with self.lock:
                     self._fail_locked(r, reason, kind)
-            finally:
-                with self.lock:
-                    r.in_flight = False
-                    if r.failed:
-                        self._finish_failed_locked(r)
-                    elif self.rooms.get(room) is r:
-                        # Every destination may already have asked for the next round while
-                        # this one was finishing: schedule it now.
-                        self._maybe_schedule(r)
-                self.wake()  # the room's resume timer (or a failure record) starts now
+            with self.lock:
+                r.in_flight = False
+                # a timer starts now: the room's failure record, or its resume timer
+                timer = bool(r.failed)
+                if r.failed:
+                    self._finish_failed_locked(r)
+                elif self.rooms.get(room) is r:
+                    # Every destination may already have asked for the next round while
+                    # this one was finishing: schedule it now.
+                    self._maybe_schedule(r)
+                    timer = not r.in_flight
+            if timer:  # not after a request's last round: nothing to time then
+                self.wake()
 
     def _run_round(self, r: _Room) -> None:
         B = self.layout.block_size
@@ -596,12 +852,14 @@ class EncodeManager(ManagerBase):
             raise TransferError(
                 r.room, f"no encode staging blocks within {timeout}s", FaultKind.TIMEOUT
             )
-        # Pipelined: the round is staged in chunks of pipeline_blocks blocks; one writer job
-        # per destination writes each chunk (one transfer-engine batch, in order) as soon as it
-        # is staged, so staging chunk i+1 overlaps the transfer of chunk i. One staging serves
-        # every destination: the first destination's generation is stamped while staging; a
-        # later destination restamps each chunk only after every write to the previous one
-        # returned (never while a write reads it).
+        # One chunk (pipeline_blocks 0, or a round that fits one): staged, then written on
+        # this thread (_write_inline). Pipelined: the round is staged in chunks of
+        # pipeline_blocks blocks; one writer job per destination writes each chunk (one
+        # transfer-engine batch, in order) as soon as it is staged, so staging chunk i+1
+        # overlaps the transfer of chunk i. One staging serves every destination: the first
+        # destination's generation is stamped while staging; a later destination restamps each
+        # chunk only after every write to the previous one returned (never while a write reads
+        # it).
         step = self.config.pipeline_blocks or nb
         # one staging serves every destination
         checksum = any(d.checksum for d in dests)
@@ -611,31 +869,39 @@ class EncodeManager(ManagerBase):
                 with self.lock:
                     if r.failed:
                         return
-                chunks: "queue.Queue[Optional[tuple]]" = queue.Queue()
+
+                def stage(k0: int, k1: int) -> tuple:
+                    tc = min(ct, k1 * B) - k0 * B
+                    mc = max(0, min(cm, k1 * B) - k0 * B)
+                    chunk = staging.blocks[k0:k1]
+                    if i == 0:
+                        self.buffers.write_range(
+                            chunk,
+                            payload,
+                            t0 + k0 * B,
+                            tc,
+                            m0 + k0 * B,
+                            mc,
+                            r.room,
+                            d.generation,
+                            checksum,
+                        )
+                    else:
+                        self.buffers.restamp(chunk, tc, d.generation)
+                    return self.buffers.round_segments(
+                        chunk, d.blocks[k0:k1], tc, mc, p.slot_ptrs
+                    )
+
+                if step >= nb:
+                    segs = stage(0, nb)
+                    nbytes += sum(segs[2])
+                    self._write_inline(r, d.manager_id, p.session_id, segs, staging)
+                    continue
+                chunks: "queue.SimpleQueue[Optional[tuple]]" = queue.SimpleQueue()
                 job = self._writer.submit(self._write_chunks, p.session_id, chunks)
                 try:
                     for k0 in range(0, nb, step):
-                        k1 = min(nb, k0 + step)
-                        tc = min(ct, k1 * B) - k0 * B
-                        mc = max(0, min(cm, k1 * B) - k0 * B)
-                        chunk = staging.blocks[k0:k1]
-                        if i == 0:
-                            self.buffers.write_range(
-                                chunk,
-                                payload,
-                                t0 + k0 * B,
-                                tc,
-                                m0 + k0 * B,
-                                mc,
-                                r.room,
-                                d.generation,
-                                checksum,
-                            )
-                        else:
-                            self.buffers.restamp(chunk, tc, d.generation)
-                        segs = self.buffers.round_segments(
-                            chunk, d.blocks[k0:k1], tc, mc, p.slot_ptrs
-                        )
+                        segs = stage(k0, min(nb, k0 + step))
                         chunks.put(segs)
                         nbytes += sum(segs[2])
                 except BaseException:
@@ -648,8 +914,8 @@ class EncodeManager(ManagerBase):
                 chunks.put(None)
                 self._await_write(r.room, d.manager_id, job, staging)
         finally:
-            # else the pending writes free it when they return
-            if not staging.quarantined:
+            # else the pending writes free it when they return (or already did)
+            if not (staging.quarantined or staging.freed):
                 staging.free()
         with self.lock:
             if r.failed:
@@ -681,7 +947,90 @@ class EncodeManager(ManagerBase):
                 r.round += 1
                 r.waiting_since = time.monotonic()
 
-    def _write_chunks(self, session_id: str, chunks: "queue.Queue") -> int:
+    def _write_inline(
+        self,
+        r: _Room,
+        manager_id: str,
+        session_id: str,
+        segs: tuple,
+        staging: BlockHandle,
+    ) -> None:
+        """A round's one transfer-engine write to one destination, made on this worker thread
+        (no hop to a writer thread: that hop was ~0.15 ms of a small request's latency). The
+        deadline is the one ``_await_write`` applies (``ConnectionConfig.write_deadline_s``);
+        the control thread watches it (``_expire_writes_locked``): past it the room fails as
+        it does for a writer job, and the worker pool gets a replacement, as the writer pool
+        does. This thread then handles the write's return as a late one and raises
+        ``_Abandoned``."""
+        timeout = self.config.write_deadline_s(
+            len(staging), sum(self.layout.slot_block_bytes)
+        )
+        w = _InlineWrite(
+            r,
+            manager_id,
+            staging,
+            time.monotonic() + timeout,
+            timeout,
+            threading.current_thread(),
+        )
+        with self.lock:
+            self._inline_writes.add(w)
+        if self.next_deadline > w.deadline:  # its timers sleep past this deadline
+            self.wake()
+        ret, error = -1, None
+        try:
+            ret = self.engine.batch_transfer_sync(session_id, *segs)
+        except Exception as e:  # a failed write, as in _await_write
+            error = e
+        with self.lock:
+            abandoned = w not in self._inline_writes
+            self._inline_writes.discard(w)
+        if abandoned:
+            self._late_write_returned(
+                r.room, manager_id, staging, error is not None or ret < 0
+            )
+            raise _Abandoned(w.replaced)
+        if error is not None or ret < 0:
+            self._raise_write_failed(r.room, manager_id, staging, ret, error)
+
+    def _expire_writes_locked(self, now: float) -> float:
+        """Control thread: fail the rooms whose write on a worker thread (``_write_inline``)
+        is past its deadline, as ``_await_write`` does for a writer job (staging quarantined,
+        the destinations told a write may still land, an AbortAck once it returns complete),
+        and start a replacement worker (at most ``MAX_ABANDONED_WRITES`` workers held by such
+        writes at once). Returns the next deadline."""
+        due = math.inf
+        for w in list(self._inline_writes):
+            if now < w.deadline:
+                due = min(due, w.deadline)
+                continue
+            self._inline_writes.discard(w)
+            r = w.room
+            key = (r.room, w.manager_id)
+            self._pending_writes[key] = self._pending_writes.get(key, 0) + 1
+            w.staging.quarantine()
+            if len(self._retiring_workers) < MAX_ABANDONED_WRITES:
+                w.replaced = True
+                self._retiring_workers.add(w.thread)
+                self._start_worker()
+            else:
+                logger.error(
+                    "encode: %d workers are held by abandoned writes (the bound); no "
+                    "replacement",
+                    len(self._retiring_workers),
+                )
+            e = WriteTimeoutError(
+                r.room,
+                f"data write to {w.manager_id} timed out after {w.timeout:.1f}s (it may "
+                "still land)",
+            )
+            logger.error("encode: %s", e)
+            self._fail_locked(r, e.reason, e.kind)
+            r.in_flight = False  # the worker is not coming back for this room
+            self._finish_failed_locked(r)
+        return due
+
+    def _write_chunks(self, session_id: str, chunks: "queue.SimpleQueue") -> int:
         """Writer job of one round to one destination: one transfer-engine batch write per
         staged chunk, in order, until the ``None`` that ends the round; after a failed write
         the rest are skipped. Returns the failed write's code, else 0."""
@@ -703,9 +1052,10 @@ class EncodeManager(ManagerBase):
     ) -> None:
         """Wait for the writer job of one round to one destination until
         ``ConnectionConfig.write_deadline_s``. Past it the write keeps running (Mooncake cannot
-        cancel it): a job not started is cancelled; otherwise the staging blocks are quarantined
-        and the destination is owed an AbortAck if the job returns complete. A failed write
-        (ret < 0, or the engine raised) may still land in part: ``_write_failed_locked``.
+        cancel it): a job not started is cancelled; otherwise the staging blocks are quarantined,
+        the writer pool replaces the job's thread (``WriterPool.abandon``), and the destination
+        is owed an AbortAck if the job returns complete. A failed write (ret < 0, or the engine
+        raised) may still land in part: ``_raise_write_failed``.
         """
         timeout = self.config.write_deadline_s(
             len(staging), sum(self.layout.slot_block_bytes)
@@ -721,8 +1071,16 @@ class EncodeManager(ManagerBase):
                 key = (room, manager_id)
                 self._pending_writes[key] = self._pending_writes.get(key, 0) + 1
                 staging.quarantine()
+            self._writer.abandon(job)  # later writes get its thread's replacement
             job.add_done_callback(
-                lambda done: self._late_write_returned(room, manager_id, staging, done)
+                lambda done: self._late_write_returned(
+                    room,
+                    manager_id,
+                    staging,
+                    done.cancelled()
+                    or done.exception() is not None
+                    or done.result() < 0,
+                )
             )
             raise WriteTimeoutError(
                 room,
@@ -733,17 +1091,27 @@ class EncodeManager(ManagerBase):
         error = job.exception()
         ret = -1 if error is not None else job.result()
         if ret < 0:
-            with self.lock:
-                self._write_failed_locked(room, manager_id, staging)
-            what = (
-                f"ret={ret}"
-                if error is None
-                else f"raised {type(error).__name__}: {error}"
-            )
-            raise TransferError(
-                room,
-                f"Mooncake write to {manager_id} failed ({what}; parts of it may still land)",
-            ) from error
+            self._raise_write_failed(room, manager_id, staging, ret, error)
+
+    def _raise_write_failed(
+        self,
+        room: int,
+        manager_id: str,
+        staging: BlockHandle,
+        ret: int,
+        error: Optional[BaseException],
+    ) -> None:
+        """A write returned failed (``ret`` < 0, or the engine raised ``error``) in time:
+        ``_write_failed_locked``, then the room fails with ``TransferError``."""
+        with self.lock:
+            self._write_failed_locked(room, manager_id, staging)
+        what = (
+            f"ret={ret}" if error is None else f"raised {type(error).__name__}: {error}"
+        )
+        raise TransferError(
+            room,
+            f"Mooncake write to {manager_id} failed ({what}; parts of it may still land)",
+        ) from error
 
     def _write_failed_locked(
         self, room: int, manager_id: str, staging: BlockHandle
@@ -776,9 +1144,10 @@ class EncodeManager(ManagerBase):
         room: int,
         manager_id: str,
         staging: BlockHandle,
-        job: concurrent.futures.Future,
+        failed: bool,
     ) -> None:
-        failed = job.cancelled() or job.exception() is not None or job.result() < 0
+        """A write abandoned at its deadline returned (``failed``: ret < 0, it raised, or it
+        was cancelled): the room's destination gets its AbortAck, or never one."""
         with self.lock:
             key = (room, manager_id)
             self._pending_writes[key] -= 1
@@ -865,16 +1234,20 @@ class EncodeManager(ManagerBase):
         r.payload, r.payload_bytes = None, 0
 
     def _tick(self, now: float) -> float:
-        """Fire bootstrap and resume timeouts, expire failed-room records; return when the next
+        """Fire pairing and resume timeouts, expire failed-room records; return when the next
         one is due. A round that ends, a ``send()``, a new sender or an abort wakes the control
-        thread (``wake()``), so a wait that starts then is timed from its start."""
+        thread (``wake()``), so a wait that starts then is timed from its start.
+
+        Pairing (the request's arrival -> every destination's Expect, or a destination's
+        Expect -> the request) is bounded by ``bootstrap_timeout_s``. After the announcement,
+        waiting for the destinations' round-0 reservations has no timer: they wait for
+        language blocks (load, not a fault; a dead peer is found by heartbeats)."""
         cfg = self.config
         due = math.inf
         with self.lock:
             for r in list(self.rooms.values()):
                 if r.failed or r.in_flight:
                     continue
-                all_reserved = r.num_ranks is not None and len(r.dests) == r.num_ranks
                 if r.sender is None:
                     due = min(due, r.created + cfg.bootstrap_timeout_s)
                     if now - r.created > cfg.bootstrap_timeout_s:
@@ -884,14 +1257,15 @@ class EncodeManager(ManagerBase):
                             f"within {cfg.bootstrap_timeout_s}s",
                             FaultKind.TIMEOUT,
                         )
-                        continue
-                if r.round == 0 and not all_reserved:
+                    continue
+                if r.round == 0 and not r.announced:
                     due = min(due, r.waiting_since + cfg.bootstrap_timeout_s)
                     if now - r.waiting_since > cfg.bootstrap_timeout_s:
                         self._fail_locked(
                             r,
                             f"bootstrap timeout: {len(r.dests)}/{r.num_ranks or '?'} "
-                            f"destinations reserved within {cfg.bootstrap_timeout_s}s",
+                            f"destinations expected the request within "
+                            f"{cfg.bootstrap_timeout_s}s",
                             FaultKind.TIMEOUT,
                         )
                 elif r.round > 0:
@@ -924,6 +1298,7 @@ class EncodeManager(ManagerBase):
                     )
                 else:
                     due = min(due, until)
+            due = min(due, self._expire_writes_locked(now))
         return min(due, super()._tick(now))
 
     def _active_peers(self) -> List[str]:
@@ -945,9 +1320,11 @@ class EncodeManager(ManagerBase):
     def _close_workers(self) -> None:
         for _ in self._workers:
             self._queue.put(None)
-        for w in self._workers:
+        with self.lock:  # a worker an abandoned write holds ends when (if) it returns
+            workers = [w for w in self._workers if w not in self._retiring_workers]
+        for w in workers:
             w.join(timeout=5)
-        self._writer.shutdown(wait=False, cancel_futures=True)
+        self._writer.shutdown()
 
     def _abort_sender(
         self, sender: "EncodeSender", reason: str, kind: FaultKind
