@@ -18,7 +18,8 @@ Each iteration measures, for every payload in turn (interleaved, so load changes
   memcpy    one host copy of the same bytes (the floor of each of the two copies the design
             makes: payload -> encode blocks, language blocks -> the request's tensors)
   e2e       sender.send() in the encoder process until the language receiver is Success and
-            take() returned (both clocks are CLOCK_MONOTONIC); the receiver reserved beforehand
+            take() returned (both clocks are CLOCK_MONOTONIC); the request was announced and
+            the receiver reserved beforehand (in serving that happens before the ViT runs)
   zmq_rtt   one ZMQ PUSH/PULL ping-pong between the same two processes (per iteration)
 
 Reported: median, min and max over --iters; e2e / raw, e2e / max(write, raw, read),
@@ -54,6 +55,7 @@ from sglang.srt.disaggregation.encode_language.buffers import (
     alloc_received,
 )
 from sglang.srt.disaggregation.encode_language.connection import ConnectionConfig
+from sglang.srt.disaggregation.encode_language.manifest import RequestShape
 from sglang.srt.disaggregation.encode_language.receiver import LanguageManager
 from sglang.srt.disaggregation.encode_language.sender import EncodeManager
 
@@ -126,6 +128,7 @@ def encoder_process(conn, zmq_ports, pipeline_blocks, payloads):
     conn.send({h: m.bootstrap_addr for h, m in mgrs.items()})
     dest = conn.recv()  # hidden -> (session id, slot ptrs)
     payloads = {k: payload(h, t, m) for k, (h, t, m) in PAYLOADS.items()}
+    senders = {}
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
     pull.connect(f"tcp://127.0.0.1:{zmq_ports[0]}")
@@ -150,9 +153,22 @@ def encoder_process(conn, zmq_ports, pipeline_blocks, payloads):
             assert enc.engine.batch_transfer_sync(session, *segs) >= 0
             x = time.perf_counter() - t
             conn.send((w, x, sum(segs[2])))
+        elif cmd[0] == "create":  # the request arrives: its shape is announced
+            _, key, room = cmd
+            p = payloads[key]
+            shape = RequestShape(p.total_tokens, p.mm_tokens, p.items)
+            senders[room] = mgrs[PAYLOADS[key][0]].create_sender(room, shape)
+            conn.send("ok")
         elif cmd[0] == "e2e":
             _, key, room = cmd
-            s = mgrs[PAYLOADS[key][0]].create_sender(room)
+            s = senders.pop(room)
+            deadline = time.monotonic() + 30
+            while s.poll() != KVPoll.WaitingForInput:  # every destination reserved
+                assert time.monotonic() < deadline and s.poll() != KVPoll.Failed
+                time.sleep(0.0005)
+            time.sleep(
+                0.002
+            )  # as in serving (the ViT runs): wake-ups so far are not ours
             t0 = time.perf_counter()
             s.send(payloads[key])
             status = s.wait(60)
@@ -238,6 +254,8 @@ def main():
             c = time.perf_counter() - t
             room += 1
             rx = lang.create_receiver(enc_addr[h], room)
+            a.send(("create", key, room))
+            assert a.recv() == "ok"
             deadline = time.monotonic() + 30
             while rx.poll() != KVPoll.WaitingForInput:  # reserved: not part of e2e
                 assert time.monotonic() < deadline and rx.poll() != KVPoll.Failed
