@@ -55,6 +55,12 @@ class ServerPool:
         return self._group(("two-encoders-language", model_path), 3,
                            lambda: srv.launch_two_encoders_language(model_path, self.log_dir))
 
+    def get_production(self, model_path: str) -> tuple:
+        """(router, encode A, encode B, language) at production defaults
+        (``srv.launch_production``): shared by the burst and encoder-crash tests."""
+        return self._group(("production", model_path), 3,
+                           lambda: srv.launch_production(model_path, self.log_dir))
+
     def _group(self, key: object, need: int, start) -> tuple:
         """A group of servers launched and stopped together; ``need`` counts SGLang servers."""
         group = self.live.get(key)
@@ -114,6 +120,13 @@ def servers(server_pool: ServerPool, request: pytest.FixtureRequest):
 
         def two_encoders_language(self, model_path: str) -> tuple:
             group = server_pool.get_two_encoders_language(model_path)
+            used.extend(group)
+            return group
+
+        def production(self, model_path: str) -> tuple:
+            """(router, encode A, encode B, language) at production defaults, with a
+            production-paced vision tower (``srv.launch_production``)."""
+            group = server_pool.get_production(model_path)
             used.extend(group)
             return group
 

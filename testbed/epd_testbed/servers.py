@@ -204,6 +204,14 @@ EL_BUFFER_ARGS = ("--disaggregation-transfer-backend", "mooncake", "--enable-met
                   "--disaggregation-mm-transfer-config", '{"fence_timeout_s": 5}')
 
 
+# Production defaults (issue 16): the transport's own sizes and timers (256 blocks of 128 tokens,
+# 2048 reserved tokens, 120 s fence timeout, default bootstrap/liveness timeouts): no
+# --disaggregation-mm-* sizes and no transfer-config overrides. Only what the test bed needs:
+# Mooncake named explicitly (it is the default; an operator's command line names it too) and
+# metrics, which the tests read the blocks gauge from.
+EL_PRODUCTION_ARGS = ("--disaggregation-transfer-backend", "mooncake", "--enable-metrics")
+
+
 # No SGLANG_HOST_IP: every server advertises upstream's discovered address (the default route's
 # source address), as a new user's would, while --host (127.0.0.1) is what the router's URLs and
 # the language side's bootstrap_host name; the encoder's control socket binds --host
@@ -220,15 +228,20 @@ def encode_language_specs(model_path: str | Path, bootstrap_port: int, *extra: s
                           language_args: tuple[str, ...] = EL_LANGUAGE_ARGS,
                           encode_args: tuple[str, ...] = (),
                           language_module: str = "sglang.launch_server",
-                          name: str = "el") -> tuple[ServerSpec, ServerSpec]:
+                          name: str = "el",
+                          buffer_args: tuple[str, ...] = EL_BUFFER_ARGS,
+                          encode_module: str = "sglang.launch_server",
+                          encode_env: tuple[tuple[str, str], ...] = ()) -> tuple[ServerSpec, ServerSpec]:
     """An ``--disaggregation-mode encode`` server (control socket on ``bootstrap_port``) and an
-    ``--disaggregation-mode language`` server; ``extra`` goes to both, ``encode_args`` and
-    ``language_args`` to one."""
+    ``--disaggregation-mode language`` server; ``buffer_args`` (the test bed's small pool unless
+    given, e.g. ``EL_PRODUCTION_ARGS``) and ``extra`` go to both, ``encode_args`` and
+    ``language_args`` to one; ``encode_module``/``encode_env``: a test-bed control wrapping the
+    encode server (e.g. ``epd_testbed.slow_vit_server``)."""
     enc = ServerSpec(str(model_path), ("--disaggregation-mode", "encode", "--disaggregation-bootstrap-port",
-                                       str(bootstrap_port), *EL_BUFFER_ARGS, *extra, *encode_args),
-                     name=f"{name}-encode",
-                     env=EL_ENV)
-    lang = ServerSpec(str(model_path), ("--disaggregation-mode", "language", *EL_BUFFER_ARGS, *extra,
+                                       str(bootstrap_port), *buffer_args, *extra, *encode_args),
+                     name=f"{name}-encode", module=encode_module,
+                     env=EL_ENV + tuple(encode_env))
+    lang = ServerSpec(str(model_path), ("--disaggregation-mode", "language", *buffer_args, *extra,
                                         *language_args), name=f"{name}-language", module=language_module,
                       env=EL_ENV)
     return enc, lang
@@ -309,14 +322,19 @@ EL_FAULT_ROUTER_ARGS = ("--prefill-policy", "round_robin", "--decode-policy", "r
 
 
 def launch_two_encoders_language(model_path: str | Path, log_dir: Path, *extra: str,
-                                 name: str = "el2") -> tuple[Server, Server, Server, Server]:
+                                 name: str = "el2", buffer_args: tuple[str, ...] = EL_BUFFER_ARGS,
+                                 language_args: tuple[str, ...] = EL_LANGUAGE_ARGS,
+                                 **encode_kwargs) -> tuple[Server, Server, Server, Server]:
     """(router, encode A, encode B, language): two encode servers (each its own bootstrap
-    port) and one language server behind the router with ``EL_FAULT_ROUTER_ARGS``."""
+    port) and one language server behind the router with ``EL_FAULT_ROUTER_ARGS``;
+    ``buffer_args`` and ``encode_kwargs`` (``encode_module``, ``encode_env``) as in
+    ``encode_language_specs``."""
     ports = [free_port(), free_port()]
     # --decode-log-interval 1: the running-requests gauge follows every decode step
-    language_args = (*EL_LANGUAGE_ARGS, "--decode-log-interval", "1")
+    language_args = (*language_args, "--decode-log-interval", "1")
     specs = [encode_language_specs(model_path, p, *extra, language_args=language_args,
-                                   name=f"{name}-{tag}") for p, tag in zip(ports, "ab")]
+                                   name=f"{name}-{tag}", buffer_args=buffer_args, **encode_kwargs)
+             for p, tag in zip(ports, "ab")]
     servers = [launch(specs[0][0], log_dir, wait=False), launch(specs[1][0], log_dir, wait=False),
                launch(specs[0][1], log_dir, wait=False)]
     try:
@@ -329,6 +347,25 @@ def launch_two_encoders_language(model_path: str | Path, log_dir: Path, *extra: 
             server.stop()
         raise
     return (router, *servers)
+
+
+# The vision tower of a production-size model takes time; the tiny one's does not. 30 ms per
+# placeholder token (~50 s of vision tower per encoder for the 64-request burst) makes requests
+# queue on the encoders as large images do on a real deployment (epd_testbed.slow_vit_server).
+PRODUCTION_VIT_SECONDS_PER_TOKEN = 0.03
+
+
+def launch_production(model_path: str | Path, log_dir: Path,
+                      name: str = "el-prod") -> tuple[Server, Server, Server, Server]:
+    """(router, encode A, encode B, language) at production defaults (``EL_PRODUCTION_ARGS``;
+    the language side's chunked-prefill size is SGLang's default too): the same topology and
+    router settings as ``launch_two_encoders_language``, for the tests of bursts and encoder
+    crashes that the small pool hides (issue 16). The encode servers' vision tower is paced
+    like a production one (``PRODUCTION_VIT_SECONDS_PER_TOKEN``)."""
+    return launch_two_encoders_language(
+        model_path, log_dir, name=name, buffer_args=EL_PRODUCTION_ARGS, language_args=(),
+        encode_module="epd_testbed.slow_vit_server",
+        encode_env=(("EPD_VIT_SECONDS_PER_TOKEN", str(PRODUCTION_VIT_SECONDS_PER_TOKEN)),))
 
 
 def relaunch(server: Server, log_dir: Path) -> Server:

@@ -246,8 +246,8 @@ def test_abort_request_ends_a_waiting_room(deployment, vl_model, role) -> None:
     free again."""
     _, encoder, language = deployment
     server = language if role == "language" else encoder
-    # language: it reserves blocks at the encoder, which never sees the request;
-    # encode: no language server ever reserves for this room.
+    # language: it expects the request at the encoder, which never sees it;
+    # encode: no language server ever expects this room.
     port = _bootstrap_port(encoder) if role == "language" else 1
     rid, worker, result = _start_waiting_request(server, vl_model, port)
     request = urllib.request.Request(
@@ -573,17 +573,14 @@ def test_encoder_death_fails_waiting_requests(servers, vl_model) -> None:
         language, vl_model, _bootstrap_port(encoder)
     )
     os.killpg(encoder.pid, signal.SIGKILL)
-    worker.join(timeout=60)  # the heartbeat budget is 3 x 2 s
+    worker.join(timeout=60)  # the liveness window is 5 s x 2
     assert not worker.is_alive(), "the language side kept waiting for a dead encoder"
-    assert "unreachable (missed 3 heartbeats)" in result["error"], result
-    # The dead encoder might still write its blocks (issue 7 item 10): they stay quarantined
-    # until the fence times out (5 s in the test bed), then every block is free.
+    assert "unreachable (missed 2 heartbeats)" in result["error"], result
+    # The request was never announced (the encoder never got its half): it held no block,
+    # so nothing is fenced (issue 16 item 1).
     blocks = wait_all_blocks_free(language)
     assert blocks["in_use"] == blocks["quarantined"] == 0, blocks
     assert blocks["free"] == blocks["total"] > 0, blocks
-    assert (
-        "fence timeout" in language.log_path.read_text()
-    ), "the blocks were never fenced"
 
     with pytest.raises(RequestError, match="HTTP 5"):
         _generate(router, vl_model, CASES["one_image"])

@@ -139,15 +139,15 @@ def test_unreadable_image_fails_the_language_side_at_once(
 ) -> None:
     """The encode server cannot load the image: it answers 400 and the language side, which
     got the same room, fails it with the encoder's reason (not a bootstrap timeout), also 400.
-    ``reserved``: the language side reserved first (the encoder fails the room it holds);
-    ``not_reserved``: the encoder failed first, the later reservation is refused at once.
+    ``reserved``: the language side expected the room first (the encoder fails the room it
+    holds); ``not_reserved``: the encoder failed first, the later Expect is refused at once.
     """
     _, encoder, _, language = deployment
     payload = _payload(vl_model, "one_image", BAD_IMAGES["missing_file"])
     payload |= _room_fields(encoder)
     if language_first:
         worker, result = _post_in_thread(language, payload)
-        _wait_until(lambda: _waiting(language), "the language side reserved")
+        _wait_until(lambda: _waiting(language), "the language side expects the room")
         with pytest.raises(RequestError, match="HTTP 400.*client error"):
             encoder.post("/generate", payload)
     else:
@@ -346,7 +346,7 @@ def test_dead_encoder_is_dropped_and_serves_again_after_restart(
     os.killpg(enc_a.pid, signal.SIGKILL)
     worker.join(WAIT_S)
     assert not worker.is_alive(), "the language side kept waiting for a dead encoder"
-    assert "unreachable (missed 3 heartbeats)" in result.get("error", ""), result
+    assert "unreachable (missed 2 heartbeats)" in result.get("error", ""), result
 
     _wait_until(
         lambda: not _router_workers_healthy(router, enc_a.url),

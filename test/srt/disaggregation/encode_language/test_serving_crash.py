@@ -1,0 +1,158 @@
+"""An encoder crash at production defaults (issue 16, item 2).
+
+The deployment is the production one of ``test_serving_burst.py`` (``servers.production``:
+256 blocks of 128 tokens, 2048 reserved tokens, 120 s fence timeout, the default liveness
+window of 5 s x 2): two encode servers, one language server, SGLang's own router. This test kills
+encode A with its requests queued, so it runs after the burst test (file order) and the pool
+relaunches the group for any later user (``ServerPool._group`` restarts a group with a dead
+member).
+
+Real components: ``sglang_router.launch_router``, three ``sglang.launch_server`` processes,
+Mooncake over TCP loopback, HTTP; the tiny K=3 checkpoint, fp32, greedy.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import threading
+import time
+
+import pytest
+from el_serving import (
+    CASES,
+    LOGPROB_TOLERANCE,
+    _greedy_body,
+    assert_blocks_free,
+    hf_reference,
+)
+from epd_testbed.hf_reference import render_prompt
+from epd_testbed.servers import RequestError, encode_language_metrics
+from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
+
+pytestmark = pytest.mark.server
+
+QUEUED = 16  # requests pinned to encode A when it is killed
+SURVIVOR_OK = 4  # successes through the router after the first one
+WAIT_S = 120  # bound of every wait (never asserted as a timing)
+
+
+@pytest.fixture(scope="module")
+def vl_model() -> str:
+    return str(ensure_checkpoint(TinyVLMoeSpec()))
+
+
+def _bootstrap_port(encoder) -> int:
+    args = encoder.spec.args
+    return int(args[args.index("--disaggregation-bootstrap-port") + 1])
+
+
+def _body(model_path: str, case_name: str) -> dict:
+    prompt, image_paths = render_prompt(model_path, CASES[case_name].messages())
+    return _greedy_body(prompt) | {"image_data": image_paths}
+
+
+def _check(out: dict, reference) -> None:
+    tokens, logprobs = reference
+    assert out["output_ids"] == tokens
+    got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
+    assert got == pytest.approx(logprobs, abs=LOGPROB_TOLERANCE)
+
+
+def test_encoder_crash_fails_only_its_requests_and_frees_blocks_at_once(
+    servers, vl_model
+) -> None:
+    """issue 16: item 2. Encode A is killed (kill -9) with 16 image requests queued on it (sent
+    as the router sends a PD request: the same body to A and to the language server): each of
+    those fails once with 503 and a reason (A unreachable), within the liveness window; requests
+    through the router keep succeeding on B (equal to HF, logprobs within tolerance); the only
+    router requests that may fail are those routed to A before the router dropped it, each a
+    5xx with a reason; every block of the language server and B is free right after (before the
+    fix the language blocks of A's reserved requests were quarantined for the 120 s fence
+    timeout). Prints the time from the kill to the first success and the failure counts.
+    """
+    router, enc_a, enc_b, language = servers.production(vl_model)
+    case = "one_image"
+    reference = hf_reference(vl_model, CASES[case])
+    _check(router.post("/generate", _body(vl_model, case)), reference)  # warm
+
+    pinned: list[dict] = [{} for _ in range(QUEUED)]
+
+    def pinned_request(result: dict) -> None:
+        body = _body(vl_model, case) | {
+            "bootstrap_host": "127.0.0.1",
+            "bootstrap_port": _bootstrap_port(enc_a),
+            "bootstrap_room": random.getrandbits(62),
+        }
+        to_a = threading.Thread(
+            target=lambda: _swallow(enc_a.post, "/generate", body), daemon=True
+        )
+        to_a.start()
+        try:
+            result["out"] = language.post("/generate", body, timeout=WAIT_S)
+        except RequestError as e:
+            result["error"] = str(e)
+        result["at"] = time.monotonic()
+
+    threads = [
+        threading.Thread(target=pinned_request, args=(r,), daemon=True) for r in pinned
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.time() + WAIT_S
+    while encode_language_metrics(language).get("waiting_requests", 0) < QUEUED // 2:
+        assert time.time() < deadline, "the requests never reached the language side"
+        time.sleep(0.1)
+    killed = time.monotonic()
+    os.killpg(enc_a.pid, signal.SIGKILL)
+
+    # Through the router: until the first success, then SURVIVOR_OK more.
+    router_failures: list[str] = []
+    first_success = None
+    successes = 0
+    while successes <= SURVIVOR_OK:
+        assert time.monotonic() - killed < WAIT_S, router_failures
+        try:
+            out = router.post("/generate", _body(vl_model, case), timeout=WAIT_S)
+        except RequestError as e:
+            assert first_success is None, f"a failure after the first success: {e}"
+            router_failures.append(str(e))
+            continue
+        _check(out, reference)
+        if first_success is None:
+            first_success = time.monotonic() - killed
+        successes += 1
+
+    for t in threads:
+        t.join(WAIT_S)
+        assert not t.is_alive(), "a request pinned to the dead encoder hangs"
+    pinned_failed = [r for r in pinned if "error" in r]
+    for r in pinned:
+        if "out" in r:  # finished before the kill
+            _check(r["out"], reference)
+        else:
+            assert re.search(
+                r"HTTP 503: .*unreachable \(missed 2 heartbeats\)", r["error"]
+            ), r
+            # the liveness window (10 s) + one interval + the scheduler's poll
+            assert r["at"] - killed < 20, r["at"] - killed
+    for e in router_failures:
+        assert re.search(r"HTTP 5\d\d: .+", e), e
+    last_failure = max((r["at"] - killed for r in pinned_failed), default=0.0)
+    print(
+        f"\nencoder crash: first success through the router {first_success:.1f} s after "
+        f"kill -9; {len(pinned_failed)} of {QUEUED} requests on the dead encoder failed (503, "
+        f"the last {last_failure:.1f} s after the kill), {len(router_failures)} router "
+        "requests failed before it dropped the dead encoder"
+    )
+    assert pinned_failed, "no request was queued on the dead encoder"
+    assert_blocks_free(language, enc_b)
+
+
+def _swallow(call, *args) -> None:
+    try:
+        call(*args, timeout=WAIT_S)
+    except RequestError:
+        pass  # the encoder's own answer: the client is answered by the language server
