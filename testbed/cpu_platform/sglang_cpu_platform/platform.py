@@ -11,6 +11,9 @@ from sglang.srt.platforms.interface import (
     PlatformEnum,
     SRTPlatform,
 )
+from sglang_cpu_platform.vision_attention import (
+    install as install_per_image_vision_attention,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +23,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_TOTAL_TOKENS = int(
     os.environ.get("SGLANG_CPU_PLATFORM_MAX_TOTAL_TOKENS", "16384")
 )
-
 
 
 def _pageable_pin_memory(self, *args, **kwargs):
@@ -41,6 +43,8 @@ def neutralise_pin_memory() -> None:
 # Loaded in every process of a server on this platform (the HTTP/tokenizer process decodes
 # videos), and only when the plugin activated, i.e. on a host without CUDA.
 neutralise_pin_memory()
+# Same processes: the vision towers get per-image attention (vision_attention.py).
+install_per_image_vision_attention()
 
 # Backends that need Intel's CPU build of sgl-kernel, which this plugin avoids.
 _INTEL_ONLY_ATTENTION = {"intel_amx"}
