@@ -115,10 +115,39 @@ def test_round_segments_move_only_valid_rows():
     srcs, dsts, lens = m.round_segments([0, 1, 2], [4, 5, 6], total, mm, remote)
     assert sum(lens) == m.layout.wire_bytes(total, mm)
     assert m.layout.dense_wire_bytes(total) - sum(lens) == (total - mm) * 4 * 16 * 2
-    # contiguous blocks on both sides merge: fill ids of 3 blocks -> one segment
-    assert (m.fill_ids.data_ptr(), remote[1] + 4 * 16, 40) in list(
-        zip(srcs, dsts, lens)
+    # block-major: each block's ids, positions, aux and rows are one prefix of its stretch;
+    # the first block's 3 rows do not fill it, so the next block is a segment of its own
+    stride, head, row = m.block_layout.stride, m.block_layout.head_bytes, 4 * 16 * 2
+    base, peer = m.region.data_ptr(), remote[1]  # fill_ids sit at offset 0 of a block
+    assert list(zip(srcs, dsts, lens)) == [
+        (base + k * stride, peer + (4 + k) * stride, head + (3 if k == 0 else 0) * row)
+        for k in range(3)
+    ]
+
+
+def test_a_run_of_full_blocks_is_one_segment():
+    """Issue 16 item 5: Mooncake's TCP transport moves a write's segments one after another
+    (~65 us each), so a run of consecutive blocks whose rows fill them must be ONE segment,
+    the tail of text-only tokens after the rows included, whatever the slot count."""
+    m = bufs(k=3)
+    remote = [1 << 40, 2 << 40, 3 << 40, 4 << 40, 5 << 40]
+    total, mm = 11, 8  # rows fill blocks 0 and 1; block 2 holds 3 text tokens
+    srcs, dsts, lens = m.round_segments([3, 4, 5], [0, 1, 2], total, mm, remote)
+    assert len(lens) == 1 and sum(lens) == m.layout.wire_bytes(total, mm)
+    assert (srcs[0], dsts[0]) == (
+        m.fill_ids[3].data_ptr(),
+        remote[1] + 0 * m.block_layout.stride,
     )
+    # and what the segment carries is the staged round, byte for byte (the language side's
+    # buffers are a copy of the segment's bytes here)
+    p = make_payload(5, total, mm, 16, 3)
+    m.write_request([3, 4, 5], p, room=3, generation=1)
+    lang = bufs(k=3)
+    src = m.region.view(-1)
+    dst = lang.region.view(-1)
+    off = srcs[0] - m.region.data_ptr()
+    dst[: lens[0]].copy_(src[off : off + lens[0]])
+    assert_same(lang.read_round([0, 1, 2], total, mm, RoundStamp(3, 1, 0)), p)
 
 
 def test_payload_validation_messages():

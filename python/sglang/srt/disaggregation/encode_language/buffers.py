@@ -1,7 +1,7 @@
 """``MultimodalDataBuffers``: the host block buffers both sides register with the transfer engine.
 
 Layout (N = ``num_blocks`` usable blocks plus one scratch block at index N; B tokens per block;
-H hidden size; K deepstack layers; E = embedding itemsize)::
+H hidden size; K deepstack layers; E = embedding itemsize). Five slots, in ``Slot`` order::
 
     slot 0  embeddings  [N+1, B, H]     embed dtype   B*H*E bytes per block
     slot 1  fill_ids    [N+1, B]        int32         4*B
@@ -11,6 +11,15 @@ H hidden size; K deepstack layers; E = embedding itemsize)::
                                                           rounded up to 8 (80 for B = 128)
     slot 4  deepstack   [N+1, B, K*H]   embed dtype   B*K*H*E  (absent, zero bytes, when K = 0)
 
+laid out *block-major* in one registered region (``block_layout``): block k is one stretch of
+``stride`` bytes at ``k * stride``, holding fill_ids, positions, aux, then B rows of (1+K)*H
+values, the i-th row the i-th token's embedding and deepstack side by side (the [M, (1+K)*H]
+layout of ``ReceivedData.rows``). The slot tensors are strided views of that region. So a block's
+bytes in flight are one prefix of its stretch (its ids, positions and aux whole, then its
+multimodal rows), and a run of consecutive blocks whose rows are full is ONE transfer segment:
+Mooncake's TCP transport moves a request's segments one after another (~65 us each on loopback),
+so five slots meant five segments per run of blocks (docs/benchmarks.md, issue 16 item 5).
+
 A request of T tokens of which M are multimodal occupies ceil(T/B) blocks and uses them as two
 streams that advance together:
 
@@ -18,8 +27,10 @@ streams that advance together:
 * the *multimodal-row stream* (embeddings, deepstack): the i-th multimodal token's rows live in
   block i // B, row i % B. Rows after M are never written or sent.
 
-So a text token costs 4 + 12 = 16 bytes on the wire and a multimodal token 16 + (1+K)*H*E bytes;
-a text token never ships an embedding or deepstack row (the language side embeds text itself).
+So a text token costs 4 + 12 = 16 bytes on the wire and a multimodal token 16 + (1+K)*H*E bytes
+(a round's last block ships its ids and positions whole: the unused tail, at most 16*B bytes,
+costs less than the extra segments that skipping it would); a text token never ships an embedding
+or deepstack row (the language side embeds text itself).
 Saving versus a dense layout: (T - M) * (1+K) * H * E bytes per request; for Qwen3-VL-30B-A3B
 (H=2048, K=3, bf16) that is 16 KiB per text token, for 235B-A22B (H=4096) 32 KiB
 (docs/transport.md works the numbers for a 1024-image-token request).
@@ -37,7 +48,7 @@ whose blocks such a write can reach (``receiver.py``).
 The scratch block (index N) is never handed out by the allocator: warm-up and health probes write
 there and only there (lesson 1: a warm-up write must never land in a real request's block).
 
-Host tensors are allocated once, registered once with the transfer engine, and pinned when a CUDA
+The region is allocated once, registered once with the transfer engine, and pinned when a CUDA
 GPU is present.
 """
 
@@ -212,7 +223,8 @@ class ReceivedData(NamedTuple):
 
     ``rows`` (whole requests from ``LanguageReceiver.take()``): one [M, (1+K)*H] tensor holding
     each multimodal token's embedding and deepstack rows side by side, the layout the model's
-    precomputed-embedding input takes; ``embeddings`` and ``deepstack`` are column views of it.
+    precomputed-embedding input takes (and the blocks'); ``embeddings`` and ``deepstack`` are
+    column views of it. For one round (``slice_received``): the round's rows of that tensor.
     """
 
     manifest: RequestManifest
@@ -270,7 +282,7 @@ def slice_received(data: ReceivedData, token_start, token_count, mm_start, mm_co
         mm_mask=data.mm_mask[t],
         embeddings=data.embeddings[m],
         deepstack=None if data.deepstack is None else data.deepstack[m],
-        rows=None,
+        rows=None if data.rows is None else data.rows[m],
     )
 
 
@@ -363,6 +375,36 @@ def block_runs(
         j += n
 
 
+class BlockLayout(NamedTuple):
+    """Where each slot lives inside a block's stretch of the region (``block_layout``)."""
+
+    stride: int  # bytes from one block to the next
+    offsets: List[
+        int
+    ]  # byte offset of each slot's block k within stretch k, in ``Slot`` order
+    head_bytes: int  # fill_ids + positions + aux: sent whole for every block of a round
+    row_bytes: (
+        int  # one multimodal row: embedding and deepstack side by side, (1+K)*H*E
+    )
+
+
+def block_layout(layout: LayoutManifest) -> BlockLayout:
+    """Block-major placement of ``layout``'s slots: [fill_ids | positions | aux | rows] per
+    block, the stride rounded up to 8 bytes (derived from the compared fields, so both sides
+    compute the same addresses for the peer's blocks)."""
+    sizes = layout.slot_block_bytes
+    ids = 0
+    pos = ids + sizes[Slot.FILL_IDS]
+    aux = pos + sizes[Slot.MROPE_POSITIONS]
+    rows = aux + sizes[Slot.AUX]
+    row_bytes = layout.embed_row_bytes + layout.deepstack_row_bytes
+    stride = -(-(rows + layout.block_size * row_bytes) // 8) * 8
+    offsets = [rows, ids, pos, aux]
+    if layout.deepstack_count > 0:
+        offsets.append(rows + layout.embed_row_bytes)
+    return BlockLayout(stride, offsets, rows, row_bytes)
+
+
 class MultimodalDataBuffers:
     """Host block buffers of one side (encode or language)."""
 
@@ -381,19 +423,31 @@ class MultimodalDataBuffers:
         )
         self.pinned = bool(pin)
         edt = dtype_from_name(L.embed_dtype)
-
-        def alloc(shape, dtype):
-            return torch.zeros(shape, dtype=dtype, pin_memory=self.pinned)
-
-        self.embeddings = alloc((n, B, L.hidden_size), edt)
-        self.fill_ids = alloc((n, B), dtype_from_name(L.id_dtype))
-        self.mrope_positions = alloc((n, 3, B), dtype_from_name(L.pos_dtype))
-        self.aux = alloc((n, L.aux_bytes), torch.uint8)
-        self.deepstack = (
-            alloc((n, B, L.deepstack_count * L.hidden_size), edt)
-            if L.deepstack_count > 0
-            else None
+        self.block_layout = BL = block_layout(L)
+        # One region, block-major (module docstring); the slots are strided views of it.
+        self.region = torch.zeros(
+            (n, BL.stride), dtype=torch.uint8, pin_memory=self.pinned
         )
+
+        def view(slot: Slot, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+            off = BL.offsets[slot]
+            return self.region[:, off : off + nbytes].view(dtype)
+
+        sizes = L.slot_block_bytes
+        H, K = L.hidden_size, L.deepstack_count
+        self.fill_ids = view(
+            Slot.FILL_IDS, sizes[Slot.FILL_IDS], dtype_from_name(L.id_dtype)
+        )
+        self.mrope_positions = view(
+            Slot.MROPE_POSITIONS,
+            sizes[Slot.MROPE_POSITIONS],
+            dtype_from_name(L.pos_dtype),
+        ).view(n, 3, B)
+        self.aux = view(Slot.AUX, sizes[Slot.AUX], torch.uint8)
+        # [N+1, B, (1+K)*H]: each row a token's embedding and deepstack side by side
+        self.rows = view(Slot.EMBEDDINGS, B * BL.row_bytes, edt).view(n, B, (1 + K) * H)
+        self.embeddings = self.rows[:, :, :H]
+        self.deepstack = self.rows[:, :, H:] if K > 0 else None
         self._registered_with = None
         logger.info(
             "MultimodalDataBuffers: %d blocks x %d tokens (+1 scratch), H=%d K=%d %s: "
@@ -421,28 +475,26 @@ class MultimodalDataBuffers:
         return self.layout.slot_block_bytes
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.slots())
+        return self.region.numel()
 
     def register(self, engine) -> None:
-        """Register every slot once with a MooncakeTransferEngine-like object."""
+        """Register the region (every slot) once with a MooncakeTransferEngine-like object."""
         if self._registered_with is not None:
             if self._registered_with is engine:
                 return
             raise RuntimeError(
                 "MultimodalDataBuffers are already registered with another engine"
             )
-        for t in self.slots():
-            engine.register(t.data_ptr(), t.numel() * t.element_size())
+        engine.register(self.region.data_ptr(), self.region.numel())
         self._registered_with = engine
 
     def deregister(self) -> None:
         if self._registered_with is None:
             return
-        for t in self.slots():
-            try:
-                self._registered_with.deregister(t.data_ptr())
-            except Exception:  # engine may already be gone at shutdown
-                logger.debug("deregister failed", exc_info=True)
+        try:
+            self._registered_with.deregister(self.region.data_ptr())
+        except Exception:  # engine may already be gone at shutdown
+            logger.debug("deregister failed", exc_info=True)
         self._registered_with = None
 
     def _check_blocks(self, blocks: Sequence[int], n: int) -> None:
@@ -531,21 +583,25 @@ class MultimodalDataBuffers:
 
         if checksum:  # before the rows: a piece's checksum follows its copies' event
             put_token_stream()
-        # Multimodal rows: one copy per slot per run of consecutive blocks (one run when the
-        # blocks are contiguous, as a fresh pool hands them out); in pieces of PIECE_BLOCKS when
+        # Multimodal rows: per run of consecutive blocks, one strided copy per slot (host) or,
+        # from a GPU, the rows joined on the device and one contiguous D2H copy per block (a
+        # block's rows are contiguous, a run's are not); in pieces of PIECE_BLOCKS when
         # checksumming, so the checksums of a piece overlap the copies of the next.
+        mm, H = slice(mm_start, mm_start + mm_count), L.hidden_size
+        if cuda and mm_count:
+            joined = emb[mm] if ds is None else torch.cat((emb[mm], ds[mm]), dim=1)
         pieces = []
         for j, b, n in block_runs(blocks, PIECE_BLOCKS if checksum else 0):
             m0, m1 = j * B, min(mm_count, (j + n) * B)
-            if m1 > m0:
-                src = slice(mm_start + m0, mm_start + m1)
-                self.embeddings[b : b + n].view(n * B, -1)[: m1 - m0].copy_(
-                    emb[src], non_blocking=True
-                )
-                if self.deepstack is not None:
-                    self.deepstack[b : b + n].view(n * B, -1)[: m1 - m0].copy_(
-                        ds[src], non_blocking=True
-                    )
+            for r0, r1, dst in self._row_views(b, m1 - m0, per_block=cuda):
+                r0, r1 = m0 + r0, m0 + r1
+                if cuda:
+                    dst.copy_(joined[r0:r1], non_blocking=True)
+                    continue
+                src = slice(mm_start + r0, mm_start + r1)
+                dst[..., :H].copy_(emb[src].reshape(dst[..., :H].shape))
+                if ds is not None:
+                    dst[..., H:].copy_(ds[src].reshape(dst[..., H:].shape))
             pieces.append((j, n, _record_event(device) if cuda else None))
         if not checksum:  # after the rows, so their D2H copies start first
             put_token_stream()
@@ -609,14 +665,37 @@ class MultimodalDataBuffers:
         h.copy_(x, non_blocking=True)
         return h
 
+    def _row_views(
+        self, b: int, count: int, per_block: bool = False
+    ) -> Iterator[Tuple[int, int, torch.Tensor]]:
+        """(first row, end row, view of ``self.rows``) covering the first ``count`` multimodal
+        rows of blocks ``b, b+1, ...``: the full blocks as one [n, B, W] view and the last
+        block's rows as [r, W]; with ``per_block``, one contiguous [r, W] view per block (what a
+        copy to or from a GPU needs to stay one DMA transfer)."""
+        B = self.block_size
+        full, rest = divmod(max(count, 0), B)
+        if per_block:
+            for k in range(full + (rest > 0)):
+                yield k * B, min(count, (k + 1) * B), self.rows[
+                    b + k, : min(B, count - k * B)
+                ]
+            return
+        if full:
+            yield 0, full * B, self.rows[b : b + full]
+        if rest:
+            yield full * B, count, self.rows[b + full, :rest]
+
     def _put_tokens(self, b: int, n: int, ids: torch.Tensor, pos: torch.Tensor) -> None:
         """Ids and M-RoPE positions of up to ``n * B`` tokens into blocks ``b .. b+n-1``: one
         copy each into contiguous block memory (from a GPU: asynchronous D2H; the positions
         are laid out [block, 3, B] where they are, the unused tail of the last block zeroed).
         """
         B, c = self.block_size, ids.shape[0]
-        self.fill_ids[b : b + n].view(-1)[:c].copy_(ids, non_blocking=True)
-        blocked = torch.nn.functional.pad(pos, (0, n * B - c)).view(3, n, B)
+        pad = torch.nn.functional.pad
+        self.fill_ids[b : b + n].copy_(
+            pad(ids, (0, n * B - c)).view(n, B), non_blocking=True
+        )
+        blocked = pad(pos, (0, n * B - c)).view(3, n, B)
         self.mrope_positions[b : b + n].copy_(
             blocked.transpose(0, 1), non_blocking=True
         )
@@ -624,8 +703,11 @@ class MultimodalDataBuffers:
     def _get_tokens(self, b: int, n: int, ids: torch.Tensor, pos: torch.Tensor) -> None:
         """The reverse of ``_put_tokens``: blocks ``b .. b+n-1`` into ``ids`` / ``pos``."""
         B, c = self.block_size, ids.shape[0]
-        ids.copy_(self.fill_ids[b : b + n].view(-1)[:c])
         full = c // B
+        if full:
+            ids[: full * B].view(full, B).copy_(self.fill_ids[b : b + full])
+        if c % B:
+            ids[full * B :].copy_(self.fill_ids[b + full, : c % B])
         if full:
             pos[:, : full * B].view(3, full, B).copy_(
                 self.mrope_positions[b : b + full].permute(1, 0, 2)
@@ -643,16 +725,15 @@ class MultimodalDataBuffers:
 
     def _checksum(self, b: int, c: int, mc: int, bits: np.ndarray) -> int:
         """Checksum of what a round puts into block ``b``: bitmap, ``c`` ids and positions,
-        ``mc`` embedding and deepstack rows (the order both sides use). XXH3-64 (~13x faster
-        than zlib's CRC32 here), low 32 bits (the aux header's field)."""
+        ``mc`` multimodal rows (embedding and deepstack side by side, as they lie in the block;
+        the order both sides use). XXH3-64 (~13x faster than zlib's CRC32 here), low 32 bits
+        (the aux header's field)."""
         h = xxhash.xxh3_64(np.ascontiguousarray(bits))
         h.update(self.fill_ids[b, :c].numpy())
         for r in range(3):
             h.update(self.mrope_positions[b, r, :c].numpy())
         if mc:
-            h.update(self.embeddings[b, :mc].view(torch.uint8).numpy())
-            if self.deepstack is not None:
-                h.update(self.deepstack[b, :mc].view(torch.uint8).numpy())
+            h.update(self.rows[b, :mc].view(torch.uint8).numpy())
         return h.intdigest() & 0xFFFFFFFF
 
     # Language side: read a round out ---------------------------------------------------------
@@ -724,23 +805,7 @@ class MultimodalDataBuffers:
                 f"round has {mm_count} rows but {nb} blocks hold at most {nb * B}"
             )
         if out is None:
-            device = torch.device("cpu") if device is None else torch.device(device)
-            out = ReceivedData(
-                None,
-                torch.empty(token_count, dtype=self.fill_ids.dtype),
-                torch.empty((3, token_count), dtype=self.mrope_positions.dtype),
-                torch.empty(token_count, dtype=torch.bool),
-                torch.empty((mm_count, H), dtype=self.embeddings.dtype, device=device),
-                (
-                    torch.empty(
-                        (mm_count, self.deepstack.shape[-1]),
-                        dtype=self.deepstack.dtype,
-                        device=device,
-                    )
-                    if self.deepstack is not None
-                    else None
-                ),
-            )
+            out = alloc_received(self.layout, token_count, mm_count, device)
         for name, n in (
             ("fill_ids", token_count),
             ("mm_mask", token_count),
@@ -757,15 +822,21 @@ class MultimodalDataBuffers:
         # Copies on this thread's stream of the rows' device; waited for (host) before return,
         # so the thread that takes ``out`` (take()) needs no stream ordering, only the
         # allocator rule for the streams it reads the rows on (``use_on_streams``).
+        # Whole rows (embedding | deepstack, as the block holds them) into ``out.rows`` where
+        # it has them: to a GPU one contiguous H2D copy per block, on the host one strided copy
+        # per run; else the two column parts separately.
+        rows = out.rows
         pieces = []
         for j, b, n in block_runs(blocks, PIECE_BLOCKS if verify else 0):
             m0, m1 = j * B, min(mm_count, (j + n) * B)
-            if m1 > m0:
-                for dst, slot in ((emb, self.embeddings), (ds, self.deepstack)):
-                    if dst is not None:
-                        _copy_rows(
-                            dst[m0:m1], slot[b : b + n].view(n * B, -1)[: m1 - m0]
-                        )
+            for r0, r1, src in self._row_views(b, m1 - m0, per_block=emb.is_cuda):
+                r0, r1 = m0 + r0, m0 + r1
+                if rows is not None:
+                    _copy_rows(rows[r0:r1].view(src.shape), src)
+                    continue
+                emb[r0:r1].view(src[..., :H].shape).copy_(src[..., :H])
+                if ds is not None:
+                    ds[r0:r1].view(src[..., H:].shape).copy_(src[..., H:])
             pieces.append((j, n, _record_event(emb.device) if non_blocking else None))
         auxes = self.aux.numpy()[blocks]  # a copy: the headers as they were checked
         try:
@@ -808,71 +879,43 @@ class MultimodalDataBuffers:
     ) -> Tuple[List[int], List[int], List[int]]:
         """(src addresses, dst addresses, lengths) that move ``token_count`` tokens and
         ``mm_count`` multimodal rows from local ``src_blocks`` into the peer's ``dst_blocks``
-        (k-th source block -> k-th destination block). Only valid rows are sent; contiguous
-        runs of blocks on both sides are merged into one segment per slot."""
-        B, L = self.block_size, self.layout
-        local_ptrs = self.slot_ptrs()
-        blk = self.slot_block_bytes()
-        if len(remote_ptrs) != len(local_ptrs):
+        (k-th source block -> k-th destination block). Only valid multimodal rows are sent
+        (ids, positions and aux of each block whole); a run of blocks consecutive on both sides
+        whose rows fill them is one segment (``LayoutManifest.wire_bytes`` counts the bytes).
+        """
+        B, BL = self.block_size, self.block_layout
+        if len(remote_ptrs) != len(self.slot_ptrs()):
             raise ValueError(
-                f"peer registered {len(remote_ptrs)} slots, this side has {len(local_ptrs)}"
+                f"peer registered {len(remote_ptrs)} slots, this side has {len(self.slot_ptrs())}"
             )
+        nb = blocks_for_tokens(token_count, B)
+        if len(src_blocks) < nb or len(dst_blocks) < nb:
+            raise ValueError(
+                f"round needs {nb} blocks: src has {len(src_blocks)}, dst {len(dst_blocks)}"
+            )
+        # Block k's bytes in flight are one prefix of its stretch: ids, positions and aux
+        # whole, then its multimodal rows (block-major layout, module docstring). Consecutive
+        # blocks on both sides merge when the earlier one's rows fill it.
+        local = self.region.data_ptr()
+        remote = remote_ptrs[Slot.FILL_IDS]  # offset 0: the peer's block 0
         srcs: List[int] = []
         dsts: List[int] = []
         lens: List[int] = []
-
-        def add(s, d, n):
-            if n <= 0:
-                return
+        for k in range(nb):
+            rows = max(0, min(B, mm_count - k * B))
+            n = BL.stride if rows == B else BL.head_bytes + rows * BL.row_bytes
+            s, d = local + src_blocks[k] * BL.stride, remote + dst_blocks[k] * BL.stride
             if srcs and srcs[-1] + lens[-1] == s and dsts[-1] + lens[-1] == d:
                 lens[-1] += n
             else:
                 srcs.append(s)
                 dsts.append(d)
                 lens.append(n)
-
-        nb = blocks_for_tokens(token_count, B)
-        nmb = blocks_for_tokens(mm_count, B)
-        if len(src_blocks) < nb or len(dst_blocks) < nb:
-            raise ValueError(
-                f"round needs {nb} blocks: src has {len(src_blocks)}, dst {len(dst_blocks)}"
-            )
-        id_sz = self.fill_ids.element_size()
-        pos_sz = self.mrope_positions.element_size()
-
-        def block(slot: Slot, k: int, offset: int, n: int) -> None:
-            add(
-                local_ptrs[slot] + src_blocks[k] * blk[slot] + offset,
-                remote_ptrs[slot] + dst_blocks[k] * blk[slot] + offset,
-                n,
-            )
-
-        for k in range(nb):
-            c = min(B, token_count - k * B)
-            block(Slot.FILL_IDS, k, 0, c * id_sz)
-        for k in range(nb):  # three rows of B positions per block
-            c = min(B, token_count - k * B)
-            if c == B:
-                block(Slot.MROPE_POSITIONS, k, 0, blk[Slot.MROPE_POSITIONS])
-            else:
-                for r in range(3):
-                    block(Slot.MROPE_POSITIONS, k, r * B * pos_sz, c * pos_sz)
-        for k in range(nb):  # aux: the whole slot
-            block(Slot.AUX, k, 0, blk[Slot.AUX])
-        row_slots = [(Slot.EMBEDDINGS, L.embed_row_bytes)]
-        if self.deepstack is not None:
-            row_slots.append((Slot.DEEPSTACK, L.deepstack_row_bytes))
-        for slot, row_bytes in row_slots:  # multimodal rows only
-            for k in range(nmb):
-                block(slot, k, 0, min(B, mm_count - k * B) * row_bytes)
         return srcs, dsts, lens
 
     # Scratch (warm-up / health) ---------------------------------------------------------------
     def scratch_aux_address(self) -> int:
-        return (
-            self.aux.data_ptr()
-            + self.scratch_block * self.layout.slot_block_bytes[Slot.AUX]
-        )
+        return self.aux[self.scratch_block].data_ptr()
 
     def write_scratch_nonce(self, nonce: int) -> None:
         self.aux[self.scratch_block, :8].copy_(
@@ -885,6 +928,8 @@ class MultimodalDataBuffers:
 
 __all__ = [
     "alloc_received",
+    "block_layout",
+    "BlockLayout",
     "use_on_streams",
     "block_runs",
     "slice_received",
