@@ -101,10 +101,9 @@ EL_BENCH_ARGS = (
     "--disaggregation-mm-reserve-tokens",
     "128",
 )
-# Encode side's ViT token budget (upstream's --max-prefill-tokens, docs/serving.md): one image
-# per vision-tower call. On this CPU the vision attention is SDPA with a dense block mask over
-# the whole call, so one call over N images costs O(N^2) (docs/benchmarks.md, profile).
-EL_ENCODE_ARGS = ("--max-prefill-tokens", "64")
+# No per-deployment ViT flags: the CPU platform plugin's vision attention is per image
+# (cu_seqlens-aware, as GPU backends), so every deployment runs its servers' defaults.
+EL_ENCODE_ARGS = ()
 
 
 def cell_seed(stream: str, rate: str) -> int:

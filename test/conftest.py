@@ -61,6 +61,12 @@ class ServerPool:
         return self._group(("production", model_path), 3,
                            lambda: srv.launch_production(model_path, self.log_dir))
 
+    def get_global_cache(self, model_path: str) -> tuple:
+        """(router, encode A, encode B, language, mooncake_master): encoders sharing rows
+        through ``--enable-mm-global-cache`` (``srv.launch_global_cache``)."""
+        return self._group(("global-cache", model_path), 3,
+                           lambda: srv.launch_global_cache(model_path, self.log_dir))
+
     def _group(self, key: object, need: int, start) -> tuple:
         """A group of servers launched and stopped together; ``need`` counts SGLang servers."""
         group = self.live.get(key)
@@ -127,6 +133,13 @@ def servers(server_pool: ServerPool, request: pytest.FixtureRequest):
             """(router, encode A, encode B, language) at production defaults, with a
             production-paced vision tower (``srv.launch_production``)."""
             group = server_pool.get_production(model_path)
+            used.extend(group)
+            return group
+
+        def global_cache(self, model_path: str) -> tuple:
+            """(router, encode A, encode B, language, mooncake_master): two encoders sharing
+            rows through a real Mooncake Store (``srv.launch_global_cache``)."""
+            group = server_pool.get_global_cache(model_path)
             used.extend(group)
             return group
 

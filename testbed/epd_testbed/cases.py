@@ -31,6 +31,22 @@ VL_CASES = (
     Case("non_square", "Describe the shapes and colors.", ((200, 120, 4),)),
     Case("text_only", "Tell me about red circles and blue squares."),
 )
+# Larger requests for the tests at production defaults (tiny checkpoint: 4 tokens for 64x64 up
+# to 64 for 256x256). ``over_reservation`` is long in text (about 2250 tokens: more than the
+# 2048-token reservation, so it holds 16 blocks and its payload, which carries every token's id
+# and position, arrives in two rounds); it is long in text, not in images, because on CPU the
+# vision tower's attention is dense over every patch of one batched call.
+LARGE_CASES = (
+    Case("large_image", "What is in this image?", ((256, 256, 40),)),
+    Case("four_mixed_images", "Describe each picture.",
+         ((64, 64, 41), (256, 256, 42), (200, 120, 43), (128, 96, 44))),
+    Case("over_reservation", "Story: " + "red circles and blue squares meet green triangles. " * 200,
+         ((128, 96, 45),)),
+    Case("over_reservation_b", "Story: " + "blue squares chase red circles past yellow lines. " * 200,
+         ((96, 128, 46),)),
+    Case("over_reservation_c", "Story: " + "green triangles hide behind red circles and lines. " * 200,
+         ((112, 112, 47),)),
+)
 TEXT_CASES = (
     Case("short", "Hello, what color is the sky?"),
     Case("longer", "Count the shapes: one circle, two squares, three triangles and many more lines."),

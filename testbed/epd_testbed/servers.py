@@ -368,6 +368,72 @@ def launch_production(model_path: str | Path, log_dir: Path,
         encode_env=(("EPD_VIT_SECONDS_PER_TOKEN", str(PRODUCTION_VIT_SECONDS_PER_TOKEN)),))
 
 
+def launch_mooncake_master(log_dir: Path, name: str = "mooncake-master") -> Server:
+    """The Mooncake Store's master (``mooncake_master``, shipped in the Mooncake wheel) on
+    loopback: its RPC address is ``extra["rpc"]``, the returned server's port is its HTTP
+    metrics port (``master_key_count`` etc.)."""
+    import mooncake
+
+    binary = Path(mooncake.__file__).parent / "mooncake_master"
+    rpc_port, metrics_port = free_port(), free_port()
+    cmd = [str(binary), "--rpc_address=127.0.0.1", f"--rpc_port={rpc_port}",
+           "--metrics_host=127.0.0.1", f"--metrics_port={metrics_port}"]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}-{rpc_port}.log"
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                stdin=subprocess.DEVNULL)
+    master = Server(ServerSpec("mooncake_master", tuple(cmd), name=name), metrics_port, proc,
+                    log_path, time.time(), extra={"rpc": f"127.0.0.1:{rpc_port}"})
+    deadline = time.time() + 60
+    while mooncake_key_count(master) is None:
+        if not master.alive() or time.time() > deadline:
+            master.stop()
+            raise ServerError(f"{name} not ready:\n{master.log_tail()}")
+        time.sleep(0.2)
+    return master
+
+
+def mooncake_key_count(master: Server) -> int | None:
+    """Objects the Mooncake master holds (its ``master_key_count``); None if it does not answer."""
+    try:
+        with urllib.request.urlopen(master.url + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return None
+    for line in text.splitlines():
+        if line.startswith("master_key_count "):
+            return int(float(line.split()[1]))
+    return None
+
+
+def mooncake_store_env(master: Server, segment_bytes: int = 64 << 20) -> tuple[tuple[str, str], ...]:
+    """What a Mooncake Store client (upstream's ``MooncakeEmbeddingStore``) needs to reach
+    ``master`` over TCP on this host, contributing a ``segment_bytes`` segment."""
+    return (("MOONCAKE_MASTER", master.extra["rpc"]), ("MOONCAKE_PROTOCOL", "tcp"),
+            ("MOONCAKE_LOCAL_HOSTNAME", "127.0.0.1"),
+            ("MOONCAKE_GLOBAL_SEGMENT_SIZE", str(segment_bytes)))
+
+
+def launch_global_cache(model_path: str | Path, log_dir: Path, name: str = "el-gc",
+                        cache_mb: int = 16) -> tuple[Server, Server, Server, Server, Server]:
+    """(router, encode A, encode B, language, mooncake_master): the two-encoder deployment
+    (``launch_two_encoders_language``) whose encoders share rows through upstream's
+    ``--enable-mm-global-cache`` (Mooncake Store backend), each with a ``cache_mb`` local pool
+    (``SGLANG_VLM_CACHE_SIZE_MB``)."""
+    master = launch_mooncake_master(log_dir, name=f"{name}-mooncake-master")
+    try:
+        group = launch_two_encoders_language(
+            model_path, log_dir, name=name, encode_args=("--enable-mm-global-cache",),
+            encode_env=mooncake_store_env(master) + (("SGLANG_VLM_CACHE_SIZE_MB", str(cache_mb)),))
+    except Exception:
+        master.stop()
+        raise
+    return (*group, master)
+
+
 def relaunch(server: Server, log_dir: Path) -> Server:
     """Start ``server``'s configuration again on its HTTP port (its bootstrap port is in its
     arguments): what an operator does after a crash."""

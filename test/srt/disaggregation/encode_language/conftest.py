@@ -212,8 +212,12 @@ def make_lang():
     """Language managers in the test process; after the test every block must be free."""
     made = []
 
-    def make(k=3, num_blocks=32, hidden=H, **cc):
-        m = LanguageManager(buffer_config(k, num_blocks, hidden), conn_config(**cc))
+    def make(k=3, num_blocks=32, hidden=H, prefix_match=False, **cc):
+        m = LanguageManager(
+            buffer_config(k, num_blocks, hidden),
+            conn_config(**cc),
+            prefix_match=prefix_match,
+        )
         made.append(m)
         return m
 

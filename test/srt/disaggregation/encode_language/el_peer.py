@@ -138,6 +138,12 @@ def peer_main(conn, buffer_config, conn_config) -> None:
                     room, RequestShape(total, mm, payload.items)
                 )
             senders[room].send(payload)
+        elif cmd == "create_shaped":  # room, RequestShape fields (with items and ids)
+            senders[args[0]] = mgr.create_sender(args[0], RequestShape(*args[1:]))
+        elif cmd == "held":  # the items every destination holds (once WaitingForInput)
+            return senders[args[0]].held_items()
+        elif cmd == "send_payload":  # room, a payload the test built
+            senders[args[0]].send(args[1])
         elif cmd == "wait":
             room, timeout = args
             s = senders.pop(room)

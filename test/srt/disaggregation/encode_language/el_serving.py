@@ -5,7 +5,9 @@ deployments with extra server arguments, and the all-blocks-free check."""
 from __future__ import annotations
 
 import dataclasses
+import urllib.request
 
+import pytest
 import torch
 from epd_testbed import servers as srv
 from epd_testbed import videos
@@ -23,6 +25,64 @@ def hf_reference(model_path: str, case: Case) -> tuple[list[int], list[float]]:
     tokens, logits = hf_greedy_logits(model_path, case.messages(), MAX_NEW_TOKENS)
     logprobs = torch.log_softmax(logits.double(), dim=-1)
     return tokens, [float(logprobs[i, t]) for i, t in enumerate(tokens)]
+
+
+def messages_reference(
+    model_path: str, messages: list[dict]
+) -> tuple[list[int], list[float]]:
+    """HF fp32 token ids and per-token logprobs of chat ``messages`` (images as paths)."""
+    tokens, logits = hf_greedy_logits(model_path, messages, MAX_NEW_TOKENS)
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    return tokens, [float(logprobs[i, t]) for i, t in enumerate(tokens)]
+
+
+def generate_messages(router, model_path: str, messages: list[dict]) -> dict:
+    """Chat ``messages`` (images as paths) rendered and sent through ``/generate``."""
+    prompt, image_paths = render_prompt(model_path, messages)
+    return router.post("/generate", _greedy_body(prompt) | {"image_data": image_paths})
+
+
+def image_messages(system: str, image, question: str) -> list[dict]:
+    """A system prompt, then one image and a question: a request whose image tokens no other
+    prompt's cached prefix covers unless its system prompt is the same."""
+    return [
+        {"role": "system", "content": system},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": str(image)}},
+                {"type": "text", "text": question},
+            ],
+        },
+    ]
+
+
+def assert_matches_reference(out: dict, reference, label: str = "") -> None:
+    """Token ids equal the reference's, per-token logprobs within ``LOGPROB_TOLERANCE``."""
+    tokens, logprobs = reference
+    assert out["output_ids"] == tokens, label
+    got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
+    assert got == pytest.approx(logprobs, abs=LOGPROB_TOLERANCE), label
+
+
+def encoder_cache_metrics(server) -> dict[str, float]:
+    """An encode server's embedding-cache samples (upstream's ``sglang:encoder_cache_*``)
+    and its vision-tower calls, keyed ``"hit_files"``, ``"total_files"``, ``"evictions"``,
+    ``"size_mb"``, ``"entries"`` (summed over modalities) and ``"vit_calls"``."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("sglang:encoder_cache_"):
+            head, value = line.rsplit(" ", 1)
+            name = head[len("sglang:encoder_cache_") :].split("{")[0]
+            name = name.removesuffix("_total")
+        elif line.startswith("sglang:encode_language_vit_calls_total"):
+            name, value = "vit_calls", line.rsplit(" ", 1)[1]
+        else:
+            continue
+        samples[name] = samples.get(name, 0.0) + float(value)
+    return samples
 
 
 def _greedy_body(prompt: str) -> dict:

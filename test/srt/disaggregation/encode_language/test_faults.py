@@ -77,6 +77,34 @@ def test_sender_process_killed_mid_transfer(mp_ctx, peers, make_lang):
     assert accounting_ok(lang.allocator)["quarantined"] == 0
 
 
+def test_one_rooms_error_fails_that_room_not_the_control_thread(
+    peers, make_lang, monkeypatch
+):
+    """Review of issue 16, finding 6: an error in one room's step of the control thread's tick
+    fails that room with a clear reason; the tick goes on for every other room (admissions,
+    timers, heartbeats), so the next request completes. Before, the error left the tick on
+    every pass, before admissions: no later request was ever reserved. The error is injected
+    (the allocator's realloc raises for the parked room's resume): no input provokes one."""
+    peer = peers()
+    lang = make_lang()
+    room = new_room()
+    rx, blocker = stuck_in_resume(peer, lang, room)
+    realloc = lang.allocator.realloc
+
+    def failing_realloc(handle, *args, **kwargs):
+        if handle is rx.handle:
+            raise RuntimeError("injected")
+        return realloc(handle, *args, **kwargs)
+
+    monkeypatch.setattr(lang.allocator, "realloc", failing_realloc)
+    blocker.free()  # wakes the control thread: the resume is tried again
+    assert wait_final(lang, rx) == KVPoll.Failed
+    assert rx.reason == "internal error: injected"
+    lang.config.resume_tokens = None
+    ok_transfer(peer, lang)
+    peer.assert_idle()
+
+
 def test_receiver_abort_mid_transfer(peers, make_lang):
     peer = peers()
     lang = make_lang()

@@ -149,8 +149,8 @@ def test_hung_write_is_bounded_and_its_blocks_fenced(mp_ctx, make_lang, returns)
     side is told a write may still land and fences the blocks), does not hold the worker
     (another request completes meanwhile), and when the write finally returns complete the
     encoder acknowledges and both sides' quarantined blocks come back. issue: blockers item 4:
-    when it returns failed (-1: parts may still be in flight) nothing is acknowledged, and the
-    encoder's staging stays quarantined for its fence_timeout_s; issue 16 item 2: the language
+    when it returns failed (-1: parts may still be in flight) nothing is acknowledged (the
+    encoder's staging is freed then: only the write's source); issue 16 item 2: the language
     side frees the fence's blocks as soon as the encoder reports the failed write, exposed,
     instead of at its fence_timeout_s (120 s here)."""
     victim = EncodePeer(
@@ -199,6 +199,43 @@ def test_hung_write_is_bounded_and_its_blocks_fenced(mp_ctx, make_lang, returns)
         victim.close()
 
 
+def test_exposure_after_a_fence_timeout_lasts_until_the_encoder_says_the_write_ended(
+    mp_ctx, make_lang
+):
+    """Review of issue 16, finding 2: a fence times out only when the encoder abandoned a write
+    at its own deadline, a write Mooncake is not timing, so the blocks released then stay
+    exposed (every round on them checksummed) past the write-deadline bound that ends other
+    exposures, until the encoder reports the write ended: here it returns complete, the
+    encoder's AbortAck ends the exposure. Before, the exposure ended after that bound and a
+    write landing later would have gone unchecked."""
+    victim = EncodePeer(mp_ctx, buffer_config(), conn_config(data_write_timeout_s=0.5))
+    lang = make_lang(fence_timeout_s=1.0, data_write_timeout_s=0.5)
+    try:
+        room = new_room()
+        rx = lang.create_receiver(victim.addr, room)
+        victim.call("create", room, 2 * B, 9)
+        assert wait_until(lambda: rx.phase == Phase.RESERVED, 10)
+        blocks = set(rx.handle.blocks)
+        victim.call("stall_next_write", "hang")
+        victim.call("send", room, 1, 2 * B, 9)
+        assert victim.call("wait", room, 20)[0] == KVPoll.Failed  # abandoned at 5.5 s
+        assert wait_final(lang, rx) == KVPoll.Failed
+        assert wait_until(lambda: not lang.fences, 10)  # the fence timed out (1 s)
+        assert lang.exposed_blocks == blocks
+        bound = lang.config.write_deadline_s(
+            len(blocks), sum(lang.layout.slot_block_bytes)
+        )
+        # past the bound of an exposure Mooncake times: still exposed
+        assert not wait_until(lambda: lang.exposed_blocks != blocks, bound + 1.0)
+        victim.call("release_write")  # the write returns complete: AbortAck
+        assert wait_until(lambda: not lang.exposed_blocks, 10)
+        assert accounting_ok(lang.allocator)["quarantined"] == 0
+        victim.assert_idle()
+    finally:
+        victim.call("release_write")
+        victim.close()
+
+
 @pytest.mark.parametrize("mode", ["fail_in_flight", "raise_in_flight"])
 def test_failed_write_that_lands_later_never_passes_wrong_bytes(
     mp_ctx, peers, make_lang, mode
@@ -210,8 +247,9 @@ def test_failed_write_that_lands_later_never_passes_wrong_bytes(
     request is correct (checksummed and verified) or refused, never Success with the failed
     request's rows: the failed room ends with Abort(write_failed), the language side frees
     the blocks at once as exposed (issue 16 item 2; before, fenced until fence_timeout_s) and
-    checksums every round on them, and the encoder
-    keeps the staging blocks quarantined for its fence_timeout_s. Before the fix the room
+    checksums every round on them, and the encoder frees its staging blocks at once too
+    (review of issue 16: quarantining them for fence_timeout_s let a dead language server's
+    failing writes take the whole staging pool from healthy ones). Before the fix the room
     ended with Abort(writes_pending=False), the blocks were freed unfenced, and the next
     request reported Success carrying the previous request's embeddings. ``raise_in_flight``
     (review of issue 15, finding 2): the engine call raises instead of returning -1, after
@@ -262,12 +300,12 @@ def test_failed_write_that_lands_later_never_passes_wrong_bytes(
         )
         assert outcome_a == (KVPoll.Failed, reason)
         assert rx_a.reason == f"encoder {victim.addr} aborted: {reason}"
-        # Freed (exposed) on the language side, the staging quarantined on the encoder.
-        assert after_failure == (dict(free=2, quarantined=0, used=0, total=2), 2)
+        # Freed (exposed) on the language side, and the staging on the encoder too.
+        assert after_failure == (dict(free=2, quarantined=0, used=0, total=2), 0)
         assert lang.exposed_blocks == set(a_blocks) and rx_b.checksum
         ok_transfer(healthy, lang)
         ok_transfer(victim, lang)
-        victim.assert_idle()  # its staging came back after its fence_timeout_s
+        victim.assert_idle()
         healthy.assert_idle()
     finally:
         victim.close()

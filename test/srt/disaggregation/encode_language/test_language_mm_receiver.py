@@ -62,7 +62,8 @@ def _adapter(manager, group, rank: int = 0, num_ranks: int = 1):
     rx.waiting_list = []
     rx.metrics = EncodeLanguageMetrics("language", enabled=False)
     rx.attached = []
-    rx._attach = lambda recv_req, data: rx.attached.append(recv_req.rid)
+    rx.holds = None  # no prefix cache (test_prefix_skip.py has one)
+    rx._attach = lambda recv_req, data, left_out=(): rx.attached.append(recv_req.rid)
     rx._check_context_length = lambda recv_req: None
     rx._req_for_error = lambda recv_req: recv_req.rid
     return rx
@@ -240,7 +241,7 @@ def _tp_worker(rank: int, port: int, results) -> None:
 
         torch.empty = failing_empty
 
-        def attach(recv_req, data):
+        def attach(recv_req, data, left_out=()):
             if recv_req.rid == "b":
                 raise RuntimeError("rank-local failure")
             rx.attached.append(recv_req.rid)

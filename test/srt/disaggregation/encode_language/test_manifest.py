@@ -271,7 +271,7 @@ def test_abort_carries_its_fault_kind_typed():
             msgspec.msgpack.encode(
                 {"type": "abort_ack", "version": 1, "room": 1, "manager_id": "h"}
             ),
-            "protocol version 1, expected 5",
+            "protocol version 1, expected 6",
         ),
     ],
 )

@@ -26,13 +26,25 @@ import urllib.request
 import uuid
 
 import pytest
-from el_serving import CASES, LOGPROB_TOLERANCE, assert_blocks_free
+from el_serving import (
+    CASES,
+    LOGPROB_TOLERANCE,
+    assert_blocks_free,
+    assert_matches_reference,
+    encoder_cache_metrics,
+)
 from el_serving import generate as _generate
-from el_serving import generate_video
+from el_serving import generate_messages, generate_video
 from el_serving import hf_reference as _hf_reference
-from el_serving import video_messages, video_reference
+from el_serving import (
+    image_messages,
+    messages_reference,
+    video_messages,
+    video_reference,
+)
 from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES, Case
 from epd_testbed.hf_reference import render_prompt
+from epd_testbed.images import save_image
 from epd_testbed.servers import (
     RequestError,
     encode_language_metrics,
@@ -102,6 +114,39 @@ def test_same_image_twice_hits_the_prefix_cache(deployment, vl_model) -> None:
         assert out["output_ids"] == expected_tokens
         got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
         assert got == pytest.approx(expected_logprobs, abs=LOGPROB_TOLERANCE)
+
+
+def test_repeated_image_is_an_encoder_cache_hit(deployment, vl_model) -> None:
+    """The encode server keeps rows in SGLang's multimodal embedding cache (on by default, as
+    in colocated serving): the same image again, behind a different system prompt (so no
+    language-side prefix holds it), runs no vision tower; its cached rows are still sent, and
+    both answers equal HF. Observed on the encoder's /metrics."""
+    router, encoder, _ = deployment
+    image = save_image(88, 72, 1717)  # an image no other test sends
+    question = "Describe the shapes and colors."
+    deltas = []
+    for system in ("You are a careful assistant.", "Answer briefly."):
+        messages = image_messages(system, image, question)
+        reference = messages_reference(vl_model, messages)
+        before = encoder_cache_metrics(encoder)
+        sent_before = encode_language_metrics(encoder).get("bytes", 0)
+        assert_matches_reference(
+            generate_messages(router, vl_model, messages), reference
+        )
+        after = encoder_cache_metrics(encoder)
+        sent = encode_language_metrics(encoder).get("bytes", 0) - sent_before
+        deltas.append(
+            {
+                k: after.get(k, 0) - before.get(k, 0)
+                for k in ("vit_calls", "hit_files", "total_files")
+            }
+            | {"sent": sent > 0}
+        )
+    assert deltas == [
+        {"vit_calls": 1, "hit_files": 0, "total_files": 1, "sent": True},
+        {"vit_calls": 0, "hit_files": 1, "total_files": 1, "sent": True},
+    ], deltas
+    assert encoder_cache_metrics(encoder)["entries"] >= 1
 
 
 def test_router_chat_completions_matches_hf(deployment, vl_model) -> None:

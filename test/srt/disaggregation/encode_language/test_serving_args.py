@@ -136,7 +136,6 @@ REFUSED = [
     ),
     ("encode", {"enable_lora": True, "max_lora_rank": 8}, "LoRA", "no language model"),
     ("encode", {"enable_hierarchical_cache": True}, "HiCache", "keeps no KV cache"),
-    ("encode", {"enable_mm_global_cache": True}, "--enable-mm-global-cache", ""),
     ("language", {"enable_mm_global_cache": True}, "--enable-mm-global-cache", ""),
     (
         "language",
@@ -196,11 +195,16 @@ def test_graph_defaults(vl_model) -> None:
 
 @pytest.mark.parametrize("mode", ["encode", "language"])
 def test_supported_features_are_accepted(vl_model, mode) -> None:
-    """Overlap scheduling (upstream's default; encode turns it off), and on the language side
-    LoRA, HiCache and replica DP (each replica its own receiver on its own port), resolve
+    """Overlap scheduling (upstream's default; encode turns it off), on the encode side
+    ``--enable-mm-global-cache``, and on the language side LoRA, HiCache and replica DP (each replica its own receiver on its own port), resolve
     without an error."""
     _, view = _resolve(vl_model, disaggregation_mode=mode)
     assert view.disable_overlap_schedule is (mode == "encode" or view.device == "cpu")
+    if mode == "encode":  # rows shared across encoders (encoder_cache.py)
+        _, view = _resolve(
+            vl_model, disaggregation_mode=mode, enable_mm_global_cache=True
+        )
+        assert view.enable_mm_global_cache
     if mode == "language":
         _resolve(vl_model, disaggregation_mode=mode, enable_hierarchical_cache=True)
         _resolve(

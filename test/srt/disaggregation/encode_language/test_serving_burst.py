@@ -4,10 +4,10 @@ The deployment (``servers.production``: ``epd_testbed.servers.launch_production`
 operator gets without tuning: 256 blocks of 128 tokens, 2048 reserved tokens, 120 s fence
 timeout, default bootstrap and liveness timers; SGLang's own router in PD mode in front of two
 encode servers and one language server. The small pools of the other serving tests never hold
-more than a handful of requests; here 64 image requests arrive at once, four times as many as
-the pool holds fixed 2048-token reservations for (256 / 16). Every one must complete (queued,
-never failed for load alone), equal Hugging Face fp32 token for token with per-token logprobs
-within 1e-3, and leave every block free on all three servers.
+more than a handful of requests; here 64 image requests arrive at once and their reservations
+(sized from each request's announcement) exceed the 256-block pool. Every one must complete
+(queued, never failed for load alone), equal Hugging Face fp32 token for token with per-token
+logprobs within 1e-3, and leave every block free on all three servers.
 
 Real components: ``sglang_router.launch_router``, three ``sglang.launch_server`` processes,
 Mooncake over TCP loopback, HTTP; the tiny K=3 checkpoint, fp32, greedy.
@@ -16,12 +16,17 @@ Mooncake over TCP loopback, HTTP; the tiny K=3 checkpoint, fp32, greedy.
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from epd_testbed.cases import VL_CASES, Case
-from epd_testbed.servers import RequestError, encode_language_metrics
+from epd_testbed.cases import LARGE_CASES, VL_CASES
+from epd_testbed.servers import (
+    RequestError,
+    encode_language_blocks,
+    encode_language_metrics,
+)
 from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
 from el_serving import (
@@ -38,26 +43,10 @@ pytestmark = pytest.mark.server
 
 BURST = 64
 
-# Mixed sizes (tiny checkpoint: 4 tokens for 64x64 up to 64 for 256x256, 108 for the clip):
-# the serving tests' cases, a largest single image, several mixed images, and an image after a
-# long text (about 2250 tokens: more than the 2048-token reservation, so its payload, which
-# carries every token's id and position, arrives in two rounds). The prompt is long in text, not
-# in images: on CPU the vision tower's attention is dense over every patch of one batched call
-# (several 36-image prompts batched together exhausted this machine's memory).
-IMAGE_CASES = (
-    *(case for case in VL_CASES if case.images),
-    Case("large_image", "What is in this image?", ((256, 256, 40),)),
-    Case(
-        "four_mixed_images",
-        "Describe each picture.",
-        ((64, 64, 41), (256, 256, 42), (200, 120, 43), (128, 96, 44)),
-    ),
-    Case(
-        "over_reservation",
-        "Story: " + "red circles and blue squares meet green triangles. " * 200,
-        ((128, 96, 45),),
-    ),
-)
+# Mixed sizes: the serving tests' cases, a largest single image, several mixed images, and three
+# prompts longer than the 2048-token reservation (LARGE_CASES). Ten kinds over 64 requests: about
+# 19 reservations of 16 blocks alone (304) exceed the 256-block pool, so requests must queue.
+IMAGE_CASES = (*(case for case in VL_CASES if case.images), *LARGE_CASES)
 VIDEOS = {
     "video": False,
     "image_and_video": True,
@@ -94,8 +83,10 @@ def test_burst_of_64_image_requests_at_production_defaults(
     """issue 16: item 1 (a). 64 concurrent image requests (one image, several images, a video,
     an image and a video; 30 to ~2250 tokens) through the router at production
     defaults: no request fails (none on any server either, so a router retry cannot hide
-    one), every answer equals HF, every block is free on all three servers afterwards, and
-    the large prompt did take more than one round."""
+    one), every answer equals HF, every block is free on all three servers afterwards, the
+    large prompts did take more than one round, and the pool was the bound: the language
+    side's free blocks (sampled from /metrics during the burst) fell below one full
+    reservation, so requests waited for blocks instead of failing."""
     router, encode_a, encode_b, language = servers.production(vl_model)
     jobs = [
         (case.name, functools.partial(generate, router, vl_model, case))
@@ -116,8 +107,19 @@ def test_burst_of_64_image_requests_at_production_defaults(
         except RequestError as e:
             return name, None, str(e), time.time() - start
 
+    free_seen: list[int] = []
+    burst_over = threading.Event()
+
+    def sample_free_blocks() -> None:
+        while not burst_over.wait(0.2):
+            free_seen.append(encode_language_blocks(language).get("free", -1))
+
+    sampler = threading.Thread(target=sample_free_blocks, daemon=True)
+    sampler.start()
     with ThreadPoolExecutor(BURST) as pool:
         results = list(pool.map(run, jobs))
+    burst_over.set()
+    sampler.join()
 
     failures = [(name, f"after {s:.1f}s", err) for name, _, err, s in results if err]
     assert not failures, f"{len(failures)} of {BURST} failed: {failures[:4]}"
@@ -132,4 +134,6 @@ def test_burst_of_64_image_requests_at_production_defaults(
     assert not any(failed.values()), failed
     assert after[language.spec.name][0] - before[language.spec.name][0] == BURST
     rounds = _rounds(encode_a, encode_b) - rounds_before
-    assert rounds > BURST, rounds  # the over-reservation prompt took resume rounds
+    assert rounds > BURST, rounds  # the over-reservation prompts took resume rounds
+    # 16 blocks = one 2048-token reservation: a request of that size had to wait for blocks
+    assert 0 <= min(free_seen) < 16, sorted(free_seen)[:8]

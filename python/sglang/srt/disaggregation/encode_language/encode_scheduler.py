@@ -55,6 +55,9 @@ from sglang.srt.disaggregation.encode_language.connection import (
     ConnectionConfig,
     RoomInUseError,
 )
+from sglang.srt.disaggregation.encode_language.encoder_cache import (
+    EncoderEmbeddingCache,
+)
 from sglang.srt.disaggregation.encode_language.encode_request_faults import (
     client_fault,
     poll_and_end_failed,
@@ -131,6 +134,11 @@ def vit_tokens(req: "Req") -> int:
     )
 
 
+def rows_to_send(req: "Req") -> int:
+    """Placeholder tokens of the items whose rows the request's payload carries."""
+    return sum(e - s + 1 for item in items_to_send(req) for s, e in item.offsets)
+
+
 def take_vit_batch(reqs: List, budget: int, tokens=vit_tokens) -> Tuple[List, List]:
     """Split waiting requests into (this ViT call, later), in arrival order: requests join
     the call while their placeholder tokens fit ``budget``; the first request always joins
@@ -146,14 +154,36 @@ def take_vit_batch(reqs: List, budget: int, tokens=vit_tokens) -> Tuple[List, Li
 
 def request_shape(req: "Req") -> RequestShape:
     """What the encoder announces for ``req`` before its vision tower runs: the unpadded
-    tokens, the placeholder tokens its images and videos fill, and their item table (what
-    ``_payload`` will carry)."""
+    tokens, the placeholder tokens its images and videos fill, their item table and the ids
+    (what ``_payload`` will carry): a language side matches them against its prefix cache.
+    """
     mm_items = req.multimodal_inputs.mm_items
     return RequestShape(
         len(req.origin_input_ids_unpadded),
         vit_tokens(req),
         [entry.to_wire() for entry in item_table(mm_items)],
+        list(req.origin_input_ids_unpadded),
     )
+
+
+def items_in_order(req: "Req") -> List:
+    """The request's image/video items in item-table order (by first token)."""
+    return sorted(
+        (
+            item
+            for item in req.multimodal_inputs.mm_items
+            if item.modality in (Modality.IMAGE, Modality.VIDEO)
+        ),
+        key=lambda item: item.offsets[0][0],
+    )
+
+
+def items_to_send(req: "Req") -> List:
+    """The items whose rows the request's payload carries: all but those every language
+    destination's prefix cache holds (``req.disagg_held_items``, indices into the item
+    table, set before the vision tower runs)."""
+    held = getattr(req, "disagg_held_items", ())
+    return [item for i, item in enumerate(items_in_order(req)) if i not in held]
 
 
 def has_media(req: "Req") -> bool:
@@ -225,6 +255,10 @@ class SchedulerDisaggregationEncodeMixin:
         self.disagg_encode_metrics = EncodeLanguageMetrics(
             "encode",
             self.metrics_reporter.enable_metrics and self.disagg_encode_is_owner,
+        )
+        # Rows of repeated images and videos (every rank: TP ranks agree on the hits).
+        self.disagg_encode_cache = EncoderEmbeddingCache.for_scheduler(
+            self, self.disagg_encode_is_owner
         )
         if not self.disagg_encode_is_owner:
             logger.info("encode server: TP rank without transfer (vision tower only)")
@@ -398,7 +432,10 @@ class SchedulerDisaggregationEncodeMixin:
         if not live:
             self.disagg_encode_waiting = unreserved
             return
-        live, later = take_vit_batch(live, get_schedule().max_prefill_tokens)
+        self._agree_held_items(live)
+        live, later = take_vit_batch(
+            live, get_schedule().max_prefill_tokens, tokens=rows_to_send
+        )
         live, held = self._admit_payloads(live)
         waiting = {id(req) for req in held + later + unreserved}
         self.disagg_encode_waiting = [req for req in reqs if id(req) in waiting]
@@ -417,7 +454,16 @@ class SchedulerDisaggregationEncodeMixin:
                 self.disagg_encode_inflight.append(req)  # the owner sends
                 continue
             try:
-                req.disagg_kv_sender.send(self._payload(req, rows))
+                payload = self._payload(req, rows)
+                req.disagg_kv_sender.send(payload)
+                self.disagg_encode_metrics.items_done(
+                    len(items_to_send(req)),
+                    len(req.disagg_held_items),
+                    payload.embeddings.nbytes
+                    + (
+                        payload.deepstack.nbytes if payload.deepstack is not None else 0
+                    ),
+                )
             except Exception as e:
                 logger.exception("encode: request %s could not be sent", req.rid)
                 req.disagg_kv_sender.abort(f"encode failed: {e}")
@@ -501,9 +547,27 @@ class SchedulerDisaggregationEncodeMixin:
             self.disagg_encode_held.discard(req.rid)
         return reqs[:admitted], reqs[admitted:]
 
+    def _agree_held_items(self: "Scheduler", reqs: List["Req"]) -> None:
+        """Set ``req.disagg_held_items``: the items every language destination's prefix cache
+        holds (the owner's senders know, once every destination reserved round 0); with
+        ``--tp N`` the other ranks take the owner's answer (one broadcast), so every rank
+        runs the vision tower on the same items."""
+        held = (
+            [tuple(req.disagg_kv_sender.held_items()) for req in reqs]
+            if self.disagg_encode_is_owner
+            else None
+        )
+        if self.disagg_encode_tp_size > 1:
+            box = [held]
+            group = self.attn_tp_group
+            dist.broadcast_object_list(box, src=group.first_rank, group=group.cpu_group)
+            held = box[0]
+        for req, items in zip(reqs, held):
+            req.disagg_held_items = frozenset(items)
+
     def _payload_nbytes_before_vit(self: "Scheduler", req: "Req") -> int:
         """Bytes ``_payload`` will hold for ``req``, from its shapes alone (meta tensors)."""
-        T, n = len(req.origin_input_ids_unpadded), vit_tokens(req)
+        T, n = len(req.origin_input_ids_unpadded), rows_to_send(req)
         width = self.model_config.hf_config.text_config.hidden_size
         deepstack = self.tp_worker.model_runner.model.num_deepstack_embeddings
         rows = self.model_config.dtype
@@ -535,12 +599,17 @@ class SchedulerDisaggregationEncodeMixin:
             items = [
                 item
                 for req in reqs
-                for item in req.multimodal_inputs.mm_items
+                for item in items_to_send(req)
                 if item.modality == modality
             ]
+            # cached rows (on the owner; the other TP ranks only skip their ViT run)
+            cached = self.disagg_encode_cache.lookup(items)
+            rows.update((key, r) for key, r in cached.items() if r is not None)
+            items = [item for item in items if id(item) not in cached]
             if not items:
                 continue
             out = encode(items)
+            self.disagg_encode_metrics.vit_call()
             sizes = [sum(e - s + 1 for s, e in item.offsets) for item in items]
             logger.info(
                 "encode: one vision-tower call for %d %s item(s) of %d request(s), "
@@ -557,6 +626,7 @@ class SchedulerDisaggregationEncodeMixin:
                 )
             for item, chunk in zip(items, out.split(sizes)):
                 rows[id(item)] = chunk
+            self.disagg_encode_cache.store(items, rows)
         return rows
 
     def _payload(
@@ -566,13 +636,20 @@ class SchedulerDisaggregationEncodeMixin:
         mm = req.multimodal_inputs
         fill_ids = torch.tensor(list(req.origin_input_ids_unpadded), dtype=torch.int64)
         T = fill_ids.shape[0]
-        items = sorted(mm.mm_items, key=lambda it: it.offsets[0][0])
+        items = items_in_order(req)
+        # the rows of the items the language side holds are left out, as is their mask
+        sent = items_to_send(req)
         mm_mask = torch.zeros(T, dtype=torch.bool)
-        for item in items:
+        for item in sent:
             for s, e in item.offsets:
                 mm_mask[s : e + 1] = True
+        width = self.model_config.hf_config.text_config.hidden_size * (
+            1 + model.num_deepstack_embeddings
+        )
         embeddings, deepstack = model.separate_deepstack_embeds(
-            torch.cat([rows[id(item)] for item in items])
+            torch.cat([rows[id(item)] for item in sent])
+            if sent
+            else torch.empty(0, width, dtype=self.model_config.dtype)
         )
         positions = mm.mrope_positions
         if positions is None or tuple(positions.shape) != (3, T):

@@ -35,11 +35,21 @@ def rows_to_host(rows: torch.Tensor) -> torch.Tensor:
     current stream (ordered before the forward's reads by upstream's
     ``forward_stream.wait_stream(schedule_stream)``; the source stays allocated in that
     stream's order); host rows as they are. Nothing reads the copy on the host: the forward
-    reads it through ``stage_rows`` only."""
+    reads it through ``stage_rows`` only. Where page-locked memory runs out (it is bounded by
+    the host, not by SGLang's budgets: docs/serving.md, "Memory sizing of the buffers"), the
+    copy goes to pageable memory instead: slower to stage, never a failed request."""
     if not rows.is_cuda:
         return rows
-    host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
-    host.copy_(rows, non_blocking=True)
+    try:
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+    except RuntimeError as e:
+        logger.warning(
+            "language: %d bytes of rows kept in pageable host memory (pinning failed: %s)",
+            rows.numel() * rows.element_size(),
+            e,
+        )
+        host = torch.empty(rows.shape, dtype=rows.dtype)
+    host.copy_(rows, non_blocking=host.is_pinned())
     return host
 
 
@@ -64,11 +74,18 @@ def stage_rows(
             continue
         for item in mm.mm_items:
             rows = item.precomputed_embeddings
-            if (
-                not isinstance(rows, torch.Tensor)
-                or rows.device == device
-                or not _covers(item.offsets, prefix, prefix + n)
+            if not isinstance(rows, torch.Tensor) or not _covers(
+                item.offsets, prefix, prefix + n
             ):
+                continue
+            if rows.shape[0] < sum(e - s + 1 for s, e in item.offsets):
+                # an item the prefix cache held (no rows were sent) is being prefilled: its
+                # prefix was not kept (PrefixHolds locks it until the request is over)
+                raise RuntimeError(
+                    f"an extend of [{prefix}, {prefix + n}) covers an item without rows "
+                    f"(offsets {item.offsets}): its cached prefix is gone"
+                )
+            if rows.device == device:
                 continue
             item.precomputed_embeddings = rows.to(device, non_blocking=True)
             staged.append((item, rows))

@@ -29,6 +29,11 @@ on ``LanguageManager`` / ``LanguageReceiver``:
   all ranks take part in one broadcast from the owner (a pickled header, then the rows in a
   fixed order), so every rank attaches the same rows before the request enters scheduling.
   Every rank joins every collective of a request whatever fails on it (``_take_rows``).
+* Prefix-aware skip (one receive per server, ``--tp 1``): an announcement waits until this
+  thread has matched the request's ids against the radix cache (``PrefixHolds``); the items the
+  cache holds are named in the reservation and locked until the request is over, the encoder
+  sends no rows for them, and they become items without rows (``_attach``): they lie in the
+  cached prefix, which prefill never embeds.
 * The request's ``bootstrap_host`` is looked up off the scheduler's thread
   (``PeerLookups.lookup_async``): a request whose name is not in the lookup table waits here
   (``_Resolving``) meanwhile; a name that does not exist is the client's fault (400), a
@@ -70,17 +75,17 @@ from sglang.srt.disaggregation.encode_language.item_table import (
 from sglang.srt.disaggregation.encode_language.language_mm_inputs import rows_to_host
 from sglang.srt.disaggregation.encode_language.manifest import FaultKind, dtype_name
 from sglang.srt.disaggregation.encode_language.metrics import EncodeLanguageMetrics
+from sglang.srt.disaggregation.encode_language.prefix_holds import (
+    PrefixHolds,
+    item_without_rows,
+)
 from sglang.srt.disaggregation.encode_language.receiver import (
     LanguageManager,
     LanguageReceiver,
 )
 from sglang.srt.disaggregation.utils import FAKE_BOOTSTRAP_HOST, all_reduce_flags
 from sglang.srt.managers.io_struct import AbortReq, TokenizedGenerateReqInput
-from sglang.srt.managers.schedule_batch import (
-    MultimodalDataItem,
-    MultimodalProcessorOutput,
-    Req,
-)
+from sglang.srt.managers.schedule_batch import MultimodalProcessorOutput, Req
 from sglang.srt.managers.utils import (
     compute_num_reserved_tokens,
     validate_context_length,
@@ -116,6 +121,8 @@ class WaitingRequest:
     # Set by an AbortReq (on every TP rank alike): the request fails whatever its transfer
     # does meanwhile, even if it succeeded already.
     aborted: Optional[str] = None
+    # the radix-cache lock on the prefix holding the items named in the reservation
+    lock: Any = None
 
     @property
     def rid(self) -> str:
@@ -199,8 +206,18 @@ class LanguageMMReceiver:
         self.num_ranks = get_parallel().attn_tp_size
         # One receive per server: only the owner (attention-TP rank 0) has buffers and receives.
         self.is_owner = self.rank == 0
+        # Prefix-aware skip needs the owner's match to hold on every rank: one rank only.
+        self.holds = (
+            PrefixHolds(scheduler.tree_cache)
+            if self.is_owner and self.num_ranks == 1
+            else None
+        )
         self.manager: Optional[LanguageManager] = (
-            LanguageManager(buffer_config, conn) if self.is_owner else None
+            LanguageManager(
+                buffer_config, conn, prefix_match=self.holds is not None
+            )
+            if self.is_owner
+            else None
         )
         self.waiting_list: List[WaitingRequest] = []
         self.peer_lookups = PEER_LOOKUPS
@@ -217,6 +234,8 @@ class LanguageMMReceiver:
         """(requests to schedule now, [(Req, error, status)] to fail)."""
         ready: List = []
         aborts: List = []
+        if self.holds is not None:
+            self.holds.sweep()
         for recv_req in recv_reqs:
             if isinstance(recv_req, AbortReq):
                 # Before the poll below: a request that becomes ready in this iteration is
@@ -234,6 +253,8 @@ class LanguageMMReceiver:
         if self.waiting_list:
             if self.is_owner:
                 self._start_looked_up()
+            if self.holds is not None:
+                self._match_announced()
             self._poll(ready, aborts)
         if self.manager is not None:
             self.metrics.observe_blocks(
@@ -258,6 +279,23 @@ class LanguageMMReceiver:
                 )
                 w.aborted = "aborted by the client"
                 w.receiver.abort(w.aborted)
+
+    def idle(self) -> bool:
+        """Nothing waits here and no prefix is held for a request: the scheduler may call
+        itself idle (and ``/flush_cache`` reset the tree, which a held lock must outlive)."""
+        return not self.waiting_list and (self.holds is None or self.holds.num_held == 0)
+
+    def request_queued(self, req: Req) -> None:
+        """The scheduler queued ``req`` (a received request, or one retracted): a held
+        prefix stays locked until it is over."""
+        if self.holds is not None:
+            self.holds.queued(req)
+
+    def request_released(self, req: Req) -> None:
+        """The scheduler dropped ``req`` unfinished (aborted in its queue): its held prefix
+        is released."""
+        if self.holds is not None:
+            self.holds.released(req)
 
     # Rules --------------------------------------------------------------------------------------
     def needs_transfer(self, recv_req) -> bool:
@@ -332,6 +370,37 @@ class LanguageMMReceiver:
                 f"could not start the transfer: {e}", FaultKind.INTERNAL
             )
 
+    def _match_announced(self) -> None:
+        """Answer every announcement that waits for the prefix cache (``MATCH``): match its
+        ids, lock the prefix holding its items, tell the receiver which items it holds."""
+        for w in self.waiting_list:
+            shape = (
+                w.receiver.match_wanted()
+                if isinstance(w.receiver, LanguageReceiver)
+                else None
+            )
+            if shape is None:
+                continue
+            self.holds.release(w.lock)  # announced again (the encoder lost the room)
+            w.lock = None
+            try:
+                held, lock = self.holds.match(w.recv_req, shape.input_ids, shape.items)
+            except Exception:  # a bad item table fails at _attach; nothing is held here
+                logger.exception("language: request %s: prefix match failed", w.rid)
+                held, lock = [], None
+            if w.receiver.set_held(held):
+                w.lock = lock
+                if held:
+                    logger.info(
+                        "language: request %s (room %s): the prefix cache holds items %s; "
+                        "their rows are not sent",
+                        w.rid,
+                        w.recv_req.bootstrap_room,
+                        held,
+                    )
+            else:
+                self.holds.release(lock)
+
     def _poll(self, ready: List, aborts: List) -> None:
         polls = poll_and_end_failed(
             [w.receiver for w in self.waiting_list], self.scheduler.attn_tp_cpu_group
@@ -393,6 +462,12 @@ class LanguageMMReceiver:
                 )
             else:
                 still_waiting.append(w)
+        if self.holds is not None:
+            kept = {id(w) for w in still_waiting + arrived}
+            for w in self.waiting_list:
+                if id(w) not in kept:
+                    self.holds.release(w.lock)  # failed, aborted or run without rows
+                    w.lock = None
         self.waiting_list = still_waiting
         if arrived:
             self._admit_arrived(arrived, ready, aborts)
@@ -418,7 +493,8 @@ class LanguageMMReceiver:
         errors = []
         for w in arrived:
             try:
-                self._attach(w.recv_req, self._take_rows(w))
+                left_out = getattr(w.receiver, "rows_left_out", ())
+                self._attach(w.recv_req, self._take_rows(w), left_out)
                 errors.append(None)
             except _FailedOnAnotherRank:
                 errors.append(None)  # _agree_on_failures says so
@@ -428,6 +504,13 @@ class LanguageMMReceiver:
                 )
                 errors.append(f"received multimodal data is invalid: {e}")
         for w, error in zip(arrived, self._agree_on_failures(errors)):
+            if self.holds is not None:
+                # the scheduler has the request from here (or it fails: not held any more)
+                lock, w.lock = w.lock, None
+                if error is None:
+                    self.holds.hand_over(w.rid, lock)
+                else:
+                    self.holds.release(lock)
             if error is not None:
                 self._count_failed()
                 aborts.append(
@@ -606,12 +689,22 @@ class LanguageMMReceiver:
             return torch.empty(shape, dtype=wire, device=device)
         return source.to(device=device, dtype=wire, non_blocking=True).contiguous()
 
-    def _attach(self, recv_req: TokenizedGenerateReqInput, data: ReceivedData) -> None:
-        """Turn received data into the precomputed multimodal inputs of ``recv_req``."""
+    def _attach(
+        self,
+        recv_req: TokenizedGenerateReqInput,
+        data: ReceivedData,
+        left_out: tuple = (),
+    ) -> None:
+        """Turn received data into the precomputed multimodal inputs of ``recv_req``. The
+        items ``left_out`` (the prefix cache holds them, locked) get no rows: they lie wholly
+        in the cached prefix, which prefill never embeds (``stage_rows`` refuses otherwise).
+        """
         entries = [ItemEntry.from_wire(raw) for raw in data.items]
         if not entries:
             raise ValueError("the encode server sent no item table")
-        check_against_mask(entries, data.mm_mask)
+        check_against_mask(
+            [e for i, e in enumerate(entries) if i not in left_out], data.mm_mask
+        )
         rows = data.rows
         if rows.is_cuda:
             # Written on another stream (the manager thread's read_round, waited for before
@@ -622,26 +715,23 @@ class LanguageMMReceiver:
             use_on_streams(rows, (torch.cuda.current_stream(rows.device),))
         row_of_token = torch.cumsum(data.mm_mask.to(torch.int64), 0) - 1
         items = []
-        for entry in entries:
+        for i, entry in enumerate(entries):
+            item = item_without_rows(entry)
+            item.format = MultimodalInputFormat.PRECOMPUTED_EMBEDDING
+            items.append(item)
+            if i in left_out:
+                # no rows: precomputed (so the batch takes the precomputed path), empty
+                item.precomputed_embeddings = rows.new_empty((0, rows.shape[1]), device="cpu")
+                continue
             tokens = torch.cat([torch.arange(s, e + 1) for s, e in entry.offsets])
             idx = row_of_token[tokens]
             first, n = int(idx[0]), len(idx)
             contiguous = int(idx[-1]) - first + 1 == n and bool((idx.diff() == 1).all())
-            item = MultimodalDataItem(
-                modality=entry.sglang_modality,
-                offsets=[tuple(span) for span in entry.offsets],
-                format=MultimodalInputFormat.PRECOMPUTED_EMBEDDING,
-                # an item's rows are consecutive in the row stream: a view, not a copy
-                # (gathered on the device, before the copy to the host, when they are not)
-                precomputed_embeddings=rows_to_host(
-                    rows[first : first + n] if contiguous else rows[idx.to(rows.device)]
-                ),
+            # an item's rows are consecutive in the row stream: a view, not a copy
+            # (gathered on the device, before the copy to the host, when they are not)
+            item.precomputed_embeddings = rows_to_host(
+                rows[first : first + n] if contiguous else rows[idx.to(rows.device)]
             )
-            if entry.identity is not None:
-                item.set_identity(entry.identity)
-            else:
-                item.set_hash(entry.hash)
-            items.append(item)
         input_ids = data.fill_ids.tolist()
         hf = self.hf_config
         recv_req.input_ids = array("q", input_ids)  # what the tokenizer sends

@@ -25,11 +25,14 @@ import msgspec
 import numpy as np
 import torch
 
-LAYOUT_VERSION = 3  # 2: aux header carries room, reservation generation and a block checksum; 3: XXH3
+LAYOUT_VERSION = 4  # 2: aux header carries room, reservation generation and a block checksum; 3: XXH3
+# 4: block-major buffers (one registered region; buffers.block_layout), rows hashed whole
 # 2: epochs, generations, sender ids, Unregistered; 3: Reserve.checksum;
 # 4: Abort.kind (FaultKind) and Abort.write_failed; 5: Expect and Announce (reservations sized
-# from the encoder's announcement of the request's shape)
-PROTOCOL_VERSION = 5
+# from the encoder's announcement of the request's shape); 6: Announce.input_ids,
+# Reserve.held_items and RoundDone.held_items (items the language side's prefix cache holds:
+# no vision tower, no rows)
+PROTOCOL_VERSION = 6
 
 # dtype <-> wire name; the names are what manifests carry.
 _DTYPES = {
@@ -334,21 +337,17 @@ class LayoutManifest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return self.embed_row_bytes + self.deepstack_row_bytes
 
     def wire_bytes(self, total_tokens: int, mm_tokens: int) -> int:
-        """Bytes one request moves: every token's ids and positions, multimodal rows only, aux."""
+        """Bytes one request moves: each block's ids, positions and aux (a partial last block's
+        whole: one segment, see buffers.py), multimodal rows only."""
         nblocks = -(-total_tokens // self.block_size)
         return (
-            total_tokens * self.token_bytes
+            nblocks * (self.block_size * self.token_bytes + self.aux_bytes)
             + mm_tokens * self.mm_row_bytes
-            + nblocks * self.aux_bytes
         )
 
     def dense_wire_bytes(self, total_tokens: int) -> int:
         """What a layout that ships an embedding and deepstack row for every token would move."""
-        nblocks = -(-total_tokens // self.block_size)
-        return (
-            total_tokens * (self.token_bytes + self.mm_row_bytes)
-            + nblocks * self.aux_bytes
-        )
+        return self.wire_bytes(total_tokens, total_tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,23 +411,35 @@ class Announce(_Msg, tag="announce"):
     """Encoder -> language rank: the request's exact shape, known before its vision tower runs
     (the processor ran at arrival). Sent once the encoder holds the request and every
     destination's ``Expect``; the language side reserves ``min(needed, reserve)`` blocks then.
-    ``items`` is the item table (item_table.py) the payload carries: what a language side can
-    match against what it already holds."""
+    ``items`` is the item table (item_table.py) the payload carries and ``input_ids`` the
+    request's T ids as its fill ids will carry them (placeholders expanded): with both, a
+    language side builds the ids its prefix cache is keyed by and answers, in its round-0
+    ``Reserve``, which items it already holds (``held_items``)."""
 
     room: int
     manager_id: str  # the encoder; must be the room's encoder
     total_tokens: int
     mm_tokens: int
     items: list = []
+    input_ids: List[int] = []
 
 
 class RequestShape(NamedTuple):
-    """What the encoder announces for a request: total tokens T, multimodal tokens M and the
-    item table entries (``ItemEntry.to_wire()``), as its payload will carry them."""
+    """What the encoder announces for a request: total tokens T, multimodal tokens M, the
+    item table entries (``ItemEntry.to_wire()``) and the T ids, as its payload will carry
+    them (``input_ids`` may be empty: the language side then matches nothing)."""
 
     total_tokens: int
     mm_tokens: int
     items: list = []
+    input_ids: list = []
+
+    def held_tokens(self, held_items) -> int:
+        """Placeholder tokens of the items ``held_items`` (indices into ``items``) covers:
+        rows the encoder does not send."""
+        return sum(
+            end - start + 1 for i in held_items for start, end in self.items[i][1]
+        )
 
 
 class Reserve(_Msg, tag="reserve"):
@@ -447,6 +458,10 @@ class Reserve(_Msg, tag="reserve"):
     # Stamp block checksums this round: the blocks may still receive a late write (the
     # receiver released them from a fence without an abort_ack), or the receiver always asks.
     checksum: bool
+    # Round 0: the items (indices into the announced item table) whose tokens lie wholly in
+    # the prefix this rank's prefix cache holds, locked there until the request's prefill:
+    # the encoder runs no vision tower for them and sends none of their rows.
+    held_items: List[int] = []
 
 
 class RoundDone(_Msg, tag="round_done"):
@@ -464,6 +479,9 @@ class RoundDone(_Msg, tag="round_done"):
     mm_tokens: int
     last: bool
     items: list = []  # last round only: the item table (item_table.py)
+    # The items whose rows the payload leaves out (every destination holds them); the rows
+    # sent (mm_tokens, the bitmap) are those of the other items, in prompt order.
+    held_items: List[int] = []
 
 
 class FaultKind(str, enum.Enum):

@@ -13,6 +13,12 @@ observable from outside the process::
                                                       the vision tower (in-flight payload bound)
     sglang:encode_language_exposed_blocks{role}       language: blocks a late write may still
                                                       reach (rounds on them are checksummed)
+    sglang:encode_language_items_total{role,outcome="sent|held"}  images/videos whose rows were
+                                                      sent, or left out because the language
+                                                      side's prefix cache holds them
+    sglang:encode_language_row_bytes_total{role}      embedding + deepstack row bytes sent
+                                                      (encode) / received (language)
+    sglang:encode_language_vit_calls_total{role}      encode: vision-tower calls
 """
 
 from __future__ import annotations
@@ -74,6 +80,34 @@ class EncodeLanguageMetrics:
             documentation="Requests the encoder held back before the vision tower until in-flight payload bytes dropped below max_inflight_payload_bytes (once per request).",
             labelnames=("role",),
         )
+
+        self._items = Counter(
+            name="sglang:encode_language_items_total",
+            documentation="Images and videos by what happened to their rows: sent, or held (the language side's prefix cache holds the item: no vision tower, no rows).",
+            labelnames=("role", "outcome"),
+        )
+        self._row_bytes = Counter(
+            name="sglang:encode_language_row_bytes_total",
+            documentation="Embedding and deepstack row bytes sent (encode) or received (language).",
+            labelnames=("role",),
+        )
+        self._vit_calls = Counter(
+            name="sglang:encode_language_vit_calls_total",
+            documentation="Vision-tower calls of the encode server.",
+            labelnames=("role",),
+        )
+
+    def items_done(self, sent: int, held: int, row_bytes: int) -> None:
+        """One request's items: ``sent`` with their rows (``row_bytes``), ``held`` left out."""
+        if not self.enabled:
+            return
+        self._items.labels(self.role, "sent").inc(sent)
+        self._items.labels(self.role, "held").inc(held)
+        self._row_bytes.labels(self.role).inc(row_bytes)
+
+    def vit_call(self) -> None:
+        if self.enabled:
+            self._vit_calls.labels(self.role).inc()
 
     def request_held(self) -> None:
         if self.enabled:

@@ -3,10 +3,11 @@
 Lifecycle of a receiver (``Phase``; ``KVPoll`` values in brackets)::
 
     create_receiver ─> REGISTER [Bootstrapping] ─ack ok, Expect sent─> ANNOUNCE [Bootstrapping]
-      ─Announce(T, M, items)─> ALLOC [Bootstrapping] ─min(blocks for T, reserve) blocks─>
+      ─Announce(T, M, items, ids)─> [MATCH ─held items─>] ALLOC [Bootstrapping]
+      ─min(blocks for T, reserve) blocks─>
       RESERVED r=0 [WaitingForInput] ─RoundDone(partial)─> RESUME_ALLOC [Transferring]
       ─blocks─> RESERVED r+1 [Transferring] ─ ... ─> RoundDone(last) ─> DONE [Success] ─> take()
-    ANNOUNCE, ALLOC, RESERVED r=0 ─Unregistered─> REGISTER (register again; blocks freed)
+    ANNOUNCE, MATCH, ALLOC, RESERVED r=0 ─Unregistered─> REGISTER (register again; blocks freed)
     any ─failure─> DONE [Failed]
 
 Admission: a request holds no blocks until the encoder announces its exact shape (it does so
@@ -16,6 +17,13 @@ without a timer: waiting for blocks is load, not a fault (a dead encoder is foun
 Pairing (``ANNOUNCE``) is bounded by ``bootstrap_timeout_s + transfer_grace_s``, so the
 encoder's own pairing verdict (``bootstrap_timeout_s``) arrives first; reserved round 0 -> its
 first round by ``waiting_timeout_s``.
+
+Prefix-aware skip (``prefix_match``): an announcement that carries the request's ids waits in
+``MATCH`` until the scheduler thread, which owns the prefix cache, has matched them there and
+locked what it holds (``LanguageReceiver.match_wanted`` / ``set_held``); the round-0
+``Reserve`` names those items (``held_items``) and the encoder sends no rows for them
+(``RoundDone.held_items`` says which it left out). No timer: the scheduler answers within an
+iteration, and a dead encoder is found by heartbeats.
 
 ``Phase`` has one transition function (``LanguageReceiver._transition``) that refuses any edge
 not in ``_TRANSITIONS``.
@@ -108,6 +116,8 @@ class Phase(enum.Enum):
     REGISTER = "register"  # waiting for the encoder to accept our registration
     # Expect sent: waiting for the encoder's announcement of the shape
     ANNOUNCE = "announce"
+    # announced: waiting for the scheduler's prefix match (prefix_match only)
+    MATCH = "match"
     ALLOC = "alloc"  # announced: waiting for blocks (queued, in announcement order)
     RESERVED = "reserved"  # Reserve sent: the encoder may be writing our blocks
     # round copied out; waiting for the next round's blocks
@@ -117,7 +127,8 @@ class Phase(enum.Enum):
 
 _TRANSITIONS = {
     Phase.REGISTER: {Phase.ANNOUNCE, Phase.DONE},
-    Phase.ANNOUNCE: {Phase.ALLOC, Phase.REGISTER, Phase.DONE},
+    Phase.ANNOUNCE: {Phase.MATCH, Phase.ALLOC, Phase.REGISTER, Phase.DONE},
+    Phase.MATCH: {Phase.ALLOC, Phase.REGISTER, Phase.DONE},
     Phase.ALLOC: {Phase.RESERVED, Phase.REGISTER, Phase.DONE},
     Phase.RESERVED: {Phase.RESUME_ALLOC, Phase.REGISTER, Phase.DONE},
     Phase.RESUME_ALLOC: {Phase.RESERVED, Phase.DONE},
@@ -161,12 +172,19 @@ class _Exposure:
     the writer dead; it restarts when the writer answers a heartbeat again (revived) or when it
     is forgotten (dead ``peer_prune_s``: taken as gone; a writer stopped even longer and then
     resumed is outside this bound).
+
+    A fence that timed out is different: the encoder abandoned a write at its own deadline, so
+    Mooncake is not timing it (``connection.ConnectionConfig``): no bound holds. Such an exposure
+    (``room`` set, ``bound_s`` infinite) ends only when the encoder says the write ended: its
+    ``AbortAck`` for the room (returned complete), or its ``Abort(write_failed)`` (returned
+    failed: the bound above holds from then).
     """
 
     writer: str
     blocks: Tuple[int, ...]
     since: float
     bound_s: float
+    room: Optional[int] = None  # a timed-out fence's room: unbounded until the encoder says
 
 
 @dataclasses.dataclass
@@ -192,12 +210,16 @@ class LanguageManager(ManagerBase):
         config: Optional[ConnectionConfig] = None,
         engine=None,
         rows_device: Optional[str] = None,
+        prefix_match: bool = False,
     ):
         """``rows_device``: where ``take()``'s multimodal rows live (None = host memory, pinned
         when the buffers are; e.g. ``"cuda:0"`` = copied from the pinned blocks straight to
         the GPU). Either way each round is copied once, into the request's final tensors.
+        ``prefix_match``: announcements wait in ``MATCH`` for the owner of a prefix cache to
+        say which items it holds (``LanguageReceiver.set_held``).
         """
         self.rows_device = rows_device
+        self.prefix_match = prefix_match
         self.rooms: Dict[int, "LanguageReceiver"] = {}
         self.registrations: Dict[str, _Registration] = {}
         self.fences: Dict[Tuple[str, int], _Fence] = {}
@@ -328,10 +350,30 @@ class LanguageManager(ManagerBase):
             except OversizeError as e:
                 self._fail_locked(r, str(e), kind=FaultKind.CLIENT)
                 return
-            r.shape = RequestShape(T, M, list(msg.items))
+            if msg.input_ids and len(msg.input_ids) != T:
+                self._fail_locked(
+                    r, f"announcement has {len(msg.input_ids)} ids for T={T} tokens"
+                )
+                return
+            r.shape = RequestShape(T, M, list(msg.items), list(msg.input_ids))
             r.alloc_blocks = nb
+            if self.prefix_match and msg.input_ids and msg.items:
+                r._transition(Phase.MATCH, now)  # the scheduler thread answers (set_held)
+                return
             r._transition(Phase.ALLOC, now)
             self._admit_locked(now)
+
+    def _set_held(self, r: "LanguageReceiver", held: List[int]) -> bool:
+        """The prefix cache's answer for ``r`` (in ``MATCH``): it queues for blocks, and its
+        round-0 Reserve names ``held``. False when ``r`` left ``MATCH`` meanwhile (failed,
+        or registering again): the caller's lock is not needed."""
+        with self.lock:
+            if r.phase != Phase.MATCH:
+                return False
+            r.held = tuple(sorted(held))
+            r._transition(Phase.ALLOC, time.monotonic())
+            self._admit_locked(time.monotonic())
+        return True
 
     def _admit_locked(self, now: float) -> None:
         """Blocks for announced receivers (ALLOC), in announcement order: the first that does
@@ -382,6 +424,7 @@ class LanguageManager(ManagerBase):
             blocks=r.handle.blocks,
             max_tokens=r.max_tokens,
             checksum=r.checksum,
+            held_items=list(r.held) if r.round == 0 else [],
         )
         self.channel.send(r.encoder, msg)
 
@@ -399,6 +442,7 @@ class LanguageManager(ManagerBase):
         elif isinstance(msg, AbortAck):
             with self.lock:
                 self._release_fence_locked((msg.manager_id, msg.room), "abort_ack")
+                self._bound_exposure_locked(msg.manager_id, msg.room, ended=True)
         else:
             logger.warning(
                 "language: unexpected control message %s; dropped", type(msg).__name__
@@ -477,7 +521,7 @@ class LanguageManager(ManagerBase):
             r = self._room_from(msg, msg.manager_id)
             if r is None or r.epoch != msg.epoch:
                 return
-            if r.phase in (Phase.ANNOUNCE, Phase.ALLOC) or (
+            if r.phase in (Phase.ANNOUNCE, Phase.MATCH, Phase.ALLOC) or (
                 r.phase == Phase.RESERVED and r.round == 0
             ):
                 # The encoder refused our Expect or round-0 Reserve before keeping it (no
@@ -499,6 +543,8 @@ class LanguageManager(ManagerBase):
     def _on_abort(self, msg: Abort) -> None:
         with self.lock:
             key = (msg.manager_id, msg.room)
+            if msg.write_failed:  # a write past a timed-out fence ended (failed)
+                self._bound_exposure_locked(msg.manager_id, msg.room, ended=False)
             if key in self.fences:
                 if msg.write_failed:
                     # no AbortAck will come: freed now, exposed
@@ -639,6 +685,19 @@ class LanguageManager(ManagerBase):
             r.data.embeddings.shape[0],
         ) != (msg.total_tokens, msg.mm_tokens):
             raise ProtocolError("request size changed between rounds")
+        if not set(msg.held_items) <= set(r.held):
+            raise ProtocolError(
+                f"round_done leaves out the rows of items {list(msg.held_items)}, this rank "
+                f"holds only {list(r.held)}"
+            )
+        if r.shape is not None and msg.mm_tokens != r.shape.mm_tokens - (
+            r.shape.held_tokens(msg.held_items)
+        ):
+            raise ProtocolError(
+                f"round_done sends {msg.mm_tokens} rows; the announcement's "
+                f"{r.shape.mm_tokens} less the held items' would be "
+                f"{r.shape.mm_tokens - r.shape.held_tokens(msg.held_items)}"
+            )
         return _RoundCopy(
             blocks=r.handle.blocks,
             expect=RoundStamp(r.room, r.generation, msg.token_start // B),
@@ -713,6 +772,7 @@ class LanguageManager(ManagerBase):
         r.tokens_received, r.mm_received, r.mm_bits = done_tokens, done_rows, mm_bits
         if msg.last:
             r.items = tuple(msg.items)
+            r.rows_left_out = tuple(msg.held_items)
 
     def _try_resume_locked(self, r: "LanguageReceiver", now: float) -> None:
         B = self.layout.block_size
@@ -789,14 +849,20 @@ class LanguageManager(ManagerBase):
         self.channel.send(encoder, msg)
 
     def _release_fence_locked(
-        self, key: Tuple[str, int], why: str, acked: bool = True
+        self,
+        key: Tuple[str, int],
+        why: str,
+        acked: bool = True,
+        timed_out: bool = False,
     ) -> None:
         """Free a fence's blocks; not ``acked`` (the encoder never said its writes ended):
-        exposed to a late write (``_Exposure``)."""
+        exposed to a late write (``_Exposure``), without a bound if the fence ``timed_out``."""
         f = self.fences.pop(key, None)
         if f is not None:
             if not acked:
-                self._expose_locked(f.encoder, f.handle.blocks)
+                self._expose_locked(
+                    f.encoder, f.handle.blocks, f.room if timed_out else None
+                )
             logger.info(
                 "language: room %d: %d fenced blocks released (%s)",
                 f.room,
@@ -805,16 +871,29 @@ class LanguageManager(ManagerBase):
             )
             f.handle.free()
 
-    def _expose_locked(self, writer: str, blocks) -> None:
+    def _expose_locked(self, writer: str, blocks, room: Optional[int] = None) -> None:
         """``blocks`` are about to be freed while ``writer`` may still write them: every round
-        on them is checksummed until the exposure ends (``_Exposure``)."""
-        bound = self.config.write_deadline_s(
-            len(blocks), sum(self.layout.slot_block_bytes)
-        )
+        on them is checksummed until the exposure ends (``_Exposure``; with ``room``: a
+        timed-out fence's, unbounded)."""
+        bound = math.inf if room is not None else self._exposure_bound(blocks)
         self._exposures.append(
-            _Exposure(writer, tuple(blocks), time.monotonic(), bound)
+            _Exposure(writer, tuple(blocks), time.monotonic(), bound, room)
         )
         self.exposed_blocks.update(blocks)
+
+    def _exposure_bound(self, blocks) -> float:
+        return self.config.write_deadline_s(
+            len(blocks), sum(self.layout.slot_block_bytes)
+        )
+
+    def _bound_exposure_locked(self, writer: str, room: int, ended: bool) -> None:
+        """The encoder says its write of ``room`` past a timed-out fence returned: the
+        exposure ends (``ended``: complete) or takes the write's bound from now (failed)."""
+        for e in self._exposures:
+            if e.room == room and e.writer == writer:
+                e.room, e.since = None, time.monotonic()
+                e.bound_s = 0.0 if ended else self._exposure_bound(e.blocks)
+        self.wake()
 
     def _expire_exposures_locked(self, now: float) -> float:
         """End the exposures whose bound has passed (their writer not held dead); return
@@ -873,12 +952,12 @@ class LanguageManager(ManagerBase):
         due = math.inf
         with self.lock:
             for r in [x for x in self.rooms.values() if x.phase == Phase.RESUME_ALLOC]:
-                self._try_resume_locked(r, now)
+                self._room_step_locked(self._try_resume_locked, r, now)
             for r in [x for x in self.rooms.values() if x.phase == Phase.REGISTER]:
-                self._advance_locked(r, now)
+                self._room_step_locked(self._advance_locked, r, now)
             self._admit_locked(now)
             for r in list(self.rooms.values()):
-                self._check_timeouts_locked(r, now)
+                self._room_step_locked(self._check_timeouts_locked, r, now)
                 limit = self._phase_timeout(r)
                 if r.phase != Phase.DONE and limit is not None:
                     due = min(due, r.phase_since + limit)
@@ -893,7 +972,9 @@ class LanguageManager(ManagerBase):
                         f.encoder,
                         cfg.fence_timeout_s,
                     )
-                    self._release_fence_locked(key, "fence timeout", acked=False)
+                    self._release_fence_locked(
+                        key, "fence timeout", acked=False, timed_out=True
+                    )
                     continue
                 if now - f.asked_at > cfg.abort_ack_timeout_s:
                     f.asked_at = now
@@ -905,6 +986,16 @@ class LanguageManager(ManagerBase):
                 )
             due = min(due, self._expire_exposures_locked(now))
         return min(due, super()._tick(now))
+
+    def _room_step_locked(self, step, r: "LanguageReceiver", now: float) -> None:
+        """``step(r, now)``; an error fails ``r`` alone, never the rest of the tick (the
+        timers, fences and heartbeats of every other room)."""
+        try:
+            step(r, now)
+        except Exception as e:
+            logger.exception("language: room %d: %s failed", r.room, step.__name__)
+            if r.phase != Phase.DONE:
+                self._fail_locked(r, f"internal error: {e}", kind=FaultKind.INTERNAL)
 
     def _phase_timeout(self, r: "LanguageReceiver") -> Optional[float]:
         """How long ``r`` may stay in its phase (``_check_timeouts_locked`` enforces it)."""
@@ -1024,8 +1115,10 @@ class LanguageReceiver:
         self.handle: Optional[BlockHandle] = None
         self.phase = Phase.REGISTER
         self.phase_since = time.monotonic()
-        # the encoder's announcement (T, M, item table), and the blocks reserved for round 0
+        # the encoder's announcement (T, M, item table, ids), and the blocks reserved for round 0
         self.shape: Optional[RequestShape] = None
+        self.held: tuple = ()  # items the prefix cache holds (set_held), named in Reserve
+        self.rows_left_out: tuple = ()  # items whose rows the encoder did not send
         self.alloc_blocks = 0
         self.round = 0
         self.epoch = 0  # registration epoch of the current reservation
@@ -1051,6 +1144,17 @@ class LanguageReceiver:
 
     def poll(self) -> int:
         return self.status
+
+    def match_wanted(self) -> Optional[RequestShape]:
+        """The announced shape while the request waits for the prefix cache's answer
+        (``MATCH``), else None."""
+        return self.shape if self.phase == Phase.MATCH else None
+
+    def set_held(self, held: List[int]) -> bool:
+        """Answer ``match_wanted``: the items (indices into the announced item table) the
+        prefix cache holds and keeps locked until the request's prefill. False if the request
+        left ``MATCH`` meanwhile (the caller releases its lock)."""
+        return self.mgr._set_held(self, held)
 
     def failure_exception(self) -> None:
         raise TransferError(self.room, self.reason or "failed", self.kind)

@@ -52,10 +52,12 @@ holds gets a replacement, so later rounds still start (bounded: ``MAX_ABANDONED_
 
 Failed writes: Mooncake returns -1 while parts of a batch may still be in flight (a task FAILED
 while others wait, a slice TIMEOUT, its own deadline), and nothing says when they end. So a
-failed write is treated as one that may still land: the staging blocks stay quarantined for
-``fence_timeout_s`` and the destination gets ``Abort(writes_pending=True, write_failed=True)``
-and never an ``AbortAck`` for the room: its blocks stay fenced until its fence timeout and are
-checksummed when reused.
+failed write is treated as one that may still land: the destination gets
+``Abort(writes_pending=True, write_failed=True)`` and never an ``AbortAck`` for the room (for
+``fence_timeout_s``): its blocks are exposed, checksummed when reused. The staging blocks are
+freed at once: they are only the write's source, so a late slice can carry only whatever they
+hold next into the failed destination's exposed blocks; quarantining them would let a dead
+language server's failing writes take the whole staging pool from the healthy ones.
 
 Admission: payloads are held by reference until their last round. ``send()`` of a payload that
 would take the bytes held past ``max_inflight_payload_bytes`` raises ``PayloadBudgetError`` and
@@ -83,6 +85,7 @@ from sglang.srt.disaggregation.encode_language.allocator import (
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
     MultimodalPayload,
+    block_layout,
     blocks_for_tokens,
 )
 from sglang.srt.disaggregation.encode_language.connection import (
@@ -277,6 +280,7 @@ class _Dest:
     blocks: List[int]
     max_tokens: int = 0
     checksum: bool = False  # this round's reservation asked for block checksums
+    held: frozenset = frozenset()  # items its prefix cache holds (round-0 Reserve)
 
 
 @dataclasses.dataclass
@@ -286,6 +290,8 @@ class _Room:
     sender: Optional["EncodeSender"] = None
     shape: Optional[RequestShape] = None  # from create_sender: what is announced
     announced: bool = False  # Announce sent to every destination
+    # items every destination holds (no vision tower, no rows); fixed once all reserved
+    held: Optional[frozenset] = None
     num_ranks: Optional[int] = None
     dests: Dict[int, _Dest] = dataclasses.field(default_factory=dict)
     payload: Optional[MultimodalPayload] = None
@@ -326,10 +332,9 @@ class EncodeManager(ManagerBase):
         self._probes: Dict[int, threading.Event] = {}
         # (room, language manager) -> timed-out writes that have not returned yet
         self._pending_writes: Dict[Tuple[int, str], int] = {}
-        # (room, language manager) -> (until, staging) of writes that failed while parts may
-        # still be in flight: the staging stays quarantined and the room is never acknowledged
-        # until fence_timeout_s has passed
-        self._failed_writes: Dict[Tuple[int, str], Tuple[float, List[BlockHandle]]] = {}
+        # (room, language manager) -> until: a write failed while parts may still be in
+        # flight; the room is never acknowledged to that manager until fence_timeout_s passed
+        self._failed_writes: Dict[Tuple[int, str], float] = {}
         # room -> (reason, kind, time) of rooms that failed, kept for bootstrap_timeout_s so that
         # a reservation arriving after the failure is refused with it (no fresh room to time out)
         self._failed_rooms: Dict[int, Tuple[str, FaultKind, float]] = {}
@@ -402,8 +407,8 @@ class EncodeManager(ManagerBase):
             return False
         nonce = next(self._nonce)
         self.buffers.write_scratch_nonce(nonce)
-        aux_bytes = self.layout.slot_block_bytes[Slot.AUX]
-        dst = peer.slot_ptrs[Slot.AUX] + peer.layout.num_blocks * aux_bytes
+        stride = block_layout(peer.layout).stride  # the peer's scratch block's aux
+        dst = peer.slot_ptrs[Slot.AUX] + peer.layout.num_blocks * stride
         src = self.buffers.scratch_aux_address()
         if self.engine.transfer_sync(peer.session_id, src, dst, 8) < 0:
             return False
@@ -591,7 +596,7 @@ class EncodeManager(ManagerBase):
             self._send_announce_locked(r, d)
 
     def _send_announce_locked(self, r: _Room, d: _Dest) -> None:
-        T, M, items = r.shape
+        T, M, items, input_ids = r.shape
         self.channel.send(
             d.manager_id,
             make(
@@ -601,6 +606,7 @@ class EncodeManager(ManagerBase):
                 total_tokens=T,
                 mm_tokens=M,
                 items=list(items),
+                input_ids=list(input_ids),
             ),
         )
 
@@ -638,6 +644,15 @@ class EncodeManager(ManagerBase):
                         f"unexpected reservation for round 0 of room {msg.room} "
                         f"({'already reserved' if r.announced else 'not announced yet'})"
                     )
+                held = frozenset(msg.held_items)
+                if len(held) != len(msg.held_items) or any(
+                    not (0 <= i < len(r.shape.items)) for i in held
+                ):
+                    return refuse(
+                        f"invalid held items {list(msg.held_items)} for an item table of "
+                        f"{len(r.shape.items)} items"
+                    )
+                d.held = held
             elif msg.round != r.round or d.round == r.round:
                 return refuse(
                     f"unexpected reservation for round {msg.round} (room is at round {r.round})"
@@ -678,6 +693,15 @@ class EncodeManager(ManagerBase):
                 f"aborted by language side {msg.manager_id}: {msg.reason}",
                 msg.kind,
             )
+
+    def _held_locked(self, r: _Room) -> frozenset:
+        """The items every destination holds (fixed from the first call: the caller asks
+        once every destination reserved round 0, before the vision tower)."""
+        if r.held is None:
+            r.held = frozenset.intersection(
+                *[d.held for d in r.dests.values()] or [frozenset()]
+            )
+        return r.held
 
     # Scheduling -------------------------------------------------------------------------------
     def _update_sender_status(self, r: _Room) -> None:
@@ -724,12 +748,14 @@ class EncodeManager(ManagerBase):
                 )
             if r.payload is not None:
                 raise TransferError(sender.room, "send() called twice")
+            # rows of the items every destination holds are left out
+            rows = r.shape.mm_tokens - r.shape.held_tokens(self._held_locked(r))
             shape = (payload.total_tokens, payload.mm_tokens, list(payload.items))
-            if shape != (r.shape.total_tokens, r.shape.mm_tokens, list(r.shape.items)):
+            if shape != (r.shape.total_tokens, rows, list(r.shape.items)):
                 raise ValueError(
-                    f"payload of {shape[0]} tokens / {shape[1]} multimodal tokens (items "
+                    f"payload of {shape[0]} tokens / {shape[1]} multimodal rows (items "
                     f"{shape[2]}) differs from the announced shape "
-                    f"{r.shape.total_tokens} / {r.shape.mm_tokens} (items {r.shape.items})"
+                    f"{r.shape.total_tokens} / {rows} rows (items {r.shape.items})"
                 )
             if bound and nbytes > bound:
                 raise OversizeError(
@@ -938,6 +964,7 @@ class EncodeManager(ManagerBase):
                     mm_tokens=M,
                     last=last,
                     items=payload.items if last else [],
+                    held_items=sorted(r.held or ()),
                 )
                 self.channel.send(d.manager_id, done)
             if last:
@@ -1117,13 +1144,13 @@ class EncodeManager(ManagerBase):
         self, room: int, manager_id: str, staging: BlockHandle
     ) -> None:
         """A write to ``manager_id`` failed: parts may still be in flight and nothing will say
-        when they end. Its staging stays quarantined, and the room is never acknowledged to
-        that destination, for ``fence_timeout_s`` (``_tick`` frees it then)."""
-        staging.quarantine()
-        until = time.monotonic() + self.config.fence_timeout_s
-        key = (room, manager_id)
-        handles = self._failed_writes.get(key, (0.0, []))[1]
-        self._failed_writes[key] = (until, handles + [staging])
+        when they end, so the room is never acknowledged to that destination for
+        ``fence_timeout_s``. Its staging is free at once (only the write's source: see the
+        module docstring, "Failed writes")."""
+        staging.free()
+        self._failed_writes[(room, manager_id)] = (
+            time.monotonic() + self.config.fence_timeout_s
+        )
 
     def _write_failed_abort(
         self, room: int, reason: str, kind: FaultKind = FaultKind.INTERNAL
@@ -1168,7 +1195,7 @@ class EncodeManager(ManagerBase):
                 manager_id,
                 self._write_failed_abort(room, "a timed-out write returned failed"),
             )
-            self.wake()  # the staging quarantine's timer starts now
+            self.wake()  # the never-acknowledge timer starts now
             return
         logger.warning(
             "encode: timed-out write of room %d to %s returned; acknowledging",
@@ -1284,18 +1311,9 @@ class EncodeManager(ManagerBase):
                     del self._failed_rooms[room]
                 else:
                     due = min(due, since + cfg.bootstrap_timeout_s)
-            for key, (until, handles) in list(self._failed_writes.items()):
+            for key, until in list(self._failed_writes.items()):
                 if now >= until:
                     del self._failed_writes[key]
-                    for h in handles:
-                        h.free()
-                    logger.warning(
-                        "encode: staging of the failed write of room %d to %s released "
-                        "after fence_timeout_s (%.1fs)",
-                        key[0],
-                        key[1],
-                        cfg.fence_timeout_s,
-                    )
                 else:
                     due = min(due, until)
             due = min(due, self._expire_writes_locked(now))
@@ -1372,6 +1390,16 @@ class EncodeSender:
 
     def poll(self) -> int:
         return self._status
+
+    def held_items(self) -> List[int]:
+        """Once ``WaitingForInput``: the items (indices into the announced item table) every
+        destination's prefix cache holds; ``send()``'s payload leaves their rows out and the
+        vision tower need not run for them. Empty for a request no longer active."""
+        with self.mgr.lock:
+            r = self.mgr.rooms.get(self.room)
+            if r is None or r.sender is not self:
+                return []
+            return sorted(self.mgr._held_locked(r))
 
     def failure_exception(self) -> None:
         raise TransferError(self.room, self.reason or "failed", self.kind)

@@ -119,12 +119,6 @@ _UNSUPPORTED = (
         "an encode or language server cannot become a prefill or decode server",
     ),
     (
-        ("encode",),
-        lambda c: c.enable_mm_global_cache,
-        "--enable-mm-global-cache",
-        "the encode loop calls the vision tower directly, not the cached embedding path",
-    ),
-    (
         ("language",),
         lambda c: c.enable_mm_global_cache or c.mm_enable_dp_encoder,
         "--enable-mm-global-cache / --mm-enable-dp-encoder",

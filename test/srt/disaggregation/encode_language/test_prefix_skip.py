@@ -1,0 +1,279 @@
+"""Prefix-aware skip, in process (issue 17 item 2): the language adapter matches an announced
+request against a real radix cache, answers the items it holds in its reservation, keeps them
+locked until the request is over, and the encoder (a real peer process, real Mooncake writes)
+leaves their rows out. Served end to end with HF equality: test_serving_prefix_skip.py."""
+
+from __future__ import annotations
+
+import types
+from array import array
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import H, new_room, wait_final
+from el_helpers import wait_until
+
+from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.encode_language.buffers import MultimodalPayload
+from sglang.srt.disaggregation.encode_language.item_table import ItemEntry
+from sglang.srt.disaggregation.encode_language.prefix_holds import (
+    PrefixHolds,
+    padded_ids,
+)
+from sglang.srt.managers.io_struct import AbortReq, TokenizedGenerateReqInput
+from sglang.srt.mem_cache.base_prefix_cache import (
+    EvictParams,
+    InsertParams,
+    MatchPrefixParams,
+)
+from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+from sglang.srt.sampling.sampling_params import SamplingParams
+
+IMAGE = 7
+K = 3
+# Two images: item 0 on tokens 2..9, item 1 on tokens 12..19, of 24 tokens.
+ITEMS = [
+    ItemEntry("image", ((2, 9),), 0x1111),
+    ItemEntry("image", ((12, 19),), 0x2222),
+]
+IDS = [1, 2] + [IMAGE] * 8 + [3, 4] + [IMAGE] * 8 + [5, 6, 7, 8]
+M = 16
+
+
+@pytest.fixture(scope="module")
+def group():
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        yield dist.group.WORLD
+        dist.destroy_process_group()
+    else:
+        yield dist.group.WORLD
+
+
+def _tree(cached_tokens: int) -> RadixCache:
+    """A radix cache holding the first ``cached_tokens`` ids of the request, as keyed."""
+    tree = RadixCache.create_simulated(
+        mock_allocator=types.SimpleNamespace(
+            device="cpu", free=lambda *_: None, free_segment=lambda *_, **__: None
+        )
+    )
+    if cached_tokens:
+        ids = padded_ids(IDS, ITEMS)[:cached_tokens]
+        tree.insert(
+            InsertParams(
+                key=RadixKey(array("q", ids)), value=torch.arange(cached_tokens)
+            )
+        )
+    return tree
+
+
+def _adapter(manager, tree, group):
+    """The language scheduler's adapter over ``manager`` and a prefix cache, with its real
+    ``_attach`` (a stand-in scheduler and HF config)."""
+    from sglang.srt.disaggregation.encode_language.connection import PeerLookups
+    from sglang.srt.disaggregation.encode_language.language_mm_receiver import (
+        LanguageMMReceiver,
+    )
+    from sglang.srt.disaggregation.encode_language.metrics import EncodeLanguageMetrics
+
+    rx = object.__new__(LanguageMMReceiver)
+    rx.peer_lookups = PeerLookups()
+    rx.scheduler = types.SimpleNamespace(
+        attn_tp_cpu_group=group, device="cpu", max_req_input_len=4096
+    )
+    rx.hf_config = types.SimpleNamespace(image_token_id=IMAGE, video_token_id=8)
+    rx.placeholder_ids = {IMAGE, 8}
+    rx.rank, rx.num_ranks, rx.is_owner = 0, 1, True
+    rx.manager = manager
+    rx.holds = PrefixHolds(tree)
+    rx.waiting_list = []
+    rx.metrics = EncodeLanguageMetrics("language", enabled=False)
+    rx._check_context_length = lambda recv_req: None
+    rx._req_for_error = lambda recv_req: recv_req.rid
+    return rx
+
+
+def _request(rid: str, encoder: str, room: int) -> TokenizedGenerateReqInput:
+    host, port = encoder.rsplit(":", 1)
+    return TokenizedGenerateReqInput(
+        rid=rid,
+        input_text="",
+        input_ids=[1, 2, IMAGE, 3, 4, IMAGE, 5, 6, 7, 8],
+        input_embeds=None,
+        mm_inputs=None,
+        token_type_ids=None,
+        sampling_params=SamplingParams(max_new_tokens=4),
+        return_logprob=False,
+        logprob_start_len=-1,
+        top_logprobs_num=0,
+        token_ids_logprob=None,
+        stream=False,
+        bootstrap_host=host,
+        bootstrap_port=int(port),
+        bootstrap_room=room,
+    )
+
+
+def _payload(held) -> MultimodalPayload:
+    """The encoder's payload leaving out the rows of the ``held`` items."""
+    g = torch.Generator().manual_seed(5)
+    mask = torch.zeros(len(IDS), dtype=torch.bool)
+    for i, e in enumerate(ITEMS):
+        if i not in held:
+            for s, t in e.offsets:
+                mask[s : t + 1] = True
+    n = int(mask.sum())
+    return MultimodalPayload(
+        fill_ids=torch.tensor(IDS, dtype=torch.int32),
+        mrope_positions=torch.arange(3 * len(IDS), dtype=torch.int32).view(3, -1),
+        mm_mask=mask,
+        embeddings=torch.randn(n, H, generator=g).to(torch.bfloat16),
+        deepstack=torch.randn(n, K * H, generator=g).to(torch.bfloat16),
+        mrope_delta=-3,
+        items=[e.to_wire() for e in ITEMS],
+    )
+
+
+def _until_reserved(rx, w, timeout=20.0):
+    """Adapter iterations until the request's round-0 reservation went out."""
+    assert wait_until(
+        lambda: rx.process_waiting_requests([]) is not None
+        and w.receiver.poll() == KVPoll.WaitingForInput,
+        timeout,
+    ), f"phase {w.receiver.phase}"
+
+
+@pytest.mark.parametrize(
+    "cached, held",
+    [
+        (
+            16,
+            [0],
+        ),  # item 0 inside the cached prefix, item 1 straddles its end: sent whole
+        (23, [0, 1]),  # both inside (capped at T - 1): no rows at all
+        (0, []),  # nothing cached: everything sent
+    ],
+)
+def test_held_items_are_not_sent_and_stay_locked_until_the_request_is_over(
+    peers, make_lang, group, cached, held
+) -> None:
+    """The reservation names the items wholly inside the cached prefix; the encoder's
+    payload without their rows is accepted, its other rows arrive byte for byte, the held
+    items become items without rows; the prefix stays locked (eviction cannot take it)
+    until the scheduler's request finished, then it is released."""
+    peer = peers(k=K)
+    lang = make_lang(k=K, prefix_match=True)
+    tree = _tree(cached)
+    rx = _adapter(lang, tree, group)
+    room = new_room()
+    req = _request(f"skip-{cached}", peer.addr, room)
+    assert rx.process_waiting_requests([req]) == ([], [])
+    peer.call(
+        "create_shaped", room, len(IDS), M, [e.to_wire() for e in ITEMS], list(IDS)
+    )
+    w = rx.waiting_list[0]
+    _until_reserved(rx, w)
+    assert w.receiver.held == tuple(held)
+    assert peer.call("held", room) == held
+    locked = cached if held else 0
+    assert tree.protected_size() == locked
+    payload = _payload(held)
+    peer.call("send_payload", room, payload)
+    assert peer.call("wait", room, 20) == (KVPoll.Success, "")
+    ready = []
+    assert wait_until(
+        lambda: ready.extend(rx.process_waiting_requests([])[0]) or ready, 20
+    )
+    assert ready == [req]
+    items = req.mm_inputs.mm_items
+    sent = [i for i in range(len(ITEMS)) if i not in held]
+    for i in held:
+        assert items[i].precomputed_embeddings.shape[0] == 0
+    wide = torch.cat([payload.embeddings, payload.deepstack], dim=1)
+    assert torch.equal(
+        torch.cat([items[i].precomputed_embeddings for i in sent] or [wide[:0]]),
+        wide,
+    )
+    assert req.mm_inputs.padded_input_ids == padded_ids(IDS, ITEMS)
+    # The scheduler has it: still locked, eviction cannot take the held prefix.
+    sched_req = types.SimpleNamespace(rid=req.rid, done=False)
+    sched_req.finished = lambda: sched_req.done
+    rx.request_queued(sched_req)
+    for _ in range(3):
+        rx.process_waiting_requests([])
+    assert tree.protected_size() == locked
+    tree.evict(EvictParams(num_tokens=100))
+    assert tree.total_size() == (cached if held else 0)
+    sched_req.done = True
+    rx.process_waiting_requests([])
+    assert tree.protected_size() == 0 and rx.holds.num_held == 0
+    tree.evict(EvictParams(num_tokens=100))
+    assert tree.total_size() == 0
+    peer.assert_idle()
+
+
+def test_abort_while_locked_releases_the_lock(peers, make_lang, group) -> None:
+    """A request aborted after its reservation named held items: the lock is released in
+    the same iteration, the encoder's room ends, every block is free."""
+    peer = peers(k=K)
+    lang = make_lang(k=K, prefix_match=True)
+    tree = _tree(16)
+    rx = _adapter(lang, tree, group)
+    room = new_room()
+    req = _request("skip-abort", peer.addr, room)
+    rx.process_waiting_requests([req])
+    peer.call(
+        "create_shaped", room, len(IDS), M, [e.to_wire() for e in ITEMS], list(IDS)
+    )
+    w = rx.waiting_list[0]
+    _until_reserved(rx, w)
+    assert tree.protected_size() == 16
+    ready, aborts = rx.process_waiting_requests([AbortReq(rid=req.rid)])
+    assert aborts == [(req.rid, "aborted by the client", 400)]
+    assert tree.protected_size() == 0 and rx.waiting_list == []
+    assert wait_final(lang, w.receiver) == KVPoll.Failed
+    assert peer.call("wait", room, 20)[0] == KVPoll.Failed
+    peer.assert_idle()
+
+
+def test_handed_over_but_never_queued_is_released(peers, make_lang, group) -> None:
+    """A request handed to the scheduler that the scheduler refused on arrival (never
+    queued): its lock ends after the next iterations; one the scheduler dropped from its
+    queue (``request_released``) at once."""
+    tree = _tree(16)
+    holds = PrefixHolds(tree)
+    node = tree.match_prefix(
+        MatchPrefixParams(key=RadixKey(array("q", padded_ids(IDS, ITEMS)[:16])))
+    ).last_device_node
+    holds.hand_over("a", tree.lock(node))
+    holds.hand_over("b", tree.lock(node))
+    b = types.SimpleNamespace(rid="b", finished=lambda: False)
+    holds.queued(b)
+    assert tree.protected_size() == 16 and holds.num_held == 2
+    holds.sweep()
+    holds.sweep()
+    assert holds.num_held == 1  # "a" was never queued
+    holds.released(b)
+    assert holds.num_held == 0 and tree.protected_size() == 0
+
+
+def test_a_held_prefix_keeps_the_server_from_idling(peers, make_lang, group) -> None:
+    """While a prefix is held for a request the scheduler has, the adapter is not idle (so
+    ``/flush_cache``, which needs an idle server, cannot reset the tree under the lock);
+    once the request finished and the next iteration released it, it is."""
+    tree = _tree(16)
+    rx = _adapter(make_lang(k=K, prefix_match=True), tree, group)
+    assert rx.idle()
+    node = tree.match_prefix(
+        MatchPrefixParams(key=RadixKey(array("q", padded_ids(IDS, ITEMS)[:16])))
+    ).last_device_node
+    rx.holds.hand_over("e", tree.lock(node))
+    req = types.SimpleNamespace(rid="e", done=False)
+    req.finished = lambda: req.done
+    rx.request_queued(req)
+    rx.process_waiting_requests([])
+    assert not rx.idle() and tree.protected_size() == 16
+    req.done = True
+    rx.process_waiting_requests([])
+    assert rx.idle() and tree.protected_size() == 0
