@@ -774,9 +774,8 @@ class EncodeManager(ManagerBase):
             self._update_sender_status(r)
             self._maybe_schedule(r)
             scheduled = r.in_flight
-        if (
-            not scheduled
-        ):  # a round queued now needs no timer (the wake-up costs ~0.1 ms)
+        # a round queued now needs no timer (the wake-up costs ~0.1 ms)
+        if not scheduled:
             self.wake()
 
     # Worker -------------------------------------------------------------------------------------
