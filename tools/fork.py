@@ -186,8 +186,9 @@ def formatter_diffs(python: str, path: Path) -> list[tuple[str, str]]:
     out = []
     for tool, args in LINTERS:
         r = subprocess.run([python, "-m", tool, *args, str(path)], capture_output=True, text=True)
-        if r.returncode not in (0, 1):
-            raise ForkError(f"{tool} failed on {path}: {r.stderr.strip()}")
+        # rc 1 is also "No module named ...": a formatter that did not run must not pass
+        if r.returncode not in (0, 1) or (r.returncode == 1 and not r.stdout):
+            raise ForkError(f"{tool} failed on {path} ({python}): {r.stderr.strip()}")
         out.append((tool, r.stdout))
     return out
 

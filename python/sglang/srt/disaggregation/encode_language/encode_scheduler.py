@@ -55,14 +55,14 @@ from sglang.srt.disaggregation.encode_language.connection import (
     ConnectionConfig,
     RoomInUseError,
 )
-from sglang.srt.disaggregation.encode_language.encoder_cache import (
-    EncoderEmbeddingCache,
-)
 from sglang.srt.disaggregation.encode_language.encode_request_faults import (
     client_fault,
     poll_and_end_failed,
     room_failure,
     status_of_transfer_failure,
+)
+from sglang.srt.disaggregation.encode_language.encoder_cache import (
+    EncoderEmbeddingCache,
 )
 from sglang.srt.disaggregation.encode_language.item_table import (
     ItemTableError,

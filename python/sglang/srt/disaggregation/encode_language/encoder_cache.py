@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
 from sglang.srt.mem_cache.multimodal_cache import EmbeddingResult
 from sglang.srt.multimodal.modality import Modality
 
@@ -270,9 +271,8 @@ class EncoderEmbeddingCache:
                     modality, before + len(handles) - len(ctl.entries)
                 )
                 ctl.wait_store_to_pool(handles)
-                ctl.insert_batch(
-                    keys, modality
-                )  # the Mooncake Store PUT, in the background
+                # the Mooncake Store PUT, in the background
+                ctl.insert_batch(keys, modality)
             except Exception:
                 logger.exception("embedding cache: store failed (rows not cached)")
 

@@ -213,9 +213,7 @@ class LanguageMMReceiver:
             else None
         )
         self.manager: Optional[LanguageManager] = (
-            LanguageManager(
-                buffer_config, conn, prefix_match=self.holds is not None
-            )
+            LanguageManager(buffer_config, conn, prefix_match=self.holds is not None)
             if self.is_owner
             else None
         )
@@ -282,8 +280,11 @@ class LanguageMMReceiver:
 
     def idle(self) -> bool:
         """Nothing waits here and no prefix is held for a request: the scheduler may call
-        itself idle (and ``/flush_cache`` reset the tree, which a held lock must outlive)."""
-        return not self.waiting_list and (self.holds is None or self.holds.num_held == 0)
+        itself idle (and ``/flush_cache`` reset the tree, which a held lock must outlive).
+        """
+        return not self.waiting_list and (
+            self.holds is None or self.holds.num_held == 0
+        )
 
     def request_queued(self, req: Req) -> None:
         """The scheduler queued ``req`` (a received request, or one retracted): a held
@@ -372,7 +373,8 @@ class LanguageMMReceiver:
 
     def _match_announced(self) -> None:
         """Answer every announcement that waits for the prefix cache (``MATCH``): match its
-        ids, lock the prefix holding its items, tell the receiver which items it holds."""
+        ids, lock the prefix holding its items, tell the receiver which items it holds.
+        """
         for w in self.waiting_list:
             shape = (
                 w.receiver.match_wanted()
@@ -721,7 +723,9 @@ class LanguageMMReceiver:
             items.append(item)
             if i in left_out:
                 # no rows: precomputed (so the batch takes the precomputed path), empty
-                item.precomputed_embeddings = rows.new_empty((0, rows.shape[1]), device="cpu")
+                item.precomputed_embeddings = rows.new_empty(
+                    (0, rows.shape[1]), device="cpu"
+                )
                 continue
             tokens = torch.cat([torch.arange(s, e + 1) for s, e in entry.offsets])
             idx = row_of_token[tokens]

@@ -184,7 +184,8 @@ class _Exposure:
     blocks: Tuple[int, ...]
     since: float
     bound_s: float
-    room: Optional[int] = None  # a timed-out fence's room: unbounded until the encoder says
+    # a timed-out fence's room: unbounded until the encoder says the write ended
+    room: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -358,7 +359,8 @@ class LanguageManager(ManagerBase):
             r.shape = RequestShape(T, M, list(msg.items), list(msg.input_ids))
             r.alloc_blocks = nb
             if self.prefix_match and msg.input_ids and msg.items:
-                r._transition(Phase.MATCH, now)  # the scheduler thread answers (set_held)
+                # the scheduler thread answers (set_held)
+                r._transition(Phase.MATCH, now)
                 return
             r._transition(Phase.ALLOC, now)
             self._admit_locked(now)
@@ -856,7 +858,8 @@ class LanguageManager(ManagerBase):
         timed_out: bool = False,
     ) -> None:
         """Free a fence's blocks; not ``acked`` (the encoder never said its writes ended):
-        exposed to a late write (``_Exposure``), without a bound if the fence ``timed_out``."""
+        exposed to a late write (``_Exposure``), without a bound if the fence ``timed_out``.
+        """
         f = self.fences.pop(key, None)
         if f is not None:
             if not acked:
@@ -888,7 +891,8 @@ class LanguageManager(ManagerBase):
 
     def _bound_exposure_locked(self, writer: str, room: int, ended: bool) -> None:
         """The encoder says its write of ``room`` past a timed-out fence returned: the
-        exposure ends (``ended``: complete) or takes the write's bound from now (failed)."""
+        exposure ends (``ended``: complete) or takes the write's bound from now (failed).
+        """
         for e in self._exposures:
             if e.room == room and e.writer == writer:
                 e.room, e.since = None, time.monotonic()
@@ -1117,7 +1121,9 @@ class LanguageReceiver:
         self.phase_since = time.monotonic()
         # the encoder's announcement (T, M, item table, ids), and the blocks reserved for round 0
         self.shape: Optional[RequestShape] = None
-        self.held: tuple = ()  # items the prefix cache holds (set_held), named in Reserve
+        self.held: (
+            tuple
+        ) = ()  # items the prefix cache holds (set_held), named in Reserve
         self.rows_left_out: tuple = ()  # items whose rows the encoder did not send
         self.alloc_blocks = 0
         self.round = 0
