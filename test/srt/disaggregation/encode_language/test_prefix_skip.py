@@ -175,6 +175,10 @@ def test_held_items_are_not_sent_and_stay_locked_until_the_request_is_over(
     w = rx.waiting_list[0]
     _until_reserved(rx, w)
     assert w.receiver.held == tuple(held)
+    # The Reserve is on its way to the encoder; it holds the items once it arrived.
+    assert wait_until(
+        lambda: peer.call("poll", room)[0] == KVPoll.WaitingForInput, 20
+    ), peer.call("poll", room)
     assert peer.call("held", room) == held
     locked = cached if held else 0
     assert tree.protected_size() == locked
