@@ -1,4 +1,4 @@
-"""Start-up validation of ``--disaggregation-mode encode|language`` (patch 0007): wrong
+"""Start-up validation of ``--disaggregation-mode encode|language`` (patch 0010): wrong
 combinations fail with a message naming the flag; right ones get the documented defaults.
 
 Runs SGLang's real server-argument pipeline (``ServerArgs.resolve_once``) on tiny generated
