@@ -51,6 +51,7 @@ from bench_encode_language_transport import (  # noqa: E402
     buffer_config,
     conn_config,
     payload,
+    wait_done,
     wire_bytes,
 )
 
@@ -91,7 +92,7 @@ def encoder_process(conn, keys):
             assert time.monotonic() < deadline and s.poll() != KVPoll.Failed
             time.sleep(0.0005)
         s.send(p)
-        conn.send(int(s.wait(60)))
+        conn.send(int(wait_done(s, 60)))
     for m in mgrs.values():
         m.close()
 
@@ -199,7 +200,7 @@ def main():
                         time.sleep(0.0005)
                     n = len(windows)
                     a.send(("send", key, room))
-                    assert rx.wait(60) == KVPoll.Success, rx.reason
+                    assert wait_done(rx, 60) == KVPoll.Success, rx.reason
                     assert a.recv() == KVPoll.Success
                     del rx  # the received tensors (32 MiB) go now, not mid-round later
                     if it >= args.warmup:

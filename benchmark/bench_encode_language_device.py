@@ -45,11 +45,14 @@ IMAGE_TOKENS, K, BLOCK = 1024, 3, 128
 
 
 def load_transport():
-    """Import encode_language.{manifest,buffers} from python/ without sglang's package __init__."""
+    """(payload, buffers): encode_language.{payload,buffers}, imported from python/ without
+    sglang's package __init__ where SGLang is not installed (with manifest and round_plan,
+    which they import)."""
     try:
-        import sglang.srt.disaggregation.encode_language.buffers as buffers  # noqa: F401
+        import sglang.srt.disaggregation.encode_language.buffers as buffers
+        import sglang.srt.disaggregation.encode_language.payload as payload
 
-        return buffers
+        return payload, buffers
     except ImportError:
         pass
     parts = PKG.split(".")
@@ -58,13 +61,13 @@ def load_transport():
         mod = types.ModuleType(name)
         mod.__path__ = [str(REPO / "python" / Path(*parts[:i]))]
         sys.modules[name] = mod
-    for sub in ("manifest", "buffers"):
+    for sub in ("manifest", "payload", "round_plan", "buffers"):
         path = REPO / "python" / Path(*parts) / f"{sub}.py"
         spec = importlib.util.spec_from_file_location(f"{PKG}.{sub}", path)
         mod = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = mod
         spec.loader.exec_module(mod)
-    return sys.modules[f"{PKG}.buffers"]
+    return sys.modules[f"{PKG}.payload"], sys.modules[f"{PKG}.buffers"]
 
 
 def timed(ops: dict, iters: int, cuda: bool) -> dict:
@@ -101,7 +104,7 @@ def check_exact() -> int:
     with and without checksums, blocks in one run or scattered, a partial last block, a round
     that starts mid-request (the test suite covers the same on the CPU). Returns the cases run.
     """
-    buffers = load_transport()
+    carried, buffers = load_transport()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     H, B, cases = 64, 16, 0
     cfg = buffers.MultimodalBufferConfig(
@@ -117,7 +120,7 @@ def check_exact() -> int:
     ids = torch.randint(0, 150000, (T,), generator=g)
     pos = torch.randint(0, 4096, (3, T), generator=g)
     for tokens_on, rows_on in (("cpu", dev), (dev, dev), ("cpu", "cpu")):
-        p = buffers.MultimodalPayload(
+        p = carried.MultimodalPayload(
             ids.to(tokens_on),
             pos.to(tokens_on),
             mask.to(tokens_on),
@@ -129,7 +132,7 @@ def check_exact() -> int:
             for blocks in ([0, 1, 2, 3, 4, 5], [9, 2, 3, 7, 0, 11]):
                 for out_dev, pin in ((dev, False), (None, dev == "cuda")):
                     # two rounds: 4 blocks, then the rest (starts at token 4B, row 4B)
-                    dst = buffers.alloc_received(lang.layout, T, M, out_dev, pin)
+                    dst = carried.alloc_received(lang.layout, T, M, out_dev, pin)
                     for t0, tc, m0, mc, bl in (
                         (0, 4 * B, 0, min(M, 4 * B), blocks[:4]),
                         (4 * B, T - 4 * B, 4 * B, M - 4 * B, blocks[4:]),
@@ -138,7 +141,7 @@ def check_exact() -> int:
                         for s, d in zip(enc.slots(), lang.slots()):
                             d.copy_(s)  # the transfer engine's write, elsewhere
                         stamp = buffers.RoundStamp(7, 8, t0 // B)
-                        out = buffers.slice_received(dst, t0, tc, m0, mc)
+                        out = carried.slice_received(dst, t0, tc, m0, mc)
                         lang.read_round(bl, tc, mc, stamp, out=out, verify=checksum)
                     assert torch.equal(dst.fill_ids.long(), ids)
                     assert torch.equal(dst.mrope_positions.long(), pos)
@@ -150,7 +153,7 @@ def check_exact() -> int:
 
 
 def run(iters: int) -> list[dict]:
-    buffers = load_transport()
+    carried, buffers = load_transport()
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
     rows = []
@@ -159,7 +162,7 @@ def run(iters: int) -> list[dict]:
         T = IMAGE_TOKENS
         # As the encode scheduler builds it: the token stream (int64 ids and positions, mask)
         # on the host, the vision tower's rows on the GPU.
-        payload = buffers.MultimodalPayload(
+        payload = carried.MultimodalPayload(
             fill_ids=torch.randint(0, 150000, (T,), generator=g),
             mrope_positions=torch.randint(0, 4096, (3, T), generator=g),
             mm_mask=torch.ones(T, dtype=torch.bool),
@@ -187,13 +190,13 @@ def run(iters: int) -> list[dict]:
         stamp = buffers.RoundStamp(room=0, generation=0, first_block=0)
 
         def read_into(device, pin, verify):
-            dst = buffers.alloc_received(lang.layout, T, T, device, pin)
+            dst = carried.alloc_received(lang.layout, T, T, device, pin)
             return lang.read_round(
                 blocks,
                 T,
                 T,
                 stamp,
-                out=buffers.slice_received(dst, 0, T, 0, T),
+                out=carried.slice_received(dst, 0, T, 0, T),
                 verify=verify,
             )
 

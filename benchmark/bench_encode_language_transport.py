@@ -50,13 +50,19 @@ from sample_stats import summary
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
-    MultimodalPayload,
     RoundStamp,
-    alloc_received,
 )
 from sglang.srt.disaggregation.encode_language.connection import ConnectionConfig
 from sglang.srt.disaggregation.encode_language.manifest import RequestShape
+from sglang.srt.disaggregation.encode_language.payload import (
+    MultimodalPayload,
+    alloc_received,
+)
 from sglang.srt.disaggregation.encode_language.receiver import LanguageManager
+from sglang.srt.disaggregation.encode_language.round_plan import (
+    region_base,
+    round_segments,
+)
 from sglang.srt.disaggregation.encode_language.sender import EncodeManager
 
 K, BLOCK = 3, 128
@@ -109,19 +115,24 @@ def buffer_config(hidden: int) -> MultimodalBufferConfig:
     )
 
 
-PIPELINE_BLOCKS = ConnectionConfig.pipeline_blocks
-
-
 def conn_config() -> ConnectionConfig:
-    return ConnectionConfig(
-        default_reserve_tokens=1024, pipeline_blocks=PIPELINE_BLOCKS
-    )
+    return ConnectionConfig(default_reserve_tokens=1024)
 
 
-def encoder_process(conn, zmq_ports, pipeline_blocks, payloads):
+def wait_done(transfer, timeout_s: float) -> int:
+    """Poll a sender or receiver, as a scheduler does, until Success or Failed (or the
+    timeout); its status. Polled every 50 us: that is the resolution of the e2e times.
+    """
+    deadline = time.monotonic() + timeout_s
+    while transfer.poll() not in (KVPoll.Success, KVPoll.Failed):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(50e-6)
+    return transfer.poll()
+
+
+def encoder_process(conn, zmq_ports, payloads):
     """The encode side: staging + raw writes on request, end-to-end sends, ZMQ echo."""
-    global PIPELINE_BLOCKS
-    PIPELINE_BLOCKS = pipeline_blocks
     for key in set(PAYLOADS) - set(payloads.split(",")):
         del PAYLOADS[key]
     mgrs = {h: EncodeManager(buffer_config(h), conn_config()) for h in hidden_sizes()}
@@ -148,7 +159,15 @@ def encoder_process(conn, zmq_ports, pipeline_blocks, payloads):
             enc.buffers.write_range(blocks, p, 0, T, 0, M, checksum=False)
             w = time.perf_counter() - t
             session, ptrs = dest[h]
-            segs = enc.buffers.round_segments(blocks, blocks, T, M, ptrs)
+            segs = round_segments(
+                enc.buffers.block_layout,
+                enc.buffers.region.data_ptr(),
+                blocks,
+                region_base(ptrs),
+                blocks,
+                T,
+                M,
+            )
             t = time.perf_counter()
             assert enc.engine.batch_transfer_sync(session, *segs) >= 0
             x = time.perf_counter() - t
@@ -171,7 +190,7 @@ def encoder_process(conn, zmq_ports, pipeline_blocks, payloads):
             )  # as in serving (the ViT runs): wake-ups so far are not ours
             t0 = time.perf_counter()
             s.send(payloads[key])
-            status = s.wait(60)
+            status = wait_done(s, 60)
             conn.send((t0, int(status)))
         elif cmd[0] == "ping":
             for _ in range(cmd[1]):
@@ -195,12 +214,6 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default=None, help="write the results here")
-    ap.add_argument(
-        "--pipeline-blocks",
-        type=int,
-        default=PIPELINE_BLOCKS,
-        help="ConnectionConfig.pipeline_blocks of the encoder (0 = one chunk per round)",
-    )
     ap.add_argument("--payloads", default=",".join(PAYLOADS))
     args = ap.parse_args()
     for key in set(PAYLOADS) - set(args.payloads.split(",")):
@@ -215,9 +228,7 @@ def main():
         h: LanguageManager(buffer_config(h), conn_config()) for h in hidden_sizes()
     }
     a, b = ctx.Pipe()
-    proc = ctx.Process(
-        target=encoder_process, args=(b, ports, args.pipeline_blocks, args.payloads)
-    )
+    proc = ctx.Process(target=encoder_process, args=(b, ports, args.payloads))
     proc.start()
     enc_addr = a.recv()
     a.send({h: (m.session_id, m.buffers.slot_ptrs()) for h, m in langs.items()})
@@ -261,7 +272,7 @@ def main():
                 assert time.monotonic() < deadline and rx.poll() != KVPoll.Failed
                 time.sleep(0.0005)
             a.send(("e2e", key, room))
-            assert rx.wait(60) == KVPoll.Success, rx.reason
+            assert wait_done(rx, 60) == KVPoll.Success, rx.reason
             data = rx.take()
             t1 = time.perf_counter()
             t0, status = a.recv()
@@ -292,14 +303,13 @@ def main():
 
     out = {
         "iters": args.iters,
-        "pipeline_blocks": args.pipeline_blocks,
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "zmq_rtt": stats(rtt),
         "payloads": {},
     }
     print(
-        f"iters={args.iters} pipeline_blocks={args.pipeline_blocks} (interleaved; median "
+        f"iters={args.iters} (interleaved; median "
         f"[min, max]); load average "
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after"
     )

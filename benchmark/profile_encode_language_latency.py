@@ -34,10 +34,16 @@ os.environ.setdefault("MC_FORCE_TCP", "1")
 os.environ.setdefault("MOONCAKE_PROTOCOL", "tcp")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_encode_language_transport import buffer_config, conn_config, payload
+from bench_encode_language_transport import (
+    buffer_config,
+    conn_config,
+    payload,
+    wait_done,
+)
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language import buffers, connection
+from sglang.srt.disaggregation.encode_language import payload as carried
 from sglang.srt.disaggregation.encode_language import receiver as language
 from sglang.srt.disaggregation.encode_language import sender as encode
 from sglang.srt.disaggregation.encode_language.manifest import RequestShape
@@ -47,13 +53,12 @@ MARKS: list = []
 # (class, method, step name); a method this version does not have is skipped.
 ENCODE_STEPS = (
     (encode.EncodeManager, "_submit", "E send(): admit + queue"),
-    (buffers.MultimodalPayload, "validate", "E send(): validate"),
+    (carried.MultimodalPayload, "validate", "E send(): validate"),
     (encode.EncodeManager, "_run_round", "E worker: round"),
     (encode.EncodeManager, "_tick", "E control thread: timers"),
     (buffers.MultimodalDataBuffers, "write_range", "E staging (write_range)"),
-    (buffers.MultimodalDataBuffers, "round_segments", "E transfer plan"),
-    (encode.EncodeManager, "_write_chunks", "E writer job"),
-    (encode.EncodeManager, "_await_write", "E worker waits for the write"),
+    (encode, "round_segments", "E transfer plan"),  # the name the encoder calls
+    (encode.EncodeManager, "_write_inline", "E worker: the write"),
     (connection.ControlChannel, "send", "E RoundDone sent"),
 )
 LANGUAGE_STEPS = (
@@ -101,7 +106,7 @@ def encoder_process(conn) -> None:
         MARKS.clear()
         t0 = time.perf_counter()
         s.send(p)
-        status = s.wait(30)
+        status = wait_done(s, 30)
         MARKS.append(("E sender sees Success", time.perf_counter()))
         time.sleep(0.005)  # let the last marks of this request land
         conn.send((t0, int(status), list(MARKS)))
@@ -129,7 +134,7 @@ def main() -> None:
             rx = lang.create_receiver(enc_addr, room)
             MARKS.clear()
             a.send(room)  # announced, reserved, then sent: only the send is timed
-            assert rx.wait(10) == KVPoll.Success, rx.reason
+            assert wait_done(rx, 10) == KVPoll.Success, rx.reason
             MARKS.append(("L waiting thread sees Success", time.perf_counter()))
             rx.take()
             MARKS.append(("L take() returned", time.perf_counter()))

@@ -23,10 +23,18 @@ class ServerPool:
         self.live: OrderedDict[object, list[srv.Server]] = OrderedDict()
 
     def _admit(self, key: object, need: int) -> None:
-        while self.live and sum(len(v) for v in self.live.values()) + need > MAX_LIVE_SERVERS:
+        while self.live and self._sglang_servers() + need > MAX_LIVE_SERVERS:
             _, old = self.live.popitem(last=False)
             for s in old:
                 s.stop()
+
+    def _sglang_servers(self) -> int:
+        """Live SGLang servers (a router or a mooncake_master weighs little)."""
+        return sum(
+            s.spec.model_path not in ("router", "mooncake_master")
+            for group in self.live.values()
+            for s in group
+        )
 
     def get(self, spec: srv.ServerSpec) -> srv.Server:
         group = self.live.get(spec)
@@ -159,3 +167,27 @@ def pytest_runtest_makereport(item: pytest.Item, call):
     if rep.failed:
         for s in item.stash.get(_USED_KEY, []):
             rep.sections.append((f"server log: {s.spec.name} :{s.port} (pid {s.pid})", s.log_tail()))
+
+
+# The served encode/language modules, in the order they run (after every other test): modules
+# that share a deployment run next to each other, so the pool (at most MAX_LIVE_SERVERS) starts
+# each deployment once. The shared encode/language group serves test_serving, then
+# test_serving_prefix_skip, then the first tests of test_serving_coverage; the production group
+# serves the burst test and then the crash test, which kills it.
+SERVED_MODULE_ORDER = (
+    "test_serving.py",
+    "test_serving_prefix_skip.py",
+    "test_serving_coverage.py",
+    "test_serving_admission.py",
+    "test_serving_burst.py",
+    "test_serving_crash.py",
+    "test_serving_faults.py",
+    "test_serving_global_cache.py",
+    "test_serving_tp.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SERVED_MODULE_ORDER)}
+    order = sorted(enumerate(items), key=lambda p: (rank.get(p[1].path.name, -1), p[0]))
+    items[:] = [item for _, item in order]

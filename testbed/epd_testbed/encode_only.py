@@ -1,17 +1,6 @@
-# Copyright 2025 SGLang Team
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
-# ==============================================================================
-"""Encode-only construction of ``Qwen3VLMoeForConditionalGeneration`` (the encode side).
+"""Encode-only construction of ``Qwen3VLMoeForConditionalGeneration``, for the test bed's
+in-process harness (``lm_harness``); an encode server builds the same class with the same
+``encoder_only`` switch through SGLang's model loader (``serving_args.py``).
 
 The encode server of an encode/language disaggregated deployment needs the vision tower of a
 Qwen3-VL-MoE checkpoint and nothing else: no decoder layers, no ``lm_head``, no token

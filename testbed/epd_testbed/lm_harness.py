@@ -78,7 +78,7 @@ def _checkpoint_weights(model_path: str):
 
 
 def _load_encoder(model_path: str, hf_config):
-    from sglang.srt.models.qwen3_vl_moe_encoder import build_encode_only
+    from epd_testbed.encode_only import build_encode_only
 
     enc = build_encode_only(hf_config)
     enc.model.float().eval()
@@ -145,7 +145,7 @@ def text_stacks(model_runner, encoder, hf_config, model_path: str, case) -> dict
 
     from sglang.srt.model_loader.loader import DefaultModelLoader
     from sglang.srt.models import interns1pro, qwen3_omni_moe
-    from sglang.srt.models.qwen3_vl_moe_language import rope_parameters
+    from sglang.srt.models.deepstack import rope_parameters
 
     lm = model_runner.model
     original = lm.model

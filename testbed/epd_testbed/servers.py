@@ -165,23 +165,26 @@ def colocated_spec(model_path: str | Path, *args: str, name: str = "colocated") 
     return ServerSpec(str(model_path), tuple(args), name=name)
 
 
-def upstream_epd_specs(model_path: str | Path, *, backend: str = "zmq_to_scheduler",
+def upstream_epd_specs(model_path: str | Path, *extra: str, backend: str = "zmq_to_scheduler",
                        encoder_port: int | None = None) -> tuple[ServerSpec, ServerSpec, int]:
     """Upstream 0.5.23's own encoder disaggregation: an `--encoder-only` server and a
-    `--language-only` server pointed at it. This is the side-by-side baseline."""
+    `--language-only` server pointed at it (``extra`` to both). This is the side-by-side
+    baseline."""
     encoder_port = encoder_port or free_port()
-    enc = ServerSpec(str(model_path), ("--encoder-only", "--encoder-transfer-backend", backend), name="upstream-encoder")
+    enc = ServerSpec(str(model_path), ("--encoder-only", "--encoder-transfer-backend", backend, *extra),
+                     name="upstream-encoder")
     lang = ServerSpec(
         str(model_path),
         ("--language-only", "--encoder-urls", f"http://127.0.0.1:{encoder_port}",
-         "--encoder-transfer-backend", backend),
+         "--encoder-transfer-backend", backend, *extra),
         name="upstream-language",
     )
     return enc, lang, encoder_port
 
 
-def launch_upstream_epd(model_path: str | Path, log_dir: Path, backend: str = "zmq_to_scheduler") -> tuple[Server, Server]:
-    enc_spec, lang_spec, enc_port = upstream_epd_specs(model_path, backend=backend)
+def launch_upstream_epd(model_path: str | Path, log_dir: Path, *extra: str,
+                        backend: str = "zmq_to_scheduler") -> tuple[Server, Server]:
+    enc_spec, lang_spec, enc_port = upstream_epd_specs(model_path, *extra, backend=backend)
     encoder = launch(enc_spec, log_dir, port=enc_port, wait=False)
     language = launch(lang_spec, log_dir, wait=False)
     try:
@@ -247,22 +250,45 @@ def encode_language_specs(model_path: str | Path, bootstrap_port: int, *extra: s
     return enc, lang
 
 
+def bootstrap_port(encoder: Server) -> int:
+    """The control-socket port an encode server was launched with."""
+    args = encoder.spec.args
+    return int(args[args.index("--disaggregation-bootstrap-port") + 1])
+
+
 def launch_router(prefill: list[tuple[Server, int]], decode: list[Server], log_dir: Path,
                   *extra: str, name: str = "router", retries: bool = False) -> Server:
     """``python -m sglang_router.launch_router --pd-disaggregation``: encode servers as prefill
     workers (URL + bootstrap port), language servers as decode workers. Retries are off unless
     ``retries`` (a retried pair re-encodes) and workers are probed every second at start-up."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
-           "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(free_port()),
+    workers = []
+    for server, port in prefill:
+        workers += ["--prefill", server.url, str(port)]
+    for server in decode:
+        workers += ["--decode", server.url]
+    return _start_router(("--pd-disaggregation",), workers, log_dir, extra, name, retries)
+
+
+def launch_regular_router(workers: list[Server], log_dir: Path, *extra: str, name: str = "router",
+                          policy: str = "round_robin", retries: bool = False) -> Server:
+    """``python -m sglang_router.launch_router --worker-urls ...`` (regular mode: each request to
+    one of ``workers``, by ``policy``; the router's own default is ``cache_aware``)."""
+    urls = ["--worker-urls", *(server.url for server in workers), "--policy", policy]
+    return _start_router((), urls, log_dir, extra, name, retries)
+
+
+def _start_router(mode: tuple[str, ...], workers: list[str], log_dir: Path, extra: tuple[str, ...],
+                  name: str, retries: bool) -> Server:
+    """The router process (``mode`` flags first, ``workers``: its worker arguments), once
+    ``/readiness`` answers; its Prometheus port (the policies' counters) is
+    ``extra["prometheus_port"]``."""
+    port, prometheus_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "sglang_router.launch_router", *mode,
+           "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(prometheus_port),
            "--worker-startup-check-interval", "1", "--log-level", "warn"]
     if not retries:
         cmd.append("--disable-retries")
-    for server, bootstrap_port in prefill:
-        cmd += ["--prefill", server.url, str(bootstrap_port)]
-    for server in decode:
-        cmd += ["--decode", server.url]
-    cmd += list(extra)
+    cmd += workers + list(extra)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}-{port}.log"
     with open(log_path, "w") as log:
@@ -270,7 +296,8 @@ def launch_router(prefill: list[tuple[Server, int]], decode: list[Server], log_d
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 stdin=subprocess.DEVNULL)
-    router = Server(ServerSpec("router", tuple(cmd), name=name), port, proc, log_path, time.time())
+    router = Server(ServerSpec("router", tuple(cmd), name=name), port, proc, log_path, time.time(),
+                    extra={"prometheus_port": prometheus_port})
     router.wait_ready(timeout=120)
     # /health answers before the workers are registered; /readiness only once they are.
     deadline = time.time() + 120
@@ -285,6 +312,24 @@ def launch_router(prefill: list[tuple[Server, int]], decode: list[Server], log_d
             router.stop()
             raise ServerError(f"{name}: workers not ready after 120 s:\n{router.log_tail()}")
         time.sleep(0.5)
+
+
+def launch_colocated_replicas(model_path: str | Path, log_dir: Path, *args: str, n: int = 2,
+                              name: str = "colocated", policy: str = "round_robin",
+                              ) -> tuple[Server, list[Server]]:
+    """(router, servers): ``n`` colocated servers (``colocated_spec(model_path, *args)``) behind
+    the router in regular mode with ``policy``: what a user runs instead of disaggregating."""
+    servers = [launch(colocated_spec(model_path, *args, name=f"{name}-{i}"), log_dir, wait=False)
+               for i in range(n)]
+    try:
+        for server in servers:
+            server.wait_ready()
+        router = launch_regular_router(servers, log_dir, name=f"{name}-router", policy=policy)
+    except BaseException:  # interrupted or failed start: no server left behind
+        for server in servers:
+            server.stop()
+        raise
+    return router, servers
 
 
 def launch_encode_language(model_path: str | Path, log_dir: Path, *extra: str,
@@ -324,14 +369,17 @@ EL_FAULT_ROUTER_ARGS = ("--prefill-policy", "round_robin", "--decode-policy", "r
 def launch_two_encoders_language(model_path: str | Path, log_dir: Path, *extra: str,
                                  name: str = "el2", buffer_args: tuple[str, ...] = EL_BUFFER_ARGS,
                                  language_args: tuple[str, ...] = EL_LANGUAGE_ARGS,
+                                 router_args: tuple[str, ...] = EL_FAULT_ROUTER_ARGS,
+                                 retries: bool = True, decode_log_interval: int | None = 1,
                                  **encode_kwargs) -> tuple[Server, Server, Server, Server]:
     """(router, encode A, encode B, language): two encode servers (each its own bootstrap
-    port) and one language server behind the router with ``EL_FAULT_ROUTER_ARGS``;
-    ``buffer_args`` and ``encode_kwargs`` (``encode_module``, ``encode_env``) as in
-    ``encode_language_specs``."""
+    port) and one language server behind the router with ``router_args`` (default
+    ``EL_FAULT_ROUTER_ARGS``, retries on); ``buffer_args`` and ``encode_kwargs``
+    (``encode_args``, ``encode_module``, ``encode_env``) as in ``encode_language_specs``."""
     ports = [free_port(), free_port()]
-    # --decode-log-interval 1: the running-requests gauge follows every decode step
-    language_args = (*language_args, "--decode-log-interval", "1")
+    if decode_log_interval is not None:
+        # --decode-log-interval 1: the running-requests gauge follows every decode step
+        language_args = (*language_args, "--decode-log-interval", str(decode_log_interval))
     specs = [encode_language_specs(model_path, p, *extra, language_args=language_args,
                                    name=f"{name}-{tag}", buffer_args=buffer_args, **encode_kwargs)
              for p, tag in zip(ports, "ab")]
@@ -341,7 +389,7 @@ def launch_two_encoders_language(model_path: str | Path, log_dir: Path, *extra: 
         for server in servers:
             server.wait_ready()
         router = launch_router(list(zip(servers[:2], ports)), [servers[2]], log_dir,
-                               *EL_FAULT_ROUTER_ARGS, name=f"{name}-router", retries=True)
+                               *router_args, name=f"{name}-router", retries=retries)
     except Exception:
         for server in servers:
             server.stop()
@@ -417,17 +465,19 @@ def mooncake_store_env(master: Server, segment_bytes: int = 64 << 20) -> tuple[t
             ("MOONCAKE_GLOBAL_SEGMENT_SIZE", str(segment_bytes)))
 
 
-def launch_global_cache(model_path: str | Path, log_dir: Path, name: str = "el-gc",
-                        cache_mb: int = 16) -> tuple[Server, Server, Server, Server, Server]:
+def launch_global_cache(model_path: str | Path, log_dir: Path, *extra: str, name: str = "el-gc",
+                        cache_mb: int = 16,
+                        **kwargs) -> tuple[Server, Server, Server, Server, Server]:
     """(router, encode A, encode B, language, mooncake_master): the two-encoder deployment
-    (``launch_two_encoders_language``) whose encoders share rows through upstream's
-    ``--enable-mm-global-cache`` (Mooncake Store backend), each with a ``cache_mb`` local pool
-    (``SGLANG_VLM_CACHE_SIZE_MB``)."""
+    (``launch_two_encoders_language``, ``extra`` and ``kwargs`` passed on) whose encoders share
+    rows through upstream's ``--enable-mm-global-cache`` (Mooncake Store backend), each with a
+    ``cache_mb`` local pool (``SGLANG_VLM_CACHE_SIZE_MB``)."""
     master = launch_mooncake_master(log_dir, name=f"{name}-mooncake-master")
     try:
         group = launch_two_encoders_language(
-            model_path, log_dir, name=name, encode_args=("--enable-mm-global-cache",),
-            encode_env=mooncake_store_env(master) + (("SGLANG_VLM_CACHE_SIZE_MB", str(cache_mb)),))
+            model_path, log_dir, *extra, name=name, encode_args=("--enable-mm-global-cache",),
+            encode_env=mooncake_store_env(master) + (("SGLANG_VLM_CACHE_SIZE_MB", str(cache_mb)),),
+            **kwargs)
     except Exception:
         master.stop()
         raise
@@ -457,6 +507,33 @@ def encode_language_metrics(server: Server) -> dict[str, float]:
         key = label.get("state") or label.get("outcome")
         samples[f"{name}.{key.strip(chr(34))}" if key else name] = float(value)
     return samples
+
+
+def metric_sum(server: Server, name: str, **labels: str) -> float:
+    """Sum of a server's Prometheus samples named ``name`` whose labels include ``labels``
+    (e.g. ``metric_sum(s, "sglang:encode_language_vit_call_tokens_bucket", le="32.0")``)."""
+    return samples_sum(prometheus_samples(server.url + "/metrics"), name, **labels)
+
+
+def prometheus_samples(url: str) -> list[tuple[str, frozenset[str], float]]:
+    """Every sample of the Prometheus text at ``url``: (name, its labels as ``key="value"``
+    strings, value); read once, summed by ``samples_sum``."""
+    with urllib.request.urlopen(url, timeout=30) as r:
+        text = r.read().decode()
+    samples = []
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        head, value = line.rsplit(" ", 1)
+        sample, _, rest = head.partition("{")
+        samples.append((sample, frozenset(filter(None, rest.rstrip("}").split(","))), float(value)))
+    return samples
+
+
+def samples_sum(samples: list[tuple[str, frozenset[str], float]], name: str, **labels: str) -> float:
+    """Sum of the ``samples`` named ``name`` whose labels include ``labels``."""
+    want = {f'{k}="{v}"' for k, v in labels.items()}
+    return sum(value for sample, have, value in samples if sample == name and want <= have)
 
 
 def encode_language_blocks(server: Server) -> dict[str, int]:

@@ -2,6 +2,8 @@
 which config the language model is built from, and the shared Qwen3-VL-MoE loader, no server."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,14 +22,17 @@ def test_k_from_vl_config(indexes) -> None:
     assert text is cfg.text_config
     assert deepstack.deepstack_layer_count(text) == len(indexes)  # what the language model sees
     assert language.uses_mrope(text)
-    assert language.rope_parameters(text)["mrope_section"] == [1, 0, 1]
+    assert deepstack.rope_parameters(text)["mrope_section"] == [1, 0, 1]
 
 
-def test_config_helpers_are_not_in_the_hook() -> None:
-    """issue 7 item 4: deepstack.py keeps K, validation, PP ownership and the per-layer steps;
-    construction helpers are not there."""
-    for name in ("uses_mrope", "rope_parameters", "is_vl_config", "text_config_for_language_model"):
+def test_construction_helpers_are_not_in_the_hook() -> None:
+    """issue 7 item 4: deepstack.py keeps K, the M-RoPE predicate its TBO decision uses,
+    validation, PP ownership and the per-layer steps; construction helpers are not there.
+    Issue 18 item 2: the language-side construction imports the hook, never the reverse."""
+    for name in ("is_vl_config", "text_config_for_language_model", "load_language_weights"):
         assert not hasattr(deepstack, name), name
+    assert language.uses_mrope is deepstack.uses_mrope
+    assert "qwen3_vl_moe_language" not in Path(deepstack.__file__).read_text()
 
 
 def test_text_only_configs_have_no_deepstack_and_no_mrope() -> None:

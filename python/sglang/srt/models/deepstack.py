@@ -40,7 +40,7 @@ prefill) call those steps, each of which does nothing for ``None``:
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -74,6 +74,23 @@ def attach_deepstack_count(text_config: Any, vl_config: Any) -> int:
     k = deepstack_layer_count(vl_config)
     setattr(text_config, NUM_DEEPSTACK_LAYERS_ATTR, k)
     return k
+
+
+def rope_parameters(config: Any) -> Dict[str, Any]:
+    return (
+        getattr(config, "rope_parameters", None)
+        or getattr(config, "rope_scaling", None)
+        or {}
+    )
+
+
+def uses_mrope(config: Any) -> bool:
+    """M-RoPE iff the rope parameters declare ``mrope_section``.
+
+    Keyed on ``mrope_section`` itself, not on the presence of rope scaling, so a text-only
+    checkpoint with YaRN (or any other rope type) keeps 1-D positions.
+    """
+    return "mrope_section" in rope_parameters(config)
 
 
 def stage_slices(num_deepstack: int, start_layer: int, end_layer: int) -> range:
@@ -158,8 +175,6 @@ class DeepStack:
         is_last_stage: bool = True,
         hf_order: Optional[bool] = None,
     ) -> "DeepStack":
-        from sglang.srt.models.qwen3_vl_moe_language import uses_mrope
-
         if hf_order is None:
             hf_order = _hf_order_requested()
         return cls(

@@ -17,7 +17,7 @@ The language server of an encode/language disaggregated deployment serves only t
 of a Qwen3-VL-MoE checkpoint. It builds ``Qwen3MoeForCausalLM`` from the VL config's
 ``text_config`` (:func:`text_config_for_language_model`: K, the deepstack count, attached,
 see ``deepstack.py``), uses M-RoPE positions iff the rope parameters declare them
-(:func:`uses_mrope`) and loads:
+(``deepstack.uses_mrope``, which the decoder stack's hook decides on too) and loads:
 
 * the LLM weights, ``model.language_model.*`` (renamed to ``model.*``) and ``lm_head``,
   with fused experts in the released layout (``experts.gate_up_proj [E, H, 2I]``,
@@ -37,11 +37,11 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, Tuple
+from typing import Any, Iterable, Iterator, Tuple
 
 import torch
 
-from sglang.srt.models.deepstack import attach_deepstack_count
+from sglang.srt.models.deepstack import attach_deepstack_count, uses_mrope
 
 logger = logging.getLogger(__name__)
 
@@ -70,23 +70,6 @@ def text_config_for_language_model(config: Any) -> Any:
     if hasattr(config, "tie_word_embeddings"):
         text.tie_word_embeddings = config.tie_word_embeddings
     return text
-
-
-def rope_parameters(config: Any) -> Dict[str, Any]:
-    return (
-        getattr(config, "rope_parameters", None)
-        or getattr(config, "rope_scaling", None)
-        or {}
-    )
-
-
-def uses_mrope(config: Any) -> bool:
-    """M-RoPE iff the rope parameters declare ``mrope_section``.
-
-    Keyed on ``mrope_section`` itself, not on the presence of rope scaling, so a text-only
-    checkpoint with YaRN (or any other rope type) keeps 1-D positions.
-    """
-    return "mrope_section" in rope_parameters(config)
 
 
 def is_vision_weight(name: str) -> bool:
@@ -152,3 +135,14 @@ def load_language_weights(model, weights: Iterable[Tuple[str, torch.Tensor]]):
         skipped.describe(),
     )
     return skipped
+
+
+__all__ = [
+    "SkippedWeights",
+    "is_vision_weight",
+    "is_vl_config",
+    "load_language_weights",
+    "text_config_for_language_model",
+    "uses_mrope",  # deepstack's, for the language model's positions (Qwen3MoeForCausalLM)
+    "vision_tensor_skipper",
+]

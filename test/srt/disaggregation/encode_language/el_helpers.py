@@ -16,7 +16,8 @@ os.environ.setdefault("MC_TRANSFER_TIMEOUT", "5")
 import torch
 import zmq
 
-from sglang.srt.disaggregation.encode_language.buffers import MultimodalPayload
+from sglang.srt.disaggregation.base.conn import KVPoll
+from sglang.srt.disaggregation.encode_language.payload import MultimodalPayload
 from sglang.srt.disaggregation.encode_language.manifest import encode_message
 
 DTYPES = {
@@ -85,6 +86,42 @@ def wait_until(
             return True
         time.sleep(interval_s)
     return bool(pred())
+
+
+def wait_done(transfer, timeout_s: float) -> int:
+    """Bounded wait until a sender or receiver is Success or Failed; its status."""
+    wait_until(lambda: transfer.poll() in (KVPoll.Success, KVPoll.Failed), timeout_s)
+    return transfer.poll()
+
+
+def record_checksummed_rounds(mgr) -> list:
+    """Test hook on one language manager: the returned list gets, for every round it reads out
+    of its blocks, whether the round carried block checksums (``read_round``'s ``verify``).
+    """
+    seen = []
+    read_round = mgr.buffers.read_round
+
+    def recording(*args, verify=True, **kwargs):
+        seen.append(verify)
+        return read_round(*args, verify=verify, **kwargs)
+
+    mgr.buffers.read_round = recording
+    return seen
+
+
+def record_deadlines(mgr) -> list:
+    """Test hook on one manager: the returned list gets every deadline its control thread's
+    timers return (``_tick``), i.e. when the thread next wakes by itself; ``math.inf``: only a
+    message or a ``wake()`` wakes it. One entry per pass of the control loop."""
+    seen = []
+    tick = mgr._tick
+
+    def recording(now):
+        seen.append(tick(now))
+        return seen[-1]
+
+    mgr._tick = recording
+    return seen
 
 
 def send_control(endpoint: str, msg: Union[bytes, object]) -> None:

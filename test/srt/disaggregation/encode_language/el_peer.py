@@ -8,8 +8,9 @@ import threading
 import traceback
 
 import el_helpers  # noqa: F401  (sets the Mooncake TCP environment)
-from el_helpers import declare_dead, make_payload, push_endpoints
+from el_helpers import declare_dead, make_payload, push_endpoints, wait_until
 
+from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.manifest import RequestShape
 from sglang.srt.disaggregation.encode_language.sender import EncodeManager
 
@@ -22,15 +23,24 @@ def room_state(mgr, room: int):
             return None
         return dict(
             round=r.round,
-            num_ranks=r.num_ranks,
-            expected=len(r.dests),  # destinations whose Expect arrived
+            expected=r.dest is not None,  # the destination's Expect arrived
             announced=r.announced,
-            ready=sum(1 for d in r.dests.values() if d.round == r.round),
+            # the destination reserved the room's current round
+            ready=r.dest is not None and r.dest.round == r.round,
             token_sent=r.token_sent,
             mm_sent=r.mm_sent,
             in_flight=r.in_flight,
             has_payload=r.payload is not None,
         )
+
+
+def sender_ended(mgr, room: int, sender) -> bool:
+    """``sender`` is Success or Failed and its room is dropped: a failed room is dropped only
+    once no write for it is in flight (its status says Failed as soon as it fails)."""
+    with mgr.lock:
+        r = mgr.rooms.get(room)
+        held = r is not None and r.sender is sender
+    return sender.poll() in (KVPoll.Success, KVPoll.Failed) and not held
 
 
 STALLED_WRITES = []  # (first part's ret, late part's ret) of "sigstop_mid" writes
@@ -144,10 +154,11 @@ def peer_main(conn, buffer_config, conn_config) -> None:
             return senders[args[0]].held_items()
         elif cmd == "send_payload":  # room, a payload the test built
             senders[args[0]].send(args[1])
-        elif cmd == "wait":
+        elif cmd == "wait":  # bounded: until the sender ended (Success or Failed)
             room, timeout = args
             s = senders.pop(room)
-            return int(s.wait(timeout)), s.reason
+            wait_until(lambda: sender_ended(mgr, room, s), timeout)
+            return int(s.poll()), s.reason
         elif cmd == "poll":
             s = senders[args[0]]
             return int(s.poll()), s.reason
@@ -175,15 +186,12 @@ def peer_main(conn, buffer_config, conn_config) -> None:
             return mgr.engine.batch_transfer_sync(*STRAGGLERS.pop())
         elif cmd == "release_write":
             release.set()
-        elif cmd == "probe":
-            return mgr.probe(args[0])
         elif cmd == "state":
             return dict(
                 free=mgr.allocator.num_free(),
                 total=mgr.allocator.num_total(),
                 rooms=mgr.num_active_rooms(),
                 rejected=mgr.channel.rejected,
-                refused_registrations=mgr.refused_registrations,
                 peers=sorted(mgr.peers),
                 health={ep: h.dead for ep, h in mgr.health.items()},
                 push_endpoints=push_endpoints(mgr.channel),
@@ -225,7 +233,6 @@ def language_peer_main(conn, buffer_config, conn_config) -> None:
     encoder and reports what arrived."""
     import time
 
-    from sglang.srt.disaggregation.base.conn import KVPoll
     from sglang.srt.disaggregation.encode_language.receiver import LanguageManager
     from sglang.srt.distributed.device_communicators.mooncake_transfer_engine import (
         get_mooncake_transfer_engine,

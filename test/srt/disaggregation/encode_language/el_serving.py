@@ -5,6 +5,8 @@ deployments with extra server arguments, and the all-blocks-free check."""
 from __future__ import annotations
 
 import dataclasses
+import random
+import threading
 import urllib.request
 
 import pytest
@@ -103,6 +105,27 @@ def generate(router, model_path: str, case: Case) -> dict:
     if image_paths:
         payload["image_data"] = image_paths
     return router.post("/generate", payload)
+
+
+def post_as_router(encoder, language, body: dict, timeout: float = 300) -> dict:
+    """A PD request sent by hand as the router sends it: ``body`` with a fresh room on
+    ``encoder``'s control socket, to the encoder (its answer dropped, as the router drops the
+    prefill answer) and to ``language``, whose answer is returned (or whose error raised).
+    """
+    body = body | {
+        "bootstrap_host": "127.0.0.1",
+        "bootstrap_port": srv.bootstrap_port(encoder),
+        "bootstrap_room": random.getrandbits(62),
+    }
+
+    def to_encoder() -> None:
+        try:
+            encoder.post("/generate", body, timeout=timeout)
+        except srv.RequestError:
+            pass  # the encoder's own answer: the client is answered by the language side
+
+    threading.Thread(target=to_encoder, daemon=True).start()
+    return language.post("/generate", body, timeout=timeout)
 
 
 def video_messages(with_image: bool) -> list[dict]:

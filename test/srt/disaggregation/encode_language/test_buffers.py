@@ -11,6 +11,7 @@ from sglang.srt.disaggregation.encode_language.buffers import (
 )
 from sglang.srt.disaggregation.encode_language.connection import make_transfer_engine
 from sglang.srt.disaggregation.encode_language.manifest import ProtocolError
+from sglang.srt.disaggregation.encode_language.round_plan import round_segments
 
 
 def bufs(k=3, h=16, b=4, n=8, dtype="bfloat16"):
@@ -28,7 +29,7 @@ def bufs(k=3, h=16, b=4, n=8, dtype="bfloat16"):
 @pytest.mark.parametrize("k", [0, 2, 3])
 def test_slots_and_sizes(k):
     m = bufs(k=k)
-    n, B, H = 9, 4, 16  # 8 blocks + scratch
+    n, B, H = 8, 4, 16
     assert [tuple(t.shape) for t in m.slots()] == [
         (n, B, H),
         (n, B),
@@ -100,7 +101,8 @@ def test_stamps_of_every_block_are_checked():
         m.read_round(blocks, 10, 6, RoundStamp(11, 5, 0))
     m.write_request([1], make_payload(4, 3, 1, 16, 3), room=11, generation=4)
     with pytest.raises(ProtocolError, match=r"expected \(11, 4, 1\)"):
-        m.read_round(blocks, 10, 6, RoundStamp(11, 4, 0))  # block 1 is index 0 of another
+        # block 1 is index 0 of another
+        m.read_round(blocks, 10, 6, RoundStamp(11, 4, 0))
     m.write_request(blocks, p, room=11, generation=4)
     m.aux[3, 16] ^= 1  # total_tokens of the third block's manifest
     with pytest.raises(ProtocolError, match="block 3 carries another request manifest"):
@@ -110,15 +112,16 @@ def test_stamps_of_every_block_are_checked():
 def test_round_segments_move_only_valid_rows():
     """Text tokens cost no embedding/deepstack bytes: total segment bytes == wire_bytes()."""
     m = bufs(k=3)
-    remote = [1 << 40, 2 << 40, 3 << 40, 4 << 40, 5 << 40]
+    base, peer = m.region.data_ptr(), 2 << 40
     total, mm = 10, 3
-    srcs, dsts, lens = m.round_segments([0, 1, 2], [4, 5, 6], total, mm, remote)
+    srcs, dsts, lens = round_segments(
+        m.block_layout, base, [0, 1, 2], peer, [4, 5, 6], total, mm
+    )
     assert sum(lens) == m.layout.wire_bytes(total, mm)
     assert m.layout.dense_wire_bytes(total) - sum(lens) == (total - mm) * 4 * 16 * 2
     # block-major: each block's ids, positions, aux and rows are one prefix of its stretch;
     # the first block's 3 rows do not fill it, so the next block is a segment of its own
     stride, head, row = m.block_layout.stride, m.block_layout.head_bytes, 4 * 16 * 2
-    base, peer = m.region.data_ptr(), remote[1]  # fill_ids sit at offset 0 of a block
     assert list(zip(srcs, dsts, lens)) == [
         (base + k * stride, peer + (4 + k) * stride, head + (3 if k == 0 else 0) * row)
         for k in range(3)
@@ -130,14 +133,14 @@ def test_a_run_of_full_blocks_is_one_segment():
     (~65 us each), so a run of consecutive blocks whose rows fill them must be ONE segment,
     the tail of text-only tokens after the rows included, whatever the slot count."""
     m = bufs(k=3)
-    remote = [1 << 40, 2 << 40, 3 << 40, 4 << 40, 5 << 40]
+    peer = 2 << 40
     total, mm = 11, 8  # rows fill blocks 0 and 1; block 2 holds 3 text tokens
-    srcs, dsts, lens = m.round_segments([3, 4, 5], [0, 1, 2], total, mm, remote)
-    assert len(lens) == 1 and sum(lens) == m.layout.wire_bytes(total, mm)
-    assert (srcs[0], dsts[0]) == (
-        m.fill_ids[3].data_ptr(),
-        remote[1] + 0 * m.block_layout.stride,
+    srcs, dsts, lens = round_segments(
+        m.block_layout, m.region.data_ptr(), [3, 4, 5], peer, [0, 1, 2], total, mm
     )
+    assert len(lens) == 1 and sum(lens) == m.layout.wire_bytes(total, mm)
+    # fill_ids sit at offset 0 of a block
+    assert (srcs[0], dsts[0]) == (m.fill_ids[3].data_ptr(), peer)
     # and what the segment carries is the staged round, byte for byte (the language side's
     # buffers are a copy of the segment's bytes here)
     p = make_payload(5, total, mm, 16, 3)
@@ -166,11 +169,8 @@ def test_payload_validation_messages():
         m.write_request([8, 1], make_payload(1, 5, 2, 16, 3))
 
 
-def test_scratch_block_is_outside_the_pool_and_registered_once():
+def test_registered_once():
     m = bufs()
-    assert m.scratch_block == 8 and m.num_blocks == 8
-    m.write_scratch_nonce(12345)
-    assert m.read_scratch_nonce() == 12345
     eng = make_transfer_engine("127.0.0.1")
     m.register(eng)
     m.register(eng)  # once only: a second call is a no-op

@@ -144,7 +144,7 @@ def test_abort_during_copy_out(peers, make_lang):
     assert frees.by_owner.get(("room", room)) == 1
     a = accounting_ok(lang.allocator)
     assert (a["used"], a["quarantined"], a["free"]) == (0, 0, a["total"])
-    assert not lang.fences and not lang.exposed_blocks and lang.thread_errors == 0
+    assert not lang.fences and not lang.exposures.blocks and lang.thread_errors == 0
     assert peer.call("wait", room, 10) == (
         KVPoll.Failed,
         f"aborted by language side {lang.manager_id}: client went away",
@@ -180,7 +180,7 @@ def test_peer_dead_during_copy_out(peers, make_lang):
     assert frees.by_owner.get(("room", room)) == 1
     a = accounting_ok(lang.allocator)
     assert (a["used"], a["quarantined"], a["free"]) == (0, 0, a["total"])
-    assert not lang.fences and not lang.exposed_blocks and lang.thread_errors == 0
+    assert not lang.fences and not lang.exposures.blocks and lang.thread_errors == 0
     # the encoder wrote and finished its last round before the verdict
     assert peer.call("wait", room, 10) == (KVPoll.Success, "")
     assert wait_until(lambda: not lang.peer_is_dead(peer.addr), 10)  # its next pong

@@ -198,7 +198,7 @@ class _NoTransfer(_Arrived):
 
 
 def _received():
-    from sglang.srt.disaggregation.encode_language.buffers import ReceivedData
+    from sglang.srt.disaggregation.encode_language.payload import ReceivedData
 
     mask = torch.tensor([False, True, False])
     rows = torch.randn(1, 8)

@@ -26,6 +26,7 @@ from el_helpers import (
     declare_dead,
     make_payload,
     push_endpoints,
+    record_checksummed_rounds,
     wait_until,
 )
 
@@ -36,7 +37,6 @@ from sglang.srt.disaggregation.encode_language.encode_request_faults import (
 )
 from sglang.srt.disaggregation.encode_language.manifest import FaultKind
 from sglang.srt.disaggregation.encode_language.receiver import Phase
-from sglang.srt.disaggregation.encode_language.sender import payload_nbytes
 
 
 def test_false_dead_on_encoder_side_then_20_requests_succeed(peers, make_lang):
@@ -78,7 +78,7 @@ def test_dead_peer_is_heartbeated_revived_and_dead_again(mp_ctx, make_lang):
             assert (
                 "unreachable" in rx.reason or rx.reason == "declared dead by the test"
             )
-            assert not lang.fences and lang.exposed_blocks
+            assert not lang.fences and lang.exposures.blocks
             assert accounting_ok(lang.allocator)["quarantined"] == 0
             if stop:
                 os.kill(victim.pid, signal.SIGCONT)
@@ -136,7 +136,7 @@ def test_inflight_payload_bytes_are_bounded(peers, make_lang):
     same request is admitted once earlier ones finished; a payload over the whole bound fails.
     """
     total, mm = 3 * RESERVE, 20
-    nbytes = payload_nbytes(make_payload(1, total, mm, H, 3))
+    nbytes = make_payload(1, total, mm, H, 3).nbytes()
     peer = peers(max_inflight_payload_bytes=nbytes + nbytes // 2)
     lang = make_lang()
     first, second = new_room(), new_room()
@@ -237,21 +237,21 @@ def test_dead_encoder_frees_reserved_blocks_at_once_exposed_until_a_bound(
         assert accounting_ok(lang.allocator) == dict(
             free=4, quarantined=0, used=0, total=4
         )
-        assert lang.exposed_blocks == blocks and not lang.fences
-        before = lang.rounds_checksummed
+        assert lang.exposures.blocks == blocks and not lang.fences
+        checksummed = record_checksummed_rounds(lang)
         ok_transfer(healthy, lang, total=4 * B, mm=9)  # every block: checksummed
-        assert lang.rounds_checksummed > before
+        assert checksummed and all(checksummed)
         bound = _mooncake_bound(lang, 2, dwt)
         time.sleep(bound + 0.5)
-        assert lang.exposed_blocks == blocks  # held while its writer is dead
+        assert lang.exposures.blocks == blocks  # held while its writer is dead
         os.kill(victim.pid, signal.SIGCONT)
         assert wait_until(lambda: not lang.peer_is_dead(victim.addr), 10)
         revived = time.monotonic()
-        assert wait_until(lambda: not lang.exposed_blocks, bound + 5)
+        assert wait_until(lambda: not lang.exposures.blocks, bound + 5)
         assert time.monotonic() - revived >= bound - 0.5
-        before = lang.rounds_checksummed
+        checksummed.clear()
         ok_transfer(healthy, lang, total=4 * B, mm=9)
-        assert lang.rounds_checksummed == before  # no exposed block left
+        assert checksummed and not any(checksummed)  # no exposed block left
         assert wait_until(lambda: victim.state()["rooms"] == 0, 10)  # told: dropped
         victim.assert_idle()
     finally:

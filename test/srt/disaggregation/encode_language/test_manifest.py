@@ -142,9 +142,7 @@ ALL = [
         mf.RegisterAck, manager_id="h:3", epoch=1, ok=False, error="x", layout=layout()
     ),
     mf.make(mf.Unregistered, manager_id="h:3", room=1, epoch=2),
-    mf.make(
-        mf.Expect, room=1, manager_id="h:1", epoch=1, rank=1, num_ranks=2, max_tokens=9
-    ),
+    mf.make(mf.Expect, room=1, manager_id="h:1", epoch=1, max_tokens=9),
     mf.make(
         mf.Announce,
         room=1,
@@ -158,8 +156,6 @@ ALL = [
         room=1,
         manager_id="h:1",
         epoch=1,
-        rank=0,
-        num_ranks=2,
         round=3,
         generation=4,
         blocks=[4, 5],

@@ -15,7 +15,7 @@ from conftest import H, new_room, wait_final
 from el_helpers import wait_until
 
 from sglang.srt.disaggregation.base.conn import KVPoll
-from sglang.srt.disaggregation.encode_language.buffers import MultimodalPayload
+from sglang.srt.disaggregation.encode_language.payload import MultimodalPayload
 from sglang.srt.disaggregation.encode_language.item_table import ItemEntry
 from sglang.srt.disaggregation.encode_language.prefix_holds import (
     PrefixHolds,

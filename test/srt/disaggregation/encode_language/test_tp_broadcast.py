@@ -52,7 +52,7 @@ class _Receiver:
 def _worker(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    from sglang.srt.disaggregation.encode_language.buffers import ReceivedData
+    from sglang.srt.disaggregation.encode_language.payload import ReceivedData
     from sglang.srt.disaggregation.encode_language.language_mm_receiver import (
         LanguageMMReceiver,
         WaitingRequest,

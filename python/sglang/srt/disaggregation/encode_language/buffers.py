@@ -1,39 +1,20 @@
 """``MultimodalDataBuffers``: the host block buffers both sides register with the transfer engine.
 
-Layout (N = ``num_blocks`` usable blocks plus one scratch block at index N; B tokens per block;
-H hidden size; K deepstack layers; E = embedding itemsize). Five slots, in ``Slot`` order::
+Layout (N = ``num_blocks`` blocks; B tokens per block; H hidden size; K deepstack layers; E =
+embedding itemsize). Five slots, in ``Slot`` order::
 
-    slot 0  embeddings  [N+1, B, H]     embed dtype   B*H*E bytes per block
-    slot 1  fill_ids    [N+1, B]        int32         4*B
-    slot 2  mrope_pos   [N+1, 3, B]     int32         12*B
-    slot 3  aux         [N+1, A]        uint8         A = 64-byte RequestManifest header
+    slot 0  embeddings  [N, B, H]       embed dtype   B*H*E bytes per block
+    slot 1  fill_ids    [N, B]          int32         4*B
+    slot 2  mrope_pos   [N, 3, B]       int32         12*B
+    slot 3  aux         [N, A]          uint8         A = 64-byte RequestManifest header
                                                           + ceil(B/8) bytes of multimodal bitmap,
                                                           rounded up to 8 (80 for B = 128)
-    slot 4  deepstack   [N+1, B, K*H]   embed dtype   B*K*H*E  (absent, zero bytes, when K = 0)
+    slot 4  deepstack   [N, B, K*H]     embed dtype   B*K*H*E  (absent, zero bytes, when K = 0)
 
-laid out *block-major* in one registered region (``block_layout``): block k is one stretch of
-``stride`` bytes at ``k * stride``, holding fill_ids, positions, aux, then B rows of (1+K)*H
-values, the i-th row the i-th token's embedding and deepstack side by side (the [M, (1+K)*H]
-layout of ``ReceivedData.rows``). The slot tensors are strided views of that region. So a block's
-bytes in flight are one prefix of its stretch (its ids, positions and aux whole, then its
-multimodal rows), and a run of consecutive blocks whose rows are full is ONE transfer segment:
-Mooncake's TCP transport moves a request's segments one after another (~65 us each on loopback),
-so five slots meant five segments per run of blocks (docs/benchmarks.md, issue 16 item 5).
-
-A request of T tokens of which M are multimodal occupies ceil(T/B) blocks and uses them as two
-streams that advance together:
-
-* the *token stream* (fill_ids, M-RoPE positions, aux): token t lives in block t // B, row t % B;
-* the *multimodal-row stream* (embeddings, deepstack): the i-th multimodal token's rows live in
-  block i // B, row i % B. Rows after M are never written or sent.
-
-So a text token costs 4 + 12 = 16 bytes on the wire and a multimodal token 16 + (1+K)*H*E bytes
-(a round's last block ships its ids and positions whole: the unused tail, at most 16*B bytes,
-costs less than the extra segments that skipping it would); a text token never ships an embedding
-or deepstack row (the language side embeds text itself).
-Saving versus a dense layout: (T - M) * (1+K) * H * E bytes per request; for Qwen3-VL-30B-A3B
-(H=2048, K=3, bf16) that is 16 KiB per text token, for 235B-A22B (H=4096) 32 KiB
-(docs/transport.md works the numbers for a 1024-image-token request).
+laid out *block-major* in one registered region (``round_plan.block_layout``): block k is one
+stretch holding its fill_ids, positions, aux and B multimodal rows; the slot tensors are strided
+views of that region. ``round_plan.py`` gives the layout, the two streams a request uses (token
+stream and multimodal-row stream) and the segments a round moves.
 
 The aux bitmap tells the language side which tokens of a block are multimodal, so the received
 rows are placed exactly, without guessing from token ids. Each aux header also carries a
@@ -44,9 +25,6 @@ generation, index and manifest of every block, and with ``verify`` the checksum 
 out, so a late write from an earlier owner of the block (an encoder that stalled past its fence)
 fails the request instead of passing wrong bytes. The receiver asks for checksums only in rounds
 whose blocks such a write can reach (``receiver.py``).
-
-The scratch block (index N) is never handed out by the allocator: warm-up and health probes write
-there and only there (lesson 1: a warm-up write must never land in a real request's block).
 
 The region is allocated once, registered once with the transfer engine, and pinned when a CUDA
 GPU is present.
@@ -72,6 +50,16 @@ from sglang.srt.disaggregation.encode_language.manifest import (
     RequestManifest,
     Slot,
     dtype_from_name,
+)
+from sglang.srt.disaggregation.encode_language.payload import (
+    MultimodalPayload,
+    ReceivedData,
+    alloc_received,
+)
+from sglang.srt.disaggregation.encode_language.round_plan import (
+    block_layout,
+    block_runs,
+    blocks_for_tokens,
 )
 
 logger = logging.getLogger(__name__)
@@ -114,176 +102,6 @@ class MultimodalBufferConfig:
             embed_dtype=self.embed_dtype,
             num_blocks=self.num_blocks,
         )
-
-
-@dataclasses.dataclass
-class MultimodalPayload:
-    """One request as the encoder produced it.
-
-    fill_ids [T] int, mrope_positions [3, T] int, mm_mask [T] bool (True = multimodal token),
-    embeddings [M, H] and deepstack [M, K*H] (None when K = 0) for the M multimodal tokens in
-    prompt order, mrope_delta the M-RoPE position delta of the request.
-    """
-
-    fill_ids: torch.Tensor
-    mrope_positions: torch.Tensor
-    mm_mask: torch.Tensor
-    embeddings: torch.Tensor
-    deepstack: Optional[torch.Tensor]
-    mrope_delta: int
-    items: list = dataclasses.field(default_factory=list)  # item table, item_table.py
-    # CUDA event recorded on the producing stream once the tensors are written: the copies out
-    # of them (write_range, on a transfer thread's stream) wait for it (record_ready).
-    ready: Optional["torch.cuda.Event"] = None
-
-    def tensors(self) -> List[torch.Tensor]:
-        ts = [self.fill_ids, self.mrope_positions, self.mm_mask, self.embeddings]
-        return ts + ([self.deepstack] if self.deepstack is not None else [])
-
-    def device(self) -> Optional[torch.device]:
-        """The CUDA device of the payload's device tensors; None when all are on the host."""
-        return next((t.device for t in self.tensors() if t.is_cuda), None)
-
-    def record_ready(self) -> None:
-        """Set ``ready`` on the current stream: the producer calls this on the stream that
-        wrote the tensors, before the payload leaves for another thread (``send()``), whose
-        copies would otherwise race the producer's queued work (issue 15, item 1)."""
-        device = self.device()
-        if device is not None:
-            self.ready = torch.cuda.Event()
-            self.ready.record(torch.cuda.current_stream(device))
-
-    @property
-    def total_tokens(self) -> int:
-        return int(self.fill_ids.shape[0])
-
-    @property
-    def mm_tokens(self) -> int:
-        return int(self.embeddings.shape[0])
-
-    def manifest(self, layout: LayoutManifest) -> RequestManifest:
-        return RequestManifest(
-            total_tokens=self.total_tokens,
-            mm_tokens=self.mm_tokens,
-            mrope_delta=int(self.mrope_delta),
-            deepstack_count=layout.deepstack_count,
-            embed_dtype=layout.embed_dtype,
-            hidden_size=layout.hidden_size,
-        )
-
-    def validate(self, layout: LayoutManifest, count_mask: bool = True) -> None:
-        """Shapes and dtypes against ``layout``; with ``count_mask``, also that the mask marks
-        as many tokens as there are rows (a device sync for a GPU mask: ``write_range`` counts
-        its host copy instead)."""
-        T, H, K = self.total_tokens, layout.hidden_size, layout.deepstack_count
-        M = self.mm_tokens
-        if T < 1:
-            raise ValueError("payload has no tokens")
-        if self.fill_ids.dim() != 1:
-            raise ValueError(f"fill_ids must be [T], got {tuple(self.fill_ids.shape)}")
-        if tuple(self.mrope_positions.shape) != (3, T):
-            raise ValueError(
-                f"mrope_positions must be [3, {T}], got {tuple(self.mrope_positions.shape)}"
-            )
-        if tuple(self.mm_mask.shape) != (T,) or self.mm_mask.dtype != torch.bool:
-            raise ValueError(f"mm_mask must be bool [{T}]")
-        if count_mask:
-            self.check_mask_count(int(self.mm_mask.sum()))
-        if tuple(self.embeddings.shape) != (M, H):
-            raise ValueError(
-                f"embeddings must be [{M}, {H}], got {tuple(self.embeddings.shape)}"
-            )
-        if self.embeddings.dtype != dtype_from_name(layout.embed_dtype):
-            raise ValueError(
-                f"embeddings dtype {self.embeddings.dtype} != layout {layout.embed_dtype}"
-            )
-        if K == 0:
-            if self.deepstack is not None and self.deepstack.numel() != 0:
-                raise ValueError(
-                    "layout has no deepstack slot (K = 0) but the payload carries deepstack"
-                )
-        else:
-            if self.deepstack is None or tuple(self.deepstack.shape) != (M, K * H):
-                got = None if self.deepstack is None else tuple(self.deepstack.shape)
-                raise ValueError(f"deepstack must be [{M}, {K * H}], got {got}")
-            if self.deepstack.dtype != self.embeddings.dtype:
-                raise ValueError("deepstack dtype differs from embeddings dtype")
-
-    def check_mask_count(self, n_mask: int) -> None:
-        if n_mask != self.mm_tokens:
-            raise ValueError(
-                f"mm_mask marks {n_mask} multimodal tokens but embeddings has "
-                f"{self.mm_tokens} rows"
-            )
-
-
-class ReceivedData(NamedTuple):
-    """What the language side takes out of the blocks, for one round (T = the round's tokens,
-    M its multimodal rows) or the whole request: copies of the blocks, never views of them.
-
-    ``rows`` (whole requests from ``LanguageReceiver.take()``): one [M, (1+K)*H] tensor holding
-    each multimodal token's embedding and deepstack rows side by side, the layout the model's
-    precomputed-embedding input takes (and the blocks'); ``embeddings`` and ``deepstack`` are
-    column views of it. For one round (``slice_received``): the round's rows of that tensor.
-    """
-
-    manifest: RequestManifest
-    fill_ids: torch.Tensor  # [T]
-    mrope_positions: torch.Tensor  # [3, T]
-    mm_mask: torch.Tensor  # [T] bool
-    embeddings: torch.Tensor  # [M, H]
-    deepstack: Optional[torch.Tensor]  # [M, K*H] or None when K = 0
-    items: (
-        tuple
-    ) = ()  # item table of the whole request (item_table.py); () for one round
-    rows: Optional[torch.Tensor] = None  # [M, (1+K)*H]: embeddings | deepstack
-
-
-def alloc_received(
-    layout: LayoutManifest,
-    total_tokens: int,
-    mm_tokens: int,
-    device: Optional[torch.device] = None,
-    pin_memory: bool = False,
-) -> ReceivedData:
-    """Empty destination tensors for a whole request (manifest None until read), filled round
-    by round by ``read_round(..., out=slice_received(...))``: ids, positions and mask on the
-    host, the multimodal rows in one [M, (1+K)*H] tensor on ``device`` (host: pinned when
-    ``pin_memory``)."""
-    T, M, H = total_tokens, mm_tokens, layout.hidden_size
-    width = (1 + layout.deepstack_count) * H
-    device = torch.device("cpu") if device is None else torch.device(device)
-    rows = torch.empty(
-        (M, width),
-        dtype=dtype_from_name(layout.embed_dtype),
-        device=device,
-        pin_memory=pin_memory and device.type == "cpu",
-    )
-    return ReceivedData(
-        None,
-        torch.empty(T, dtype=dtype_from_name(layout.id_dtype)),
-        torch.empty((3, T), dtype=dtype_from_name(layout.pos_dtype)),
-        torch.empty(T, dtype=torch.bool),
-        rows[:, :H],
-        rows[:, H:] if layout.deepstack_count else None,
-        (),
-        rows,
-    )
-
-
-def slice_received(data: ReceivedData, token_start, token_count, mm_start, mm_count):
-    """The part of ``data`` (views) that one round fills."""
-    t, m = slice(token_start, token_start + token_count), slice(
-        mm_start, mm_start + mm_count
-    )
-    return data._replace(
-        fill_ids=data.fill_ids[t],
-        mrope_positions=data.mrope_positions[:, t],
-        mm_mask=data.mm_mask[t],
-        embeddings=data.embeddings[m],
-        deepstack=None if data.deepstack is None else data.deepstack[m],
-        rows=None if data.rows is None else data.rows[m],
-    )
 
 
 def _record_event(device: torch.device) -> "torch.cuda.Event":
@@ -345,64 +163,11 @@ class RoundStamp(NamedTuple):
     first_block: int  # index within the request of the round's first block
 
 
-def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
-
-
 # Checksummed rounds copy between payload / request tensors and blocks in pieces of at most
 # this many consecutive blocks: each piece is one copy per slot, and the checksums of piece i
 # are computed while the copies of piece i+1 run (GPU: after piece i's CUDA event). Rounds
 # without checksums copy whole runs of consecutive blocks.
 PIECE_BLOCKS = 2
-
-
-def block_runs(
-    blocks: Sequence[int], max_len: int = 0
-) -> Iterator[Tuple[int, int, int]]:
-    """(index of the run's first block in ``blocks``, first block id, run length) for each
-    run of consecutive block ids (at most ``max_len`` long, 0 = unbounded): one copy per slot.
-    """
-    j = 0
-    while j < len(blocks):
-        n = 1
-        while (
-            j + n < len(blocks)
-            and blocks[j + n] == blocks[j] + n
-            and (not max_len or n < max_len)
-        ):
-            n += 1
-        yield j, blocks[j], n
-        j += n
-
-
-class BlockLayout(NamedTuple):
-    """Where each slot lives inside a block's stretch of the region (``block_layout``)."""
-
-    stride: int  # bytes from one block to the next
-    offsets: List[
-        int
-    ]  # byte offset of each slot's block k within stretch k, in ``Slot`` order
-    head_bytes: int  # fill_ids + positions + aux: sent whole for every block of a round
-    row_bytes: (
-        int  # one multimodal row: embedding and deepstack side by side, (1+K)*H*E
-    )
-
-
-def block_layout(layout: LayoutManifest) -> BlockLayout:
-    """Block-major placement of ``layout``'s slots: [fill_ids | positions | aux | rows] per
-    block, the stride rounded up to 8 bytes (derived from the compared fields, so both sides
-    compute the same addresses for the peer's blocks)."""
-    sizes = layout.slot_block_bytes
-    ids = 0
-    pos = ids + sizes[Slot.FILL_IDS]
-    aux = pos + sizes[Slot.MROPE_POSITIONS]
-    rows = aux + sizes[Slot.AUX]
-    row_bytes = layout.embed_row_bytes + layout.deepstack_row_bytes
-    stride = -(-(rows + layout.block_size * row_bytes) // 8) * 8
-    offsets = [rows, ids, pos, aux]
-    if layout.deepstack_count > 0:
-        offsets.append(rows + layout.embed_row_bytes)
-    return BlockLayout(stride, offsets, rows, row_bytes)
 
 
 class MultimodalDataBuffers:
@@ -414,8 +179,7 @@ class MultimodalDataBuffers:
         L = self.layout
         self.num_blocks = L.num_blocks
         self.block_size = B = L.block_size
-        self.scratch_block = L.num_blocks  # never allocated to a request
-        n = L.num_blocks + 1
+        n = L.num_blocks
         pin = (
             torch.cuda.is_available()
             if config.pin_memory is None
@@ -444,13 +208,13 @@ class MultimodalDataBuffers:
             dtype_from_name(L.pos_dtype),
         ).view(n, 3, B)
         self.aux = view(Slot.AUX, sizes[Slot.AUX], torch.uint8)
-        # [N+1, B, (1+K)*H]: each row a token's embedding and deepstack side by side
+        # [N, B, (1+K)*H]: each row a token's embedding and deepstack side by side
         self.rows = view(Slot.EMBEDDINGS, B * BL.row_bytes, edt).view(n, B, (1 + K) * H)
         self.embeddings = self.rows[:, :, :H]
         self.deepstack = self.rows[:, :, H:] if K > 0 else None
         self._registered_with = None
         logger.info(
-            "MultimodalDataBuffers: %d blocks x %d tokens (+1 scratch), H=%d K=%d %s: "
+            "MultimodalDataBuffers: %d blocks x %d tokens, H=%d K=%d %s: "
             "%.1f MiB host memory (%s)",
             L.num_blocks,
             B,
@@ -676,9 +440,8 @@ class MultimodalDataBuffers:
         full, rest = divmod(max(count, 0), B)
         if per_block:
             for k in range(full + (rest > 0)):
-                yield k * B, min(count, (k + 1) * B), self.rows[
-                    b + k, : min(B, count - k * B)
-                ]
+                n = min(B, count - k * B)
+                yield k * B, k * B + n, self.rows[b + k, :n]
             return
         if full:
             yield 0, full * B, self.rows[b : b + full]
@@ -714,14 +477,6 @@ class MultimodalDataBuffers:
             )
         if c % B:
             pos[:, full * B :].copy_(self.mrope_positions[b + full, :, : c % B])
-
-    def restamp(self, blocks: Sequence[int], token_count: int, generation: int) -> None:
-        """Set the reservation generation in the aux headers of a staged round (one staging
-        serves every destination rank; each rank's reservation has its own generation).
-        """
-        staged = list(blocks[: blocks_for_tokens(token_count, self.block_size)])
-        headers = self.aux.numpy()[:, :AUX_HEADER_BYTES].view(AUX_HEADER_DTYPE)[:, 0]
-        headers["generation"][staged] = generation  # in place: a view of the aux slot
 
     def _checksum(self, b: int, c: int, mc: int, bits: np.ndarray) -> int:
         """Checksum of what a round puts into block ``b``: bitmap, ``c`` ids and positions,
@@ -868,75 +623,10 @@ class MultimodalDataBuffers:
                 )
         return out
 
-    # Transfer plan ------------------------------------------------------------------------------
-    def round_segments(
-        self,
-        src_blocks: Sequence[int],
-        dst_blocks: Sequence[int],
-        token_count: int,
-        mm_count: int,
-        remote_ptrs: Sequence[int],
-    ) -> Tuple[List[int], List[int], List[int]]:
-        """(src addresses, dst addresses, lengths) that move ``token_count`` tokens and
-        ``mm_count`` multimodal rows from local ``src_blocks`` into the peer's ``dst_blocks``
-        (k-th source block -> k-th destination block). Only valid multimodal rows are sent
-        (ids, positions and aux of each block whole); a run of blocks consecutive on both sides
-        whose rows fill them is one segment (``LayoutManifest.wire_bytes`` counts the bytes).
-        """
-        B, BL = self.block_size, self.block_layout
-        if len(remote_ptrs) != len(self.slot_ptrs()):
-            raise ValueError(
-                f"peer registered {len(remote_ptrs)} slots, this side has {len(self.slot_ptrs())}"
-            )
-        nb = blocks_for_tokens(token_count, B)
-        if len(src_blocks) < nb or len(dst_blocks) < nb:
-            raise ValueError(
-                f"round needs {nb} blocks: src has {len(src_blocks)}, dst {len(dst_blocks)}"
-            )
-        # Block k's bytes in flight are one prefix of its stretch: ids, positions and aux
-        # whole, then its multimodal rows (block-major layout, module docstring). Consecutive
-        # blocks on both sides merge when the earlier one's rows fill it.
-        local = self.region.data_ptr()
-        remote = remote_ptrs[Slot.FILL_IDS]  # offset 0: the peer's block 0
-        srcs: List[int] = []
-        dsts: List[int] = []
-        lens: List[int] = []
-        for k in range(nb):
-            rows = max(0, min(B, mm_count - k * B))
-            n = BL.stride if rows == B else BL.head_bytes + rows * BL.row_bytes
-            s, d = local + src_blocks[k] * BL.stride, remote + dst_blocks[k] * BL.stride
-            if srcs and srcs[-1] + lens[-1] == s and dsts[-1] + lens[-1] == d:
-                lens[-1] += n
-            else:
-                srcs.append(s)
-                dsts.append(d)
-                lens.append(n)
-        return srcs, dsts, lens
-
-    # Scratch (warm-up / health) ---------------------------------------------------------------
-    def scratch_aux_address(self) -> int:
-        return self.aux[self.scratch_block].data_ptr()
-
-    def write_scratch_nonce(self, nonce: int) -> None:
-        self.aux[self.scratch_block, :8].copy_(
-            torch.tensor([nonce], dtype=torch.int64).view(torch.uint8)
-        )
-
-    def read_scratch_nonce(self) -> int:
-        return int(self.aux[self.scratch_block, :8].view(torch.int64).item())
-
 
 __all__ = [
-    "alloc_received",
-    "block_layout",
-    "BlockLayout",
-    "use_on_streams",
-    "block_runs",
-    "slice_received",
     "MultimodalBufferConfig",
     "MultimodalDataBuffers",
-    "MultimodalPayload",
-    "ReceivedData",
     "RoundStamp",
-    "blocks_for_tokens",
+    "use_on_streams",
 ]

@@ -124,13 +124,13 @@ class ConnectionConfig:
     default_reserve_tokens: int = 2048
     resume_tokens: Optional[int] = None
     # Timeouts (seconds).
-    bootstrap_timeout_s: float = 30.0  # peer registered + every destination reserved
+    bootstrap_timeout_s: float = 30.0  # registered + the request expected and announced
     waiting_timeout_s: float = 300.0  # language: reserved -> first round arrives
     # Encoder: a round waits this long for staging blocks. Language: a further round requested
     # -> it arrives, within round_timeout_s (this, plus the encoder's write deadline, plus
     # transfer_grace_s), so the encoder's own verdict on a slow write always comes first.
     transfer_timeout_s: float = 60.0
-    # encoder: partial round -> all destinations ask for more;
+    # encoder: partial round -> the destination asks for more;
     # language: waiting for resume blocks
     resume_timeout_s: float = 60.0
     # language: abort sent -> encoder confirms no write in flight
@@ -152,12 +152,7 @@ class ConnectionConfig:
         )
     )
     num_transfer_workers: int = 2  # encode side
-    # Encoder: stage and write a round in chunks of this many blocks, so staging chunk i+1
-    # overlaps the transfer-engine write of chunk i (0 = one chunk per round). Off by default:
-    # on the 2-core CPU test machine (TCP loopback, the write itself CPU-bound) chunks cost more
-    # than they overlap (docs/transport.md, "Benchmark"); not measured over RDMA yet.
-    pipeline_blocks: int = 0
-    # Encoder: one transfer-engine write (one round to one destination) may take this long;
+    # Encoder: one transfer-engine write (one round) may take this long;
     # past it the room fails and the destination is told a write may still land.
     data_write_timeout_s: float = 30.0
     # Language: how much longer than the encoder's own bound for a round it waits for the round
@@ -166,9 +161,6 @@ class ConnectionConfig:
     # Language: blocks a peer may still write (declared dead, or its write timed out) stay
     # quarantined until its abort_ack or this long, whichever comes first (logged when it fires).
     fence_timeout_s: float = 120.0
-    # Language: ask for block checksums in every round, not only in rounds whose blocks a late
-    # write can reach (blocks released by fence_timeout_s without the encoder's abort_ack).
-    checksum_every_round: bool = False
     # Both: a peer dead, or without a live request, this long is forgotten.
     peer_prune_s: float = 300.0
     # Encoder: payload bytes held by reference until their last round; send() past the bound
@@ -185,18 +177,12 @@ class ConnectionConfig:
         return self.heartbeat_interval_s * self.heartbeat_max_failures
 
     def write_deadline_s(self, num_blocks: int, block_bytes: int) -> float:
-        """Encoder: how long the writes of one round of ``num_blocks`` blocks (``block_bytes``
-        each, every slot counted) to one destination may take: Mooncake's own timeout for every
-        batch (one per chunk of ``pipeline_blocks``) plus ``data_write_timeout_s``. Mooncake
-        therefore always returns its -1 first for a write it is timing; this deadline fires
-        only for a write stuck where Mooncake has no timer (e.g. its connection handshake).
-        """
-        step = self.pipeline_blocks or num_blocks
-        chunks = [min(step, num_blocks - k) for k in range(0, num_blocks, step)]
-        return (
-            sum(mooncake_timeout_s(n * block_bytes) for n in chunks)
-            + self.data_write_timeout_s
-        )
+        """Encoder: how long the write of one round of ``num_blocks`` blocks (``block_bytes``
+        each, every slot counted) may take: Mooncake's own timeout for the batch plus
+        ``data_write_timeout_s``. Mooncake therefore always returns its -1 first for a write it
+        is timing; this deadline fires only for a write stuck where Mooncake has no timer (e.g.
+        its connection handshake)."""
+        return mooncake_timeout_s(num_blocks * block_bytes) + self.data_write_timeout_s
 
     def round_timeout_s(self, num_blocks: int, block_bytes: int) -> float:
         """Language: how long a further round into ``num_blocks`` reserved blocks may take to
@@ -549,7 +535,6 @@ class ControlChannel:
         self._poller = zmq.Poller()
         self._poller.register(self.pull, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
-        self.wakeups = 0  # poller returns caused by wake() (what the tests observe)
 
     def send(self, endpoint: str, msg) -> bool:
         data = encode_message(msg)
@@ -600,7 +585,6 @@ class ControlChannel:
                     pass
             except BlockingIOError:
                 pass
-            self.wakeups += 1
             return True
         return False
 
@@ -737,8 +721,9 @@ class ManagerBase:
         self._nonce = itertools.count(1)
         self._closed = threading.Event()
         # When the control thread's next timer is due (monotonic; math.inf: none, it blocks
-        # until a message or a wake-up). Read-only outside the control thread (diagnostics).
-        self.next_deadline = 0.0
+        # until a message or a wake-up). Read-only outside the control thread: a thread that
+        # adds an earlier timer wakes it.
+        self._next_deadline = 0.0
         # exceptions caught in handlers (each failed one request at most)
         self.thread_errors = 0
         self._thread = threading.Thread(
@@ -767,7 +752,7 @@ class ManagerBase:
         while not self._closed.is_set():
             try:
                 now = time.monotonic()
-                self.next_deadline = deadline
+                self._next_deadline = deadline
                 wait = deadline - now
                 self.channel.wait(None if math.isinf(wait) else max(0.0, wait))
                 if self._closed.is_set():
@@ -798,8 +783,7 @@ class ManagerBase:
             msg = msgspec.structs.replace(msg, manager_id=endpoint)
         if isinstance(msg, Ping):
             self.channel.send(
-                msg.manager_id,
-                make(Pong, manager_id=self.manager_id, nonce=self._pong_nonce(msg)),
+                msg.manager_id, make(Pong, manager_id=self.manager_id, nonce=msg.nonce)
             )
         elif isinstance(msg, Pong):
             revived = False
@@ -818,15 +802,8 @@ class ManagerBase:
                     msg.manager_id,
                 )
                 self._on_peer_revived(msg.manager_id)
-            self._on_pong(msg)
         else:
             self._handle(msg)
-
-    def _pong_nonce(self, ping: Ping) -> int:
-        return ping.nonce
-
-    def _on_pong(self, msg: Pong) -> None:
-        pass
 
     def _handle(self, msg: Message) -> None:
         raise NotImplementedError

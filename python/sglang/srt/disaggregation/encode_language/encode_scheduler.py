@@ -47,10 +47,7 @@ import torch
 import torch.distributed as dist
 
 from sglang.srt.disaggregation.base.conn import KVPoll
-from sglang.srt.disaggregation.encode_language.buffers import (
-    MultimodalBufferConfig,
-    MultimodalPayload,
-)
+from sglang.srt.disaggregation.encode_language.buffers import MultimodalBufferConfig
 from sglang.srt.disaggregation.encode_language.connection import (
     ConnectionConfig,
     RoomInUseError,
@@ -78,10 +75,8 @@ from sglang.srt.disaggregation.encode_language.manifest import (
     dtype_name,
 )
 from sglang.srt.disaggregation.encode_language.metrics import EncodeLanguageMetrics
-from sglang.srt.disaggregation.encode_language.sender import (
-    EncodeManager,
-    payload_nbytes,
-)
+from sglang.srt.disaggregation.encode_language.payload import MultimodalPayload
+from sglang.srt.disaggregation.encode_language.sender import EncodeManager
 from sglang.srt.disaggregation.utils import FAKE_BOOTSTRAP_HOST, prepare_abort
 from sglang.srt.managers.schedule_batch import FINISH_LENGTH
 from sglang.srt.multimodal.modality import Modality
@@ -264,11 +259,13 @@ class SchedulerDisaggregationEncodeMixin:
             logger.info("encode server: TP rank without transfer (vision tower only)")
             return
         self.disagg_encode_metrics.observe_blocks(self.disagg_encode_manager.allocator)
+        loaded = sum(p.numel() * p.element_size() for p in model.parameters())
         skipped = checkpoint_bytes_not_loaded(self.model_config.model_path)
+        self.disagg_encode_metrics.weights(loaded, skipped)
         logger.info(
             "encode server: vision tower only (%.1f MiB of weights; %s of checkpoint "
             "weights not loaded versus the full model), manager id %s",
-            sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+            loaded / 2**20,
             "unknown" if skipped is None else f"{skipped / 2**20:.1f} MiB",
             self.disagg_encode_manager.bootstrap_addr,
         )
@@ -575,16 +572,14 @@ class SchedulerDisaggregationEncodeMixin:
         def meta(*shape, dtype):
             return torch.empty(shape, dtype=dtype, device="meta")
 
-        return payload_nbytes(
-            MultimodalPayload(
-                fill_ids=meta(T, dtype=torch.int64),
-                mrope_positions=meta(3, T, dtype=torch.int64),
-                mm_mask=meta(T, dtype=torch.bool),
-                embeddings=meta(n, width, dtype=rows),
-                deepstack=meta(n, deepstack * width, dtype=rows) if deepstack else None,
-                mrope_delta=0,
-            )
-        )
+        return MultimodalPayload(
+            fill_ids=meta(T, dtype=torch.int64),
+            mrope_positions=meta(3, T, dtype=torch.int64),
+            mm_mask=meta(T, dtype=torch.bool),
+            embeddings=meta(n, width, dtype=rows),
+            deepstack=meta(n, deepstack * width, dtype=rows) if deepstack else None,
+            mrope_delta=0,
+        ).nbytes()
 
     # Helpers ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -609,9 +604,9 @@ class SchedulerDisaggregationEncodeMixin:
             if not items:
                 continue
             out = encode(items)
-            self.disagg_encode_metrics.vit_call()
             sizes = [sum(e - s + 1 for s, e in item.offsets) for item in items]
-            logger.info(
+            self.disagg_encode_metrics.vit_call(sum(sizes))
+            logger.debug(
                 "encode: one vision-tower call for %d %s item(s) of %d request(s), "
                 "%d tokens",
                 len(items),

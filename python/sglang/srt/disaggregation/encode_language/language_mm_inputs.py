@@ -159,7 +159,7 @@ class LanguageMultimodalInputs:
         # Which requests of this extend batch carry received rows: received and text-only
         # requests share batches (the scheduling path is the colocated one).
         with_mm = sum(mm is not None for mm in forward_batch.mm_inputs)
-        logger.info(
+        logger.debug(
             "language: extend batch of %d request(s): %d multimodal, %d text-only",
             len(forward_batch.mm_inputs),
             with_mm,

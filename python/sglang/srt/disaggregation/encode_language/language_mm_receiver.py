@@ -22,7 +22,7 @@ on ``LanguageManager`` / ``LanguageReceiver``:
 * An abort wins over a transfer that ended meanwhile (``WaitingRequest.aborted``), and the
   aborts of an iteration apply before its poll.
 * ``--tp N`` (one receive per server): only attention-TP rank 0 (the *owner*) has a
-  ``LanguageManager`` and creates receivers (``num_ranks=1``, so the encoder sends one copy).
+  ``LanguageManager`` and creates receivers (the encoder sends one copy per server).
   Every rank keeps the same waiting list (the scheduler hands every rank the same requests);
   the other ranks poll a stand-in that reports ``Success``, so the MIN all-reduce of the poll
   states over the TP cpu group yields the owner's state on every rank. When a request is ready,
@@ -55,7 +55,6 @@ import torch.distributed as dist
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
-    ReceivedData,
     use_on_streams,
 )
 from sglang.srt.disaggregation.encode_language.connection import (
@@ -75,6 +74,7 @@ from sglang.srt.disaggregation.encode_language.item_table import (
 from sglang.srt.disaggregation.encode_language.language_mm_inputs import rows_to_host
 from sglang.srt.disaggregation.encode_language.manifest import FaultKind, dtype_name
 from sglang.srt.disaggregation.encode_language.metrics import EncodeLanguageMetrics
+from sglang.srt.disaggregation.encode_language.payload import ReceivedData
 from sglang.srt.disaggregation.encode_language.prefix_holds import (
     PrefixHolds,
     item_without_rows,
@@ -224,7 +224,7 @@ class LanguageMMReceiver:
         )
         if self.manager is not None:
             self.metrics.observe_blocks(
-                self.manager.allocator, len(self.manager.exposed_blocks)
+                self.manager.allocator, len(self.manager.exposures.blocks)
             )
 
     # The mm_receiver interface ---------------------------------------------------------------
@@ -256,7 +256,7 @@ class LanguageMMReceiver:
             self._poll(ready, aborts)
         if self.manager is not None:
             self.metrics.observe_blocks(
-                self.manager.allocator, len(self.manager.exposed_blocks)
+                self.manager.allocator, len(self.manager.exposures.blocks)
             )
         self.metrics.observe_waiting(len(self.waiting_list))
         return ready, aborts
@@ -358,8 +358,6 @@ class LanguageMMReceiver:
             return self.manager.create_receiver(
                 lookup.result(),
                 recv_req.bootstrap_room,
-                rank=0,
-                num_ranks=1,  # one receive per server; the other TP ranks get a broadcast
                 max_tokens=self.scheduler.max_req_input_len,
             )
         except (RoomInUseError, PeerAddressError) as e:
@@ -685,9 +683,8 @@ class LanguageMMReceiver:
             if self.scheduler.device == "cpu" or not on_device
             else f"{self.scheduler.device}:{get_device().gpu_id}"
         )
-        if (
-            source is None
-        ):  # only the shape matters: no host -> device copy of an empty buffer
+        if source is None:
+            # only the shape matters: no host -> device copy of an empty buffer
             return torch.empty(shape, dtype=wire, device=device)
         return source.to(device=device, dtype=wire, non_blocking=True).contiguous()
 

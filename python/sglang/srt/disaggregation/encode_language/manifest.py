@@ -25,14 +25,16 @@ import msgspec
 import numpy as np
 import torch
 
-LAYOUT_VERSION = 4  # 2: aux header carries room, reservation generation and a block checksum; 3: XXH3
-# 4: block-major buffers (one registered region; buffers.block_layout), rows hashed whole
+LAYOUT_VERSION = 5  # 2: aux header carries room, reservation generation and a block checksum; 3: XXH3
+# 4: block-major buffers (one registered region; round_plan.block_layout), rows hashed whole;
+# 5: no scratch block after the pool (the region is exactly the pool's blocks)
 # 2: epochs, generations, sender ids, Unregistered; 3: Reserve.checksum;
 # 4: Abort.kind (FaultKind) and Abort.write_failed; 5: Expect and Announce (reservations sized
 # from the encoder's announcement of the request's shape); 6: Announce.input_ids,
 # Reserve.held_items and RoundDone.held_items (items the language side's prefix cache holds:
-# no vision tower, no rows)
-PROTOCOL_VERSION = 6
+# no vision tower, no rows); 7: Expect and Reserve without rank and num_ranks (one destination
+# per request: the language server's rank 0 receives and broadcasts).
+PROTOCOL_VERSION = 7
 
 # dtype <-> wire name; the names are what manifests carry.
 _DTYPES = {
@@ -395,22 +397,20 @@ class Unregistered(_Msg, tag="unregistered"):
 
 
 class Expect(_Msg, tag="expect"):
-    """Language rank -> encoder: this rank holds request ``room`` and waits for its
-    announcement (sent once registration ``epoch`` is acknowledged; no blocks are held yet).
+    """Language manager -> encoder: this language server holds request ``room`` and waits for
+    its announcement (sent once registration ``epoch`` is acknowledged; no blocks are held yet).
     """
 
     room: int
     manager_id: str
     epoch: int  # the registration this relies on
-    rank: int
-    num_ranks: int
-    max_tokens: int  # most tokens this rank accepts for one request; 0 = no limit
+    max_tokens: int  # most tokens this side accepts for one request; 0 = no limit
 
 
 class Announce(_Msg, tag="announce"):
-    """Encoder -> language rank: the request's exact shape, known before its vision tower runs
-    (the processor ran at arrival). Sent once the encoder holds the request and every
-    destination's ``Expect``; the language side reserves ``min(needed, reserve)`` blocks then.
+    """Encoder -> language manager: the request's exact shape, known before its vision tower
+    runs (the processor ran at arrival). Sent once the encoder holds the request and the
+    language side's ``Expect``; it reserves ``min(needed, reserve)`` blocks then.
     ``items`` is the item table (item_table.py) the payload carries and ``input_ids`` the
     request's T ids as its fill ids will carry them (placeholders expanded): with both, a
     language side builds the ids its prefix cache is keyed by and answers, in its round-0
@@ -443,29 +443,27 @@ class RequestShape(NamedTuple):
 
 
 class Reserve(_Msg, tag="reserve"):
-    """Language rank -> encoder: blocks reserved for round ``round`` of ``room``. ``generation``
+    """Language manager -> encoder: blocks reserved for round ``round`` of ``room``. ``generation``
     is unique per reservation; the encoder stamps it into every aux slot it writes."""
 
     room: int
     manager_id: str
     epoch: int  # the registration this reservation relies on
-    rank: int
-    num_ranks: int
     round: int
     generation: int
     blocks: List[int]
-    max_tokens: int  # most tokens this rank accepts for one request; 0 = no limit
+    max_tokens: int  # most tokens this side accepts for one request; 0 = no limit
     # Stamp block checksums this round: the blocks may still receive a late write (the
     # receiver released them from a fence without an abort_ack), or the receiver always asks.
     checksum: bool
     # Round 0: the items (indices into the announced item table) whose tokens lie wholly in
-    # the prefix this rank's prefix cache holds, locked there until the request's prefill:
+    # the prefix the language server's prefix cache holds, locked there until the request's prefill:
     # the encoder runs no vision tower for them and sends none of their rows.
     held_items: List[int] = []
 
 
 class RoundDone(_Msg, tag="round_done"):
-    """Encoder -> language rank: round written; token/mm ranges it covered; last or not."""
+    """Encoder -> language manager: round written; token/mm ranges it covered; last or not."""
 
     room: int
     manager_id: str  # the encoder; must be the room's encoder
@@ -479,7 +477,7 @@ class RoundDone(_Msg, tag="round_done"):
     mm_tokens: int
     last: bool
     items: list = []  # last round only: the item table (item_table.py)
-    # The items whose rows the payload leaves out (every destination holds them); the rows
+    # The items whose rows the payload leaves out (the language side holds them); the rows
     # sent (mm_tokens, the bitmap) are those of the other items, in prompt order.
     held_items: List[int] = []
 
@@ -517,7 +515,7 @@ class Abort(_Msg, tag="abort"):
 
 
 class AbortAck(_Msg, tag="abort_ack"):
-    """Encoder -> language rank: no write for ``room`` is in flight or will start."""
+    """Encoder -> language manager: no write for ``room`` is in flight or will start."""
 
     room: int
     manager_id: str  # the encoder; must be the room's encoder

@@ -19,6 +19,11 @@ observable from outside the process::
     sglang:encode_language_row_bytes_total{role}      embedding + deepstack row bytes sent
                                                       (encode) / received (language)
     sglang:encode_language_vit_calls_total{role}      encode: vision-tower calls
+    sglang:encode_language_vit_call_tokens{role}      encode: histogram of the tokens of
+                                                      each vision-tower call
+    sglang:encode_language_weight_bytes{role,state="loaded|not_loaded"}  encode: weight bytes
+                                                      loaded (the vision tower) and the
+                                                      checkpoint's bytes it did not load
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ class EncodeLanguageMetrics:
         self._last_waiting: Optional[int] = None
         if not enabled:
             return
-        from prometheus_client import Counter, Gauge
+        from prometheus_client import Counter, Gauge, Histogram
 
         self._blocks = Gauge(
             name="sglang:encode_language_blocks",
@@ -96,6 +101,26 @@ class EncodeLanguageMetrics:
             documentation="Vision-tower calls of the encode server.",
             labelnames=("role",),
         )
+        self._vit_call_tokens = Histogram(
+            name="sglang:encode_language_vit_call_tokens",
+            documentation="Multimodal tokens per vision-tower call of the encode server (bounded by --max-prefill-tokens unless one request alone is larger).",
+            labelnames=("role",),
+            buckets=[2**i for i in range(4, 17)],
+        )
+        self._weight_bytes = Gauge(
+            name="sglang:encode_language_weight_bytes",
+            documentation="Encode server: weight bytes loaded (the vision tower) and checkpoint weight bytes not loaded versus the full model (the memory an encode-only server saves).",
+            labelnames=("role", "state"),
+            multiprocess_mode="mostrecent",
+        )
+
+    def weights(self, loaded: int, not_loaded: Optional[int]) -> None:
+        """The encoder's weights: ``not_loaded`` None when the checkpoint cannot be read."""
+        if not self.enabled:
+            return
+        self._weight_bytes.labels(self.role, "loaded").set(loaded)
+        if not_loaded is not None:
+            self._weight_bytes.labels(self.role, "not_loaded").set(not_loaded)
 
     def items_done(self, sent: int, held: int, row_bytes: int) -> None:
         """One request's items: ``sent`` with their rows (``row_bytes``), ``held`` left out."""
@@ -105,9 +130,10 @@ class EncodeLanguageMetrics:
         self._items.labels(self.role, "held").inc(held)
         self._row_bytes.labels(self.role).inc(row_bytes)
 
-    def vit_call(self) -> None:
+    def vit_call(self, tokens: int) -> None:
         if self.enabled:
             self._vit_calls.labels(self.role).inc()
+            self._vit_call_tokens.labels(self.role).observe(tokens)
 
     def request_held(self) -> None:
         if self.enabled:

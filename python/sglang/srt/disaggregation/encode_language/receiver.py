@@ -1,4 +1,5 @@
-"""Language side: ``LanguageManager`` (one per language rank) and ``LanguageReceiver`` (per request).
+"""Language side: ``LanguageManager`` (one per language server, on its rank 0) and
+``LanguageReceiver`` (one per request).
 
 Lifecycle of a receiver (``Phase``; ``KVPoll`` values in brackets)::
 
@@ -11,7 +12,7 @@ Lifecycle of a receiver (``Phase``; ``KVPoll`` values in brackets)::
     any ─failure─> DONE [Failed]
 
 Admission: a request holds no blocks until the encoder announces its exact shape (it does so
-once it holds the request and every destination's Expect); then it reserves
+once it holds the request and its Expect); then it reserves
 ``min(blocks for T, reserve)`` blocks, in announcement order (nobody overtakes), waiting in ALLOC
 without a timer: waiting for blocks is load, not a fault (a dead encoder is found by heartbeats).
 Pairing (``ANNOUNCE``) is bounded by ``bootstrap_timeout_s + transfer_grace_s``, so the
@@ -42,7 +43,7 @@ not in ``_TRANSITIONS``.
   still land in them, so every round whose reservation includes an exposed block asks the encoder
   for block checksums (``Reserve.checksum``) and the next owner's ``read_round`` catches such a
   write (room, generation and checksum checks). Exposure ends after a bound derived from
-  Mooncake's own transfer timeout (``_Exposure``), so ``exposed_blocks`` does not grow for good.
+  Mooncake's own transfer timeout (exposures.py), so the exposed set does not grow for good.
   Other rounds skip the checksum
   pass on both sides: every other way a block comes back (the last round's ``RoundDone``, an
   ``AbortAck``, an ``Abort`` without pending writes, a failure outside RESERVED) follows the end
@@ -64,9 +65,8 @@ import enum
 import itertools
 import logging
 import math
-import threading
 import time
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.allocator import (
@@ -76,11 +76,7 @@ from sglang.srt.disaggregation.encode_language.allocator import (
 )
 from sglang.srt.disaggregation.encode_language.buffers import (
     MultimodalBufferConfig,
-    ReceivedData,
     RoundStamp,
-    alloc_received,
-    blocks_for_tokens,
-    slice_received,
 )
 from sglang.srt.disaggregation.encode_language.connection import (
     ConnectionConfig,
@@ -89,6 +85,7 @@ from sglang.srt.disaggregation.encode_language.connection import (
     TransferError,
     peer_endpoint,
 )
+from sglang.srt.disaggregation.encode_language.exposures import Exposures
 from sglang.srt.disaggregation.encode_language.manifest import (
     Abort,
     AbortAck,
@@ -106,6 +103,12 @@ from sglang.srt.disaggregation.encode_language.manifest import (
     Unregistered,
     make,
 )
+from sglang.srt.disaggregation.encode_language.payload import (
+    ReceivedData,
+    alloc_received,
+    slice_received,
+)
+from sglang.srt.disaggregation.encode_language.round_plan import blocks_for_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -157,38 +160,6 @@ class _Fence:
 
 
 @dataclasses.dataclass
-class _Exposure:
-    """Blocks freed while ``writer`` (an encoder) may still have a write into them in flight.
-
-    Why the exposure ends: a late write is a transfer-engine write the encoder started before
-    the blocks were freed. Mooncake bounds every batch itself (``batch_transfer_sync`` gives up
-    ``MC_TRANSFER_TIMEOUT`` s + 1 ns per byte after it started: ``connection.mooncake_timeout_s``),
-    and the encoder's own deadline for a round into these blocks is that, for each chunk, plus
-    ``data_write_timeout_s`` (``ConnectionConfig.write_deadline_s``); the transport gives up the
-    batch's remaining slices with it. So a write that started before ``since`` no longer lands
-    ``bound_s = write_deadline_s(len(blocks))`` after it, *counted while the writer runs*: its
-    timers do not advance its writes while it is stopped (SIGSTOP, a frozen VM), and a resumed
-    write lands after its deadline has passed. So the clock does not run while this side holds
-    the writer dead; it restarts when the writer answers a heartbeat again (revived) or when it
-    is forgotten (dead ``peer_prune_s``: taken as gone; a writer stopped even longer and then
-    resumed is outside this bound).
-
-    A fence that timed out is different: the encoder abandoned a write at its own deadline, so
-    Mooncake is not timing it (``connection.ConnectionConfig``): no bound holds. Such an exposure
-    (``room`` set, ``bound_s`` infinite) ends only when the encoder says the write ended: its
-    ``AbortAck`` for the room (returned complete), or its ``Abort(write_failed)`` (returned
-    failed: the bound above holds from then).
-    """
-
-    writer: str
-    blocks: Tuple[int, ...]
-    since: float
-    bound_s: float
-    # a timed-out fence's room: unbounded until the encoder says the write ended
-    room: Optional[int] = None
-
-
-@dataclasses.dataclass
 class _RoundCopy:
     """One round to copy out of its blocks, as checked under the lock (``_on_round_done``)."""
 
@@ -201,7 +172,7 @@ class _RoundCopy:
 
 
 class LanguageManager(ManagerBase):
-    """Owns one language rank's buffers; drives every receiver from its control thread."""
+    """Owns the language server's buffers; drives every receiver from its control thread."""
 
     role = "language"
 
@@ -225,11 +196,11 @@ class LanguageManager(ManagerBase):
         self.registrations: Dict[str, _Registration] = {}
         self.fences: Dict[Tuple[str, int], _Fence] = {}
         # Blocks freed without the encoder's word that its writes into them ended (a dead
-        # encoder, a failed write, a fence timeout): a late write may still land in them, so
-        # rounds that use them are checksummed, until their exposure ends (``_Exposure``).
-        self.exposed_blocks: Set[int] = set()
-        self._exposures: List[_Exposure] = []
-        self.rounds_checksummed = 0
+        # encoder, a failed write, a fence timeout): rounds that use them are checksummed
+        # until their exposure ends (exposures.py).
+        self.exposures = Exposures(
+            lambda n: self.config.write_deadline_s(n, sum(self.layout.slot_block_bytes))
+        )
         self._epochs = itertools.count(1)
         self._generations = itertools.count(1)
         super().__init__(buffer_config, config, engine)
@@ -242,8 +213,6 @@ class LanguageManager(ManagerBase):
         self,
         bootstrap_addr: str,
         room: int,
-        rank: int = 0,
-        num_ranks: int = 1,
         reserve_tokens: Optional[int] = None,
         max_tokens: int = 0,
     ) -> "LanguageReceiver":
@@ -259,16 +228,14 @@ class LanguageManager(ManagerBase):
         with self.lock:
             if room in self.rooms:
                 raise RoomInUseError(
-                    f"bootstrap room {room} is already in use by an active request on this language rank"
+                    f"bootstrap room {room} is already in use by an active request on this language server"
                 )
             if (bootstrap_addr, room) in self.fences:
                 raise RoomInUseError(
                     f"bootstrap room {room} is still fenced: encoder {bootstrap_addr} may be writing "
                     f"its earlier blocks"
                 )
-            r = LanguageReceiver(
-                self, bootstrap_addr, room, rank, num_ranks, nb, max_tokens
-            )
+            r = LanguageReceiver(self, bootstrap_addr, room, nb, max_tokens)
             self.rooms[room] = r
             if self.peer_is_dead(bootstrap_addr):
                 # No blocks taken, nothing sent: it fails now, not after bootstrap_timeout_s.
@@ -314,15 +281,13 @@ class LanguageManager(ManagerBase):
             room=r.room,
             manager_id=self.manager_id,
             epoch=epoch,
-            rank=r.rank,
-            num_ranks=r.num_ranks,
             max_tokens=r.max_tokens,
         )
         self.channel.send(r.encoder, msg)
 
     def _on_announce(self, msg: Announce) -> None:
-        """The encoder holds the request and every destination expects it: check its size
-        against this rank (a request over ``max_tokens`` or one that can never fit the pool
+        """The encoder holds the request and this side expects it: check its size
+        against this side (a request over ``max_tokens`` or one that can never fit the pool
         fails on both sides, a client fault), then queue for ``min(blocks for T, reserve)``
         blocks."""
         now = time.monotonic()
@@ -340,7 +305,7 @@ class LanguageManager(ManagerBase):
             if r.max_tokens and T > r.max_tokens:
                 self._fail_locked(
                     r,
-                    f"request has {T} tokens but language rank {r.rank} accepts at most "
+                    f"request has {T} tokens but the language server accepts at most "
                     f"{r.max_tokens}",
                     kind=FaultKind.CLIENT,
                 )
@@ -409,18 +374,13 @@ class LanguageManager(ManagerBase):
         r.epoch = epoch
         r.generation = next(self._generations)
         r.reserved_once = True
-        r.checksum = (
-            self.config.checksum_every_round
-            or not self.exposed_blocks.isdisjoint(r.handle.blocks)
-        )
+        r.checksum = not self.exposures.blocks.isdisjoint(r.handle.blocks)
         r._set_status(KVPoll.WaitingForInput if r.round == 0 else KVPoll.Transferring)
         msg = make(
             Reserve,
             room=r.room,
             manager_id=self.manager_id,
             epoch=epoch,
-            rank=r.rank,
-            num_ranks=r.num_ranks,
             round=r.round,
             generation=r.generation,
             blocks=r.handle.blocks,
@@ -444,7 +404,8 @@ class LanguageManager(ManagerBase):
         elif isinstance(msg, AbortAck):
             with self.lock:
                 self._release_fence_locked((msg.manager_id, msg.room), "abort_ack")
-                self._bound_exposure_locked(msg.manager_id, msg.room, ended=True)
+                self.exposures.write_returned(msg.manager_id, msg.room, complete=True)
+            self.wake()  # an exposure may have ended
         else:
             logger.warning(
                 "language: unexpected control message %s; dropped", type(msg).__name__
@@ -546,7 +507,8 @@ class LanguageManager(ManagerBase):
         with self.lock:
             key = (msg.manager_id, msg.room)
             if msg.write_failed:  # a write past a timed-out fence ended (failed)
-                self._bound_exposure_locked(msg.manager_id, msg.room, ended=False)
+                self.exposures.write_returned(msg.manager_id, msg.room, complete=False)
+                self.wake()  # its bound runs from now
             if key in self.fences:
                 if msg.write_failed:
                     # no AbortAck will come: freed now, exposed
@@ -604,8 +566,6 @@ class LanguageManager(ManagerBase):
         now = time.monotonic()
         with self.lock:
             r.copying = False
-            if data is not None:
-                self.rounds_checksummed += job.verify
             if r.status == KVPoll.Failed:
                 # Failed while copying (an abort, a dead encoder): the encoder's writes into the
                 # blocks ended with its RoundDone, so they are freed (here, once), not fenced;
@@ -676,7 +636,7 @@ class LanguageManager(ManagerBase):
             )
         if r.max_tokens and msg.total_tokens > r.max_tokens:
             raise ProtocolError(
-                f"request has {msg.total_tokens} tokens, this rank accepts {r.max_tokens}"
+                f"request has {msg.total_tokens} tokens, this side accepts {r.max_tokens}"
             )
         if msg.mm_tokens > msg.total_tokens:
             raise ProtocolError(
@@ -689,7 +649,7 @@ class LanguageManager(ManagerBase):
             raise ProtocolError("request size changed between rounds")
         if not set(msg.held_items) <= set(r.held):
             raise ProtocolError(
-                f"round_done leaves out the rows of items {list(msg.held_items)}, this rank "
+                f"round_done leaves out the rows of items {list(msg.held_items)}, this side "
                 f"holds only {list(r.held)}"
             )
         if r.shape is not None and msg.mm_tokens != r.shape.mm_tokens - (
@@ -811,7 +771,7 @@ class LanguageManager(ManagerBase):
         """Fail ``r`` and end it. ``fence`` (default: the encoder may be writing, i.e. RESERVED)
         quarantines its blocks and asks the encoder to abort, until its AbortAck; with
         ``expose`` (no AbortAck can come: the encoder is declared dead, or its write failed)
-        they are freed at once instead, exposed to the late write (``_Exposure``). Otherwise
+        they are freed at once instead, exposed to the late write (``Exposures``). Otherwise
         the blocks are freed and the encoder, if it knows the room and ``notify``, is told.
         """
         if fence is None:
@@ -827,7 +787,7 @@ class LanguageManager(ManagerBase):
             r.notify_after_copy = r.notify_after_copy and notify
             return
         if fence and expose and r.handle is not None:
-            self._expose_locked(r.encoder, r.handle.blocks)
+            self.exposures.add(r.encoder, r.handle.blocks)
             if notify:  # it drops the room if it comes back
                 self._send_abort(r.encoder, r.room, reason, kind)
         elif fence and r.handle is not None:
@@ -858,12 +818,12 @@ class LanguageManager(ManagerBase):
         timed_out: bool = False,
     ) -> None:
         """Free a fence's blocks; not ``acked`` (the encoder never said its writes ended):
-        exposed to a late write (``_Exposure``), without a bound if the fence ``timed_out``.
+        exposed to a late write (``Exposures``), without a bound if the fence ``timed_out``.
         """
         f = self.fences.pop(key, None)
         if f is not None:
             if not acked:
-                self._expose_locked(
+                self.exposures.add(
                     f.encoder, f.handle.blocks, f.room if timed_out else None
                 )
             logger.info(
@@ -874,59 +834,9 @@ class LanguageManager(ManagerBase):
             )
             f.handle.free()
 
-    def _expose_locked(self, writer: str, blocks, room: Optional[int] = None) -> None:
-        """``blocks`` are about to be freed while ``writer`` may still write them: every round
-        on them is checksummed until the exposure ends (``_Exposure``; with ``room``: a
-        timed-out fence's, unbounded)."""
-        bound = math.inf if room is not None else self._exposure_bound(blocks)
-        self._exposures.append(
-            _Exposure(writer, tuple(blocks), time.monotonic(), bound, room)
-        )
-        self.exposed_blocks.update(blocks)
-
-    def _exposure_bound(self, blocks) -> float:
-        return self.config.write_deadline_s(
-            len(blocks), sum(self.layout.slot_block_bytes)
-        )
-
-    def _bound_exposure_locked(self, writer: str, room: int, ended: bool) -> None:
-        """The encoder says its write of ``room`` past a timed-out fence returned: the
-        exposure ends (``ended``: complete) or takes the write's bound from now (failed).
-        """
-        for e in self._exposures:
-            if e.room == room and e.writer == writer:
-                e.room, e.since = None, time.monotonic()
-                e.bound_s = 0.0 if ended else self._exposure_bound(e.blocks)
-        self.wake()
-
-    def _expire_exposures_locked(self, now: float) -> float:
-        """End the exposures whose bound has passed (their writer not held dead); return
-        when the next one ends."""
-        due = math.inf
-        kept = []
-        for e in self._exposures:
-            if self.peer_is_dead(e.writer):
-                e.since = now  # its writes do not advance while it is stopped
-            if now - e.since < e.bound_s:
-                kept.append(e)
-                due = min(due, e.since + e.bound_s)
-        if len(kept) != len(self._exposures):
-            ended = len(self._exposures) - len(kept)
-            self._exposures = kept
-            self.exposed_blocks = {b for e in kept for b in e.blocks}
-            logger.info(
-                "language: %d exposures ended (%d blocks still exposed)",
-                ended,
-                len(self.exposed_blocks),
-            )
-        return due
-
     def _on_peer_revived(self, endpoint: str) -> None:
-        # the writer runs again: a write it had in flight ends within the bound from now
         with self.lock:
-            for e in self._exposures:
-                if e.writer == endpoint:
-                    e.since = max(e.since, time.monotonic())
+            self.exposures.writer_revived(endpoint)
         self.wake()
 
     def _release_locked(self, r: "LanguageReceiver") -> None:
@@ -988,7 +898,7 @@ class LanguageManager(ManagerBase):
                     f.since + cfg.fence_timeout_s,
                     f.asked_at + cfg.abort_ack_timeout_s,
                 )
-            due = min(due, self._expire_exposures_locked(now))
+            due = min(due, self.exposures.expire(now, self.peer_is_dead))
         return min(due, super()._tick(now))
 
     def _room_step_locked(self, step, r: "LanguageReceiver", now: float) -> None:
@@ -1067,12 +977,6 @@ class LanguageManager(ManagerBase):
             live = {r.encoder for r in self.rooms.values()}
             return list(live | {f.encoder for f in self.fences.values()})
 
-    def _pong_nonce(self, ping) -> int:
-        # health probe: report the nonce the encoder wrote into our scratch block
-        if ping.nonce < 0:
-            return -self.buffers.read_scratch_nonce()
-        return ping.nonce
-
     def _on_peer_dead(self, endpoint: str, reason: str) -> None:
         """Every request of a dead-declared encoder fails now (503): one that is not RESERVED
         holds no block it may write (freed); a RESERVED one's blocks, and those fenced for its
@@ -1096,7 +1000,7 @@ class LanguageManager(ManagerBase):
 
 
 class LanguageReceiver:
-    """One request on a language rank (a ``TransferRequest``): ``poll()`` until Success, then
+    """One request on the language side (a ``TransferRequest``): ``poll()`` until Success, then
     ``take()``."""
 
     def __init__(
@@ -1104,16 +1008,12 @@ class LanguageReceiver:
         mgr: LanguageManager,
         bootstrap_addr: str,
         room: int,
-        rank: int,
-        num_ranks: int,
         reserve_blocks: int,
         max_tokens: int,
     ):
         self.mgr = mgr
         self.encoder = bootstrap_addr
         self.room = room
-        self.rank = rank
-        self.num_ranks = num_ranks
         self.reserve_blocks = reserve_blocks  # most blocks a round reserves
         self.max_tokens = max_tokens
         self.handle: Optional[BlockHandle] = None
@@ -1121,9 +1021,8 @@ class LanguageReceiver:
         self.phase_since = time.monotonic()
         # the encoder's announcement (T, M, item table, ids), and the blocks reserved for round 0
         self.shape: Optional[RequestShape] = None
-        self.held: (
-            tuple
-        ) = ()  # items the prefix cache holds (set_held), named in Reserve
+        # items the prefix cache holds (set_held), named in Reserve
+        self.held: tuple = ()
         self.rows_left_out: tuple = ()  # items whose rows the encoder did not send
         self.alloc_blocks = 0
         self.round = 0
@@ -1138,7 +1037,6 @@ class LanguageReceiver:
         self.manifest: Optional[RequestManifest] = None
         # the request's tensors (alloc_received), filled in place round by round
         self.data: Optional[ReceivedData] = None
-        self._done = threading.Event()
         self.tokens_received = 0
         self.mm_received = 0
         self.mm_bits = 0  # multimodal tokens the received bitmaps mark
@@ -1176,11 +1074,6 @@ class LanguageReceiver:
         """Drop received data (the manager already dropped its tables)."""
         self.data = None
 
-    def wait(self, timeout_s: float) -> int:
-        """Block until Success or Failed (or the timeout); returns the status."""
-        self._done.wait(timeout_s)
-        return self.status
-
     @property
     def finished(self) -> bool:
         """True once the request ended and holds no blocks (freed, or fenced by the manager)."""
@@ -1212,5 +1105,3 @@ class LanguageReceiver:
         if self.status == KVPoll.Failed or self.status == KVPoll.Success:
             return
         self.status = status if status == KVPoll.Failed else max(self.status, status)
-        if self.status in (KVPoll.Success, KVPoll.Failed):
-            self._done.set()

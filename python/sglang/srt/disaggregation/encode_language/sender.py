@@ -1,53 +1,53 @@
 """Encode side: ``EncodeManager`` (one per encode process) and ``EncodeSender`` (one per request).
 
-Flow of one request (bootstrap room R) with N language destinations (language TP ranks):
+Flow of one request (bootstrap room R) to its language server (one destination: the language
+server's rank 0 receives every request and broadcasts it to its other TP ranks):
 
-1. Each language manager registers (``Register``: epoch, layout, buffer addresses). The layouts
+1. The language manager registers (``Register``: epoch, layout, buffer addresses). The layouts
    are compared field by field; a mismatch is answered with ``RegisterAck(ok=False)`` naming the
    field, logged here, and nothing is ever written to that peer. A reservation naming a
    registration this side does not hold (peer declared dead, pruned, or this process restarted)
    is answered with ``Unregistered``, and the language side registers again.
-2. Each destination rank sends ``Expect(room)``: it holds the request, and no blocks yet. A room
-   may learn about its destinations before or after ``create_sender(R, shape)``, whose shape
-   (T tokens, M multimodal tokens, item table) is known when the request arrives (its processor
-   ran in the tokenizer manager). Once both halves are here (the request and every
-   destination's Expect) the encoder sends ``Announce(T, M, items)`` to every destination
-   (and at once to an Expect that comes again later); each reserves ``min(needed, reserve)``
-   blocks and sends ``Reserve(room, round=0, blocks)``. Pairing is bounded by
-   ``bootstrap_timeout_s``; waiting for the reservations after the announcement is not (it
-   waits for language blocks: load; a dead peer is found by heartbeats). The sender polls
-   ``WaitingForInput`` once every destination reserved round 0: the encode scheduler runs the
-   vision tower only then, so payload bytes are held only by requests that hold language blocks.
+2. The destination sends ``Expect(room)``: it holds the request, and no blocks yet. A room may
+   learn about its destination before or after ``create_sender(R, shape)``, whose shape (T
+   tokens, M multimodal tokens, item table) is known when the request arrives (its processor ran
+   in the tokenizer manager). Once both halves are here (the request and the Expect) the encoder
+   sends ``Announce(T, M, items)`` (and at once to an Expect that comes again later); the
+   destination reserves ``min(needed, reserve)`` blocks and sends ``Reserve(room, round=0,
+   blocks)``. Pairing is bounded by ``bootstrap_timeout_s``; waiting for the reservation after
+   the announcement is not (it waits for language blocks: load; a dead peer is found by
+   heartbeats). The sender polls ``WaitingForInput`` once round 0 is reserved: the encode
+   scheduler runs the vision tower only then, so payload bytes are held only by requests that
+   hold language blocks.
 3. ``sender.send(payload)`` hands over the request (the sender keeps a reference; the caller must
    not modify the tensors afterwards); a payload whose T, M or items differ from the announced
-   shape fails the request. A round starts only when the payload is there and *every*
-   destination has reserved blocks for that round.
+   shape fails the request. A round starts only when the payload is there and the destination
+   has reserved blocks for that round.
 4. A round stages the next ``min(remaining, capacity)`` tokens (and as many multimodal rows) in
-   this side's blocks, writes them into every destination with Mooncake, frees the staging
-   blocks, and sends ``RoundDone`` with the token/multimodal ranges it covered. The capacity is the
-   smallest destination reservation, capped by this side's pool. Bytes already sent are never
-   sent again.
-5. Not the last round: wait (``resume_timeout_s``) until every destination reserved blocks for the
+   this side's blocks, writes them into the destination with one Mooncake batch, frees the
+   staging blocks, and sends ``RoundDone`` with the token/multimodal ranges it covered. The
+   capacity is the destination's reservation, capped by this side's pool. Bytes already sent
+   are never sent again.
+5. Not the last round: wait (``resume_timeout_s``) until the destination reserved blocks for the
    next round, then go to 4. Last round: Success, the room's table entry is dropped.
 
 Staging per round (instead of holding a whole request in encode blocks) means encode blocks are
 held only while a write is in flight, so no cycle of waits between the two pools can form.
 
 Abort: ``sender.abort()`` or a language ``Abort`` fails the room; if a write is in flight, the
-worker finishes or fails it first, and only then tells the destinations (``Abort``, or
-``AbortAck`` to the one that asked), so a language block is never freed while being written.
+worker finishes or fails it first, and only then tells the destination (``Abort``, or
+``AbortAck`` when it asked), so a language block is never freed while being written.
 
-Bounded writes: a round written as one chunk is written on the worker thread itself and the
-control thread watches its deadline (no thread hand-off on a small request's path); a pipelined
-round's chunks go to a writer thread and the worker waits for it. Either way the deadline is
-``ConnectionConfig.write_deadline_s``: Mooncake's own timeout for the bytes written
+Bounded writes: a round's write is made on the worker thread itself and the control thread
+watches its deadline (no thread hand-off on a small request's path):
+``ConnectionConfig.write_deadline_s``, Mooncake's own timeout for the bytes written
 (``connection.mooncake_timeout_s``) plus ``data_write_timeout_s``, so a write Mooncake watches
 always ends by Mooncake's verdict first, and this deadline only catches a write Mooncake is not
 timing (the language side waits for a round longer still: ``ConnectionConfig.round_timeout_s``).
 Past it the room fails and the destination gets ``Abort(writes_pending=True)``: the write cannot
 be cancelled, so the destination fences those blocks, and this side quarantines the staging
 blocks, until the write returns; a write that returns complete earns the destination an
-``AbortAck`` (an ``Abort`` asking about that room is answered only then). The thread the write
+``AbortAck`` (an ``Abort`` asking about that room is answered only then). The worker the write
 holds gets a replacement, so later rounds still start (bounded: ``MAX_ABANDONED_WRITES``).
 
 Failed writes: Mooncake returns -1 while parts of a batch may still be in flight (a task FAILED
@@ -67,7 +67,6 @@ than the whole bound fails the request (``OversizeError``).
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import itertools
 import logging
@@ -82,12 +81,7 @@ from sglang.srt.disaggregation.encode_language.allocator import (
     BlockHandle,
     OversizeError,
 )
-from sglang.srt.disaggregation.encode_language.buffers import (
-    MultimodalBufferConfig,
-    MultimodalPayload,
-    block_layout,
-    blocks_for_tokens,
-)
+from sglang.srt.disaggregation.encode_language.buffers import MultimodalBufferConfig
 from sglang.srt.disaggregation.encode_language.connection import (
     ConnectionConfig,
     ManagerBase,
@@ -102,22 +96,26 @@ from sglang.srt.disaggregation.encode_language.manifest import (
     FaultKind,
     LayoutManifest,
     LayoutMismatchError,
-    Ping,
     ProtocolError,
     Register,
     RegisterAck,
     RequestShape,
     Reserve,
     RoundDone,
-    Slot,
     Unregistered,
     make,
+)
+from sglang.srt.disaggregation.encode_language.payload import MultimodalPayload
+from sglang.srt.disaggregation.encode_language.round_plan import (
+    blocks_for_tokens,
+    region_base,
+    round_segments,
 )
 
 logger = logging.getLogger(__name__)
 
-# Writer threads that abandoned (timed-out) writes may hold at once (``WriterPool``), and
-# workers that abandoned writes made on them (``EncodeManager._write_inline``).
+# Workers that abandoned (timed-out) writes made on them may hold at once
+# (``EncodeManager._write_inline``).
 MAX_ABANDONED_WRITES = 64
 
 
@@ -157,107 +155,6 @@ class WriteTimeoutError(TransferError):
         super().__init__(room, reason, FaultKind.TIMEOUT)
 
 
-class WriterPool:
-    """The threads that run transfer-engine writes (``size`` of them take jobs at any time).
-
-    A write abandoned at its deadline (``abandon``) keeps its thread: Mooncake cannot cancel
-    it. The pool then starts a replacement, so later writes still start, and the abandoned
-    write's thread exits once its write returns. Bounded: at most ``max_abandoned`` threads are
-    held by abandoned writes at once; past that no replacement is started (the write's thread
-    rejoins the pool when it returns), so a peer that hangs every write costs that many
-    threads, not one per request (each also holds its staging blocks, quarantined)."""
-
-    def __init__(self, size: int, max_abandoned: int, name: str):
-        self.size, self.max_abandoned, self._name = size, max_abandoned, name
-        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._running: set = set()  # futures of the jobs running now
-        self._abandoned: set = (
-            set()
-        )  # of those, the ones abandoned (their thread retires)
-        self._started = itertools.count()
-        self._threads: List[threading.Thread] = []
-        for _ in range(size):
-            self._start_thread()
-
-    @property
-    def num_abandoned(self) -> int:
-        """Threads held by abandoned writes that have not returned yet."""
-        with self._lock:
-            return len(self._abandoned)
-
-    def submit(self, fn, *args) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._jobs.put((future, fn, args))
-        return future
-
-    def abandon(self, future: concurrent.futures.Future) -> bool:
-        """The caller stopped waiting for this running job: start a replacement thread (the
-        job's thread exits when the job returns). False when the job is not running (it ended
-        meanwhile) or ``max_abandoned`` threads are already held (no replacement)."""
-        with self._lock:
-            if future not in self._running or future in self._abandoned:
-                return False
-            if len(self._abandoned) >= self.max_abandoned:
-                logger.error(
-                    "encode: %d writer threads are held by abandoned writes (the bound); "
-                    "no replacement, later writes may not start in time",
-                    len(self._abandoned),
-                )
-                return False
-            self._abandoned.add(future)
-            self._start_thread()
-        return True
-
-    def _start_thread(self) -> None:
-        t = threading.Thread(
-            target=self._loop,
-            name=f"{self._name}-{next(self._started)}",
-            daemon=True,
-        )
-        self._threads = [x for x in self._threads if x.is_alive()] + [t]
-        t.start()
-
-    def _loop(self) -> None:
-        while True:
-            item = self._jobs.get()
-            if item is None:
-                return
-            future, fn, args = item
-            with self._lock:
-                if not future.set_running_or_notify_cancel():
-                    continue
-                self._running.add(future)
-            try:
-                result, error = fn(*args), None
-            except BaseException as e:  # the job's failure is the future's
-                result, error = None, e
-            with self._lock:
-                self._running.discard(future)
-                retire = future in self._abandoned
-                self._abandoned.discard(future)
-            if error is None:
-                future.set_result(result)
-            else:
-                future.set_exception(error)
-            if retire:
-                return  # a replacement took this thread's place
-
-    def shutdown(self) -> None:
-        """Cancel the queued jobs and end the idle threads (running ones end after their job)."""
-        while True:
-            try:
-                item = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item[0].cancel()
-        with self._lock:
-            threads = len(self._threads)
-        for _ in range(threads):
-            self._jobs.put(None)
-
-
 @dataclasses.dataclass
 class _Peer:
     manager_id: str
@@ -273,8 +170,9 @@ EXPECTING = -1
 
 @dataclasses.dataclass
 class _Dest:
+    """The language server a room's rows go to (its rank 0)."""
+
     manager_id: str
-    rank: int
     round: int  # the round its current reservation is for; EXPECTING before round 0
     generation: int
     blocks: List[int]
@@ -289,29 +187,20 @@ class _Room:
     created: float
     sender: Optional["EncodeSender"] = None
     shape: Optional[RequestShape] = None  # from create_sender: what is announced
-    announced: bool = False  # Announce sent to every destination
-    # items every destination holds (no vision tower, no rows); fixed once all reserved
-    held: Optional[frozenset] = None
-    num_ranks: Optional[int] = None
-    dests: Dict[int, _Dest] = dataclasses.field(default_factory=dict)
+    announced: bool = False  # Announce sent to the destination
+    dest: Optional[_Dest] = None  # from its Expect
     payload: Optional[MultimodalPayload] = None
     payload_bytes: int = 0  # counted against max_inflight_payload_bytes while held
     round: int = 0
     token_sent: int = 0
     mm_sent: int = 0
     in_flight: bool = False
-    waiting_since: float = 0.0  # start of the current wait for destinations
+    waiting_since: float = 0.0  # start of the current wait for the destination
     failed: Optional[str] = None  # reason, once failed
     fault_kind: FaultKind = FaultKind.INTERNAL  # what failed it, once failed
-    # managers that asked to abort
-    ack_to: List[str] = dataclasses.field(default_factory=list)
+    abort_asked: bool = False  # the destination asked to abort: it gets an AbortAck
     bytes_sent: int = 0
     first_send: Optional[float] = None
-
-
-def payload_nbytes(payload: MultimodalPayload) -> int:
-    """Host or device bytes a payload holds while the encoder keeps it."""
-    return sum(t.numel() * t.element_size() for t in payload.tensors())
 
 
 class EncodeManager(ManagerBase):
@@ -329,7 +218,6 @@ class EncodeManager(ManagerBase):
         self.rooms: Dict[int, _Room] = {}
         # rooms whose next round is due, for the workers (SimpleQueue: C, a cheaper hand-off)
         self._queue: "queue.SimpleQueue[Optional[int]]" = queue.SimpleQueue()
-        self._probes: Dict[int, threading.Event] = {}
         # (room, language manager) -> timed-out writes that have not returned yet
         self._pending_writes: Dict[Tuple[int, str], int] = {}
         # (room, language manager) -> until: a write failed while parts may still be in
@@ -339,18 +227,14 @@ class EncodeManager(ManagerBase):
         # a reservation arriving after the failure is refused with it (no fresh room to time out)
         self._failed_rooms: Dict[int, Tuple[str, FaultKind, float]] = {}
         self.inflight_payload_bytes = 0
-        self.refused_registrations = 0
         # writes made on a worker thread (_write_inline) until they return or are abandoned
         self._inline_writes: set = set()
         # workers replaced while an abandoned write holds them (they end when it returns)
         self._retiring_workers: set = set()
         super().__init__(buffer_config, config, engine)
-        n = self.config.num_transfer_workers
-        # pipelined rounds' writer jobs (_await_write)
-        self._writer = WriterPool(n, MAX_ABANDONED_WRITES, "el-encode-write")
         self._worker_ids = itertools.count()
         self._workers: List[threading.Thread] = []
-        for _ in range(n):
+        for _ in range(self.config.num_transfer_workers):
             self._start_worker()
 
     def _control_port(self) -> int:
@@ -360,7 +244,7 @@ class EncodeManager(ManagerBase):
     # Public API -----------------------------------------------------------------------------
     def create_sender(self, room: int, shape: RequestShape) -> "EncodeSender":
         """The request of ``room``, whose ``shape`` (T, M, item table) is known at arrival:
-        it is announced to the destinations once every one of them expects the request.
+        it is announced to the destination once that expects the request.
         """
         with self.lock:
             r = self.rooms.get(room)
@@ -398,38 +282,6 @@ class EncodeManager(ManagerBase):
         with self.lock:
             return len(self.rooms)
 
-    def probe(self, manager_id: str, timeout_s: float = 5.0) -> bool:
-        """Health check of the data path to a registered language manager: write a nonce into its
-        scratch block (never a request's block) and ask it, by ping, to read it back."""
-        with self.lock:
-            peer = self.peers.get(manager_id)
-        if peer is None:
-            return False
-        nonce = next(self._nonce)
-        self.buffers.write_scratch_nonce(nonce)
-        stride = block_layout(peer.layout).stride  # the peer's scratch block's aux
-        dst = peer.slot_ptrs[Slot.AUX] + peer.layout.num_blocks * stride
-        src = self.buffers.scratch_aux_address()
-        if self.engine.transfer_sync(peer.session_id, src, dst, 8) < 0:
-            return False
-        done = threading.Event()
-        with self.lock:
-            self._probes[nonce] = done
-        self.channel.send(
-            manager_id, make(Ping, manager_id=self.manager_id, nonce=-nonce)
-        )
-        ok = done.wait(timeout_s)
-        with self.lock:
-            self._probes.pop(nonce, None)
-        return ok
-
-    def _on_pong(self, msg) -> None:
-        if msg.nonce < 0:
-            with self.lock:
-                ev = self._probes.get(-msg.nonce)
-            if ev is not None:
-                ev.set()
-
     # Message handling -----------------------------------------------------------------------
     def _handle(self, msg) -> None:
         if isinstance(msg, Register):
@@ -463,7 +315,6 @@ class EncodeManager(ManagerBase):
                 )
         except (LayoutMismatchError, ProtocolError) as e:
             logger.error("encode: rejected registration of %s: %s", msg.manager_id, e)
-            self.refused_registrations += 1
             with self.lock:
                 self.peers.pop(msg.manager_id, None)
             ack = make(
@@ -494,10 +345,9 @@ class EncodeManager(ManagerBase):
     def _refuse(self, msg, what: str, reason: str, kind=FaultKind.INTERNAL) -> None:
         """Answer an ``Expect`` or ``Reserve`` with an Abort naming why."""
         logger.warning(
-            "encode: refused %s of room %d rank %d from %s: %s",
+            "encode: refused %s of room %d from %s: %s",
             what,
             msg.room,
-            msg.rank,
             msg.manager_id,
             reason,
         )
@@ -538,18 +388,16 @@ class EncodeManager(ManagerBase):
         return None
 
     def _on_expect(self, msg: Expect) -> None:
-        """A destination holds the request and waits for its announcement: recorded as a
-        destination that has not reserved yet (``EXPECTING``). Announced once the request
-        and every destination are here; a destination that expects it again (after
-        registering again) is answered at once."""
+        """The destination holds the request and waits for its announcement: recorded as a
+        destination that has not reserved yet (``EXPECTING``). Announced once the request is
+        here too; a destination that expects it again (after registering again) is answered
+        at once."""
         refuse = lambda reason, kind=FaultKind.INTERNAL: self._refuse(  # noqa: E731
             msg, "expect", reason, kind
         )
         with self.lock:
             if self._peer_holds_locked(msg, "expect") is None:
                 return
-            if msg.num_ranks < 1 or not (0 <= msg.rank < msg.num_ranks):
-                return refuse(f"invalid rank {msg.rank} of {msg.num_ranks}")
             r = self.rooms.get(msg.room)
             if r is None and msg.room in self._failed_rooms:
                 reason, kind, _ = self._failed_rooms[msg.room]
@@ -561,44 +409,33 @@ class EncodeManager(ManagerBase):
                 )
             if r.failed:
                 return refuse(f"request already failed: {r.failed}", r.fault_kind)
-            if r.num_ranks is None:
-                r.num_ranks = msg.num_ranks
-            elif r.num_ranks != msg.num_ranks:
-                return refuse(
-                    f"room {msg.room} has {r.num_ranks} destinations, this one says {msg.num_ranks}"
-                )
-            d = r.dests.get(msg.rank)
+            d = r.dest
             if d is not None and (
                 d.manager_id != msg.manager_id or d.round != EXPECTING
             ):
                 return refuse(
-                    f"bootstrap room {msg.room} is already in use (rank {msg.rank} already "
-                    f"expects it)",
+                    f"bootstrap room {msg.room} is already in use (a language server "
+                    f"already expects it)",
                     FaultKind.CLIENT,
                 )
-            r.dests[msg.rank] = _Dest(
-                msg.manager_id, msg.rank, EXPECTING, 0, [], msg.max_tokens
-            )
+            r.dest = _Dest(msg.manager_id, EXPECTING, 0, [], msg.max_tokens)
             if r.announced:
-                self._send_announce_locked(r, r.dests[msg.rank])
+                self._send_announce_locked(r)
             else:
                 self._announce_locked(r)
 
     def _announce_locked(self, r: _Room) -> None:
-        """Both halves are here (the request's shape and every destination's Expect): tell
-        every destination the shape, so it reserves what the request needs."""
-        if r.announced or r.failed or r.shape is None:
-            return
-        if r.num_ranks is None or len(r.dests) != r.num_ranks:
+        """Both halves are here (the request's shape and the destination's Expect): tell the
+        destination the shape, so it reserves what the request needs."""
+        if r.announced or r.failed or r.shape is None or r.dest is None:
             return
         r.announced = True
-        for d in r.dests.values():
-            self._send_announce_locked(r, d)
+        self._send_announce_locked(r)
 
-    def _send_announce_locked(self, r: _Room, d: _Dest) -> None:
+    def _send_announce_locked(self, r: _Room) -> None:
         T, M, items, input_ids = r.shape
         self.channel.send(
-            d.manager_id,
+            r.dest.manager_id,
             make(
                 Announce,
                 room=r.room,
@@ -625,8 +462,6 @@ class EncodeManager(ManagerBase):
                 or any(not (0 <= b < nb) for b in msg.blocks)
             ):
                 return refuse(f"invalid block list for a pool of {nb} blocks")
-            if msg.num_ranks < 1 or not (0 <= msg.rank < msg.num_ranks):
-                return refuse(f"invalid rank {msg.rank} of {msg.num_ranks}")
             r = self.rooms.get(msg.room)
             if r is None and msg.room in self._failed_rooms:
                 reason, kind, _ = self._failed_rooms[msg.room]
@@ -635,7 +470,7 @@ class EncodeManager(ManagerBase):
                 return refuse("unknown room (already finished or failed)")
             if r.failed:
                 return refuse(f"request already failed: {r.failed}", r.fault_kind)
-            d = r.dests.get(msg.rank)
+            d = r.dest
             if d is None or d.manager_id != msg.manager_id:
                 return refuse(f"reservation for room {msg.room} without its expect")
             if msg.round == 0:
@@ -669,9 +504,7 @@ class EncodeManager(ManagerBase):
     def _on_abort(self, msg: Abort) -> None:
         with self.lock:
             r = self.rooms.get(msg.room)
-            if r is None or all(
-                d.manager_id != msg.manager_id for d in r.dests.values()
-            ):
+            if r is None or r.dest is None or r.dest.manager_id != msg.manager_id:
                 # Nothing of ours writes for that manager, unless a timed-out write has not
                 # returned yet (its AbortAck follows when it does) or a write failed (it may
                 # still land: never acknowledged, said again).
@@ -687,44 +520,34 @@ class EncodeManager(ManagerBase):
                     ack = make(AbortAck, room=msg.room, manager_id=self.manager_id)
                     self.channel.send(msg.manager_id, ack)
                 return
-            r.ack_to.append(msg.manager_id)
+            r.abort_asked = True
             self._fail_locked(
                 r,
                 f"aborted by language side {msg.manager_id}: {msg.reason}",
                 msg.kind,
             )
 
-    def _held_locked(self, r: _Room) -> frozenset:
-        """The items every destination holds (fixed from the first call: the caller asks
-        once every destination reserved round 0, before the vision tower)."""
-        if r.held is None:
-            r.held = frozenset.intersection(
-                *[d.held for d in r.dests.values()] or [frozenset()]
-            )
-        return r.held
+    @staticmethod
+    def _held(r: _Room) -> frozenset:
+        """The items the destination holds (named in its round-0 Reserve)."""
+        return r.dest.held if r.dest is not None else frozenset()
 
     # Scheduling -------------------------------------------------------------------------------
     def _update_sender_status(self, r: _Room) -> None:
         s = r.sender
         if s is None or r.failed:
             return
-        # every destination reserved round 0: the request may run its vision tower
-        all_ready = (
-            r.num_ranks is not None
-            and len(r.dests) == r.num_ranks
-            and all(d.round != EXPECTING for d in r.dests.values())
-        )
-        if r.payload is not None and (r.token_sent > 0 or r.in_flight or all_ready):
+        # the destination reserved round 0: the request may run its vision tower
+        reserved = r.dest is not None and r.dest.round != EXPECTING
+        if r.payload is not None and (r.token_sent > 0 or r.in_flight or reserved):
             s._set_status(KVPoll.Transferring)
-        elif all_ready:
+        elif reserved:
             s._set_status(KVPoll.WaitingForInput)
 
     def _maybe_schedule(self, r: _Room) -> None:
         if r.failed or r.in_flight or r.sender is None or r.payload is None:
             return
-        if r.num_ranks is None or len(r.dests) != r.num_ranks:
-            return
-        if any(d.round != r.round for d in r.dests.values()):
+        if r.dest is None or r.dest.round != r.round:
             return
         r.in_flight = True
         self._queue.put(r.room)
@@ -738,7 +561,7 @@ class EncodeManager(ManagerBase):
                 "a payload with CUDA tensors needs its ready event: call "
                 "payload.record_ready() on the stream that produced it before send()"
             )
-        nbytes = payload_nbytes(payload)
+        nbytes = payload.nbytes()
         bound = self.config.max_inflight_payload_bytes
         with self.lock:
             r = self.rooms.get(sender.room)
@@ -748,8 +571,8 @@ class EncodeManager(ManagerBase):
                 )
             if r.payload is not None:
                 raise TransferError(sender.room, "send() called twice")
-            # rows of the items every destination holds are left out
-            rows = r.shape.mm_tokens - r.shape.held_tokens(self._held_locked(r))
+            # rows of the items the destination holds are left out
+            rows = r.shape.mm_tokens - r.shape.held_tokens(self._held(r))
             shape = (payload.total_tokens, payload.mm_tokens, list(payload.items))
             if shape != (r.shape.total_tokens, rows, list(r.shape.items)):
                 raise ValueError(
@@ -838,32 +661,32 @@ class EncodeManager(ManagerBase):
                 self.wake()
 
     def _run_round(self, r: _Room) -> None:
+        """Stage the round in encode blocks, then write it into the destination's reserved
+        blocks: one transfer-engine batch, made on this thread (``_write_inline``).
+        """
         B = self.layout.block_size
         with self.lock:
             if r.failed:
                 return
             payload = r.payload
-            dests = [
-                dataclasses.replace(d, blocks=list(d.blocks))
-                for d in sorted(r.dests.values(), key=lambda d: d.rank)
-            ]
-            peers = [self.peers.get(d.manager_id) for d in dests]
+            d = dataclasses.replace(r.dest, blocks=list(r.dest.blocks))
+            peer = self.peers.get(d.manager_id)
             t0, m0, rnd = r.token_sent, r.mm_sent, r.round
         T, M = payload.total_tokens, payload.mm_tokens
-        for d, p in zip(dests, peers):
-            if p is None:
-                raise TransferError(
-                    r.room,
-                    f"destination {d.manager_id} is no longer registered",
-                    FaultKind.UNAVAILABLE,
-                )
-            if d.max_tokens and T > d.max_tokens:
-                raise OversizeError(
-                    f"request has {T} tokens but language rank {d.rank} accepts at most {d.max_tokens}"
-                )
-        cap_blocks = min([len(d.blocks) for d in dests] + [self.layout.num_blocks])
-        ct = min(T - t0, cap_blocks * B)
-        cm = max(0, min(M - m0, cap_blocks * B))
+        if peer is None:
+            raise TransferError(
+                r.room,
+                f"destination {d.manager_id} is no longer registered",
+                FaultKind.UNAVAILABLE,
+            )
+        if d.max_tokens and T > d.max_tokens:
+            raise OversizeError(
+                f"request has {T} tokens but the language server accepts at most "
+                f"{d.max_tokens}"
+            )
+        cap = min(len(d.blocks), self.layout.num_blocks) * B
+        ct = min(T - t0, cap)
+        cm = max(0, min(M - m0, cap))
         if cm and m0 != t0:
             raise AssertionError(f"stream misalignment: token_sent={t0} mm_sent={m0}")
         nb = blocks_for_tokens(ct, B)
@@ -877,95 +700,58 @@ class EncodeManager(ManagerBase):
             raise TransferError(
                 r.room, f"no encode staging blocks within {timeout}s", FaultKind.TIMEOUT
             )
-        # One chunk (pipeline_blocks 0, or a round that fits one): staged, then written on
-        # this thread (_write_inline). Pipelined: the round is staged in chunks of
-        # pipeline_blocks blocks; one writer job per destination writes each chunk (one
-        # transfer-engine batch, in order) as soon as it is staged, so staging chunk i+1
-        # overlaps the transfer of chunk i. One staging serves every destination: the first
-        # destination's generation is stamped while staging; a later destination restamps each
-        # chunk only after every write to the previous one returned (never while a write reads
-        # it).
-        step = self.config.pipeline_blocks or nb
-        # one staging serves every destination
-        checksum = any(d.checksum for d in dests)
         try:
-            nbytes = 0
-            for i, (d, p) in enumerate(zip(dests, peers)):
-                with self.lock:
-                    if r.failed:
-                        return
-
-                def stage(k0: int, k1: int) -> tuple:
-                    tc = min(ct, k1 * B) - k0 * B
-                    mc = max(0, min(cm, k1 * B) - k0 * B)
-                    chunk = staging.blocks[k0:k1]
-                    if i == 0:
-                        self.buffers.write_range(
-                            chunk,
-                            payload,
-                            t0 + k0 * B,
-                            tc,
-                            m0 + k0 * B,
-                            mc,
-                            r.room,
-                            d.generation,
-                            checksum,
-                        )
-                    else:
-                        self.buffers.restamp(chunk, tc, d.generation)
-                    return self.buffers.round_segments(
-                        chunk, d.blocks[k0:k1], tc, mc, p.slot_ptrs
-                    )
-
-                if step >= nb:
-                    segs = stage(0, nb)
-                    nbytes += sum(segs[2])
-                    self._write_inline(r, d.manager_id, p.session_id, segs, staging)
-                    continue
-                chunks: "queue.SimpleQueue[Optional[tuple]]" = queue.SimpleQueue()
-                job = self._writer.submit(self._write_chunks, p.session_id, chunks)
-                try:
-                    for k0 in range(0, nb, step):
-                        segs = stage(k0, min(nb, k0 + step))
-                        chunks.put(segs)
-                        nbytes += sum(segs[2])
-                except BaseException:
-                    chunks.put(None)  # the job ends after the chunks already queued
-                    try:  # the staging blocks are freed only once no write reads them
-                        self._await_write(r.room, d.manager_id, job, staging)
-                    except TransferError:
-                        pass
-                    raise
-                chunks.put(None)
-                self._await_write(r.room, d.manager_id, job, staging)
+            with self.lock:
+                if r.failed:
+                    return
+            self.buffers.write_range(
+                staging.blocks,
+                payload,
+                t0,
+                ct,
+                m0,
+                cm,
+                r.room,
+                d.generation,
+                d.checksum,
+            )
+            segs = round_segments(
+                self.buffers.block_layout,
+                self.buffers.region.data_ptr(),
+                staging.blocks,
+                region_base(peer.slot_ptrs),
+                d.blocks,
+                ct,
+                cm,
+            )
+            self._write_inline(r, d.manager_id, peer.session_id, segs, staging)
         finally:
-            # else the pending writes free it when they return (or already did)
+            # else the pending write frees it when it returns (or already did)
             if not (staging.quarantined or staging.freed):
                 staging.free()
         with self.lock:
             if r.failed:
                 return
             r.token_sent, r.mm_sent = t0 + ct, m0 + cm
-            r.bytes_sent += nbytes
+            r.bytes_sent += sum(segs[2])
             last = r.token_sent == T
-            for d in dests:
-                done = make(
-                    RoundDone,
-                    room=r.room,
-                    manager_id=self.manager_id,
-                    round=rnd,
-                    generation=d.generation,
-                    token_start=t0,
-                    token_count=ct,
-                    mm_start=m0,
-                    mm_count=cm,
-                    total_tokens=T,
-                    mm_tokens=M,
-                    last=last,
-                    items=payload.items if last else [],
-                    held_items=sorted(r.held or ()),
-                )
-                self.channel.send(d.manager_id, done)
+            done = make(
+                RoundDone,
+                room=r.room,
+                manager_id=self.manager_id,
+                round=rnd,
+                generation=d.generation,
+                token_start=t0,
+                token_count=ct,
+                mm_start=m0,
+                mm_count=cm,
+                total_tokens=T,
+                mm_tokens=M,
+                last=last,
+                items=payload.items if last else [],
+                held_items=sorted(d.held),
+            )
+            self.channel.send(d.manager_id, done)
             if last:
                 self._drop_room_locked(r)
                 r.sender._finish(KVPoll.Success, "", r)
@@ -981,13 +767,13 @@ class EncodeManager(ManagerBase):
         segs: tuple,
         staging: BlockHandle,
     ) -> None:
-        """A round's one transfer-engine write to one destination, made on this worker thread
-        (no hop to a writer thread: that hop was ~0.15 ms of a small request's latency). The
-        deadline is the one ``_await_write`` applies (``ConnectionConfig.write_deadline_s``);
-        the control thread watches it (``_expire_writes_locked``): past it the room fails as
-        it does for a writer job, and the worker pool gets a replacement, as the writer pool
-        does. This thread then handles the write's return as a late one and raises
-        ``_Abandoned``."""
+        """A round's one transfer-engine write, made on this worker thread (no hop to a writer
+        thread: that hop was ~0.15 ms of a small request's latency), until
+        ``ConnectionConfig.write_deadline_s``. The control thread watches the deadline
+        (``_expire_writes_locked``): past it the room fails, and the worker pool gets a
+        replacement. This thread then handles the write's return as a late one and raises
+        ``_Abandoned``. A failed write (ret < 0, or the engine raised) may still land in
+        part: ``_raise_write_failed``."""
         timeout = self.config.write_deadline_s(
             len(staging), sum(self.layout.slot_block_bytes)
         )
@@ -1001,12 +787,12 @@ class EncodeManager(ManagerBase):
         )
         with self.lock:
             self._inline_writes.add(w)
-        if self.next_deadline > w.deadline:  # its timers sleep past this deadline
+        if self._next_deadline > w.deadline:  # its timers sleep past this deadline
             self.wake()
         ret, error = -1, None
         try:
             ret = self.engine.batch_transfer_sync(session_id, *segs)
-        except Exception as e:  # a failed write, as in _await_write
+        except Exception as e:  # a failed write, like ret < 0
             error = e
         with self.lock:
             abandoned = w not in self._inline_writes
@@ -1021,8 +807,8 @@ class EncodeManager(ManagerBase):
 
     def _expire_writes_locked(self, now: float) -> float:
         """Control thread: fail the rooms whose write on a worker thread (``_write_inline``)
-        is past its deadline, as ``_await_write`` does for a writer job (staging quarantined,
-        the destinations told a write may still land, an AbortAck once it returns complete),
+        is past its deadline (staging quarantined, the destination told a write may still land,
+        an AbortAck once it returns complete),
         and start a replacement worker (at most ``MAX_ABANDONED_WRITES`` workers held by such
         writes at once). Returns the next deadline."""
         due = math.inf
@@ -1055,69 +841,6 @@ class EncodeManager(ManagerBase):
             r.in_flight = False  # the worker is not coming back for this room
             self._finish_failed_locked(r)
         return due
-
-    def _write_chunks(self, session_id: str, chunks: "queue.SimpleQueue") -> int:
-        """Writer job of one round to one destination: one transfer-engine batch write per
-        staged chunk, in order, until the ``None`` that ends the round; after a failed write
-        the rest are skipped. Returns the failed write's code, else 0."""
-        ret = 0
-        while True:
-            segs = chunks.get()
-            if segs is None:
-                return ret
-            if ret >= 0:
-                r = self.engine.batch_transfer_sync(session_id, *segs)
-                ret = r if r < 0 else 0
-
-    def _await_write(
-        self,
-        room: int,
-        manager_id: str,
-        job: concurrent.futures.Future,
-        staging: BlockHandle,
-    ) -> None:
-        """Wait for the writer job of one round to one destination until
-        ``ConnectionConfig.write_deadline_s``. Past it the write keeps running (Mooncake cannot
-        cancel it): a job not started is cancelled; otherwise the staging blocks are quarantined,
-        the writer pool replaces the job's thread (``WriterPool.abandon``), and the destination
-        is owed an AbortAck if the job returns complete. A failed write (ret < 0, or the engine
-        raised) may still land in part: ``_raise_write_failed``.
-        """
-        timeout = self.config.write_deadline_s(
-            len(staging), sum(self.layout.slot_block_bytes)
-        )
-        done, _ = concurrent.futures.wait([job], timeout=timeout)
-        if not done:
-            if job.cancel():
-                raise WriteTimeoutError(
-                    room,
-                    f"data write to {manager_id} did not start within {timeout:.1f}s",
-                ) from None
-            with self.lock:
-                key = (room, manager_id)
-                self._pending_writes[key] = self._pending_writes.get(key, 0) + 1
-                staging.quarantine()
-            self._writer.abandon(job)  # later writes get its thread's replacement
-            job.add_done_callback(
-                lambda done: self._late_write_returned(
-                    room,
-                    manager_id,
-                    staging,
-                    done.cancelled()
-                    or done.exception() is not None
-                    or done.result() < 0,
-                )
-            )
-            raise WriteTimeoutError(
-                room,
-                f"data write to {manager_id} timed out after {timeout:.1f}s (it may still land)",
-            ) from None
-        # The engine raising (e.g. from its binding, after part of the batch was submitted) is
-        # a failed write like ret < 0, as in _late_write_returned.
-        error = job.exception()
-        ret = -1 if error is not None else job.result()
-        if ret < 0:
-            self._raise_write_failed(room, manager_id, staging, ret, error)
 
     def _raise_write_failed(
         self,
@@ -1209,7 +932,7 @@ class EncodeManager(ManagerBase):
     def _fail_locked(
         self, r: _Room, reason: str, kind: FaultKind = FaultKind.INTERNAL
     ) -> None:
-        """Fail the room now; tell the destinations now if no write is in flight, else the
+        """Fail the room now; tell the destination now if no write is in flight, else the
         worker does it when the write has finished, failed or timed out."""
         if r.failed is None:
             r.failed, r.fault_kind = reason, kind
@@ -1221,18 +944,19 @@ class EncodeManager(ManagerBase):
             self._finish_failed_locked(r)
 
     def _finish_failed_locked(self, r: _Room) -> None:
-        """No write is in flight any more (or one timed out or failed): tell every destination
+        """No write is in flight any more (or one timed out or failed): tell the destination
         and drop the room. A destination whose write is still pending gets
         ``writes_pending=True`` now and an AbortAck if the write returns complete; one whose
         write failed gets ``write_failed=True`` and never an AbortAck."""
         if self.rooms.get(r.room) is not r:
             return
-        for d in r.dests.values():
+        d = r.dest
+        if d is not None:
             key = (r.room, d.manager_id)
             pending = key in self._pending_writes
             if key in self._failed_writes:
                 msg = self._write_failed_abort(r.room, r.failed, r.fault_kind)
-            elif d.manager_id in r.ack_to and not pending:
+            elif r.abort_asked and not pending:
                 msg = make(AbortAck, room=r.room, manager_id=self.manager_id)
             else:
                 msg = make(
@@ -1244,10 +968,6 @@ class EncodeManager(ManagerBase):
                     writes_pending=pending,
                 )
             self.channel.send(d.manager_id, msg)
-        for m in set(r.ack_to) - {d.manager_id for d in r.dests.values()}:
-            self.channel.send(
-                m, make(AbortAck, room=r.room, manager_id=self.manager_id)
-            )
         self._drop_room_locked(r)
         if r.sender is not None:
             r.sender._finish(KVPoll.Failed, r.failed, r, r.fault_kind)
@@ -1264,10 +984,10 @@ class EncodeManager(ManagerBase):
         one is due. A round that ends, a ``send()``, a new sender or an abort wakes the control
         thread (``wake()``), so a wait that starts then is timed from its start.
 
-        Pairing (the request's arrival -> every destination's Expect, or a destination's
-        Expect -> the request) is bounded by ``bootstrap_timeout_s``. After the announcement,
-        waiting for the destinations' round-0 reservations has no timer: they wait for
-        language blocks (load, not a fault; a dead peer is found by heartbeats)."""
+        Pairing (the request's arrival -> the destination's Expect, or the Expect -> the
+        request) is bounded by ``bootstrap_timeout_s``. After the announcement, waiting for
+        the destination's round-0 reservation has no timer: it waits for language blocks
+        (load, not a fault; a dead peer is found by heartbeats)."""
         cfg = self.config
         due = math.inf
         with self.lock:
@@ -1289,19 +1009,17 @@ class EncodeManager(ManagerBase):
                     if now - r.waiting_since > cfg.bootstrap_timeout_s:
                         self._fail_locked(
                             r,
-                            f"bootstrap timeout: {len(r.dests)}/{r.num_ranks or '?'} "
-                            f"destinations expected the request within "
-                            f"{cfg.bootstrap_timeout_s}s",
+                            f"bootstrap timeout: no language server expected the "
+                            f"request within {cfg.bootstrap_timeout_s}s",
                             FaultKind.TIMEOUT,
                         )
                 elif r.round > 0:
                     due = min(due, r.waiting_since + cfg.resume_timeout_s)
                     if now - r.waiting_since > cfg.resume_timeout_s:
-                        ready = sum(1 for d in r.dests.values() if d.round == r.round)
                         self._fail_locked(
                             r,
-                            f"resume timeout: {ready}/{r.num_ranks} destinations asked for "
-                            f"round {r.round} within {cfg.resume_timeout_s}s",
+                            f"resume timeout: the language server did not ask for round "
+                            f"{r.round} within {cfg.resume_timeout_s}s",
                             FaultKind.TIMEOUT,
                         )
             # After the rooms: a room failed above leaves a record whose expiry must count.
@@ -1321,14 +1039,14 @@ class EncodeManager(ManagerBase):
     def _active_peers(self) -> List[str]:
         with self.lock:
             return list(
-                {d.manager_id for r in self.rooms.values() for d in r.dests.values()}
+                {r.dest.manager_id for r in self.rooms.values() if r.dest is not None}
             )
 
     def _on_peer_dead(self, endpoint: str, reason: str) -> None:
         with self.lock:
             self.peers.pop(endpoint, None)
             for r in list(self.rooms.values()):
-                if any(d.manager_id == endpoint for d in r.dests.values()):
+                if r.dest is not None and r.dest.manager_id == endpoint:
                     self._fail_locked(r, reason, FaultKind.UNAVAILABLE)
 
     def _drop_registration(self, endpoint: str) -> None:
@@ -1341,7 +1059,6 @@ class EncodeManager(ManagerBase):
             workers = [w for w in self._workers if w not in self._retiring_workers]
         for w in workers:
             w.join(timeout=5)
-        self._writer.shutdown()
 
     def _abort_sender(
         self, sender: "EncodeSender", reason: str, kind: FaultKind
@@ -1366,7 +1083,6 @@ class EncodeSender:
         self.kind = FaultKind.INTERNAL  # what failed the request, once Failed
         self._metric = KVTransferMetric()
         self.rounds = 0  # rounds sent once the transfer succeeded (1 + resume rounds)
-        self._done = threading.Event()
 
     def send(self, payload: MultimodalPayload) -> None:
         """Hand over the request (kept by reference until its last round; do not modify it;
@@ -1398,7 +1114,7 @@ class EncodeSender:
             r = self.mgr.rooms.get(self.room)
             if r is None or r.sender is not self:
                 return []
-            return sorted(self.mgr._held_locked(r))
+            return sorted(self.mgr._held(r))
 
     def failure_exception(self) -> None:
         raise TransferError(self.room, self.reason or "failed", self.kind)
@@ -1415,11 +1131,6 @@ class EncodeSender:
 
     def clear(self) -> None:
         """Nothing to clear: the manager drops the room when the request ends."""
-
-    def wait(self, timeout_s: float) -> int:
-        """Block until Success or Failed (or the timeout); returns the status."""
-        self._done.wait(timeout_s)
-        return self._status
 
     # Manager callbacks ------------------------------------------------------------------------
     def _set_status(self, status: int) -> None:
@@ -1449,4 +1160,3 @@ class EncodeSender:
             ),
             transfer_total_bytes=r.bytes_sent,
         )
-        self._done.set()

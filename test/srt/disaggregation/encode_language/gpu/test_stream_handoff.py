@@ -44,7 +44,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA GPU: the hand-offs under test are between CUDA streams",
 )
 
-buffers = load_transport()
+carried, buffers = load_transport()
 NO_FENCE = os.environ.get("EL_TEST_NO_FENCE") == "1"
 REPS = 30
 # Qwen3-VL-30B-A3B rows (H = 2048, K = 3 deepstack levels, bf16): 1024 image tokens of 1100.
@@ -59,7 +59,7 @@ def fences(monkeypatch):
     if NO_FENCE:
         # raising=False: also runs against the buffers.py before the fix (no such names)
         monkeypatch.setattr(
-            buffers.MultimodalPayload, "record_ready", lambda p: None, raising=False
+            carried.MultimodalPayload, "record_ready", lambda p: None, raising=False
         )
         monkeypatch.setattr(
             buffers, "use_on_streams", lambda t, streams: None, raising=False
@@ -99,7 +99,7 @@ def slow_payload(seed, stream):
         for _ in range(CHAIN):
             x = torch.tanh(x @ x)
         rows = x[:M, : (1 + K) * H]
-        payload = buffers.MultimodalPayload(
+        payload = carried.MultimodalPayload(
             ids, pos, mask, rows[:, :H].contiguous(), rows[:, H:].contiguous(), -7
         )
         payload.record_ready()
@@ -137,14 +137,14 @@ def test_staging_waits_for_the_producer_stream(pools, fences):
             enc.write_range, blocks, payload, 0, T, 0, M, 5, rep, checksum
         ).result()
         mooncake_stand_in(enc, lang)
-        dst = buffers.alloc_received(lang.layout, T, M, device="cuda")
+        dst = carried.alloc_received(lang.layout, T, M, device="cuda")
         got = language_control.submit(
             lang.read_round,
             blocks,
             T,
             M,
             buffers.RoundStamp(5, rep, 0),
-            out=buffers.slice_received(dst, 0, T, 0, M),
+            out=carried.slice_received(dst, 0, T, 0, M),
             verify=checksum,
         ).result()
         torch.cuda.synchronize()  # the producer's final rows, read after everything ran
@@ -173,7 +173,7 @@ def host_payload(seed):
     ids, pos, mask = token_stream(seed)
     g = torch.Generator().manual_seed(seed)
     rows = torch.randn(M, (1 + K) * H, generator=g).to(torch.bfloat16)
-    return buffers.MultimodalPayload(
+    return carried.MultimodalPayload(
         ids, pos, mask, rows[:, :H].contiguous(), rows[:, H:].contiguous(), -7
     )
 
@@ -188,13 +188,13 @@ def test_rows_on_the_gpu_outlive_the_forward_reading_them(pools, fences):
         """The manager thread: stage request i, copy it over, read it to the GPU."""
         enc.write_range(blocks, requests[i], 0, T, 0, M, 6, i, checksum=bool(i % 2))
         mooncake_stand_in(enc, lang)
-        dst = buffers.alloc_received(lang.layout, T, M, device="cuda")
+        dst = carried.alloc_received(lang.layout, T, M, device="cuda")
         lang.read_round(
             blocks,
             T,
             M,
             buffers.RoundStamp(6, i, 0),
-            out=buffers.slice_received(dst, 0, T, 0, M),
+            out=carried.slice_received(dst, 0, T, 0, M),
             verify=bool(i % 2),
         )
         return dst
