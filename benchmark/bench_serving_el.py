@@ -1,43 +1,65 @@
 """Side-by-side serving benchmark on the CPU test bed: colocated vs encode/language vs upstream.
 
 One command, one machine, one tiny Qwen3-VL-MoE checkpoint (``epd_testbed.tiny_ckpt``), one
-request stream per cell, three deployments, one deployment alive at a time:
+request stream per cell, five deployments, one deployment alive at a time:
 
-  colocated     (a) one fork server (``sglang.launch_server``)
-  el-router     (b) ``sglang-router`` (PD mode) + ``--disaggregation-mode encode`` +
-                    ``--disaggregation-mode language`` (Mooncake over TCP loopback)
-  upstream-epd  (c) upstream 0.5.23's own encoder disaggregation: ``--encoder-only`` +
-                    ``--language-only --encoder-urls`` (its default ``zmq_to_scheduler``)
+  colocated        (a)  one fork server (``sglang.launch_server``)
+  colocated-x2     (a2) two colocated fork servers behind ``sglang-router`` in regular mode,
+                        round robin: the same two server processes (two cores here) as (b), the
+                        alternative a user would pick
+  el-router        (b)  ``sglang-router`` (PD mode) + ``--disaggregation-mode encode`` +
+                        ``--disaggregation-mode language`` (Mooncake over TCP loopback)
+  el-global-cache  (b2) (b) with two encode servers that share rows through upstream's
+                        ``--enable-mm-global-cache`` (a real ``mooncake_master``); only the
+                        repeated-image streams, once per prefill policy of the router
+                        (``B2_POLICIES``): does routing an image to the encoder that holds it
+                        beat the shared store?
+  upstream-epd     (c)  upstream 0.5.23's own encoder disaggregation: ``--encoder-only`` +
+                        ``--language-only --encoder-urls`` (its default ``zmq_to_scheduler``)
 
-Every cell is driven by SGLang's own client, ``python -m sglang.benchmark.serving --backend
-sglang`` (streamed ``/generate``), run in this process through its ``cli_main`` with exactly the
-argument list recorded next to the result. Streams: one 224x224 image per request, text only
-(``random-ids``), three 224x224 images per request; rates 1, 4 and inf (saturation) requests/s.
+Every cell is driven by SGLang's own client, ``python -m sglang.benchmark.serving``, run in
+this process through its ``cli_main`` with exactly the argument list recorded next to the
+result. Streams the client generates (``--backend sglang``, streamed ``/generate``): one
+224x224 image per request, text only (``random-ids``), three 224x224 images per request; rates
+1, 4 and inf (saturation) requests/s. Two streams that repeat images, written here as JSONL
+files of the client's ``openai`` dataset and sent as OpenAI chat (``--backend
+sglang-oai-chat``): ``zipf``, a pool of N distinct images drawn Zipf-like over 4N requests,
+each with its own question before the image (so only an embedding cache, not a prefix cache,
+can save the vision tower), at saturation; ``multiturn``, conversations of 3-5 turns over one
+image, each turn's prompt the last one plus its answer plus a new question (the client's
+multi-turn mode), at 2 conversations/s.
 
 Cold, the same way for every deployment: each cell has its own fixed seed (the same seed for
 the same cell in every deployment), so its images and prompts were never seen by the servers;
 before each cell every server's prefix cache is flushed (``/flush_cache``) and the client runs
 no warm-up request (its warm-up would re-send the cell's first request). Each deployment gets
-one unreported warm-up cell (seed 1) after start-up. The client's ``--cache-report`` records the
-prefix-cache hit rate of every cell (cold cells: only the shared chat-template tokens). The
-repeated-image run re-sends the single-image saturation cell with the same seed on the same
-servers and is reported separately.
+unreported warm-up requests (seed 1) after start-up. The repeated-image run re-sends the
+single-image saturation cell with the same seed on the same servers and is reported separately.
+
+Measured per cell, as deltas of the servers' ``/metrics`` over the cell: images and video
+frames through the vision tower (the test bed's ``sglang:testbed_vision_attention_segments``
+divided by the tower's depth, on every server that runs it), the embedding-cache hit rate
+(upstream's ``sglang:encoder_cache_{hit,total}_files``: ours and upstream's encoders; a
+colocated server exports none), encoder -> language bytes, row bytes and items sent or held
+back by the prefix-aware skip (ours); the prefix-cache hit rate comes from the client's
+``--cache-report``.
 
 Results are written after every cell to ``<out-dir>/serving-cpu[-quick].json``; a second run
-skips the cells already there (``--fresh`` starts the selected configurations over), so an interrupted run resumes per
-deployment and cell. The table (``serving-cpu[-quick].md``), the plot (``.png``) and, for a full
-run into the default folder, the generated block of ``docs/benchmarks.md`` are rewritten from that JSON
-(``--render-only`` does only that, no servers).
+skips the cells already there (``--fresh`` starts the selected configurations over), so an
+interrupted run resumes per deployment and cell. The table (``serving-cpu[-quick].md``), the
+plot (``.png``) and, for a full run into the default folder, the generated block of
+``docs/benchmarks.md`` are rewritten from that JSON (``--render-only`` does only that, no
+servers).
 
-``--mixed`` measures something else on the same three deployments (issue 16, item 6): long text
+``--mixed`` measures something else on (a), (a2), (b) and (c) (issue 16, item 6): long text
 streams decoding, alone and while a burst of image requests arrives from a second, concurrent
 client run; it reports the text streams' TPOT (whole stream and in the burst window) and the
 images' TTFT into ``serving-cpu-mixed.{json,md,png}`` and its own block of ``docs/benchmarks.md``.
 
-    .fork/venv/bin/python benchmark/bench_serving_el.py            # full run, ~15-25 min
+    .fork/venv/bin/python benchmark/bench_serving_el.py            # full run, ~20-30 min
     .fork/venv/bin/python benchmark/bench_serving_el.py --quick    # smoke run, few requests
     .fork/venv/bin/python benchmark/bench_serving_el.py --configs el-router --fresh
-    .fork/venv/bin/python benchmark/bench_serving_el.py --mixed    # text under an image burst, ~10 min
+    .fork/venv/bin/python benchmark/bench_serving_el.py --mixed    # text under an image burst
 """
 
 from __future__ import annotations
@@ -56,7 +78,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,10 +89,25 @@ DOC_END = "<!-- serving-cpu:end -->"
 
 CONFIGS = {
     "colocated": "(a) colocated fork server",
+    "colocated-x2": "(a2) two colocated fork servers behind sglang-router (regular, round robin)",
     "el-router": "(b) sglang-router + encode + language",
+    "el-global-cache": "(b2) sglang-router + two encoders sharing rows (Mooncake Store) + language",
     "upstream-epd": "(c) upstream --encoder-only / --language-only",
 }
-LABEL = {"colocated": "a", "el-router": "b", "upstream-epd": "c"}
+LABEL = {
+    "colocated": "a",
+    "colocated-x2": "a2",
+    "el-router": "b",
+    "el-global-cache": "b2",
+    "upstream-epd": "c",
+}
+# (b2) runs only the repeated-image streams, once per prefill policy of the router: round
+# robin (the shared Mooncake Store gives the other encoder the rows), cache_aware (the
+# router's prefix tree over the request text) and manual (sticky by a routing key, sent as
+# X-SMG-Routing-Key: here the image's identity).
+B2_POLICIES = ("round_robin", "cache_aware", "manual")
+# (b2) local pool per encoder (SGLANG_VLM_CACHE_SIZE_MB): upstream's default, as (b) has
+GLOBAL_CACHE_MB = 100
 
 IMAGE_ARGS = ("--dataset-name", "image", "--image-resolution", "224x224")
 IMAGE_ARGS += ("--image-format", "png", "--image-content", "random")
@@ -79,15 +116,33 @@ STREAMS = {
     "text": ("--dataset-name", "random-ids", "--random-input-len", "80"),
     "image3": (*IMAGE_ARGS, "--image-count", "3", "--random-input-len", "32"),
 }
+# Streams that repeat images: JSONL files (write_chat_dataset) the client's ``openai`` dataset
+# reads, sent as OpenAI chat at one rate each.
+CHAT_STREAMS = {"zipf": "inf", "multiturn": "2"}
+ALL_STREAMS = (*STREAMS, *CHAT_STREAMS)
 STREAM_TITLE = {
     "image1": "one 224x224 image + 32 text tokens",
     "text": "text only, 80 tokens",
     "image3": "three 224x224 images + 32 text tokens",
+    "zipf": "N distinct 224x224 images drawn Zipf-like over 4N requests, a different question "
+    "before the image in each (OpenAI chat)",
+    "multiturn": "conversations of 3-5 turns over one 224x224 image, each turn = the last "
+    "prompt + its answer + a new question (OpenAI chat, the client's multi-turn mode)",
 }
 OUTPUT_LEN = 16
 RATES = ("1", "4", "inf")
 PROMPTS = {"1": 12, "4": 24, "inf": 32}
 QUICK_PROMPTS = {"1": 3, "4": 4, "inf": 6}
+CHAT_PROMPTS = {"zipf": 64, "multiturn": 12}  # requests; conversations
+QUICK_CHAT_PROMPTS = {"zipf": 12, "multiturn": 3}
+ZIPF_EXPONENT = 1.1  # image k of the pool drawn with probability proportional to 1/k^s
+TURNS = (3, 5)  # turns per conversation, drawn uniformly
+QUESTION_WORDS = 10
+WORDS = (
+    "what which where color shape object left right top bottom center small large bright "
+    "dark pattern texture noise pixel region corner edge line red green blue count many "
+    "few describe compare explain detail image picture scene part area visible"
+).split()
 WARMUP_SEED = 1
 REPEATED = ("image1", "inf")  # the cell sent twice for the repeated-image run
 CELL_TIMEOUT_S = 300
@@ -106,13 +161,118 @@ EL_BENCH_ARGS = (
 EL_ENCODE_ARGS = ()
 
 
-def cell_seed(stream: str, rate: str) -> int:
-    """Fixed per cell, equal across deployments, distinct across cells."""
-    return 1000 + 10 * list(STREAMS).index(stream) + RATES.index(rate)
+@dataclass(frozen=True)
+class Cell:
+    """One client run: a stream at a rate, ``n`` requests (conversations for ``multiturn``);
+    ``repeat``: the same seed again without a flush; ``policy``: (b2)'s prefill policy.
+    """
+
+    stream: str
+    rate: str
+    n: int
+    repeat: bool = False
+    policy: str | None = None
+
+    @property
+    def key(self) -> str:
+        return cell_key(self.stream, self.rate, self.repeat, self.policy)
+
+    @property
+    def seed(self) -> int:
+        """Fixed per cell, equal across deployments, distinct across cells; (b2)'s policies
+        after the first get images of their own (a shared store outlives a flush)."""
+        rate = RATES.index(self.rate) if self.rate in RATES else 0
+        policy = B2_POLICIES.index(self.policy) if self.policy else 0
+        return 1000 + 10 * ALL_STREAMS.index(self.stream) + rate + 100 * policy
 
 
-def cell_key(stream: str, rate: str, repeat: bool = False) -> str:
-    return f"{stream}@{rate}" + ("#repeat" if repeat else "")
+def cell_key(
+    stream: str, rate: str, repeat: bool = False, policy: str | None = None
+) -> str:
+    return (
+        f"{stream}@{rate}"
+        + ("#repeat" if repeat else "")
+        + (f"~{policy}" if policy else "")
+    )
+
+
+def planned_cells(config: str, quick: bool) -> list[Cell]:
+    prompts = QUICK_PROMPTS if quick else PROMPTS
+    chat = QUICK_CHAT_PROMPTS if quick else CHAT_PROMPTS
+    if config == "el-global-cache":  # the repeated-image streams only, per policy
+        first, *others = B2_POLICIES
+        cells = [Cell(s, r, chat[s], policy=first) for s, r in CHAT_STREAMS.items()]
+        return cells + [
+            Cell("zipf", CHAT_STREAMS["zipf"], chat["zipf"], policy=p) for p in others
+        ]
+    cells = []
+    for stream in STREAMS:
+        for rate in RATES:
+            cells.append(Cell(stream, rate, prompts[rate]))
+            if (
+                stream,
+                rate,
+            ) == REPEATED:  # right after its cold twin: no flush in between
+                cells.append(Cell(stream, rate, prompts[rate], repeat=True))
+    return cells + [Cell(s, r, chat[s]) for s, r in CHAT_STREAMS.items()]
+
+
+# ---- request files of the repeated-image streams -------------------------------------------
+
+
+def write_chat_dataset(
+    stream: str, seed: int, n: int, folder: Path
+) -> tuple[Path, dict]:
+    """The JSONL file of ``stream`` (``zipf``: ``n`` requests; ``multiturn``: ``n``
+    conversations) for the client's ``openai`` dataset, its images as PNG files next to it
+    (``file://`` URLs: every server runs on this host), and what the cell needs to know of it.
+    Deterministic in ``seed``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def image(name: str) -> dict:
+        path = folder / f"{stream}-{seed}-{name}.png"
+        pixels = rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+        return {"type": "image_url", "image_url": {"url": f"file://{path}"}}
+
+    def question() -> str:
+        return " ".join(rng.choice(WORDS, QUESTION_WORDS)).capitalize() + "?"
+
+    rows = []
+    if stream == "zipf":
+        pool = max(1, n // 4)
+        weights = 1.0 / np.arange(1, pool + 1) ** ZIPF_EXPONENT
+        draws = rng.choice(pool, n, p=weights / weights.sum()).tolist()
+        images = [image(str(k)) for k in range(pool)]
+        for k in draws:
+            content = [{"type": "text", "text": question()}, images[k]]
+            rows.append(
+                {
+                    "messages": [{"role": "user", "content": content}],
+                    "max_tokens": OUTPUT_LEN,
+                    "routing_key": f"image-{seed}-{k}",  # see routing_keys()
+                }
+            )
+        info = {"pool": pool, "distinct": len(set(draws)), "top_image": draws.count(0)}
+    elif stream == "multiturn":
+        turns = rng.integers(TURNS[0], TURNS[1] + 1, n).tolist()
+        for c, count in enumerate(turns):
+            first = [image(str(c)), {"type": "text", "text": question()}]
+            rounds = [[{"role": "user", "content": first}]]
+            rounds += [
+                [{"role": "user", "content": question()}] for _ in range(count - 1)
+            ]
+            rows.append({"messages": rounds, "max_tokens": OUTPUT_LEN})
+        info = {"turns": turns}
+    else:
+        raise ValueError(f"not a chat stream: {stream!r}")
+    path = folder / f"{stream}-{seed}.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path, info
 
 
 # ---- deployments ----------------------------------------------------------------------------
@@ -121,13 +281,20 @@ def cell_key(stream: str, rate: str, repeat: bool = False) -> str:
 @dataclass
 class Deployment:
     """The servers of one configuration: ``entry`` takes the client's requests; ``caches``
-    are the SGLang servers whose caches are flushed before each cell."""
+    are the SGLang servers whose caches are flushed before each cell; ``vit`` the servers that
+    run the vision tower, ``lm`` those that run the language model (their prefix cache),
+    ``encoders`` our encode servers (their transfer counters)."""
 
     name: str
     entry: object
     servers: list
     caches: list
     startup: dict
+    vit: list = field(default_factory=list)
+    lm: list = field(default_factory=list)
+    encoders: list = field(default_factory=list)
+    policy: str | None = None  # (b2): the router's prefill policy now
+    store: object | None = None  # (b2): the mooncake_master (its metrics port)
 
     def stop(self) -> None:
         for server in self.servers:
@@ -171,10 +338,15 @@ def launch_deployment(
     return dep
 
 
+def b2_router_args(policy: str) -> tuple[str, ...]:
+    return ("--prefill-policy", policy, "--decode-policy", "round_robin")
+
+
 def start_servers(name: str, model: Path, log_dir: Path) -> Deployment:
     from epd_testbed import servers as srv
 
     t0 = time.time()
+    encoders, policy, store = [], None, None
     if name == "colocated":
         spec = srv.colocated_spec(model, "--enable-metrics")
         server = srv.launch(spec, log_dir, wait=False)
@@ -183,7 +355,14 @@ def start_servers(name: str, model: Path, log_dir: Path) -> Deployment:
         except BaseException:  # interrupted or failed start: no server left behind
             server.stop()
             raise
-        group, entry, caches = [server], server, [server]
+        group, entry, caches, vit = [server], server, [server], [server]
+        lm = vit
+    elif name == "colocated-x2":
+        router, pair = srv.launch_colocated_replicas(
+            model, log_dir, "--enable-metrics", name="colocated", policy="round_robin"
+        )
+        group, entry, caches, vit = [router, *pair], router, pair, pair
+        lm = vit
     elif name == "el-router":
         router, encoder, language = srv.launch_encode_language(
             model,
@@ -194,19 +373,69 @@ def start_servers(name: str, model: Path, log_dir: Path) -> Deployment:
             name="bench-el",
         )
         group, entry, caches = [router, encoder, language], router, [encoder, language]
+        vit, lm, encoders = [encoder], [language], [encoder]
+    elif name == "el-global-cache":
+        policy = B2_POLICIES[0]
+        router, enc_a, enc_b, language, master = srv.launch_global_cache(
+            model,
+            log_dir,
+            *EL_BENCH_ARGS,
+            name="bench-gc",
+            cache_mb=GLOBAL_CACHE_MB,
+            language_args=(),
+            router_args=b2_router_args(policy),
+            retries=False,
+            decode_log_interval=None,
+        )
+        group, entry = [router, enc_a, enc_b, language, master], router
+        caches, vit, lm = [enc_a, enc_b, language], [enc_a, enc_b], [language]
+        encoders, store = [enc_a, enc_b], master
     elif name == "upstream-epd":
-        encoder, language = srv.launch_upstream_epd(model, log_dir)
+        encoder, language = srv.launch_upstream_epd(model, log_dir, "--enable-metrics")
         # an --encoder-only server has no /flush_cache; its embedding cache is keyed by image
         # content, which no earlier cell has sent (per-cell seeds)
-        group, entry, caches = [encoder, language], language, [language]
+        group, entry, caches, vit = [encoder, language], language, [language], [encoder]
+        lm = [language]
     else:
         raise ValueError(f"unknown configuration {name!r}")
-    startup = {s.spec.name: round(s.ready_s, 1) for s in group}
+    startup = {s.spec.name: round(s.ready_s, 1) for s in group if s.ready_s}
     startup["deployment"] = round(time.time() - t0, 1)
     commands = {s.spec.name: s.log_path.read_text().splitlines()[0][2:] for s in group}
     return Deployment(
-        name, entry, group, caches, {"ready_s": startup, "commands": commands}
+        name,
+        entry,
+        group,
+        caches,
+        {"ready_s": startup, "commands": commands},
+        vit=vit,
+        lm=lm,
+        encoders=encoders,
+        policy=policy,
+        store=store,
     )
+
+
+def use_policy(dep: Deployment, policy: str | None, log_dir: Path) -> None:
+    """(b2): a router with ``policy`` for the encoders (its servers stay up)."""
+    if policy is None or policy == dep.policy:
+        return
+    from epd_testbed import servers as srv
+
+    old = dep.entry
+    old.stop()
+    language = next(s for s in dep.caches if s not in dep.encoders)
+    router = srv.launch_router(
+        [(e, srv.bootstrap_port(e)) for e in dep.encoders],
+        [language],
+        log_dir,
+        *b2_router_args(policy),
+        name=old.spec.name,
+    )
+    dep.servers[dep.servers.index(old)] = dep.entry = router
+    dep.policy = policy
+    dep.startup["commands"][
+        f"{router.spec.name} ({policy})"
+    ] = router.log_path.read_text().splitlines()[0][2:]
 
 
 def flush_caches(dep: Deployment, timeout: float = 30.0) -> None:
@@ -229,16 +458,158 @@ def flush_caches(dep: Deployment, timeout: float = 30.0) -> None:
             time.sleep(0.5)
 
 
-def transfer_counters(dep: Deployment) -> dict[str, float]:
-    """(b) only: the encode server's ``sglang:encode_language_*`` counters."""
-    if dep.name != "el-router":
-        return {}
-    from epd_testbed import servers as srv
+# ---- what the servers count (/metrics) ------------------------------------------------------
 
-    encoder = next(s for s in dep.servers if s.spec.name.endswith("-encode"))
-    m = srv.encode_language_metrics(encoder)
-    keys = ("bytes", "rounds", "requests.success", "requests.local", "requests.failed")
-    return {k: m.get(k, 0.0) for k in keys}
+CACHE_HITS = "sglang:encoder_cache_hit_files_total"
+CACHE_LOOKUPS = "sglang:encoder_cache_total_files_total"
+# prompt tokens and prefix-cache hits of finished requests (upstream's per-request counters)
+PROMPT_TOKENS = "sglang:prompt_tokens_total"
+CACHED_TOKENS = "sglang:cached_tokens_total"
+TRANSFER_KEYS = (
+    "bytes",
+    "rounds",
+    "row_bytes",
+    "items.sent",
+    "items.held",
+    "vit_calls",
+    "requests.success",
+    "requests.local",
+    "requests.failed",
+)
+
+
+def counters(dep: Deployment) -> dict[str, dict[str, float | None]]:
+    """Per server of ``dep`` that runs the vision tower or the language model: its
+    vision-attention segments, the embedding cache's hits and lookups, the prompt tokens and
+    the prefix-cache hits of its requests (None where a server does not export the counter)
+    and, for our encoders, the ``sglang:encode_language_*`` counters; the router's policy
+    counters (``smg_*``) under ``"router"``, (b2)'s Mooncake Store GETs and PUTs (its master's
+    replica-list lookups and put starts) under ``"mooncake_master"``."""
+    from epd_testbed import servers as srv
+    from sglang_cpu_platform.vision_attention import SEGMENTS_METRIC
+
+    out = {}
+    servers = [*dep.vit, *dep.lm]
+    for server in [s for i, s in enumerate(servers) if s not in servers[:i]]:
+        samples = srv.prometheus_samples(server.url + "/metrics")
+        names = {name for name, _, _ in samples}
+        out[server.spec.name] = {
+            key: srv.samples_sum(samples, metric) if metric in names else None
+            for key, metric, where in (
+                ("vit_segments", SEGMENTS_METRIC + "_total", dep.vit),
+                ("cache_hits", CACHE_HITS, dep.vit),
+                ("cache_lookups", CACHE_LOOKUPS, dep.vit),
+                ("prompt_tokens", PROMPT_TOKENS, dep.lm),
+                ("cached_tokens", CACHED_TOKENS, dep.lm),
+            )
+            if server in where
+        }
+        if server in dep.encoders:
+            m = srv.encode_language_metrics(server)
+            out[server.spec.name].update({k: m.get(k, 0.0) for k in TRANSFER_KEYS})
+    port = getattr(dep.entry, "extra", {}).get("prometheus_port")
+    if port:
+        samples = srv.prometheus_samples(f"http://127.0.0.1:{port}/metrics")
+        out["router"] = {
+            name + "{" + ",".join(sorted(labels)) + "}": value
+            for name, labels, value in samples
+            if name.startswith(("smg_manual_policy", "smg_worker_selection"))
+        }
+    if dep.store is not None:  # Mooncake Store objects looked up (GET) and stored (PUT)
+        samples = srv.prometheus_samples(dep.store.url + "/metrics")
+        count = lambda *names: sum(  # noqa: E731
+            srv.samples_sum(samples, f"master_{n}_total") for n in names
+        )
+        out["mooncake_master"] = {
+            "store_gets": count(
+                "get_replica_list_requests", "batch_get_replica_list_items"
+            ),
+            "store_puts": count("put_start_requests", "batch_put_start_items"),
+        }
+    return out
+
+
+def counter_deltas(before: dict, after: dict) -> dict[str, dict[str, float | None]]:
+    """``after - before`` per server and counter (a counter a server creates on first use
+    counts from 0; None where the server has none)."""
+    return {
+        server: {
+            key: (
+                None
+                if value is None
+                else value - (before.get(server, {}).get(key) or 0.0)
+            )
+            for key, value in values.items()
+        }
+        for server, values in after.items()
+    }
+
+
+def total(deltas: dict, key: str) -> float | None:
+    """Sum of ``key`` over the servers that have it; None if none has."""
+    values = [v[key] for v in deltas.values() if v.get(key) is not None]
+    return sum(values) if values else None
+
+
+def measured(deltas: dict, completed: int, depth: int) -> dict:
+    """Per request, from the counter deltas of a cell: images through the vision tower (each
+    image or video frame is one segment in each of the ``depth`` vision blocks), the
+    embedding-cache hit rate, and what our encoders sent."""
+    per = lambda x: None if x is None or not completed else x / completed  # noqa: E731
+    segments, hits, lookups = (
+        total(deltas, k) for k in ("vit_segments", "cache_hits", "cache_lookups")
+    )
+    vit_images = None if segments is None else segments / depth
+    prompt, cached = total(deltas, "prompt_tokens"), total(deltas, "cached_tokens")
+    return {
+        "source": "measured: deltas of the servers' /metrics over the cell",
+        "vit_images": vit_images,
+        "vit_images_per_request": per(vit_images),
+        "embedding_cache_lookups": lookups,
+        "embedding_cache_hit_pct": 100 * hits / lookups if lookups else None,
+        "prefix_hit_pct": 100 * (cached or 0) / prompt if prompt else None,
+        "row_bytes_per_request": per(total(deltas, "row_bytes")),
+        "items_sent": total(deltas, "items.sent"),
+        "items_held": total(deltas, "items.held"),
+        "vit_calls": total(deltas, "vit_calls"),
+        "servers": deltas,
+    }
+
+
+def transfer(deltas: dict, completed: int) -> dict:
+    """(b), (b2): encoder -> language bytes and rounds, summed over the encoders."""
+    get = lambda key: total(deltas, key) or 0.0  # noqa: E731
+    moved = get("requests.success")
+    return {
+        "source": "measured: sglang:encode_language_* of the encode server(s)",
+        "bytes_per_request": get("bytes") / completed if completed else None,
+        "requests_transferred": moved,
+        "requests_local": get("requests.local"),
+        "requests_failed": get("requests.failed"),
+        "resume_rounds_per_request": (get("rounds") - moved) / moved if moved else 0.0,
+    }
+
+
+def cpu_seconds(dep: Deployment) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each server's process group (a server and
+    its scheduler and detokenizer children, the router, the Mooncake master) and by this
+    process (the client), from ``/proc``: which process a deployment's saturation waits for.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    groups = {server.pid: server.spec.name for server in dep.servers}
+    out = dict.fromkeys(groups.values(), 0.0)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if (
+                int(fields[2]) in groups
+            ):  # process group; then utime, stime (clock ticks)
+                out[groups[int(fields[2])]] += (
+                    int(fields[11]) + int(fields[12])
+                ) / tick
+    mine = os.times()
+    out["client"] = mine.user + mine.system
+    return out
 
 
 # ---- the client -----------------------------------------------------------------------------
@@ -280,8 +651,68 @@ def client_argv(
     ]
 
 
+def chat_argv(
+    url: str, model: Path, dataset: Path, rate: str, seed: int, n: int, out: Path
+) -> list[str]:
+    """A repeated-image stream: OpenAI chat, rows (multi-turn: conversations) of ``dataset``;
+    with ``--output-details`` (per-turn TTFTs)."""
+    return [
+        "--backend",
+        "sglang-oai-chat",
+        "--base-url",
+        url,
+        "--model",
+        str(model),
+        "--tokenizer",
+        str(model),
+        "--dataset-name",
+        "openai",
+        "--dataset-path",
+        str(dataset),
+        "--num-prompts",
+        str(n),
+        "--request-rate",
+        rate,
+        "--seed",
+        str(seed),
+        "--warmup-requests",
+        "0",
+        "--cache-report",
+        "--output-details",
+        "--disable-tqdm",
+        "--output-file",
+        str(out),
+    ]
+
+
+@contextlib.contextmanager
+def routing_keys(serving, send: bool):
+    """The client's ``openai`` dataset passes a row's other fields as request body; a row's
+    ``routing_key`` is taken out of it and, with ``send``, becomes the row's routing key,
+    which the client sends as ``X-SMG-Routing-Key`` (what ``--gsp-send-routing-key`` does for
+    its generated-shared-prefix dataset; no flag does it for a dataset file)."""
+    original = serving.get_dataset
+
+    def get_dataset(*args, **kwargs):
+        rows = original(*args, **kwargs)
+        for row in rows:
+            key = (row.extra_request_body or {}).pop("routing_key", None)
+            if send:
+                row.routing_key = key
+        return rows
+
+    serving.get_dataset = get_dataset
+    try:
+        yield
+    finally:
+        serving.get_dataset = original
+
+
 def run_client(
-    argv: list[str], log_path: Path, timeout: float = CELL_TIMEOUT_S
+    argv: list[str],
+    log_path: Path,
+    timeout: float = CELL_TIMEOUT_S,
+    send_routing_keys: bool = False,
 ) -> dict:
     """``python -m sglang.benchmark.serving ARGV`` in this process (its import takes ~10 s
     once); the result is the line it appends to ``--output-file``."""
@@ -299,7 +730,7 @@ def run_client(
     try:
         with open(log_path, "w") as log, contextlib.redirect_stdout(
             log
-        ), contextlib.redirect_stderr(log):
+        ), contextlib.redirect_stderr(log), routing_keys(serving, send_routing_keys):
             serving.cli_main()
     finally:
         signal.alarm(0)
@@ -336,71 +767,116 @@ def model_shape(model: Path) -> dict:
     return {
         "hidden": text["hidden_size"],
         "deepstack": len(vision["deepstack_visual_indexes"]),
+        "vision_depth": vision["depth"],
         "patch_size": vision["patch_size"],
         "spatial_merge_size": vision["spatial_merge_size"],
         "dtype_bytes": 4,  # the test bed serves fp32
     }
 
 
-def run_cell(
-    dep: Deployment,
-    model: Path,
-    stream: str,
-    rate: str,
-    n: int,
-    work: Path,
-    repeat: bool,
-) -> dict:
-    seed = cell_seed(stream, rate)
-    key = cell_key(stream, rate, repeat)
-    if not repeat:
+def turn_ttfts(raw: dict, turns: list[int]) -> dict:
+    """TTFT of the first turns and of the later ones (ms), from the client's per-request
+    output (its multi-turn mode lists every conversation's turns in order)."""
+    import numpy as np
+
+    first, later, i = [], [], 0
+    for count in turns:
+        for turn in range(count):
+            if raw["ttfts"][i] > 0 and not raw["errors"][i]:
+                (first if turn == 0 else later).append(raw["ttfts"][i] * 1e3)
+            i += 1
+    stat = lambda xs, q: float(np.percentile(xs, q)) if xs else None  # noqa: E731
+    return {
+        "first_turns": len(first),
+        "later_turns": len(later),
+        "ttft_p50_first_ms": stat(first, 50),
+        "ttft_p50_later_ms": stat(later, 50),
+        "ttft_p99_later_ms": stat(later, 99),
+    }
+
+
+def client_prefix_hit(raw: dict) -> float | None:
+    """The client's ``--cache-report`` hit rate; None where no response carried cache details
+    (the router's OpenAI chat path drops SGLang's ``sglext`` field from what it returns).
+    """
+    report = raw.get("cache_report") or {}
+    if report.get("device_cached_tokens") is None and not report.get(
+        "total_cached_tokens"
+    ):
+        return None
+    return report.get("cache_hit_rate_pct")
+
+
+def run_cell(dep: Deployment, model: Path, cell: Cell, work: Path) -> dict:
+    if not cell.repeat:
         flush_caches(dep)
-    argv = client_argv(
-        dep.entry.url, model, stream, rate, seed, n, work / f"{dep.name}-{key}.jsonl"
-    )
-    before = transfer_counters(dep)
+    out = work / f"{dep.name}-{cell.key}.jsonl"
+    info = {}
+    if cell.stream in CHAT_STREAMS:
+        dataset, info = write_chat_dataset(
+            cell.stream, cell.seed, cell.n, work / "datasets"
+        )
+        argv = chat_argv(
+            dep.entry.url, model, dataset, cell.rate, cell.seed, cell.n, out
+        )
+    else:
+        argv = client_argv(
+            dep.entry.url, model, cell.stream, cell.rate, cell.seed, cell.n, out
+        )
+    shape = model_shape(model)
+    before, cpu_before = counters(dep), cpu_seconds(dep)
     load_before = os.getloadavg()[0]
     t0 = time.time()
-    raw = run_client(argv, work / f"{dep.name}-{key}.log")
-    cell = {k: raw.get(k) for k in RESULT_KEYS}
-    cell.update(
-        stream=stream,
-        rate=rate,
-        seed=seed,
-        num_prompts=n,
-        repeat=repeat,
+    raw = run_client(
+        argv,
+        work / f"{dep.name}-{cell.key}.log",
+        send_routing_keys=cell.policy == "manual",
+    )
+    cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_seconds(dep).items()}
+    deltas = counter_deltas(before, counters(dep))
+    result = {k: raw.get(k) for k in RESULT_KEYS}
+    command = "python -m sglang.benchmark.serving " + shlex.join(argv).replace(
+        str(REPO) + "/", ""
+    ).replace(str(work), "$OUT")
+    if cell.stream in CHAT_STREAMS:
+        command = (
+            f"# --dataset-path: bench_serving_el.write_chat_dataset({cell.stream!r}, "
+            f"seed={cell.seed}, n={cell.n}, ...)\n" + command
+        )
+    result.update(
+        stream=cell.stream,
+        rate=cell.rate,
+        seed=cell.seed,
+        num_prompts=cell.n,
+        repeat=cell.repeat,
+        policy=cell.policy,
+        dataset=info,
         wall_s=round(time.time() - t0, 1),
         load1_before=load_before,
         load1_after=os.getloadavg()[0],
-        cache_hit_rate_pct=(raw.get("cache_report") or {}).get("cache_hit_rate_pct"),
-        command="python -m sglang.benchmark.serving "
-        + shlex.join(argv).replace(str(REPO) + "/", ""),
+        cache_hit_rate_pct=client_prefix_hit(raw),
+        command=command,
     )
-    completed = cell["completed"] or 0
-    if dep.name == "el-router":
-        after = transfer_counters(dep)
-        delta = {k: after[k] - before.get(k, 0.0) for k in after}
-        moved = delta["requests.success"]
-        cell["transfer"] = {
-            "source": "measured: sglang:encode_language_* of the encode server",
-            "bytes_per_request": delta["bytes"] / completed if completed else None,
-            "requests_transferred": moved,
-            "requests_local": delta["requests.local"],
-            "requests_failed": delta["requests.failed"],
-            "resume_rounds_per_request": (
-                (delta["rounds"] - moved) / moved if moved else 0.0
-            ),
-        }
+    completed = result["completed"] or 0
+    result["measured"] = measured(deltas, completed, shape["vision_depth"])
+    result["cpu_s"] = {k: round(v, 3) for k, v in cpu.items()}
+    if cell.stream == "multiturn":
+        result["turns"] = turn_ttfts(raw, info["turns"])
+    if dep.encoders:
+        result["transfer"] = transfer(deltas, completed)
     elif dep.name == "upstream-epd":
-        cell["transfer"] = upstream_transfer(stream, model_shape(model))
-    return cell
+        result["transfer"] = upstream_transfer(cell.stream, shape)
+    return result
 
 
-def upstream_transfer(stream: str, shape: dict) -> dict:
+def upstream_transfer(stream: str, shape: dict) -> dict | None:
     """What upstream's encoder sends per request, computed: the embedding rows of the image
-    tokens, (1+K) x hidden values each (its embedding carries the deepstack features).
+    tokens, (1+K) x hidden values each (its embedding carries the deepstack features); None
+    for the multi-turn stream (whether a later turn's image is sent again is not counted).
     """
-    argv = STREAMS[stream]
+    if stream == "multiturn":
+        return None
+    argv = STREAMS.get(stream, ("--image-count", "1", "--image-resolution", "224x224"))
     images = (
         int(argv[argv.index("--image-count") + 1]) if "--image-count" in argv else 0
     )
@@ -447,11 +923,10 @@ def machine_info() -> dict:
         with contextlib.suppress(md.PackageNotFoundError):
             versions[pkg] = md.version(pkg)
     versions["python"] = platform.python_version()
-    sha = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-    )
+    git = lambda *a: subprocess.run(  # noqa: E731
+        ["git", "-C", str(REPO), *a], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = git("status", "--porcelain", "--untracked-files=no")
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
         "cpu": model_name,
@@ -459,7 +934,11 @@ def machine_info() -> dict:
         "memory_gib": round(mem, 1),
         "kernel": platform.release(),
         "versions": versions,
-        "fork_commit": sha.stdout.strip(),
+        "fork_commit": git("rev-parse", "--short", "HEAD")
+        + (" + uncommitted changes" if dirty else ""),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime(
+            "%Y-%m-%d %H:%M"
+        ),
     }
 
 
@@ -476,22 +955,23 @@ def save_results(results: dict, path: Path, indent: int | None = 1) -> None:
     tmp.replace(path)
 
 
-def planned_cells(quick: bool) -> list[tuple[str, str, int, bool]]:
-    prompts = QUICK_PROMPTS if quick else PROMPTS
-    cells = []
-    for stream in STREAMS:
-        for rate in RATES:
-            cells.append((stream, rate, prompts[rate], False))
-            if (
-                stream,
-                rate,
-            ) == REPEATED:  # right after its cold twin: no flush in between
-                cells.append((stream, rate, prompts[rate], True))
-    return cells
-
-
 def log(msg: str, t0: float) -> None:
     print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
+
+
+def warm_up(dep: Deployment, model: Path, work: Path) -> None:
+    """Unreported requests after start-up (seed 1): four one-image ``/generate`` requests and
+    four chat requests over one image."""
+    url = dep.entry.url
+    run_client(
+        client_argv(url, model, "image1", "inf", WARMUP_SEED, 4, work / "warm.jsonl"),
+        work / f"{dep.name}-warmup.log",
+    )
+    dataset, _ = write_chat_dataset("zipf", WARMUP_SEED, 4, work / "datasets")
+    run_client(
+        chat_argv(url, model, dataset, "inf", WARMUP_SEED, 4, work / "warm-chat.jsonl"),
+        work / f"{dep.name}-warmup-chat.log",
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -514,10 +994,10 @@ def run(args: argparse.Namespace) -> dict:
     }
     work = Path(tempfile.mkdtemp(prefix="bench-serving-el-"))
     log(f"checkpoint {model}; logs and client output under {work}", t0)
-    cells = planned_cells(args.quick)
     for name in args.configs:
         entry = results["configs"].setdefault(name, {"cells": {}})
-        todo = [c for c in cells if cell_key(c[0], c[1], c[3]) not in entry["cells"]]
+        cells = planned_cells(name, args.quick)
+        todo = [c for c in cells if c.key not in entry["cells"]]
         if not todo:
             log(
                 f"{name}: all {len(cells)} cells already in {args.json.name}, skipped",
@@ -525,34 +1005,27 @@ def run(args: argparse.Namespace) -> dict:
             )
             continue
         log(f"{name}: starting {CONFIGS[name]} (load {os.getloadavg()[0]:.1f})", t0)
+        started = time.time()
         dep = launch_deployment(name, model, work / "logs", args.server_threads)
         try:
             entry.update(startup=dep.startup, load1_at_start=os.getloadavg()[0])
             log(f"{name}: healthy, launch -> healthy {dep.startup['ready_s']}", t0)
-            run_client(
-                client_argv(
-                    dep.entry.url,
-                    model,
-                    "image1",
-                    "inf",
-                    WARMUP_SEED,
-                    4,
-                    work / "warm.jsonl",
-                ),
-                work / f"{name}-warmup.log",
-            )
-            for i, (stream, rate, n, repeat) in enumerate(todo, 1):
-                if repeat and (stream, rate, n, False) not in todo:
+            warm_up(dep, model, work)
+            for i, cell in enumerate(todo, 1):
+                use_policy(dep, cell.policy, work / "logs")
+                twin = Cell(cell.stream, cell.rate, cell.n, policy=cell.policy)
+                if cell.repeat and twin not in todo:
                     # resumed between the twins: fill the caches again (not recorded)
-                    run_cell(dep, model, stream, rate, n, work, False)
-                cell = run_cell(dep, model, stream, rate, n, work, repeat)
-                entry["cells"][cell_key(stream, rate, repeat)] = cell
+                    run_cell(dep, model, twin, work)
+                got = entry["cells"][cell.key] = run_cell(dep, model, cell, work)
                 save_results(results, args.json)
+                m = got["measured"]
                 log(
-                    f"{name} [{i}/{len(todo)}] {cell_key(stream, rate, repeat)}: "
-                    f"{cell['request_throughput']:.2f} req/s, TTFT p50 {cell['median_ttft_ms']:.0f} ms, "
-                    f"TPOT p50 {cell['median_tpot_ms']:.1f} ms, cache hit {cell['cache_hit_rate_pct']}% "
-                    f"(load {cell['load1_after']:.1f})",
+                    f"{name} [{i}/{len(todo)}] {cell.key}: "
+                    f"{got['request_throughput']:.2f} req/s, TTFT p50 {got['median_ttft_ms']:.0f} ms, "
+                    f"TPOT p50 {got['median_tpot_ms']:.1f} ms, prefix hit {fmt(m['prefix_hit_pct'], '.1f')}% (client {got['cache_hit_rate_pct']}%), "
+                    f"ViT images/req {fmt(m['vit_images_per_request'], '.2f')}, embedding-cache hit "
+                    f"{fmt(m['embedding_cache_hit_pct'], '.0f')}% (load {got['load1_after']:.1f})",
                     t0,
                 )
                 if not dep.alive():
@@ -561,6 +1034,8 @@ def run(args: argparse.Namespace) -> dict:
                     )
         finally:
             dep.stop()
+        entry["wall_s"] = round(time.time() - started, 1)
+        save_results(results, args.json)
     results["wall_s_last_run"] = round(time.time() - t0, 1)
     save_results(results, args.json)
     log(f"done; results in {args.json}", t0)
@@ -581,23 +1056,41 @@ def ratio(num: dict | None, den: dict | None, key: str) -> float | None:
 
 
 def cell_of(
-    results: dict, config: str, stream: str, rate: str, repeat: bool = False
+    results: dict,
+    config: str,
+    stream: str,
+    rate: str,
+    repeat: bool = False,
+    policy: str | None = None,
 ) -> dict | None:
+    if config == "el-global-cache" and policy is None:
+        policy = B2_POLICIES[0]
     return (
         results.get("configs", {})
         .get(config, {})
         .get("cells", {})
-        .get(cell_key(stream, rate, repeat))
+        .get(cell_key(stream, rate, repeat, policy))
     )
 
 
+def runs(config: str, stream: str) -> bool:
+    """Whether ``config`` runs ``stream`` at all ((b2): the repeated-image streams only)."""
+    return config != "el-global-cache" or stream in CHAT_STREAMS
+
+
 def ratios(results: dict) -> list[dict]:
-    """(b)/(a) at the lowest rate and (b)/(c) at saturation, per stream."""
+    """(b)/(a) at the lowest rate, (b)/(a2) and (b)/(c) at saturation, per stream."""
     low, sat = RATES[0], RATES[-1]
     rows = []
     for stream in STREAMS:
-        a, b, c = (cell_of(results, n, stream, low) for n in CONFIGS)
-        sa, sb, sc = (cell_of(results, n, stream, sat) for n in CONFIGS)
+        a, a2, b, c = (
+            cell_of(results, n, stream, low)
+            for n in ("colocated", "colocated-x2", "el-router", "upstream-epd")
+        )
+        sa, sa2, sb, sc = (
+            cell_of(results, n, stream, sat)
+            for n in ("colocated", "colocated-x2", "el-router", "upstream-epd")
+        )
         rows.append(
             {
                 "stream": stream,
@@ -606,9 +1099,13 @@ def ratios(results: dict) -> list[dict]:
                 "e2e_mean_b_over_a_low": ratio(b, a, "mean_e2e_latency_ms"),
                 "e2e_mean_ms_low": {
                     LABEL[n]: (x or {}).get("mean_e2e_latency_ms")
-                    for n, x in zip(CONFIGS, (a, b, c))
+                    for n, x in zip(
+                        ("colocated", "colocated-x2", "el-router", "upstream-epd"),
+                        (a, a2, b, c),
+                    )
                 },
                 "throughput_b_over_a_sat": ratio(sb, sa, "request_throughput"),
+                "throughput_b_over_a2_sat": ratio(sb, sa2, "request_throughput"),
                 "throughput_b_over_c_sat": ratio(sb, sc, "request_throughput"),
                 "ttft_p50_b_over_c_low": ratio(b, c, "median_ttft_ms"),
             }
@@ -616,84 +1113,202 @@ def ratios(results: dict) -> list[dict]:
     return rows
 
 
+def later_ttft(cell: dict | None) -> dict | None:
+    """The multi-turn cell's TTFT p50 of turns >= 2 as a one-key dict (for ``ratio``)."""
+    turns = (cell or {}).get("turns") or {}
+    return {"p50": turns["ttft_p50_later_ms"]} if turns else None
+
+
+def targets(results: dict) -> list[tuple[str, bool | None, str]]:
+    """Issue 17's targets against (a2) and the earlier ones: (what, met, value)."""
+    b, a2 = "el-router", "colocated-x2"
+    one = ratio(
+        cell_of(results, b, "image1", "inf"),
+        cell_of(results, a2, "image1", "inf"),
+        "request_throughput",
+    )
+    zipf = ratio(
+        cell_of(results, b, "zipf", "inf"),
+        cell_of(results, a2, "zipf", "inf"),
+        "request_throughput",
+    )
+    repeat = ratio(
+        cell_of(results, b, *REPEATED, True),
+        cell_of(results, a2, *REPEATED, True),
+        "request_throughput",
+    )
+    mt_b, mt_a2 = (
+        cell_of(results, n, "multiturn", CHAT_STREAMS["multiturn"]) for n in (b, a2)
+    )
+    turns = ratio(later_ttft(mt_b), later_ttft(mt_a2), "p50")
+    m = (mt_b or {}).get("measured") or {}
+    t = (mt_b or {}).get("turns") or {}
+    held, sent = m.get("items_held"), m.get("items_sent")
+    cached_ok = (
+        None
+        if held is None or not t
+        else held == t["later_turns"] and sent == t["first_turns"]
+    )
+    image1 = ratios(results)[0]
+    low, vs_c = image1["ttft_p50_b_over_a_low"], image1["throughput_b_over_c_sat"]
+    ok = lambda value, good: None if value is None else good(value)  # noqa: E731
+    return [
+        (
+            "one-image saturation throughput (b) >= 0.9x (a2)",
+            ok(one, lambda r: r >= 0.9),
+            f"ratio {fmt(one, '.2f')}",
+        ),
+        (
+            "repeated-image (zipf) saturation throughput (b) >= (a2)",
+            ok(zipf, lambda r: r >= 1.0),
+            f"ratio {fmt(zipf, '.2f')} (the image1 cell re-sent: {fmt(repeat, '.2f')})",
+        ),
+        (
+            "multi-turn TTFT p50 of turns >= 2 (b) within 10% of (a2)",
+            ok(turns, lambda r: r <= 1.10),
+            f"ratio {fmt(turns, '.2f')}",
+        ),
+        (
+            "image-row bytes per cached turn = 0 (b)",
+            cached_ok,
+            f"items sent {fmt(sent)} = first turns {t.get('first_turns', '-')}, items held "
+            f"{fmt(held)} = later turns {t.get('later_turns', '-')}",
+        ),
+        (
+            "single image, 1 req/s: TTFT p50 (b) within 15% of (a)",
+            ok(low, lambda r: r <= 1.15),
+            f"ratio {fmt(low, '.2f')}",
+        ),
+        (
+            "single image, saturation: throughput (b) >= (c)",
+            ok(vs_c, lambda r: r >= 1.0),
+            f"ratio {fmt(vs_c, '.2f')}",
+        ),
+    ]
+
+
+HEAD = (
+    "| config | rate (req/s) | req/s | TTFT mean / p50 / p99 (ms) | TPOT mean / p50 / p99 (ms) "
+    "| E2E mean (ms) | ViT images/req | embedding-cache hit % | prefix hit %, servers / client "
+    "| enc->lang bytes/req | resume rounds/req | load |"
+)
+RULE = "|---|---|---|---|---|---|---|---|---|---|---|---|"
+CHAT_HEAD = (
+    "| config | req/s | TTFT mean / p50 / p99 (ms) | TTFT p50 turn 1 / turns >= 2 (ms) "
+    "| TPOT p50 (ms) | ViT images/req | embedding-cache hit % | prefix hit %, servers / client "
+    "| enc->lang bytes/req | row bytes/req | items sent / held | load |"
+)
+CHAT_RULE = "|---|---|---|---|---|---|---|---|---|---|---|---|"
+
+
 def render_markdown(results: dict) -> str:
     m = results.get("machine", {})
     v = m.get("versions", {})
+    sizes = results.get("model", {})
     out = [
         f"Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB, Linux "
         f"{m.get('kernel')}; sglang {v.get('sglang')}, sglang-router {v.get('sglang-router')}, torch "
         f"{v.get('torch')}, transformers {v.get('transformers')}, Mooncake "
         f"{v.get('mooncake-transfer-engine-non-cuda')}, Python {v.get('python')}; fork commit "
-        f"`{m.get('fork_commit')}`. Command: `{results.get('command')}` "
+        f"`{m.get('fork_commit')}`, {m.get('date_utc', '?')} UTC. Command: `{results.get('command')}` "
         f"(last run {fmt(results.get('wall_s_last_run'))} s). Model: the test bed's tiny Qwen3-VL-MoE "
-        f"(`{results.get('model', {}).get('path')}`), fp32.",
+        f"(`{sizes.get('path')}`), fp32, vision depth {sizes.get('vision_depth')}.",
         "",
-        "Start-up, launch -> `/health` answers (s; (b) and (c) start their servers together, "
-        "`deployment` is the whole configuration):",
+        "Start-up, launch -> `/health` answers (s; servers of one configuration start together, "
+        "`deployment` is the whole configuration), and the configuration's wall time (start, "
+        "warm-up, its cells, stop):",
         "",
         "| configuration | servers (launch -> healthy, s) | OMP_NUM_THREADS per server "
-        "| load (1 min) at start |",
-        "|---|---|---|---|",
+        "| load (1 min) at start | wall (s) |",
+        "|---|---|---|---|---|",
     ]
     for name, title in CONFIGS.items():
         entry = results.get("configs", {}).get(name, {})
         startup = entry.get("startup", {})
         ready = sorted(
-            startup.get("ready_s", {}).items(), key=lambda kv: kv[0] == "deployment"
+            startup.get("ready_s", {}).items(),
+            key=lambda kv: (kv[0] == "deployment", kv[0]),
         )
         out.append(
             f"| {title} | {', '.join(f'{k} {v}' for k, v in ready) or '-'} "
             f"| {startup.get('omp_num_threads', 'torch default')} "
-            f"| {fmt(entry.get('load1_at_start'), '.1f')} |"
+            f"| {fmt(entry.get('load1_at_start'), '.1f')} | {fmt(entry.get('wall_s'))} |"
         )
-    head = (
-        "| config | rate (req/s) | req/s | TTFT mean / p50 / p99 (ms) | TPOT mean / p50 / p99 (ms) "
-        "| E2E mean (ms) | enc->lang bytes/req | resume rounds/req | prefix hit % | load |"
-    )
     for stream in STREAMS:
         out += [
             "",
             f"**{stream}**: {STREAM_TITLE[stream]}, {OUTPUT_LEN} output tokens",
             "",
-            head,
-            "|---|---|---|---|---|---|---|---|---|---|",
+            HEAD,
+            RULE,
         ]
         for rate in RATES:
             for name in CONFIGS:
-                out.append(row(cell_of(results, name, stream, rate), name, rate))
+                if runs(name, stream):
+                    out.append(row(cell_of(results, name, stream, rate), name, rate))
     out += [
         "",
         "**Repeated image** (the image1 saturation cell sent a second time with the same seed "
         "on the same servers: multimodal and prefix caches hit; not a cold number)",
         "",
-        head,
-        "|---|---|---|---|---|---|---|---|---|---|",
+        HEAD,
+        RULE,
     ]
     for name in CONFIGS:
-        out.append(row(cell_of(results, name, *REPEATED, True), name, REPEATED[1]))
+        if runs(name, REPEATED[0]):
+            out.append(row(cell_of(results, name, *REPEATED, True), name, REPEATED[1]))
+    for stream, rate in CHAT_STREAMS.items():
+        any_cell = next(
+            (
+                c
+                for n in CONFIGS
+                for c in [cell_of(results, n, stream, rate)]
+                if c is not None
+            ),
+            {},
+        )
+        info = any_cell.get("dataset") or {}
+        detail = (
+            f"{any_cell.get('num_prompts', '-')} requests over a pool of {info.get('pool', '-')} "
+            f"images ({info.get('distinct', '-')} drawn, the most frequent {info.get('top_image', '-')} "
+            f"times), all at t = 0"
+            if stream == "zipf"
+            else f"{any_cell.get('num_prompts', '-')} conversations, "
+            f"{sum(info.get('turns', []))} turns, conversations arriving at {rate}/s (Poisson)"
+        )
+        out += [
+            "",
+            f"**{stream}**: {STREAM_TITLE[stream]}, {OUTPUT_LEN} output tokens per turn; {detail}. "
+            "(b2) with the router's round-robin prefill policy; per policy below.",
+            "",
+            CHAT_HEAD,
+            CHAT_RULE,
+        ]
+        for name in CONFIGS:
+            out.append(chat_row(cell_of(results, name, stream, rate), name))
+    out += affinity(results)
+    out += cpu_table(results)
     out += [
         "",
         "Ratios ((b) = sglang-router + encode + language; low = rate 1, saturation = inf):",
         "",
         "| stream | TTFT p50 (b)/(a), low | TTFT mean (b)/(a), low | E2E mean (b)/(a), low "
-        "| E2E mean ms (a) / (b) / (c), low | req/s (b)/(a), sat. | req/s (b)/(c), sat. |",
-        "|---|---|---|---|---|---|---|",
+        "| E2E mean ms (a) / (a2) / (b) / (c), low | req/s (b)/(a), sat. | req/s (b)/(a2), sat. "
+        "| req/s (b)/(c), sat. |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in ratios(results):
         e2e = r["e2e_mean_ms_low"]
         out.append(
             f"| {r['stream']} | {fmt(r['ttft_p50_b_over_a_low'], '.2f')} | {fmt(r['ttft_mean_b_over_a_low'], '.2f')} "
-            f"| {fmt(r['e2e_mean_b_over_a_low'], '.2f')} | {fmt(e2e['a'])} / {fmt(e2e['b'])} / {fmt(e2e['c'])} "
-            f"| {fmt(r['throughput_b_over_a_sat'], '.2f')} | {fmt(r['throughput_b_over_c_sat'], '.2f')} |"
+            f"| {fmt(r['e2e_mean_b_over_a_low'], '.2f')} | {fmt(e2e['a'])} / {fmt(e2e['a2'])} / {fmt(e2e['b'])} / {fmt(e2e['c'])} "
+            f"| {fmt(r['throughput_b_over_a_sat'], '.2f')} | {fmt(r['throughput_b_over_a2_sat'], '.2f')} "
+            f"| {fmt(r['throughput_b_over_c_sat'], '.2f')} |"
         )
-    image1 = ratios(results)[0]
-    ttft, thr = image1["ttft_p50_b_over_a_low"], image1["throughput_b_over_c_sat"]
-    out += [
-        "",
-        "Targets (single image): TTFT p50 (b) within 15% of (a) at low load: "
-        f"{verdict(ttft is not None and ttft <= 1.15, ttft)}; throughput at saturation (b) >= (c): "
-        f"{verdict(thr is not None and thr >= 1.0, thr)}.",
-    ]
+    out += ["", "Targets:", "", "| target | verdict | measured |", "|---|---|---|"]
+    for what, met, value in targets(results):
+        verdict_ = "not measured" if met is None else ("met" if met else "missed")
+        out.append(f"| {what} | {verdict_} | {value} |")
     out += [
         "",
         "<details><summary>Exact command lines (servers as launched; the client once per cell, "
@@ -704,8 +1319,8 @@ def render_markdown(results: dict) -> str:
         "ensure_checkpoint; print(ensure_checkpoint(TinyVLMoeSpec()))')",
     ]
     model = results.get("model", {}).get("dir")
-    for name in CONFIGS:
-        for server, cmd in (
+    for name in CONFIGS:  # sorted: the same order from a run and from its JSON
+        for server, cmd in sorted(
             results.get("configs", {})
             .get(name, {})
             .get("startup", {})
@@ -714,8 +1329,9 @@ def render_markdown(results: dict) -> str:
         ):
             out.append(f"# ({LABEL[name]}) {server}\n" + short(cmd, model))
     seen = set()
-    for name, entry in results.get("configs", {}).items():
-        for key, cell in entry.get("cells", {}).items():
+    for name in CONFIGS:
+        entry = results.get("configs", {}).get(name, {})
+        for key, cell in sorted(entry.get("cells", {}).items()):
             if key not in seen:
                 seen.add(key)
                 url = cell["command"].split("--base-url ", 1)[1].split(" ", 1)[0]
@@ -725,6 +1341,90 @@ def render_markdown(results: dict) -> str:
                 )
     out += ["```", "", "</details>"]
     return "\n".join(out) + "\n"
+
+
+CPU_CELLS = (
+    ("image1", "inf"),
+    ("zipf", "inf"),
+    ("multiturn", CHAT_STREAMS["multiturn"]),
+)
+
+
+def cpu_table(results: dict) -> list[str]:
+    """CPU per request of every process group in the saturation and multi-turn cells."""
+    out = [
+        "",
+        "**CPU per request** (user + system time of each server's process group over the cell, "
+        "from `/proc`, divided by the requests; in brackets the share of one core it used over "
+        "the cell; the client runs in the benchmark's process):",
+        "",
+        "| config | cell | req/s | CPU ms per request: each process group [share of a core] "
+        "| servers' total (ms) | client (ms) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for stream, rate in CPU_CELLS:
+        for name in CONFIGS:
+            cell = cell_of(results, name, stream, rate)
+            if not cell or not cell.get("cpu_s") or not cell.get("completed"):
+                continue
+            n, wall = cell["completed"], cell.get("duration") or 0
+            servers = {k: v for k, v in cell["cpu_s"].items() if k != "client"}
+            each = ", ".join(
+                f"{k} {1e3 * v / n:.1f} [{100 * v / wall if wall else 0:.0f}%]"
+                for k, v in sorted(servers.items(), key=lambda kv: -kv[1])
+            )
+            out.append(
+                f"| ({LABEL[name]}) {name} | {cell_key(stream, rate)} "
+                f"| {fmt(cell['request_throughput'], '.2f')} | {each} "
+                f"| {1e3 * sum(servers.values()) / n:.1f} | {1e3 * cell['cpu_s'].get('client', 0) / n:.1f} |"
+            )
+    return out
+
+
+def affinity(results: dict) -> list[str]:
+    """(b2), the zipf stream per prefill policy: what each encoder ran and hit."""
+    entry = results.get("configs", {}).get("el-global-cache")
+    if not entry:
+        return []
+    out = [
+        "",
+        "**Affinity** ((b2): two encode servers sharing rows through `--enable-mm-global-cache` "
+        "and a `mooncake_master`, one language server; the zipf stream, fresh images per "
+        "policy): the router's prefill policy, and per encoder (A / B) what it served, ran and "
+        "hit:",
+        "",
+        "| prefill policy | req/s | TTFT mean / p50 / p99 (ms) | requests A / B "
+        "| ViT images A / B | embedding-cache hits / lookups A / B | Mooncake Store GETs / PUTs "
+        "| router policy counters |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for policy in B2_POLICIES:
+        cell = cell_of(
+            results, "el-global-cache", "zipf", CHAT_STREAMS["zipf"], policy=policy
+        )
+        if cell is None:
+            out.append(f"| {policy} | not run |||||||")
+            continue
+        servers = cell["measured"]["servers"]
+        encoders = sorted(s for s in servers if "items.sent" in servers[s])
+        store = servers.get("mooncake_master", {})
+        each = lambda f: " / ".join(f(servers[s]) for s in encoders)  # noqa: E731
+        depth = results.get("model", {}).get("vision_depth") or 1
+        router = ", ".join(
+            f"{k.split('{', 1)[1].rstrip('}')}: {v:.0f}"
+            for k, v in sorted(servers.get("router", {}).items())
+            if k.startswith("smg_manual_policy_branch_total") and v
+        )
+        out.append(
+            f"| {policy} | {fmt(cell['request_throughput'], '.2f')} "
+            f"| {fmt(cell['mean_ttft_ms'])} / {fmt(cell['median_ttft_ms'])} / {fmt(cell['p99_ttft_ms'])} "
+            f"| {each(lambda s: fmt(s.get('requests.success')))} "
+            f"| {each(lambda s: fmt(None if s.get('vit_segments') is None else s['vit_segments'] / depth))} "
+            f"| {each(lambda s: fmt(s.get('cache_hits')) + '/' + fmt(s.get('cache_lookups')))} "
+            f"| {fmt(store.get('store_gets'))} / {fmt(store.get('store_puts'))} "
+            f"| {router or '-'} |"
+        )
+    return out
 
 
 def short(cmd: str, model: str | None) -> str:
@@ -740,26 +1440,61 @@ def verdict(ok: bool, value) -> str:
     )
 
 
+def prefix_cell(cell: dict) -> str:
+    """Prefix-cache hit %, from the language servers' counters / from the client's report."""
+    server = (cell.get("measured") or {}).get("prefix_hit_pct")
+    return f"{fmt(server, '.1f')} / {fmt(cell.get('cache_hit_rate_pct'), '.1f')}"
+
+
+def bytes_cell(cell: dict) -> str:
+    t = cell.get("transfer") or {}
+    value = t.get("bytes_per_request")
+    if value is None:
+        return "-"
+    return f"{value:.0f} ({'measured' if t['source'].startswith('measured') else 'computed'})"
+
+
 def row(cell: dict | None, name: str, rate: str) -> str:
     if cell is None:
-        return f"| ({LABEL[name]}) {name} | {rate} | not run |||||||| "
+        return f"| ({LABEL[name]}) {name} | {rate} | not run |||||||||| "
     t = cell.get("transfer") or {}
-    bytes_ = t.get("bytes_per_request")
-    tag = (
-        ""
-        if bytes_ is None
-        else (" (measured)" if t["source"].startswith("measured") else " (computed)")
-    )
+    m = cell.get("measured") or {}
     return (
         f"| ({LABEL[name]}) {name} | {rate} | {fmt(cell['request_throughput'], '.2f')} "
         f"| {fmt(cell['mean_ttft_ms'])} / {fmt(cell['median_ttft_ms'])} / {fmt(cell['p99_ttft_ms'])} "
         f"| {fmt(cell['mean_tpot_ms'], '.1f')} / {fmt(cell['median_tpot_ms'], '.1f')} / {fmt(cell['p99_tpot_ms'], '.1f')} "
-        f"| {fmt(cell['mean_e2e_latency_ms'])} | {fmt(bytes_)}{tag} | {fmt(t.get('resume_rounds_per_request'), '.2f')} "
-        f"| {fmt(cell.get('cache_hit_rate_pct'), '.1f')} | {fmt(cell.get('load1_after'), '.1f')} |"
+        f"| {fmt(cell['mean_e2e_latency_ms'])} | {fmt(m.get('vit_images_per_request'), '.2f')} "
+        f"| {fmt(m.get('embedding_cache_hit_pct'), '.1f')} | {prefix_cell(cell)} "
+        f"| {bytes_cell(cell)} | {fmt(t.get('resume_rounds_per_request'), '.2f')} "
+        f"| {fmt(cell.get('load1_after'), '.1f')} |"
+    )
+
+
+def chat_row(cell: dict | None, name: str) -> str:
+    if cell is None:
+        return f"| ({LABEL[name]}) {name} | not run |||||||||| "
+    m = cell.get("measured") or {}
+    t = cell.get("turns") or {}
+    items = (
+        "-"
+        if m.get("items_sent") is None
+        else f"{m['items_sent']:.0f} / {m['items_held']:.0f}"
+    )
+    return (
+        f"| ({LABEL[name]}) {name} | {fmt(cell['request_throughput'], '.2f')} "
+        f"| {fmt(cell['mean_ttft_ms'])} / {fmt(cell['median_ttft_ms'])} / {fmt(cell['p99_ttft_ms'])} "
+        f"| {fmt(t.get('ttft_p50_first_ms'))} / {fmt(t.get('ttft_p50_later_ms'))} "
+        f"| {fmt(cell['median_tpot_ms'], '.1f')} | {fmt(m.get('vit_images_per_request'), '.2f')} "
+        f"| {fmt(m.get('embedding_cache_hit_pct'), '.1f')} | {prefix_cell(cell)} "
+        f"| {bytes_cell(cell)} | {fmt(m.get('row_bytes_per_request'))} | {items} "
+        f"| {fmt(cell.get('load1_after'), '.1f')} |"
     )
 
 
 def render_plot(results: dict, path: Path) -> None:
+    """Per generated stream, throughput, TTFT p50 and TPOT p50 against the rate; last column,
+    the repeated-image streams: zipf throughput (b2 per policy), multi-turn TTFT p50 of turns
+    >= 2, and vision-tower images per zipf request."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -772,23 +1507,79 @@ def render_plot(results: dict, path: Path) -> None:
     )
     fig, axes = plt.subplots(
         len(metrics),
-        len(STREAMS),
-        figsize=(4 * len(STREAMS), 3 * len(metrics)),
+        len(STREAMS) + 1,
+        figsize=(4 * (len(STREAMS) + 1), 3 * len(metrics)),
         squeeze=False,
     )
+    colors = {name: f"C{i}" for i, name in enumerate(CONFIGS)}
     for col, stream in enumerate(STREAMS):
         for rowi, (key, label) in enumerate(metrics):
             ax = axes[rowi][col]
             for name in CONFIGS:
+                if not runs(name, stream):
+                    continue
                 ys = [(cell_of(results, name, stream, r) or {}).get(key) for r in RATES]
                 xs = [i for i, y in enumerate(ys) if y is not None]
-                ax.plot(xs, [ys[i] for i in xs], marker="o", label=CONFIGS[name])
+                ax.plot(
+                    xs,
+                    [ys[i] for i in xs],
+                    marker="o",
+                    label=CONFIGS[name],
+                    color=colors[name],
+                )
             ax.set_xticks(range(len(RATES)), [f"{r} req/s" for r in RATES])
             ax.set_ylabel(label)
             if rowi == 0:
                 ax.set_title(STREAM_TITLE[stream], fontsize=9)
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    bars = []  # (label, color, zipf cell, multiturn cell)
+    for name in CONFIGS:
+        policies = B2_POLICIES if name == "el-global-cache" else (None,)
+        for policy in policies:
+            zipf = cell_of(results, name, "zipf", CHAT_STREAMS["zipf"], policy=policy)
+            turns = cell_of(
+                results, name, "multiturn", CHAT_STREAMS["multiturn"], policy=policy
+            )
+            short_policy = {"round_robin": "rr", "cache_aware": "c-aware"}.get(
+                policy, policy
+            )
+            tag = f"({LABEL[name]})" + (f"\n{short_policy}" if policy else "")
+            if zipf or turns:
+                bars.append((tag, colors[name], zipf or {}, turns or {}))
+    col = len(STREAMS)
+    for rowi, (label, value) in enumerate(
+        (
+            ("zipf: requests/s", lambda z, t: z.get("request_throughput")),
+            (
+                "multi-turn: TTFT p50, turns >= 2 (ms)",
+                lambda z, t: (t.get("turns") or {}).get("ttft_p50_later_ms"),
+            ),
+            (
+                "zipf: ViT images per request",
+                lambda z, t: (z.get("measured") or {}).get("vit_images_per_request"),
+            ),
+        )
+    ):
+        ax = axes[rowi][col]
+        ys = [value(z, t) for _, _, z, t in bars]
+        ax.bar(
+            range(len(bars)),
+            [y or 0 for y in ys],
+            color=[c for _, c, _, _ in bars],
+        )
+        ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, axis="y")
+        if rowi == 0:
+            ax.set_title("repeated images (zipf, multi-turn)", fontsize=9)
+    # (b2) has bars only (last column): a proxy entry names its color
+    from matplotlib.patches import Patch
+
+    handles, _ = axes[0][0].get_legend_handles_labels()
+    handles.append(
+        Patch(color=colors["el-global-cache"], label=CONFIGS["el-global-cache"])
+    )
+    axes[0][1].legend(handles=handles, fontsize=6, loc="upper left")
     fig.suptitle(
         "CPU test bed, tiny Qwen3-VL-MoE, sglang.benchmark.serving (cold runs)",
         fontsize=10,
@@ -838,6 +1629,8 @@ MIXED_DOC_BEGIN = (
 )
 MIXED_DOC_END = "<!-- serving-mixed:end -->"
 MIXED_GOAL = 1.2  # text TPOT p99 during the burst / without it, on (b)
+# (b2) is the affinity measurement of the repeated-image streams, not part of this one
+MIXED_CONFIGS = ("colocated", "colocated-x2", "el-router", "upstream-epd")
 
 
 def gated_client(argv: list[str]) -> None:
@@ -1257,7 +2050,7 @@ def render_mixed(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     ratios_ = []
-    for name in CONFIGS:
+    for name in MIXED_CONFIGS:
         entry = results.get("configs", {}).get(name)
         if not entry:
             out.append(f"| ({LABEL[name]}) {name} | not run ||||||||")
@@ -1318,7 +2111,7 @@ def render_mixed(results: dict) -> str:
         "```bash",
     ]
     model = results.get("model", {}).get("dir")
-    for name in CONFIGS:
+    for name in MIXED_CONFIGS:
         for server, cmd in (
             results.get("configs", {})
             .get(name, {})
@@ -1355,10 +2148,10 @@ def render_mixed_plot(results: dict, path: Path) -> None:
         0.5  # ms; smaller gaps are tokens the client read together, drawn at the floor
     )
     fig, axes = plt.subplots(
-        1, len(CONFIGS) + 1, figsize=(4.2 * (len(CONFIGS) + 1), 3.8)
+        1, len(MIXED_CONFIGS) + 1, figsize=(4.2 * (len(MIXED_CONFIGS) + 1), 3.8)
     )
     bars = []
-    for ax, name in zip(axes, CONFIGS):
+    for ax, name in zip(axes, MIXED_CONFIGS):
         entry = results.get("configs", {}).get(name, {})
         cells = entry.get("cells", {})
         for key, color, label in (
@@ -1449,8 +2242,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--configs",
-        default=",".join(CONFIGS),
-        help=f"comma-separated subset of {', '.join(CONFIGS)} (run in this order)",
+        default=None,
+        help=f"comma-separated subset of {', '.join(CONFIGS)} (run in this order; default: "
+        f"all, with --mixed {', '.join(MIXED_CONFIGS)})",
     )
     ap.add_argument(
         "--quick",
@@ -1488,10 +2282,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     args = ap.parse_args(argv)
     args.argv = argv
-    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in args.configs if c not in CONFIGS]
+    choices = MIXED_CONFIGS if args.mixed else tuple(CONFIGS)
+    args.configs = (
+        [c.strip() for c in args.configs.split(",") if c.strip()]
+        if args.configs
+        else list(choices)
+    )
+    unknown = [c for c in args.configs if c not in choices]
     if unknown:
-        ap.error(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
+        ap.error(f"unknown configuration(s) {unknown}; choose from {list(choices)}")
     args.json = args.out_dir / (
         ("serving-cpu-mixed" if args.mixed else "serving-cpu")
         + ("-quick.json" if args.quick else ".json")
