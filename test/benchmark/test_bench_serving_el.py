@@ -38,15 +38,21 @@ def test_arguments(bench, tmp_path) -> None:
 
 
 def test_cell_plan_and_seeds(bench) -> None:
-    cells = bench.planned_cells(quick=False)
-    keys = [bench.cell_key(s, r, rep) for s, r, _, rep in cells]
-    assert len(keys) == len(set(keys)) == len(bench.STREAMS) * len(bench.RATES) + 1
+    cells = bench.planned_cells("el-router", quick=False)
+    keys = [c.key for c in cells]
+    cold = len(bench.STREAMS) * len(bench.RATES) + len(bench.CHAT_STREAMS)
+    assert len(keys) == len(set(keys)) == cold + 1
     # the repeated run follows its cold twin directly (no cache flush in between)
     twin = keys.index(bench.cell_key(*bench.REPEATED))
     assert keys[twin + 1] == bench.cell_key(*bench.REPEATED, True)
-    seeds = {bench.cell_seed(s, r) for s, r, _, _ in cells}
-    assert len(seeds) == len(bench.STREAMS) * len(bench.RATES)
+    seeds = {c.seed for c in cells}
+    assert len(seeds) == cold  # the repeated run re-sends its twin's seed
     assert bench.WARMUP_SEED not in seeds
+    # (b2): the repeated-image streams only, every router policy, images of its own per policy
+    b2 = bench.planned_cells("el-global-cache", quick=False)
+    assert {c.stream for c in b2} == set(bench.CHAT_STREAMS)
+    assert {c.policy for c in b2} == set(bench.B2_POLICIES)
+    assert len({c.seed for c in b2}) == len(b2)
     argv = bench.client_argv(
         "http://h:1", Path("/m"), "image3", "inf", 7, 5, Path("/o.jsonl")
     )
@@ -75,9 +81,11 @@ def synthetic(bench) -> dict:
         "resume_rounds_per_request": 1.0,
     }
     configs = {}
-    for name, (thr, ttft) in zip(
-        bench.CONFIGS, ((10.0, 100.0), (12.0, 110.0), (8.0, 120.0))
-    ):
+    for name, (thr, ttft) in {
+        "colocated": (10.0, 100.0),
+        "el-router": (12.0, 110.0),
+        "upstream-epd": (8.0, 120.0),
+    }.items():
         cells = {
             bench.cell_key(s, r): cell(
                 thr, ttft, measured if name == "el-router" else None
@@ -102,11 +110,14 @@ def test_ratios_and_table(bench) -> None:
     table = bench.render_markdown(results)
     assert "| (b) el-router | inf | 12.00 | 110 / 110 / 1 |" in table
     assert "1000 (measured)" in table
-    assert "TTFT p50 (b) within 15% of (a) at low load: met (ratio 1.10)" in table
-    assert "(b) >= (c): met (ratio 1.50)" in table
+    assert "TTFT p50 (b) within 15% of (a) | met | ratio 1.10 |" in table
+    assert "throughput (b) >= (c) | met | ratio 1.50 |" in table
+    # (a2) was not part of the synthetic result: its targets are not measured, not met
+    assert "(b) >= 0.9x (a2) | not measured | ratio - |" in table
     assert "python -m sglang.benchmark.serving --base-url $URL --model $MODEL" in table
     # the repeated run was not part of the synthetic result
     assert "| (a) colocated | inf | not run |" in table
+    assert "| (a2) colocated-x2 | inf | not run |" in table
 
 
 def test_writers(bench, tmp_path) -> None:

@@ -267,7 +267,7 @@ def test_abort_carries_its_fault_kind_typed():
             msgspec.msgpack.encode(
                 {"type": "abort_ack", "version": 1, "room": 1, "manager_id": "h"}
             ),
-            "protocol version 1, expected 6",
+            f"protocol version 1, expected {mf.PROTOCOL_VERSION}",
         ),
     ],
 )

@@ -140,8 +140,15 @@ def test_video_matches_hf(deployment, vl_model, with_image) -> None:
     expands the placeholder (timestamp text, one vision span per frame pair), computes the
     per-frame M-RoPE positions, encodes every frame, and sends one item per video with one span
     per frame; the 148+-token prompt needs two resume rounds against the 64-token reservation.
-    Token ids and logprobs equal HF fp32 fed the same sampled frames."""
-    router, encoder, _ = deployment
+    Token ids and logprobs equal HF fp32 fed the same sampled frames. The language side's
+    prefix cache is emptied first: earlier tests sent the same video, which the prefix-aware
+    skip would otherwise leave out (test_serving_prefix_skip.py covers that)."""
+    router, encoder, language = deployment
+    flush = urllib.request.Request(
+        language.url + "/flush_cache?timeout=30", method="POST"
+    )
+    with urllib.request.urlopen(flush, timeout=60) as r:
+        assert r.status == 200
     messages = video_messages(with_image)
     tokens, logprobs, prompt_len = videos.hf_greedy_logprobs(
         vl_model, messages, MAX_NEW_TOKENS
