@@ -622,33 +622,18 @@ class CellTimeout(Exception):
 def client_argv(
     url: str, model: Path, stream: str, rate: str, seed: int, n: int, out: Path
 ) -> list[str]:
-    return [
-        "--backend",
+    return _client_args(
         "sglang",
-        "--base-url",
         url,
-        "--model",
-        str(model),
-        "--tokenizer",
-        str(model),
-        *STREAMS[stream],
-        "--random-output-len",
-        str(OUTPUT_LEN),
+        model,
+        (*STREAMS[stream], "--random-output-len", str(OUTPUT_LEN)),
+        rate,
+        seed,
+        n,
+        out,
         "--random-range-ratio",
         "1",
-        "--num-prompts",
-        str(n),
-        "--request-rate",
-        rate,
-        "--seed",
-        str(seed),
-        "--warmup-requests",
-        "0",
-        "--cache-report",
-        "--disable-tqdm",
-        "--output-file",
-        str(out),
-    ]
+    )
 
 
 def chat_argv(
@@ -656,19 +641,43 @@ def chat_argv(
 ) -> list[str]:
     """A repeated-image stream: OpenAI chat, rows (multi-turn: conversations) of ``dataset``;
     with ``--output-details`` (per-turn TTFTs)."""
+    return _client_args(
+        "sglang-oai-chat",
+        url,
+        model,
+        ("--dataset-name", "openai", "--dataset-path", str(dataset)),
+        rate,
+        seed,
+        n,
+        out,
+        "--output-details",
+    )
+
+
+def _client_args(
+    backend: str,
+    url: str,
+    model: Path,
+    dataset: tuple,
+    rate: str,
+    seed: int,
+    n: int,
+    out: Path,
+    *extra: str,
+) -> list[str]:
+    """``sglang.benchmark.serving``'s arguments of one cold cell: no warm-up request, the
+    prefix-cache report, the result appended to ``out``."""
     return [
         "--backend",
-        "sglang-oai-chat",
+        backend,
         "--base-url",
         url,
         "--model",
         str(model),
         "--tokenizer",
         str(model),
-        "--dataset-name",
-        "openai",
-        "--dataset-path",
-        str(dataset),
+        *dataset,
+        *extra,
         "--num-prompts",
         str(n),
         "--request-rate",
@@ -678,7 +687,6 @@ def chat_argv(
         "--warmup-requests",
         "0",
         "--cache-report",
-        "--output-details",
         "--disable-tqdm",
         "--output-file",
         str(out),

@@ -494,18 +494,15 @@ def encode_language_metrics(server: Server) -> dict[str, float]:
     """A server's ``sglang:encode_language_*`` samples from its Prometheus endpoint, keyed
     ``"blocks.free"``, ``"blocks.in_use"``, ``"blocks.total"``, ``"requests.success"``,
     ``"requests.local"``, ``"requests.failed"``, ``"bytes"``."""
-    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
-        text = r.read().decode()
+    prefix = "sglang:encode_language_"
     samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith("sglang:encode_language_"):
+    for sample, labels, value in prometheus_samples(server.url + "/metrics"):
+        if not sample.startswith(prefix):
             continue
-        head, value = line.rsplit(" ", 1)
-        name, _, labels = head[len("sglang:encode_language_"):].partition("{")
-        name = name.removesuffix("_total")
-        label = dict(kv.split("=", 1) for kv in labels.rstrip("}").split(",") if kv)
+        name = sample[len(prefix):].removesuffix("_total")
+        label = dict(kv.split("=", 1) for kv in labels)
         key = label.get("state") or label.get("outcome")
-        samples[f"{name}.{key.strip(chr(34))}" if key else name] = float(value)
+        samples[f"{name}.{key.strip(chr(34))}" if key else name] = value
     return samples
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import random
 import threading
-import urllib.request
 
 import pytest
 import torch
@@ -71,19 +70,16 @@ def encoder_cache_metrics(server) -> dict[str, float]:
     """An encode server's embedding-cache samples (upstream's ``sglang:encoder_cache_*``)
     and its vision-tower calls, keyed ``"hit_files"``, ``"total_files"``, ``"evictions"``,
     ``"size_mb"``, ``"entries"`` (summed over modalities) and ``"vit_calls"``."""
-    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
-        text = r.read().decode()
+    prefix = "sglang:encoder_cache_"
     samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("sglang:encoder_cache_"):
-            head, value = line.rsplit(" ", 1)
-            name = head[len("sglang:encoder_cache_") :].split("{")[0]
-            name = name.removesuffix("_total")
-        elif line.startswith("sglang:encode_language_vit_calls_total"):
-            name, value = "vit_calls", line.rsplit(" ", 1)[1]
+    for sample, _, value in srv.prometheus_samples(server.url + "/metrics"):
+        if sample.startswith(prefix):
+            name = sample[len(prefix) :].removesuffix("_total")
+        elif sample == "sglang:encode_language_vit_calls_total":
+            name = "vit_calls"
         else:
             continue
-        samples[name] = samples.get(name, 0.0) + float(value)
+        samples[name] = samples.get(name, 0.0) + value
     return samples
 
 
