@@ -566,7 +566,7 @@ def measured(deltas: dict, completed: int, depth: int) -> dict:
         "vit_images": vit_images,
         "vit_images_per_request": per(vit_images),
         "embedding_cache_lookups": lookups,
-        "embedding_cache_hit_pct": 100 * hits / lookups if lookups else None,
+        "embedding_cache_hit_pct": 100 * (hits or 0) / lookups if lookups else None,
         "prefix_hit_pct": 100 * (cached or 0) / prompt if prompt else None,
         "row_bytes_per_request": per(total(deltas, "row_bytes")),
         "items_sent": total(deltas, "items.sent"),

@@ -59,6 +59,7 @@ ENCODE_STEPS = (
     (buffers.MultimodalDataBuffers, "write_range", "E staging (write_range)"),
     (encode, "round_segments", "E transfer plan"),  # the name the encoder calls
     (encode.EncodeManager, "_write_inline", "E worker: the write"),
+    (encode, "write_segments", "E transfer-engine write"),  # the name the encoder calls
     (connection.ControlChannel, "send", "E RoundDone sent"),
 )
 LANGUAGE_STEPS = (
@@ -88,8 +89,6 @@ def encoder_process(conn) -> None:
     for cls, attr, name in ENCODE_STEPS:
         timestamped(cls, attr, name)
     enc = encode.EncodeManager(buffer_config(2048), conn_config())
-    # the engine call itself, on whichever thread makes it
-    timestamped(enc.engine, "batch_transfer_sync", "E transfer-engine write")
     conn.send(enc.bootstrap_addr)
     p = payload(2048, 16, 8)
     shape = RequestShape(p.total_tokens, p.mm_tokens, p.items)

@@ -67,6 +67,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK  # utime + stime
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name of one process (``/proc/PID/task``; threads of one name,
+    e.g. a pool's workers or a native library's, are summed): which thread a process's CPU
+    time is, including native threads no Python profiler sees (Mooncake's transport)."""
+    out: dict[str, float] = collections.Counter()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        out[name] += (int(fields[11]) + int(fields[12])) / CLK
+    return out
+
+
 def transfer_gauges(dep: bench.Deployment) -> dict[str, float]:
     """(b): each server's last-request transfer latency (encode: send to Success; language:
     receiver created to rows taken, i.e. how long the language side waited for the encoder).
@@ -129,6 +145,12 @@ def main() -> None:
         default=bench.SERVER_THREADS,
         help="OMP_NUM_THREADS of every server; 0: torch's default (default %(default)s)",
     )
+    ap.add_argument(
+        "--no-py-spy",
+        dest="py_spy",
+        action="store_false",
+        help="CPU times only (py-spy pauses the processes it samples)",
+    )
     args = ap.parse_args()
     if args.el_encode_args is not None:
         bench.EL_ENCODE_ARGS = tuple(shlex.split(args.el_encode_args))
@@ -164,7 +186,7 @@ def main() -> None:
         spied = {
             pid: name
             for pid, name in procs.items()
-            if "schedul" in name or "front end" in name
+            if args.py_spy and ("schedul" in name or "front end" in name)
         }
         duration = int(60 + 3 * n / (1 if args.rate == "inf" else float(args.rate)))
         spies = {
@@ -190,11 +212,13 @@ def main() -> None:
         }
         time.sleep(2)
         before = {pid: cpu_seconds(pid) for pid in procs}
+        threads_before = {pid: thread_cpu_seconds(pid) for pid in procs}
         t0 = time.time()
-        cell = bench.run_cell(dep, model, args.stream, args.rate, n, work, repeat=False)
+        cell = bench.run_cell(dep, model, bench.Cell(args.stream, args.rate, n), work)
         wall = time.time() - t0
         gauges = transfer_gauges(dep)
         after = {pid: cpu_seconds(pid) for pid in procs}
+        threads_after = {pid: thread_cpu_seconds(pid) for pid in procs}
         for spy in spies.values():
             spy.send_signal(2)  # SIGINT: py-spy writes what it has
         for spy in spies.values():
@@ -217,6 +241,12 @@ def main() -> None:
         ms = 1000 * (after[pid] - before[pid]) / n
         total += ms
         lines.append(f"  {name:45s} {ms:8.1f}")
+        for thread, seconds in sorted(
+            threads_after[pid].items(), key=lambda kv: -kv[1]
+        ):
+            t_ms = 1000 * (seconds - threads_before[pid].get(thread, 0.0)) / n
+            if t_ms >= 0.5:
+                lines.append(f"      thread {thread:35s} {t_ms:8.1f}")
     lines.append(f"  {'total':45s} {total:8.1f}")
     for name, seconds in gauges.items():
         lines.append(

@@ -10,6 +10,7 @@ import traceback
 import el_helpers  # noqa: F401  (sets the Mooncake TCP environment)
 from el_helpers import declare_dead, make_payload, push_endpoints, wait_until
 
+import sglang.srt.disaggregation.encode_language.sender as sender_module
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.manifest import RequestShape
 from sglang.srt.disaggregation.encode_language.sender import EncodeManager
@@ -69,33 +70,32 @@ def stall_next_write(mgr, mode: str, release: threading.Event) -> None:
       ``"raise_in_flight"``: the same, but the call raises (as the engine's binding may, after
       part of the batch was submitted) instead of returning -1.
     """
-    engine = mgr.engine
-    real = engine.batch_transfer_sync
+    real = sender_module.write_segments  # the encoder's one transfer-engine write
     continued = threading.Event()
     if mode == "sigstop_mid":  # handlers are installed from the main thread (this one)
         signal.signal(signal.SIGCONT, lambda *_: continued.set())
 
-    def stalled(session_id, srcs, dsts, lens):
-        engine.batch_transfer_sync = real  # one write only
+    def stalled(engine, session_id, srcs, dsts, lens):
+        sender_module.write_segments = real  # one write only
         if mode in ("fail_in_flight", "raise_in_flight"):
-            real(session_id, srcs[:-2], dsts[:-2], lens[:-2])
+            real(engine, session_id, srcs[:-2], dsts[:-2], lens[:-2])
             STRAGGLERS.append((session_id, srcs[-2:], dsts[-2:], lens[-2:]))
             if mode == "raise_in_flight":
                 raise RuntimeError("transfer engine error")
             return -1
         if mode in ("hang", "hang_fail"):
             release.wait(120)
-            ret = real(session_id, srcs, dsts, lens)
+            ret = real(engine, session_id, srcs, dsts, lens)
             return -1 if mode == "hang_fail" else ret
-        ret = real(session_id, srcs[:-2], dsts[:-2], lens[:-2])
+        ret = real(engine, session_id, srcs[:-2], dsts[:-2], lens[:-2])
         os.kill(os.getpid(), signal.SIGSTOP)
         # The rest only after the test's SIGCONT, however late the stop takes hold here.
         continued.wait(120)
-        late = real(session_id, srcs[-2:], dsts[-2:], lens[-2:])
+        late = real(engine, session_id, srcs[-2:], dsts[-2:], lens[-2:])
         STALLED_WRITES.append((ret, late))
         return min(ret, late)
 
-    engine.batch_transfer_sync = stalled
+    sender_module.write_segments = stalled
 
 
 def scheduler_poll():
@@ -256,6 +256,12 @@ def language_peer_main(conn, buffer_config, conn_config) -> None:
             status = rx.poll()
             data = rx.take() if status == KVPoll.Success and rx.finished else None
             return int(status), rx.finished, rx.reason, data
+        if cmd == "region":  # where an encoder writes: (session id, address, bytes)
+            region = mgr.buffers.region
+            return mgr.session_id, region.data_ptr(), region.numel()
+        if cmd == "region_bytes":  # what landed there
+            start, n = args
+            return mgr.buffers.region.view(-1)[start : start + n].numpy().tobytes()
         if cmd == "state":
             return dict(
                 free=mgr.allocator.num_free(),

@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import threading
+import time
 
 import pytest
-from conftest import RESERVE, B, H, new_room, wait_final
+import torch
+from conftest import (
+    RESERVE,
+    B,
+    EncodePeer,
+    H,
+    buffer_config,
+    conn_config,
+    new_room,
+    wait_final,
+)
 from el_helpers import assert_same, make_payload, wait_until
+from el_peer import language_peer_main
 
 from sglang.srt.disaggregation.base.conn import KVPoll
-from sglang.srt.disaggregation.encode_language.connection import RoomInUseError
+from sglang.srt.disaggregation.encode_language.connection import (
+    RoomInUseError,
+    write_segments,
+)
 from sglang.srt.disaggregation.encode_language.receiver import Phase
 
 
@@ -135,3 +153,54 @@ def test_reused_room_is_a_clear_error_both_sides(peers, make_lang):
     assert wait_final(lang, rx3) == KVPoll.Success
     assert_same(rx3.take(), make_payload(4, 9, 9, H, 3))
     peer.assert_idle()
+
+
+def test_write_segments_is_byte_exact_fails_with_minus_one_and_waits_without_a_core(
+    mp_ctx, make_lang
+):
+    """The encoder's one write (``connection.write_segments``) into a real language manager in
+    another process: segments land byte for byte; a destination outside the peer's registered
+    region (Mooncake rejects it: -1) and a peer nobody listens at (nothing submitted) both
+    answer -1 at once; and while the peer is stopped (SIGSTOP for 1 s), the writer waits for
+    it without holding a core. Mooncake's own ``batch_transfer_sync`` spins on the batch's
+    status: measured there, the writing thread's CPU time equals the wall time of the wait
+    (1.00 s of 1.00 s); here it must stay under a quarter of it."""
+    peer = EncodePeer(mp_ctx, buffer_config(), conn_config(), target=language_peer_main)
+    try:
+        local = make_lang()  # this process's engine, and a registered source region
+        session, base, size = peer.call("region")
+        src = local.buffers.region.view(-1)
+        src.copy_(torch.randint(0, 256, (src.numel(),), dtype=torch.uint8))
+        n = min(size, src.numel()) // 4
+        segs = ([src.data_ptr(), src.data_ptr() + 3 * n], [base, base + n], [n, 100])
+        assert write_segments(local.engine, session, *segs) == 0
+        expected = (
+            src[:n].numpy().tobytes() + src[3 * n : 3 * n + 100].numpy().tobytes()
+        )
+        assert peer.call("region_bytes", 0, n + 100) == expected
+
+        assert (
+            write_segments(local.engine, session, [src.data_ptr()], [base + size], [64])
+            == -1
+        )
+        assert (
+            write_segments(local.engine, "127.0.0.1:1", [src.data_ptr()], [base], [64])
+            == -1
+        )
+
+        src[:n] = 255 - src[:n]
+        os.kill(peer.pid, signal.SIGSTOP)
+        resume = threading.Timer(1.0, os.kill, (peer.pid, signal.SIGCONT))
+        resume.start()
+        try:
+            cpu, wall = time.thread_time(), time.monotonic()
+            ret = write_segments(local.engine, session, [src.data_ptr()], [base], [n])
+            cpu, wall = time.thread_time() - cpu, time.monotonic() - wall
+        finally:
+            resume.join()
+            os.kill(peer.pid, signal.SIGCONT)
+        assert ret == 0 and wall >= 0.9, (ret, wall)
+        assert cpu < 0.25 * wall, f"the writer used {cpu:.3f} s of CPU in {wall:.3f} s"
+        assert peer.call("region_bytes", 0, n) == src[:n].numpy().tobytes()
+    finally:
+        peer.close()

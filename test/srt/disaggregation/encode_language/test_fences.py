@@ -30,6 +30,7 @@ from el_helpers import (
     wait_until,
 )
 
+import sglang.srt.disaggregation.encode_language.sender as sender_module
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.connection import (
     ConnectionConfig,
@@ -408,17 +409,16 @@ def test_hung_writes_do_not_starve_later_writes(make_lang):
     enc = EncodeManager(buffer_config(), conn_config(data_write_timeout_s=0.5))
     workers = enc.config.num_transfer_workers
     hung = workers + 1
-    engine = enc.engine
-    real = engine.batch_transfer_sync
+    real = sender_module.write_segments
     release, entered = threading.Event(), []
 
-    def hanging(session_id, *segs):
+    def hanging(engine, session_id, *segs):
         entered.append(session_id)  # atomic
         if len(entered) <= hung:
             release.wait(60)
-        return real(session_id, *segs)
+        return real(engine, session_id, *segs)
 
-    engine.batch_transfer_sync = hanging
+    sender_module.write_segments = hanging
 
     def held_threads():  # workers an abandoned write holds
         return sum(t.is_alive() for t in enc._workers) - workers
@@ -455,5 +455,5 @@ def test_hung_writes_do_not_starve_later_writes(make_lang):
         assert not enc._pending_writes and enc.num_active_rooms() == 0
     finally:
         release.set()
-        engine.batch_transfer_sync = real
+        sender_module.write_segments = real
         enc.close()

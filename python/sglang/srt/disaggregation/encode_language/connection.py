@@ -88,6 +88,60 @@ def mooncake_timeout_s(nbytes: int) -> float:
     return seconds + nbytes * 1e-9
 
 
+# A write in flight is polled every WRITE_POLL_PAUSE_S for its first WRITE_POLL_FAST_S (a small
+# write's status is read at most one pause late), then after pauses doubling up to
+# WRITE_POLL_MAX_S (a slow or stalled one costs a few wake-ups a second).
+WRITE_POLL_PAUSE_S = 50e-6
+WRITE_POLL_FAST_S = 2e-3
+WRITE_POLL_MAX_S = 1e-3
+
+
+def write_segments(
+    engine: MooncakeTransferEngine,
+    session_id: str,
+    srcs: List[int],
+    dsts: List[int],
+    lens: List[int],
+) -> int:
+    """Write ``lens[i]`` bytes from ``srcs[i]`` to the peer's ``dsts[i]``: 0 once every segment
+    landed, -1 when one failed or Mooncake's timeout for the batch passed (``mooncake_timeout_s``;
+    what is still in flight may land later), as ``batch_transfer_sync`` answers.
+
+    Not ``batch_transfer_sync`` itself: it waits by spinning on the batch's status without a
+    pause, so a writer holds a core for as long as the transfer runs, and over TCP the transfer
+    needs a core on both hosts' transport threads (on the CPU test bed, the language server's).
+    Each segment is submitted on its own (``transfer_submit_write``) and polled
+    (``transfer_check_status``) with a pause between polls (``WRITE_POLL_*``).
+    """
+    raw = engine.engine
+    deadline = time.monotonic() + mooncake_timeout_s(sum(lens))
+    pending, failed = [], False
+    for src, dst, n in zip(srcs, dsts, lens):
+        batch_id = raw.transfer_submit_write(session_id, src, dst, n)
+        if batch_id == 0:  # not submitted (no segment handle, or the engine refused it)
+            failed = True
+            break
+        pending.append(batch_id)
+    fast_until, pause = time.monotonic() + WRITE_POLL_FAST_S, WRITE_POLL_PAUSE_S
+    while pending:
+        # 1: landed, 0: in flight, -1: failed, -2: Mooncake's slice timeout (each but 0 and -2
+        # frees the batch); what was submitted is still polled after a failure, to free it
+        states = [raw.transfer_check_status(batch_id) for batch_id in pending]
+        failed = failed or any(state < 0 for state in states)
+        pending = [b for b, state in zip(pending, states) if state == 0]
+        if not pending:
+            break
+        if time.monotonic() > deadline:
+            failed = True
+            break
+        time.sleep(pause)
+        if time.monotonic() > fast_until:
+            pause = min(2 * pause, WRITE_POLL_MAX_S)
+    if failed:
+        logger.debug("write of %d segment(s) to %s failed", len(lens), session_id)
+    return -1 if failed else 0
+
+
 def _atoi(text: str) -> int:
     """C's ``atoi``: the leading integer of ``text``, 0 when there is none."""
     digits = text.strip()

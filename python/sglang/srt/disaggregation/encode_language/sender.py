@@ -87,6 +87,7 @@ from sglang.srt.disaggregation.encode_language.connection import (
     ManagerBase,
     RoomInUseError,
     TransferError,
+    write_segments,
 )
 from sglang.srt.disaggregation.encode_language.manifest import (
     Abort,
@@ -791,7 +792,7 @@ class EncodeManager(ManagerBase):
             self.wake()
         ret, error = -1, None
         try:
-            ret = self.engine.batch_transfer_sync(session_id, *segs)
+            ret = write_segments(self.engine, session_id, *segs)
         except Exception as e:  # a failed write, like ret < 0
             error = e
         with self.lock:
