@@ -26,6 +26,7 @@ from el_peer import language_peer_main
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.connection import (
     RoomInUseError,
+    mooncake_timeout_s,
     write_segments,
 )
 from sglang.srt.disaggregation.encode_language.receiver import Phase
@@ -155,16 +156,35 @@ def test_reused_room_is_a_clear_error_both_sides(peers, make_lang):
     peer.assert_idle()
 
 
-def test_write_segments_is_byte_exact_fails_with_minus_one_and_waits_without_a_core(
-    mp_ctx, make_lang
-):
+def _stopped_for(pid: int, seconds: float, fn):
+    """``fn()`` while process ``pid`` is stopped (SIGSTOP, SIGCONT after ``seconds``): its
+    result, and the CPU and wall seconds this thread spent in it."""
+    os.kill(pid, signal.SIGSTOP)
+    resume = threading.Timer(seconds, os.kill, (pid, signal.SIGCONT))
+    resume.start()
+    try:
+        cpu, wall = time.thread_time(), time.monotonic()
+        out = fn()
+        return out, time.thread_time() - cpu, time.monotonic() - wall
+    finally:
+        resume.join()
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_write_segments_lands_fails_and_waits_without_a_core(mp_ctx, make_lang):
     """The encoder's one write (``connection.write_segments``) into a real language manager in
-    another process: segments land byte for byte; a destination outside the peer's registered
-    region (Mooncake rejects it: -1) and a peer nobody listens at (nothing submitted) both
-    answer -1 at once; and while the peer is stopped (SIGSTOP for 1 s), the writer waits for
-    it without holding a core. Mooncake's own ``batch_transfer_sync`` spins on the batch's
-    status: measured there, the writing thread's CPU time equals the wall time of the wait
-    (1.00 s of 1.00 s); here it must stay under a quarter of it."""
+    another process, with the contract of upstream's ``batch_transfer_sync``:
+
+    * segments land byte for byte (0);
+    * a segment Mooncake rejects (outside the peer's registered region), first or after a good
+      one, and a peer nobody listens at (nothing can be submitted) answer -1 at once, long
+      before Mooncake's timeout (5 s here, ``MC_TRANSFER_TIMEOUT``);
+    * a peer stopped for 1 s: the write answers 0 once it resumes, and meanwhile the writer
+      holds no core (Mooncake's own call spins on the batch's status: measured, 0.997 s of CPU
+      in a 1.001 s wait; here under a quarter of the wait);
+    * a peer stopped past the timeout: -1 at the timeout (``mooncake_timeout_s``), and the
+      write lands when the peer resumes, which is why the language side fences such blocks.
+    """
     peer = EncodePeer(mp_ctx, buffer_config(), conn_config(), target=language_peer_main)
     try:
         local = make_lang()  # this process's engine, and a registered source region
@@ -172,35 +192,54 @@ def test_write_segments_is_byte_exact_fails_with_minus_one_and_waits_without_a_c
         src = local.buffers.region.view(-1)
         src.copy_(torch.randint(0, 256, (src.numel(),), dtype=torch.uint8))
         n = min(size, src.numel()) // 4
-        segs = ([src.data_ptr(), src.data_ptr() + 3 * n], [base, base + n], [n, 100])
-        assert write_segments(local.engine, session, *segs) == 0
-        expected = (
-            src[:n].numpy().tobytes() + src[3 * n : 3 * n + 100].numpy().tobytes()
-        )
-        assert peer.call("region_bytes", 0, n + 100) == expected
+        ptr = src.data_ptr()
+
+        def landed(start: int, length: int) -> bytes:
+            return peer.call("region_bytes", start, length)
 
         assert (
-            write_segments(local.engine, session, [src.data_ptr()], [base + size], [64])
-            == -1
+            write_segments(
+                local.engine, session, [ptr, ptr + 3 * n], [base, base + n], [n, 100]
+            )
+            == 0
         )
         assert (
-            write_segments(local.engine, "127.0.0.1:1", [src.data_ptr()], [base], [64])
-            == -1
+            landed(0, n + 100)
+            == src[:n].numpy().tobytes() + src[3 * n : 3 * n + 100].numpy().tobytes()
         )
+
+        outside = base + size
+        for label, sid, segs in (
+            ("rejected", session, ([ptr], [outside], [64])),
+            (
+                "rejected after a good one",
+                session,
+                ([ptr, ptr], [base, outside], [64, 64]),
+            ),
+            ("no peer", "127.0.0.1:1", ([ptr], [base], [64])),
+        ):
+            wall = time.monotonic()
+            assert write_segments(local.engine, sid, *segs) == -1, label
+            assert time.monotonic() - wall < 2.0, label
 
         src[:n] = 255 - src[:n]
-        os.kill(peer.pid, signal.SIGSTOP)
-        resume = threading.Timer(1.0, os.kill, (peer.pid, signal.SIGCONT))
-        resume.start()
-        try:
-            cpu, wall = time.thread_time(), time.monotonic()
-            ret = write_segments(local.engine, session, [src.data_ptr()], [base], [n])
-            cpu, wall = time.thread_time() - cpu, time.monotonic() - wall
-        finally:
-            resume.join()
-            os.kill(peer.pid, signal.SIGCONT)
+        ret, cpu, wall = _stopped_for(
+            peer.pid,
+            1.0,
+            lambda: write_segments(local.engine, session, [ptr], [base], [n]),
+        )
         assert ret == 0 and wall >= 0.9, (ret, wall)
         assert cpu < 0.25 * wall, f"the writer used {cpu:.3f} s of CPU in {wall:.3f} s"
-        assert peer.call("region_bytes", 0, n) == src[:n].numpy().tobytes()
+        assert landed(0, n) == src[:n].numpy().tobytes()
+
+        src[:n] = 255 - src[:n]
+        timeout = mooncake_timeout_s(n)
+        ret, cpu, wall = _stopped_for(
+            peer.pid,
+            timeout + 1.0,
+            lambda: write_segments(local.engine, session, [ptr], [base], [n]),
+        )
+        assert ret == -1 and timeout <= wall < timeout + 1.0, (ret, wall, timeout)
+        assert wait_until(lambda: landed(0, n) == src[:n].numpy().tobytes(), 10)
     finally:
         peer.close()

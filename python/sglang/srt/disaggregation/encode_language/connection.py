@@ -104,42 +104,44 @@ def write_segments(
     lens: List[int],
 ) -> int:
     """Write ``lens[i]`` bytes from ``srcs[i]`` to the peer's ``dsts[i]``: 0 once every segment
-    landed, -1 when one failed or Mooncake's timeout for the batch passed (``mooncake_timeout_s``;
-    what is still in flight may land later), as ``batch_transfer_sync`` answers.
+    landed, -1 as soon as one failed or once Mooncake's timeout for the batch passed
+    (``mooncake_timeout_s``); after a -1, segments still in flight may land later. This is the
+    contract of upstream's ``batch_transfer_sync``.
 
     Not ``batch_transfer_sync`` itself: it waits by spinning on the batch's status without a
     pause, so a writer holds a core for as long as the transfer runs, and over TCP the transfer
     needs a core on both hosts' transport threads (on the CPU test bed, the language server's).
     Each segment is submitted on its own (``transfer_submit_write``) and polled
-    (``transfer_check_status``) with a pause between polls (``WRITE_POLL_*``).
+    (``transfer_check_status``) with a pause between polls (``WRITE_POLL_*``). A segment the
+    engine refuses to submit (e.g. a stale handle to a restarted peer) goes through
+    ``batch_transfer_sync`` with the rest, whose failure path drops such a handle.
     """
     raw = engine.engine
     deadline = time.monotonic() + mooncake_timeout_s(sum(lens))
-    pending, failed = [], False
-    for src, dst, n in zip(srcs, dsts, lens):
+    pending = []
+    for i, (src, dst, n) in enumerate(zip(srcs, dsts, lens)):
         batch_id = raw.transfer_submit_write(session_id, src, dst, n)
-        if batch_id == 0:  # not submitted (no segment handle, or the engine refused it)
-            failed = True
+        # 0: not submitted (Mooncake < 0.3.12 answered -1 as an unsigned 64-bit id)
+        if batch_id in (0, (1 << 64) - 1):
+            if engine.batch_transfer_sync(session_id, srcs[i:], dsts[i:], lens[i:]) < 0:
+                return -1
             break
         pending.append(batch_id)
     fast_until, pause = time.monotonic() + WRITE_POLL_FAST_S, WRITE_POLL_PAUSE_S
     while pending:
-        # 1: landed, 0: in flight, -1: failed, -2: Mooncake's slice timeout (each but 0 and -2
-        # frees the batch); what was submitted is still polled after a failure, to free it
+        # 1: landed, 0: in flight, -1: failed (both free the batch id), -2: a slice timed out
         states = [raw.transfer_check_status(batch_id) for batch_id in pending]
-        failed = failed or any(state < 0 for state in states)
+        if any(state < 0 for state in states):
+            return -1
         pending = [b for b, state in zip(pending, states) if state == 0]
         if not pending:
             break
         if time.monotonic() > deadline:
-            failed = True
-            break
+            return -1
         time.sleep(pause)
         if time.monotonic() > fast_until:
             pause = min(2 * pause, WRITE_POLL_MAX_S)
-    if failed:
-        logger.debug("write of %d segment(s) to %s failed", len(lens), session_id)
-    return -1 if failed else 0
+    return 0
 
 
 def _atoi(text: str) -> int:

@@ -8,12 +8,14 @@ next owner's ``read_round`` catches a late write (room, generation and checksum 
 ``Exposures`` keeps them until each exposure ends, so the exposed set does not grow for good.
 
 Why an exposure ends: a late write is a transfer-engine write the encoder started before the
-blocks were freed. Mooncake bounds every batch itself (``batch_transfer_sync`` gives up
-``MC_TRANSFER_TIMEOUT`` s + 1 ns per byte after it started: ``connection.mooncake_timeout_s``),
-and the encoder's own deadline for a round into these blocks is that plus
-``data_write_timeout_s`` (``ConnectionConfig.write_deadline_s``); the transport gives up the
-batch's remaining slices with it. So a write that started before ``since`` no longer lands
-``bound_s = write_deadline_s(len(blocks))`` after it, *counted while the writer runs*: its
+blocks were freed. The encoder gives up every write at Mooncake's bound (``MC_TRANSFER_TIMEOUT`` s
++ 1 ns per byte after it started: ``connection.mooncake_timeout_s``, ``write_segments``), and
+its own deadline for a round into these blocks is that plus ``data_write_timeout_s``
+(``ConnectionConfig.write_deadline_s``). Giving up cancels nothing in the transport: a slice
+held up by a stopped *reader* (this side) lands when it runs again (test_connection.py), which
+this bound assumes happens before any new round into those blocks can. So a write that started
+before ``since`` is taken not to land ``bound_s = write_deadline_s(len(blocks))`` after it,
+*counted while the writer runs*: its
 timers do not advance its writes while it is stopped (SIGSTOP, a frozen VM), and a resumed write
 lands after its deadline has passed. So the clock does not run while this side holds the writer
 dead; it restarts when the writer answers a heartbeat again (revived) or when it is forgotten
