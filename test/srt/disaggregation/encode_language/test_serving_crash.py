@@ -100,8 +100,18 @@ def test_encoder_crash_fails_only_its_requests_and_frees_blocks_at_once(
     for t in threads:
         t.start()
     deadline = time.time() + WAIT_S
-    while encode_language_metrics(language).get("waiting_requests", 0) < QUEUED // 2:
-        assert time.time() < deadline, "the requests never reached the language side"
+
+    def queued_and_reserved() -> bool:
+        """Half of them wait on the language side and hold blocks there: A announced them
+        (after its processor ran) and the language side reserved 16 blocks each; the
+        exposure asserted below is of blocks A could still write into."""
+        m = encode_language_metrics(language)
+        return m.get("waiting_requests", 0) >= QUEUED // 2 and m.get(
+            "blocks.in_use", 0
+        ) >= 16 * (QUEUED // 2)
+
+    while not queued_and_reserved():
+        assert time.time() < deadline, "the requests never reserved language blocks"
         time.sleep(0.1)
     killed = time.monotonic()
     os.killpg(enc_a.pid, signal.SIGKILL)
