@@ -76,8 +76,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -439,23 +437,10 @@ def use_policy(dep: Deployment, policy: str | None, log_dir: Path) -> None:
 
 
 def flush_caches(dep: Deployment, timeout: float = 30.0) -> None:
-    """``/flush_cache`` on the servers with a prefix cache; refused while requests run, so
-    retried."""
+    """``/flush_cache`` on the servers with a prefix cache (each waits for its server to be
+    idle)."""
     for server in dep.caches:
-        deadline = time.time() + timeout
-        while True:
-            req = urllib.request.Request(server.url + "/flush_cache", method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=10) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(
-                    f"{server.spec.name}: /flush_cache refused for {timeout}s"
-                )
-            time.sleep(0.5)
+        server.flush_cache(timeout)
 
 
 # ---- what the servers count (/metrics) ------------------------------------------------------

@@ -62,9 +62,14 @@ def group_processes(pgid: int) -> dict[int, str]:
     return procs
 
 
+def stat_cpu_seconds(stat: str) -> float:
+    """utime + stime of a ``/proc/.../stat`` line (the fields after the name in brackets)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK  # utime + stime
+    return stat_cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
@@ -77,9 +82,7 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
             text = (task / "stat").read_text()
         except OSError:  # the thread ended
             continue
-        name = text[text.index("(") + 1 : text.rindex(")")]
-        fields = text.rsplit(")", 1)[1].split()
-        out[name] += (int(fields[11]) + int(fields[12])) / CLK
+        out[text[text.index("(") + 1 : text.rindex(")")]] += stat_cpu_seconds(text)
     return out
 
 

@@ -128,6 +128,12 @@ class Server:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
             return json.loads(r.read())
 
+    def flush_cache(self, timeout: float = 30) -> None:
+        """Empty the prefix cache: upstream's ``/flush_cache`` waits up to ``timeout`` s for
+        the server to be idle, then refuses (HTTP 400, raised as ``HTTPError``)."""
+        req = urllib.request.Request(f"{self.url}/flush_cache?timeout={timeout}", method="POST")
+        urllib.request.urlopen(req, timeout=timeout + 30).close()
+
 
 def launch(spec: ServerSpec, log_dir: Path, *, port: int | None = None, wait: bool = True,
            python: str | None = None) -> Server:

@@ -144,11 +144,7 @@ def test_video_matches_hf(deployment, vl_model, with_image) -> None:
     prefix cache is emptied first: earlier tests sent the same video, which the prefix-aware
     skip would otherwise leave out (test_serving_prefix_skip.py covers that)."""
     router, encoder, language = deployment
-    flush = urllib.request.Request(
-        language.url + "/flush_cache?timeout=30", method="POST"
-    )
-    with urllib.request.urlopen(flush, timeout=60) as r:
-        assert r.status == 200
+    language.flush_cache()
     messages = video_messages(with_image)
     tokens, logprobs, prompt_len = videos.hf_greedy_logprobs(
         vl_model, messages, MAX_NEW_TOKENS

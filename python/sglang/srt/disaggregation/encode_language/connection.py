@@ -136,11 +136,12 @@ def write_segments(
         pending = [b for b, state in zip(pending, states) if state == 0]
         if not pending:
             break
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             return -1
-        time.sleep(pause)
-        if time.monotonic() > fast_until:
+        if now > fast_until:
             pause = min(2 * pause, WRITE_POLL_MAX_S)
+        time.sleep(pause)
     return 0
 
 
