@@ -157,6 +157,9 @@ EL_BENCH_ARGS = (
 # No per-deployment ViT flags: the CPU platform plugin's vision attention is per image
 # (cu_seqlens-aware, as GPU backends), so every deployment runs its servers' defaults.
 EL_ENCODE_ARGS = ()
+# Extra flags of (b)'s language server (``--el-language-args``; default none: upstream's
+# scheduling defaults, as every other deployment), e.g. SGLang's ``--enable-mixed-chunk``.
+EL_LANGUAGE_ARGS = ()
 
 
 @dataclass(frozen=True)
@@ -366,7 +369,7 @@ def start_servers(name: str, model: Path, log_dir: Path) -> Deployment:
             model,
             log_dir,
             *EL_BENCH_ARGS,
-            language_args=(),
+            language_args=EL_LANGUAGE_ARGS,
             encode_args=EL_ENCODE_ARGS,
             name="bench-el",
         )
@@ -2273,6 +2276,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=SERVER_THREADS,
         help="OMP_NUM_THREADS of every server process; 0: torch's default (default %(default)s)",
     )
+    ap.add_argument(
+        "--el-language-args",
+        default="",
+        help="extra flags of (b)'s language server, e.g. '--enable-mixed-chunk' (default: none)",
+    )
     args = ap.parse_args(argv)
     args.argv = argv
     choices = MIXED_CONFIGS if args.mixed else tuple(CONFIGS)
@@ -2337,6 +2345,8 @@ def main(argv: list[str] | None = None) -> None:
         gated_client(argv[1:])
         return
     args = parse_args(argv)
+    global EL_LANGUAGE_ARGS
+    EL_LANGUAGE_ARGS = tuple(shlex.split(args.el_language_args))
     stop_servers_on_sigterm()
     measure = run_mixed if args.mixed else run
     results = load_results(args.json) if args.render_only else measure(args)
