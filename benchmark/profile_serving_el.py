@@ -10,6 +10,8 @@ event loop (inclusive); the raw py-spy files stay in the work directory.
 
     .fork/venv/bin/python benchmark/profile_serving_el.py --config el-router   # image1 at 1 req/s
     .fork/venv/bin/python benchmark/profile_serving_el.py --config colocated --rate inf
+    .fork/venv/bin/python benchmark/profile_serving_el.py --config el-router --stream multiturn \
+        --rate 0.25 --no-py-spy   # conversations at 0.25/s: TTFT of first and later turns
 """
 
 from __future__ import annotations
@@ -126,8 +128,12 @@ def summarize(raw: Path, top: int = 12) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", choices=list(bench.CONFIGS), default="el-router")
-    ap.add_argument("--stream", choices=list(bench.STREAMS), default="image1")
-    ap.add_argument("--rate", choices=bench.RATES, default=bench.RATES[0])
+    ap.add_argument("--stream", choices=list(bench.ALL_STREAMS), default="image1")
+    ap.add_argument(
+        "--rate",
+        default=bench.RATES[0],
+        help="requests (multiturn: conversations) per second, or inf (default %(default)s)",
+    )
     ap.add_argument(
         "--num-prompts",
         type=int,
@@ -157,7 +163,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.el_encode_args is not None:
         bench.EL_ENCODE_ARGS = tuple(shlex.split(args.el_encode_args))
-    n = args.num_prompts or bench.PROMPTS[args.rate]
+    n = args.num_prompts or (
+        bench.CHAT_PROMPTS[args.stream]
+        if args.stream in bench.CHAT_STREAMS
+        else bench.PROMPTS.get(args.rate, bench.PROMPTS["1"])
+    )
     bench.stop_servers_on_sigterm()
 
     from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
@@ -236,6 +246,15 @@ def main() -> None:
         f"TTFT mean / p50 {cell['mean_ttft_ms']:.0f} / {cell['median_ttft_ms']:.0f} ms, TPOT p50 "
         f"{cell['median_tpot_ms']:.1f} ms, E2E mean {cell['mean_e2e_latency_ms']:.0f} ms, "
         f"{cell['request_throughput']:.2f} req/s",
+        *(
+            [
+                f"turns: TTFT p50 of the {t['first_turns']} first turns "
+                f"{t['ttft_p50_first_ms']:.1f} ms, of the {t['later_turns']} later turns "
+                f"{t['ttft_p50_later_ms']:.1f} ms (p99 {t['ttft_p99_later_ms']:.1f})"
+            ]
+            if (t := cell.get("turns"))
+            else []
+        ),
         "",
         "CPU ms per request (from /proc, whole cell):",
     ]
