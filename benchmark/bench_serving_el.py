@@ -157,8 +157,8 @@ EL_BENCH_ARGS = (
 # No per-deployment ViT flags: the CPU platform plugin's vision attention is per image
 # (cu_seqlens-aware, as GPU backends), so every deployment runs its servers' defaults.
 EL_ENCODE_ARGS = ()
-# Extra flags of (b)'s language server (``--el-language-args``; default none: upstream's
-# scheduling defaults, as every other deployment), e.g. SGLang's ``--enable-mixed-chunk``.
+# Extra flags of our language servers, (b) and (b2) (``--el-language-args``; default none:
+# upstream's scheduling defaults, as every other deployment), e.g. ``--enable-mixed-chunk``.
 EL_LANGUAGE_ARGS = ()
 
 
@@ -383,7 +383,7 @@ def start_servers(name: str, model: Path, log_dir: Path) -> Deployment:
             *EL_BENCH_ARGS,
             name="bench-gc",
             cache_mb=GLOBAL_CACHE_MB,
-            language_args=(),
+            language_args=EL_LANGUAGE_ARGS,
             router_args=b2_router_args(policy),
             retries=False,
             decode_log_interval=None,
@@ -2279,7 +2279,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument(
         "--el-language-args",
         default="",
-        help="extra flags of (b)'s language server, e.g. '--enable-mixed-chunk' (default: none)",
+        help="extra flags of our language servers ((b), (b2); not the other deployments'), "
+        "e.g. '--enable-mixed-chunk' (default: none; recorded in each server's command line)",
     )
     args = ap.parse_args(argv)
     args.argv = argv

@@ -11,13 +11,14 @@ event loop (inclusive); the raw py-spy files stay in the work directory.
     .fork/venv/bin/python benchmark/profile_serving_el.py --config el-router   # image1 at 1 req/s
     .fork/venv/bin/python benchmark/profile_serving_el.py --config colocated --rate inf
     .fork/venv/bin/python benchmark/profile_serving_el.py --config el-router --stream multiturn \
-        --rate 0.25 --no-py-spy   # conversations at 0.25/s: TTFT of first and later turns
+        --rate 0.25 --no-py-spy --json F   # conversations at 0.25/s: first and later turns' TTFT
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import shlex
 import shutil
@@ -50,6 +51,17 @@ def py_spy() -> str:
         if (parent / "bin" / "py-spy").is_file():
             return str(parent / "bin" / "py-spy")
     raise SystemExit("py-spy not found")
+
+
+def rate_arg(text: str) -> str:
+    """A client rate: ``inf`` or a positive number (kept as the client's text)."""
+    if text != "inf" and not float(text) > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a positive rate or inf")
+    return text
+
+
+def fmt_ms(value) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
 
 
 def group_processes(pgid: int) -> dict[int, str]:
@@ -131,8 +143,10 @@ def main() -> None:
     ap.add_argument("--stream", choices=list(bench.ALL_STREAMS), default="image1")
     ap.add_argument(
         "--rate",
-        default=bench.RATES[0],
-        help="requests (multiturn: conversations) per second, or inf (default %(default)s)",
+        type=rate_arg,
+        default=None,
+        help="requests (multiturn: conversations) per second, or inf (default: the full "
+        "run's rate of a chat stream, else 1)",
     )
     ap.add_argument(
         "--num-prompts",
@@ -142,6 +156,12 @@ def main() -> None:
     )
     ap.add_argument(
         "--out", type=Path, default=None, help="also write the summary here"
+    )
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="also write the cell's result (bench_serving_el.py's record of a cell) here",
     )
     ap.add_argument(
         "--el-encode-args",
@@ -163,6 +183,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.el_encode_args is not None:
         bench.EL_ENCODE_ARGS = tuple(shlex.split(args.el_encode_args))
+    if args.rate is None:
+        args.rate = bench.CHAT_STREAMS.get(args.stream, bench.RATES[0])
     n = args.num_prompts or (
         bench.CHAT_PROMPTS[args.stream]
         if args.stream in bench.CHAT_STREAMS
@@ -178,18 +200,7 @@ def main() -> None:
         args.config, model, work / "logs", args.server_threads
     )
     try:
-        bench.run_client(
-            bench.client_argv(
-                dep.entry.url,
-                model,
-                "image1",
-                "inf",
-                bench.WARMUP_SEED,
-                4,
-                work / "warm.jsonl",
-            ),
-            work / "warmup.log",
-        )
+        bench.warm_up(dep, model, work)
         procs = {}
         for server in dep.servers:
             for pid, comm in group_processes(server.pid).items():
@@ -238,8 +249,11 @@ def main() -> None:
             spy.wait(60)
     finally:
         dep.stop()
+    done = cell["completed"] or 1  # requests; a multi-turn conversation is several
     lines = [
-        f"# {args.config} ({bench.CONFIGS[args.config]}), cell {args.stream}@{args.rate}, {n} requests, "
+        f"# {args.config} ({bench.CONFIGS[args.config]}), cell {args.stream}@{args.rate}, {n} "
+        f"{'conversations' if args.stream == 'multiturn' else 'requests'} ({done} requests "
+        "completed), "
         f"encode extra flags {' '.join(bench.EL_ENCODE_ARGS) if args.config == 'el-router' else '-'}, "
         f"OMP_NUM_THREADS per server {args.server_threads or 'unset (torch default)'}, "
         f"wall {wall:.1f} s, load {os.getloadavg()[0]:.1f}",
@@ -249,8 +263,8 @@ def main() -> None:
         *(
             [
                 f"turns: TTFT p50 of the {t['first_turns']} first turns "
-                f"{t['ttft_p50_first_ms']:.1f} ms, of the {t['later_turns']} later turns "
-                f"{t['ttft_p50_later_ms']:.1f} ms (p99 {t['ttft_p99_later_ms']:.1f})"
+                f"{fmt_ms(t['ttft_p50_first_ms'])}, of the {t['later_turns']} later turns "
+                f"{fmt_ms(t['ttft_p50_later_ms'])} (p99 {fmt_ms(t['ttft_p99_later_ms'])})"
             ]
             if (t := cell.get("turns"))
             else []
@@ -260,13 +274,13 @@ def main() -> None:
     ]
     total = 0.0
     for pid, name in sorted(procs.items(), key=lambda kv: kv[1]):
-        ms = 1000 * (after[pid] - before[pid]) / n
+        ms = 1000 * (after[pid] - before[pid]) / done
         total += ms
         lines.append(f"  {name:45s} {ms:8.1f}")
         for thread, seconds in sorted(
             threads_after[pid].items(), key=lambda kv: -kv[1]
         ):
-            t_ms = 1000 * (seconds - threads_before[pid].get(thread, 0.0)) / n
+            t_ms = 1000 * (seconds - threads_before[pid].get(thread, 0.0)) / done
             if t_ms >= 0.5:
                 lines.append(f"      thread {thread:35s} {t_ms:8.1f}")
     lines.append(f"  {'total':45s} {total:8.1f}")
@@ -285,6 +299,9 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(cell, indent=1, default=str))
 
 
 if __name__ == "__main__":
