@@ -71,12 +71,11 @@ def test_encoder_crash_fails_only_its_requests_and_frees_blocks_at_once(
     server's whole 256-block pool, and killed while the language side holds blocks for some
     of them that A has not written: each of those still waiting fails once with 503 and a
     reason (A unreachable, by the liveness verdict); the blocks they held come back at once,
-    exposed (the gauge), so
-    requests through the router keep succeeding on B (equal to HF, logprobs within
-    tolerance): before the fix those blocks stayed fenced for the 120 s fence timeout and
-    B's requests waited for them. The only router requests that may fail are those routed to
-    A before the router dropped it, each a 5xx with a reason; every block of the language
-    server and B is free after. Prints the time from the kill to the first success and the
+    exposed (the gauge), so requests through the router keep succeeding on B (equal to HF,
+    logprobs within tolerance): before the fix those blocks stayed fenced for the 120 s fence
+    timeout and B's requests waited for them. The only router requests that may fail are
+    those routed to A before the router dropped it, each a 5xx with a reason; every block of
+    the language server and B is free after. Prints the time from the kill to the first success and the
     failure counts (no timing is asserted). Then B is killed too: the router answers with
     a 5xx, no hang.
     """
@@ -124,14 +123,14 @@ def test_encoder_crash_fails_only_its_requests_and_frees_blocks_at_once(
             stopped = True
             t_stop = since = time.monotonic()
             held = in_use()
-            while time.monotonic() - since < SETTLE_S:
-                if time.monotonic() - t_stop > STOP_S:
-                    break
+            settled = False
+            while not settled and time.monotonic() - t_stop <= STOP_S:
                 time.sleep(0.25)
                 value = in_use()
                 if value != held:
                     held, since = value, time.monotonic()
-            if held > 0 and time.monotonic() - since >= SETTLE_S:
+                settled = time.monotonic() - since >= SETTLE_S
+            if settled and held > 0:
                 break
             os.killpg(enc_a.pid, signal.SIGCONT)
             stopped = False
