@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -415,11 +416,19 @@ def launch_production(model_path: str | Path, log_dir: Path,
     the language side's chunked-prefill size is SGLang's default too): the same topology and
     router settings as ``launch_two_encoders_language``, for the tests of bursts and encoder
     crashes that the small pool hides (issue 16). The encode servers' vision tower is paced
-    like a production one (``PRODUCTION_VIT_SECONDS_PER_TOKEN``)."""
-    return launch_two_encoders_language(
+    like a production one (``PRODUCTION_VIT_SECONDS_PER_TOKEN``); while the file
+    ``extra["vit_pause_file"]`` of an encoder exists (none at launch), its vision-tower calls
+    do not return (``epd_testbed.slow_vit_server``)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pause_file = log_dir / f"{name}-vit-pause-{uuid.uuid4().hex[:8]}"
+    group = launch_two_encoders_language(
         model_path, log_dir, name=name, buffer_args=EL_PRODUCTION_ARGS, language_args=(),
         encode_module="epd_testbed.slow_vit_server",
-        encode_env=(("EPD_VIT_SECONDS_PER_TOKEN", str(PRODUCTION_VIT_SECONDS_PER_TOKEN)),))
+        encode_env=(("EPD_VIT_SECONDS_PER_TOKEN", str(PRODUCTION_VIT_SECONDS_PER_TOKEN)),
+                    ("EPD_VIT_PAUSE_FILE", str(pause_file))))
+    for encoder in group[1:3]:
+        encoder.extra["vit_pause_file"] = pause_file
+    return group
 
 
 def launch_mooncake_master(log_dir: Path, name: str = "mooncake-master") -> Server:

@@ -553,6 +553,48 @@ class TransferRequest(Protocol):
         """Drop what the request still holds after the scheduler is done with it."""
 
 
+class WakePipe:
+    """A wake-up any thread can post without blocking and a poller (``zmq.Poller`` takes raw
+    fds) can wait on: a non-blocking pipe whose read end is readable while one is pending.
+    """
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._lock = threading.Lock()  # close() vs wake(): never write a reused fd
+
+    def fileno(self) -> int:
+        return self._r
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._w < 0:
+                return  # closed
+            try:
+                os.write(self._w, b"w")
+            except BlockingIOError:
+                pass  # the pipe is full: a wake-up is pending already
+
+    def drain(self) -> bool:
+        """Consume the pending wake-ups; True if there was one."""
+        woken = False
+        try:
+            while os.read(self._r, 4096):
+                woken = True
+        except BlockingIOError:
+            pass
+        return woken
+
+    def close(self) -> None:
+        with self._lock:
+            if self._w < 0:
+                return
+            os.close(self._r)
+            os.close(self._w)
+            self._r = self._w = -1
+
+
 class ControlChannel:
     """Typed control messages over ZMQ PUSH/PULL. The PULL socket binds ``bind_host:port``; its
     ``endpoint`` (the manager id peers send to) names ``advertise_host`` and the bound port, so a
@@ -584,14 +626,10 @@ class ControlChannel:
         self._push: Dict[str, zmq.Socket] = {}
         self._lock = threading.Lock()
         self.rejected = 0  # malformed / unknown messages dropped
-        # Local wake-ups: any thread writes a byte, the poller sees the read end at once.
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._wake_lock = threading.Lock()  # close() vs wake(): never write a reused fd
+        self._wakeups = WakePipe()  # local wake-ups of wait()
         self._poller = zmq.Poller()
         self._poller.register(self.pull, zmq.POLLIN)
-        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._poller.register(self._wakeups.fileno(), zmq.POLLIN)
 
     def send(self, endpoint: str, msg) -> bool:
         data = encode_message(msg)
@@ -623,27 +661,14 @@ class ControlChannel:
 
     def wake(self) -> None:
         """Make a blocked ``wait`` return now (any thread; never blocks)."""
-        with self._wake_lock:
-            if self._wake_w < 0:
-                return  # closed
-            try:
-                os.write(self._wake_w, b"w")
-            except BlockingIOError:
-                pass  # the pipe is full: a wake-up is pending already
+        self._wakeups.wake()
 
     def wait(self, timeout_s: Optional[float]) -> bool:
         """Block until a message is readable, ``wake()`` was called, or ``timeout_s`` passed
         (None = no timeout). Returns True when woken by ``wake()``."""
         ms = None if timeout_s is None else max(0, math.ceil(timeout_s * 1000))
         events = dict(self._poller.poll(ms))
-        if self._wake_r in events:
-            try:
-                while os.read(self._wake_r, 4096):
-                    pass
-            except BlockingIOError:
-                pass
-            return True
-        return False
+        return self._wakeups.fileno() in events and self._wakeups.drain()
 
     def recv_nowait(self) -> Optional[Message]:
         """One decoded message if one is queued; None when none is, or it was rejected."""
@@ -676,10 +701,7 @@ class ControlChannel:
             self._push.clear()
             self.pull.close()
         self.ctx.term()
-        with self._wake_lock:
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r = self._wake_w = -1
+        self._wakeups.close()
 
 
 def _connect(sock: zmq.Socket, endpoint: str) -> None:
@@ -1010,4 +1032,5 @@ __all__ = [
     "PeerLookups",
     "TransferError",
     "TransferRequest",
+    "WakePipe",
 ]

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+import zmq
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.buffers import (
@@ -97,6 +98,11 @@ if TYPE_CHECKING:
     from sglang.srt.managers.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
+
+# Longest sleep of ``sleep_until_progress``: transfers, failures and arriving requests end it at
+# once; the bound covers the one deadline this thread checks itself (a bootstrap address
+# lookup's, ``_start_looked_up``).
+PROGRESS_WAIT_MAX_S = 0.05
 
 
 def placeholder_token_ids(hf_config) -> set:
@@ -219,6 +225,7 @@ class LanguageMMReceiver:
         )
         self.waiting_list: List[WaitingRequest] = []
         self.peer_lookups = PEER_LOOKUPS
+        self._progress_poller: Optional[zmq.Poller] = None  # sleep_until_progress
         self.metrics = EncodeLanguageMetrics(
             "language", scheduler.metrics_reporter.enable_metrics
         )
@@ -298,6 +305,24 @@ class LanguageMMReceiver:
         if self.holds is not None:
             self.holds.released(req)
 
+    def sleep_until_progress(self) -> None:
+        """The scheduler has nothing to run and sleeps when idle (``--sleep-on-idle``, this
+        rank polls the scheduler's sockets): while requests wait here, block until one can go
+        on (it succeeded or failed, or waits for the prefix match), a request or an abort
+        arrives, or ``PROGRESS_WAIT_MAX_S`` passed, instead of spinning on a core the encode
+        server may share."""
+        if self.manager is None or not self.waiting_list:
+            return
+        wakeups = self.manager.scheduler_wakeups
+        if self._progress_poller is None:
+            self._progress_poller = zmq.Poller()
+            channels = self.scheduler.ipc_channels
+            for sock in (channels.recv_from_tokenizer, channels.recv_from_rpc):
+                self._progress_poller.register(sock, zmq.POLLIN)
+            self._progress_poller.register(wakeups.fileno(), zmq.POLLIN)
+        self._progress_poller.poll(PROGRESS_WAIT_MAX_S * 1000)
+        wakeups.drain()
+
     # Rules --------------------------------------------------------------------------------------
     def needs_transfer(self, recv_req) -> bool:
         """Same rule as the encode server: media in the prompt, not a health check."""
@@ -325,6 +350,8 @@ class LanguageMMReceiver:
         lookup = self.peer_lookups.lookup_async(
             f"{recv_req.bootstrap_host}:{recv_req.bootstrap_port}"
         )
+        wakeups = self.manager.scheduler_wakeups
+        lookup.add_done_callback(lambda _: wakeups.wake())
         rx = (
             self._create_receiver(recv_req, lookup)
             if lookup.done()

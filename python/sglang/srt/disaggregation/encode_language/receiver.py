@@ -83,6 +83,7 @@ from sglang.srt.disaggregation.encode_language.connection import (
     ManagerBase,
     RoomInUseError,
     TransferError,
+    WakePipe,
     peer_endpoint,
 )
 from sglang.srt.disaggregation.encode_language.exposures import Exposures
@@ -207,6 +208,10 @@ class LanguageManager(ManagerBase):
         # Freed blocks may unblock an admission or a resume: the control thread looks at once.
         # (The encoder's staging pool needs no such hook: its waits block on the allocator.)
         self.allocator.on_free = self.channel.wake
+        # Posted when the scheduler thread has something to do for a receiver (it succeeded
+        # or failed, or waits in MATCH): a scheduler with nothing else to run sleeps on it
+        # (LanguageMMReceiver.sleep_until_progress).
+        self.scheduler_wakeups = WakePipe()
 
     # Public API -----------------------------------------------------------------------------
     def create_receiver(
@@ -251,6 +256,10 @@ class LanguageManager(ManagerBase):
             self._advance_locked(r, time.monotonic())
         self.wake()  # its timers (and heartbeat to a new peer) start now
         return r
+
+    def close(self) -> None:
+        super().close()
+        self.scheduler_wakeups.close()
 
     def num_active_rooms(self) -> int:
         with self.lock:
@@ -326,6 +335,7 @@ class LanguageManager(ManagerBase):
             if self.prefix_match and msg.input_ids and msg.items:
                 # the scheduler thread answers (set_held)
                 r._transition(Phase.MATCH, now)
+                self.scheduler_wakeups.wake()
                 return
             r._transition(Phase.ALLOC, now)
             self._admit_locked(now)
@@ -1105,3 +1115,5 @@ class LanguageReceiver:
         if self.status == KVPoll.Failed or self.status == KVPoll.Success:
             return
         self.status = status if status == KVPoll.Failed else max(self.status, status)
+        if self.status == KVPoll.Failed or self.status == KVPoll.Success:
+            self.mgr.scheduler_wakeups.wake()
