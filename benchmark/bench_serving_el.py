@@ -583,18 +583,10 @@ def cpu_seconds(dep: Deployment) -> dict[str, float]:
     its scheduler and detokenizer children, the router, the Mooncake master) and by this
     process (the client), from ``/proc``: which process a deployment's saturation waits for.
     """
-    tick = os.sysconf("SC_CLK_TCK")
-    groups = {server.pid: server.spec.name for server in dep.servers}
-    out = dict.fromkeys(groups.values(), 0.0)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if (
-                int(fields[2]) in groups
-            ):  # process group; then utime, stime (clock ticks)
-                out[groups[int(fields[2])]] += (
-                    int(fields[11]) + int(fields[12])
-                ) / tick
+    from epd_testbed import servers as srv
+
+    used = srv.process_group_cpu_seconds([server.pid for server in dep.servers])
+    out = {server.spec.name: used[server.pid] for server in dep.servers}
     mine = os.times()
     out["client"] = mine.user + mine.system
     return out

@@ -505,6 +505,19 @@ def relaunch(server: Server, log_dir: Path) -> Server:
     return launch(server.spec, log_dir, port=server.port)
 
 
+def process_group_cpu_seconds(pgids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds used so far by each process group in ``pgids`` (a server's
+    group: the server and its scheduler and detokenizer children), from ``/proc``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = dict.fromkeys(pgids, 0.0)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) in out:  # process group; then utime, stime (clock ticks)
+                out[int(fields[2])] += (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def encode_language_metrics(server: Server) -> dict[str, float]:
     """A server's ``sglang:encode_language_*`` samples from its Prometheus endpoint, keyed
     ``"blocks.free"``, ``"blocks.in_use"``, ``"blocks.total"``, ``"requests.success"``,

@@ -2,10 +2,11 @@
 
 The deployment is the production one of ``test_serving_burst.py`` (``servers.production``:
 256 blocks of 128 tokens, 2048 reserved tokens, 120 s fence timeout, the default liveness
-window of 5 s x 2): two encode servers, one language server, SGLang's own router. This test kills
-encode A with its requests queued, so it runs after the burst test (file order) and the pool
-relaunches the group for any later user (``ServerPool._group`` restarts a group with a dead
-member).
+window of 5 s x 2): two encode servers, one language server, SGLang's own router. The last test
+kills encode A with its requests queued, so this module runs after the burst test (file order)
+and the pool relaunches the group for any later user (``ServerPool._group`` restarts a group
+with a dead member). Both tests pause A's vision tower (the test bed's ``slow_vit_server``) to
+hold the language side's requests waiting for rows on purpose.
 
 Real components: ``sglang_router.launch_router``, three ``sglang.launch_server`` processes,
 Mooncake over TCP loopback, HTTP; the tiny K=3 checkpoint, fp32, greedy.
@@ -22,7 +23,11 @@ import time
 import pytest
 from epd_testbed.cases import LARGE_CASES, Case
 from epd_testbed.hf_reference import render_prompt
-from epd_testbed.servers import RequestError, encode_language_metrics
+from epd_testbed.servers import (
+    RequestError,
+    encode_language_metrics,
+    process_group_cpu_seconds,
+)
 from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
 from el_serving import (
@@ -40,6 +45,7 @@ QUEUED = 16  # requests pinned to encode A: 16 x 16 blocks, the whole pool
 POOL_FILLING = next(c for c in LARGE_CASES if c.name == "over_reservation")
 SURVIVOR_OK = 4  # successes through the router after the first one
 WAIT_S = 120  # bound of every wait (never asserted as a timing)
+CPU_WINDOW_S = 3.0  # how long the language server's CPU use is measured while it waits
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +63,57 @@ def _check(out: dict, reference) -> None:
     assert out["output_ids"] == tokens
     got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
     assert got == pytest.approx(logprobs, abs=LOGPROB_TOLERANCE)
+
+
+def test_language_scheduler_sleeps_while_requests_wait_for_rows(
+    servers, vl_model
+) -> None:
+    """With ``--sleep-on-idle`` (every test-bed server), a language scheduler that has nothing
+    to run but requests waiting for their rows sleeps until their transfer moves (it spun a
+    core before, as a PD server's does, against the encoder on a shared host): while A's
+    vision tower is paused with two requests reserved, the language server's processes use
+    under 30% of one core (spinning: about 100%); once A goes on, both requests complete
+    equal to HF (the wake-up works) and every block is free."""
+    router, enc_a, enc_b, language = servers.production(vl_model)
+    case = CASES["one_image"]
+    reference = hf_reference(vl_model, case)
+    results: list[dict] = [{} for _ in range(2)]
+
+    def request(result: dict) -> None:
+        try:
+            result["out"] = post_as_router(
+                enc_a, language, _body(vl_model, case), timeout=WAIT_S
+            )
+        except RequestError as e:
+            result["error"] = str(e)
+
+    threads = [threading.Thread(target=request, args=(r,)) for r in results]
+    pause = enc_a.extra["vit_pause_file"]
+    pause.touch()
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + WAIT_S
+        while encode_language_metrics(language).get("blocks.in_use", 0) < 1:
+            assert time.monotonic() < deadline, "the requests never reserved blocks"
+            time.sleep(0.05)
+        time.sleep(0.5)  # the second request's reservation, if any, and the gauge reads
+        cpu_before, t0 = process_group_cpu_seconds([language.pid]), time.monotonic()
+        time.sleep(CPU_WINDOW_S)
+        cpu_after, t1 = process_group_cpu_seconds([language.pid]), time.monotonic()
+    finally:
+        pause.unlink()
+    for t in threads:
+        t.join(WAIT_S)
+    share = (cpu_after[language.pid] - cpu_before[language.pid]) / (t1 - t0)
+    print(
+        f"\nlanguage server CPU while its requests waited for rows: {share:.0%} of a core"
+    )
+    assert share < 0.3, f"the language server used {share:.0%} of a core while waiting"
+    for r in results:
+        assert "out" in r, r
+        _check(r["out"], reference)
+    assert_blocks_free(language, enc_a, enc_b)
 
 
 def test_encoder_crash_fails_only_its_requests_and_frees_blocks_at_once(
