@@ -30,8 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_serving_el as bench  # noqa: E402
-
-CLK = os.sysconf("SC_CLK_TCK")
+from epd_testbed.servers import stat_cpu_seconds  # noqa: E402
 
 
 def py_spy() -> str:
@@ -74,12 +73,6 @@ def group_processes(pgid: int) -> dict[int, str]:
         if int(group) == pgid:
             procs[int(pid)] = comm.strip()
     return procs
-
-
-def stat_cpu_seconds(stat: str) -> float:
-    """utime + stime of a ``/proc/.../stat`` line (the fields after the name in brackets)."""
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK
 
 
 def cpu_seconds(pid: int) -> float:

@@ -505,16 +505,22 @@ def relaunch(server: Server, log_dir: Path) -> Server:
     return launch(server.spec, log_dir, port=server.port)
 
 
+def stat_cpu_seconds(stat: str) -> float:
+    """utime + stime of a ``/proc/.../stat`` line (the fields after the name in brackets)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def process_group_cpu_seconds(pgids: list[int]) -> dict[int, float]:
     """User + system CPU seconds used so far by each process group in ``pgids`` (a server's
     group: the server and its scheduler and detokenizer children), from ``/proc``."""
-    tick = os.sysconf("SC_CLK_TCK")
     out = dict.fromkeys(pgids, 0.0)
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) in out:  # process group; then utime, stime (clock ticks)
-                out[int(fields[2])] += (int(fields[11]) + int(fields[12])) / tick
+            text = stat.read_text()
+            pgid = int(text.rsplit(")", 1)[1].split()[2])
+            if pgid in out:
+                out[pgid] += stat_cpu_seconds(text)
     return out
 
 

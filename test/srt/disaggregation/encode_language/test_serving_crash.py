@@ -58,6 +58,16 @@ def _body(model_path: str, case: Case) -> dict:
     return _greedy_body(prompt) | {"image_data": image_paths}
 
 
+def _post_pinned(result: dict, encoder, language, body: dict) -> None:
+    """One request as the router sends it, to ``encoder`` and ``language``: its output or
+    its error in ``result``, and when it ended (``"at"``)."""
+    try:
+        result["out"] = post_as_router(encoder, language, body, timeout=WAIT_S)
+    except RequestError as e:
+        result["error"] = str(e)
+    result["at"] = time.monotonic()
+
+
 def _check(out: dict, reference) -> None:
     tokens, logprobs = reference
     assert out["output_ids"] == tokens
@@ -78,16 +88,11 @@ def test_language_scheduler_sleeps_while_requests_wait_for_rows(
     case = CASES["one_image"]
     reference = hf_reference(vl_model, case)
     results: list[dict] = [{} for _ in range(2)]
-
-    def request(result: dict) -> None:
-        try:
-            result["out"] = post_as_router(
-                enc_a, language, _body(vl_model, case), timeout=WAIT_S
-            )
-        except RequestError as e:
-            result["error"] = str(e)
-
-    threads = [threading.Thread(target=request, args=(r,)) for r in results]
+    body = _body(vl_model, case)
+    threads = [
+        threading.Thread(target=_post_pinned, args=(r, enc_a, language, body))
+        for r in results
+    ]
     pause = enc_a.extra["vit_pause_file"]
     pause.touch()
     try:
@@ -140,15 +145,7 @@ def test_encoder_crash_fails_only_its_requests_and_frees_blocks_at_once(
     _check(router.post("/generate", _body(vl_model, case)), reference)  # warm
 
     pinned: list[dict] = [{} for _ in range(QUEUED)]
-
-    def pinned_request(result: dict) -> None:
-        try:
-            result["out"] = post_as_router(
-                enc_a, language, _body(vl_model, POOL_FILLING), timeout=WAIT_S
-            )
-        except RequestError as e:
-            result["error"] = str(e)
-        result["at"] = time.monotonic()
+    pinned_body = _body(vl_model, POOL_FILLING)
 
     def in_use() -> float:
         return encode_language_metrics(language).get("blocks.in_use", 0)
@@ -162,7 +159,11 @@ def test_encoder_crash_fails_only_its_requests_and_frees_blocks_at_once(
     pause.touch()
     try:
         threads = [
-            threading.Thread(target=pinned_request, args=(r,), daemon=True)
+            threading.Thread(
+                target=_post_pinned,
+                args=(r, enc_a, language, pinned_body),
+                daemon=True,
+            )
             for r in pinned
         ]
         for t in threads:
