@@ -5,6 +5,7 @@ leaves their rows out. Served end to end with HF equality: test_serving_prefix_s
 
 from __future__ import annotations
 
+import time
 import types
 from array import array
 
@@ -281,3 +282,71 @@ def test_a_held_prefix_keeps_the_server_from_idling(peers, make_lang, group) -> 
     req.done = True
     rx.process_waiting_requests([])
     assert rx.idle() and tree.protected_size() == 0
+
+
+def test_the_waiting_scheduler_is_woken_by_each_state_it_must_act_on(
+    peers, make_lang, group, monkeypatch
+) -> None:
+    """``sleep_until_progress`` (the language scheduler's sleep while its requests wait for
+    rows, bounded at 30 s here instead of 50 ms) returns once the announcement waits for the
+    prefix match, once the transfer succeeded, and once a second request failed by the
+    encoder's abort: each is posted by the transport, none waits for the bound; with nothing
+    waiting it returns at once."""
+    import zmq
+
+    from sglang.srt.disaggregation.encode_language import language_mm_receiver
+
+    monkeypatch.setattr(language_mm_receiver, "PROGRESS_WAIT_MAX_S", 30.0)
+    peer = peers(k=K)
+    lang = make_lang(k=K, prefix_match=True)
+    rx = _adapter(lang, _tree(0), group)
+    ctx = zmq.Context()
+    sockets = [ctx.socket(zmq.PULL) for _ in range(2)]
+    for i, sock in enumerate(sockets):
+        sock.bind(f"inproc://scheduler-{i}")
+    rx.scheduler.ipc_channels = types.SimpleNamespace(
+        recv_from_tokenizer=sockets[0], recv_from_rpc=sockets[1]
+    )
+    rx._progress_poller = None
+
+    def sleep() -> float:
+        t0 = time.monotonic()
+        rx.sleep_until_progress()
+        return time.monotonic() - t0
+
+    try:
+        assert sleep() < 1.0  # nothing waits: no sleep
+        room = new_room()
+        req = _request("wake", peer.addr, room)
+        rx.process_waiting_requests([req])
+        w = rx.waiting_list[0]
+        lang.scheduler_wakeups.drain()
+        peer.call(
+            "create_shaped", room, len(IDS), M, [e.to_wire() for e in ITEMS], list(IDS)
+        )
+        assert sleep() < 10.0 and w.receiver.match_wanted() is not None
+        _until_reserved(rx, w)
+        lang.scheduler_wakeups.drain()
+        peer.call("send_payload", room, _payload([]))
+        assert sleep() < 10.0 and w.receiver.poll() == KVPoll.Success
+        ready: list = []
+        assert wait_until(
+            lambda: ready.extend(rx.process_waiting_requests([])[0]) or ready, 20
+        )
+        room = new_room()
+        rx.process_waiting_requests([_request("wake-fail", peer.addr, room)])
+        w = rx.waiting_list[0]
+        peer.call(
+            "create_shaped", room, len(IDS), M, [e.to_wire() for e in ITEMS], list(IDS)
+        )
+        _until_reserved(rx, w)
+        lang.scheduler_wakeups.drain()
+        peer.call("abort", room)
+        assert sleep() < 10.0 and w.receiver.poll() == KVPoll.Failed
+        rx.process_waiting_requests([])
+        assert rx.waiting_list == []
+    finally:
+        for sock in sockets:
+            sock.close()
+        ctx.term()
+    peer.assert_idle()

@@ -90,7 +90,9 @@ def test_language_scheduler_sleeps_while_requests_wait_for_rows(
     results: list[dict] = [{} for _ in range(2)]
     body = _body(vl_model, case)
     threads = [
-        threading.Thread(target=_post_pinned, args=(r, enc_a, language, body))
+        threading.Thread(
+            target=_post_pinned, args=(r, enc_a, language, body), daemon=True
+        )
         for r in results
     ]
     pause = enc_a.extra["vit_pause_file"]
@@ -110,6 +112,7 @@ def test_language_scheduler_sleeps_while_requests_wait_for_rows(
         pause.unlink()
     for t in threads:
         t.join(WAIT_S)
+    assert cpu_before[language.pid] > 0, "the language server's processes not found"
     share = (cpu_after[language.pid] - cpu_before[language.pid]) / (t1 - t0)
     print(
         f"\nlanguage server CPU while its requests waited for rows: {share:.0%} of a core"

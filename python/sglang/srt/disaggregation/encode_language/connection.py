@@ -577,13 +577,16 @@ class WakePipe:
                 pass  # the pipe is full: a wake-up is pending already
 
     def drain(self) -> bool:
-        """Consume the pending wake-ups; True if there was one."""
+        """Consume the pending wake-ups; True if there was one (False once closed)."""
         woken = False
-        try:
-            while os.read(self._r, 4096):
-                woken = True
-        except BlockingIOError:
-            pass
+        with self._lock:
+            if self._r < 0:
+                return False
+            try:
+                while os.read(self._r, 4096):
+                    woken = True
+            except BlockingIOError:
+                pass
         return woken
 
     def close(self) -> None:

@@ -204,14 +204,18 @@ class LanguageManager(ManagerBase):
         )
         self._epochs = itertools.count(1)
         self._generations = itertools.count(1)
-        super().__init__(buffer_config, config, engine)
+        # Posted when the scheduler thread has something to do for a receiver (it succeeded
+        # or failed, or waits in MATCH): a scheduler with nothing else to run sleeps on it
+        # (LanguageMMReceiver.sleep_until_progress). Made before the control thread starts.
+        self.scheduler_wakeups = WakePipe()
+        try:
+            super().__init__(buffer_config, config, engine)
+        except BaseException:
+            self.scheduler_wakeups.close()
+            raise
         # Freed blocks may unblock an admission or a resume: the control thread looks at once.
         # (The encoder's staging pool needs no such hook: its waits block on the allocator.)
         self.allocator.on_free = self.channel.wake
-        # Posted when the scheduler thread has something to do for a receiver (it succeeded
-        # or failed, or waits in MATCH): a scheduler with nothing else to run sleeps on it
-        # (LanguageMMReceiver.sleep_until_progress).
-        self.scheduler_wakeups = WakePipe()
 
     # Public API -----------------------------------------------------------------------------
     def create_receiver(
