@@ -350,13 +350,12 @@ class LanguageMMReceiver:
         lookup = self.peer_lookups.lookup_async(
             f"{recv_req.bootstrap_host}:{recv_req.bootstrap_port}"
         )
-        wakeups = self.manager.scheduler_wakeups
-        lookup.add_done_callback(lambda _: wakeups.wake())
-        rx = (
-            self._create_receiver(recv_req, lookup)
-            if lookup.done()
-            else _Resolving(lookup, now + self.manager.config.bootstrap_timeout_s)
-        )
+        if lookup.done():  # an IP or a cached name: the usual case
+            rx = self._create_receiver(recv_req, lookup)
+        else:  # a name looked up on a worker thread: its end wakes a sleeping scheduler
+            wakeups = self.manager.scheduler_wakeups
+            lookup.add_done_callback(lambda _: wakeups.wake())
+            rx = _Resolving(lookup, now + self.manager.config.bootstrap_timeout_s)
         self.waiting_list.append(WaitingRequest(recv_req, rx, now))
         return None
 
