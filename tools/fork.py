@@ -804,6 +804,19 @@ def ensure_checkout_venv(repo: Path, pin: Pin, env: Path, *, pristine: bool = Fa
     return venv
 
 
+def compile_bytecode(venv: Path, roots: list[Path]) -> None:
+    """Write ``__pycache__`` for the composed overlay (its files are copies, without the shared
+    environment's bytecode) and the test bed. Where ``PYTHONDONTWRITEBYTECODE`` is set (this
+    machine sets it), every process would otherwise compile each sglang module it imports from
+    source: 4-5 of a server process's ~25 CPU-seconds of imports, and 61.6 s -> 46.2 s from
+    launch to healthy for one colocated test-bed server. Up-to-date files are skipped."""
+    t0 = time.time()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([str(venv / "bin" / "python"), "-m", "compileall", "-q", "-j", "0",
+                    *map(str, roots)], check=True, env=env, stdout=subprocess.DEVNULL)
+    log(f"bytecode up to date ({time.time() - t0:.1f} s)")
+
+
 def repo_fork(repo: Path = REPO_ROOT) -> Fork:
     pin = Pin.load(repo)
     env = shared_env_dir(pin)
@@ -862,6 +875,7 @@ def main(argv: list[str] | None = None) -> int:
             fork = repo_fork()
             fork.apply()
             venv = ensure_checkout_venv(REPO_ROOT, pin, env)
+            compile_bytecode(venv, [fork.overlay, REPO_ROOT / "testbed"])
             log(f"fork ready: {venv / 'bin' / 'python'}")
             return 0
         fork = repo_fork()
