@@ -33,6 +33,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_HTTP_PORT_TAKEN = "error while attempting to bind on address"  # uvicorn's message
+
+
 class ServerError(RuntimeError):
     """A server failed to start or died."""
 
@@ -63,6 +66,22 @@ class Server:
     started_at: float
     ready_s: float | None = None
     extra: dict = field(default_factory=dict)
+    # (python, log_dir) to start again on another port if the picked one is taken; None: the
+    # port was given (a relaunch on the same port)
+    relaunch_on: tuple[str, Path] | None = None
+
+    def _start(self, python: str, log_dir: Path, port: int) -> None:
+        self.port = port
+        self.log_path = log_dir / f"{self.spec.name}-{port}.log"
+        cmd = [python, "-m", self.spec.module, "--model-path", self.spec.model_path, "--port", str(port),
+               *BASE_ARGS, *self.spec.args]
+        env = dict(os.environ, **BASE_ENV, **dict(self.spec.env))
+        with open(self.log_path, "w") as log:
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True, stdin=subprocess.DEVNULL)
+        self.started_at = time.time()
 
     @property
     def url(self) -> str:
@@ -86,6 +105,11 @@ class Server:
         while time.time() < deadline:
             if not self.alive():
                 raise ServerError(f"{self.spec.name} exited with {self.proc.returncode} before ready:\n{self.log_tail()}")
+            if self.relaunch_on is not None and _HTTP_PORT_TAKEN in self.log_tail(2000):
+                # The port was free when picked, then taken during the start-up (by another
+                # server's internal ports): upstream then neither serves nor exits.
+                self.stop()
+                self._start(*self.relaunch_on, free_port())
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
                     if r.status == 200:
@@ -97,21 +121,14 @@ class Server:
         self.stop()
         raise ServerError(f"{self.spec.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
-    def stop(self, grace: float = 20.0) -> None:
-        """Stop the whole process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
-        if self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        # Children that outlived the leader still belong to the group.
+    def stop(self) -> None:
+        """Stop the whole process group at once (SIGKILL): nothing of a test-bed server needs
+        a graceful exit, and the alternatives wait: a SIGTERM to the group kills the scheduler
+        first, which the main process takes for a crash and sleeps 5 s for diagnostics; a
+        SIGTERM to the main process drains for 2-6 s."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
 
     # ---- requests -------------------------------------------------------------------------
     def post(self, path: str, payload: dict, timeout: float = 300) -> dict:
@@ -139,20 +156,12 @@ class Server:
 def launch(spec: ServerSpec, log_dir: Path, *, port: int | None = None, wait: bool = True,
            python: str | None = None) -> Server:
     """Start ``python -m sglang.launch_server`` for ``spec``; wait until /health answers.
-    The interpreter is ``python``, else ``spec.python``, else the current one."""
+    The interpreter is ``python``, else ``spec.python``, else the current one. Without
+    ``port``, a free one (again another if it is taken before the server binds it)."""
     python = python or spec.python or sys.executable
-    port = port or free_port()
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{spec.name}-{port}.log"
-    cmd = [python, "-m", spec.module, "--model-path", spec.model_path, "--port", str(port),
-           *BASE_ARGS, *spec.args]
-    env = dict(os.environ, **BASE_ENV, **dict(spec.env))
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, stdin=subprocess.DEVNULL)
-    server = Server(spec, port, proc, log_path, time.time())
+    server = Server(spec, 0, None, log_dir, 0.0, relaunch_on=None if port else (python, log_dir))
+    server._start(python, log_dir, port or free_port())
     return server.wait_ready() if wait else server
 
 
@@ -265,9 +274,10 @@ def bootstrap_port(encoder: Server) -> int:
 
 def launch_router(prefill: list[tuple[Server, int]], decode: list[Server], log_dir: Path,
                   *extra: str, name: str = "router", retries: bool = False) -> Server:
-    """``python -m sglang_router.launch_router --pd-disaggregation``: encode servers as prefill
-    workers (URL + bootstrap port), language servers as decode workers. Retries are off unless
-    ``retries`` (a retried pair re-encodes) and workers are probed every second at start-up."""
+    """``sglang_router.launch_router --pd-disaggregation`` (run by ``epd_testbed.router``): encode
+    servers as prefill workers (URL + bootstrap port), language servers as decode workers. Retries
+    are off unless ``retries`` (a retried pair re-encodes) and workers are probed every second at
+    start-up."""
     workers = []
     for server, port in prefill:
         workers += ["--prefill", server.url, str(port)]
@@ -278,8 +288,8 @@ def launch_router(prefill: list[tuple[Server, int]], decode: list[Server], log_d
 
 def launch_regular_router(workers: list[Server], log_dir: Path, *extra: str, name: str = "router",
                           policy: str = "round_robin", retries: bool = False) -> Server:
-    """``python -m sglang_router.launch_router --worker-urls ...`` (regular mode: each request to
-    one of ``workers``, by ``policy``; the router's own default is ``cache_aware``)."""
+    """``sglang_router.launch_router --worker-urls ...`` (run by ``epd_testbed.router``; regular
+    mode: each request to one of ``workers``, by ``policy``; the router's own default is ``cache_aware``)."""
     urls = ["--worker-urls", *(server.url for server in workers), "--policy", policy]
     return _start_router((), urls, log_dir, extra, name, retries)
 
@@ -290,7 +300,7 @@ def _start_router(mode: tuple[str, ...], workers: list[str], log_dir: Path, extr
     ``/readiness`` answers; its Prometheus port (the policies' counters) is
     ``extra["prometheus_port"]``."""
     port, prometheus_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "sglang_router.launch_router", *mode,
+    cmd = [sys.executable, "-m", "epd_testbed.router", *mode,
            "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(prometheus_port),
            "--worker-startup-check-interval", "1", "--log-level", "warn"]
     if not retries:

@@ -103,6 +103,15 @@ class TinyVLMoeSpec:
             raise ValueError("vision_hidden must be divisible by vision_heads")
 
 
+# Deepstack counts other than the default K=3, shared by the tests that serve them: K=2 with
+# non-contiguous indexes (fewer slices than upstream's former hard-coded three), and K=4 with
+# non-contiguous indexes of a 6-block vision tower on a 4-layer text model, i.e. shallower than
+# K+1 layers (a slice is added after the last decoder layer).
+DEEPSTACK_K2_NONCONTIG = TinyVLMoeSpec(deepstack_visual_indexes=(0, 2))
+DEEPSTACK_K4_NONCONTIG_SHALLOW = TinyVLMoeSpec(
+    deepstack_visual_indexes=(0, 2, 3, 5), vision_depth=6, text_layers=4)
+
+
 @dataclass(frozen=True)
 class TinyTextMoeSpec:
     """Shape and seed of a tiny plain Qwen3-MoE text checkpoint (Qwen3MoeForCausalLM)."""

@@ -2,10 +2,12 @@
 
 Checkpoint matrix (one server each; K = len(deepstack_visual_indexes)):
   * default: K=3, indexes (0, 1, 2), 4 text layers;
-  * K=2, indexes (0, 1): fewer slices than upstream's former hard-coded three (the foundation's
-    expected failure, now test_colocated_deepstack_k_matches_hf[k2-*]);
-  * K=4, non-contiguous indexes (0, 2, 3, 5) of a 6-block ViT, with a 4-layer text model,
-    i.e. shallower than K+1 layers: a slice is added after the last decoder layer too.
+  * K=2, non-contiguous indexes (0, 2) (``DEEPSTACK_K2_NONCONTIG``): fewer slices than upstream's
+    former hard-coded three (the foundation's expected failure, now
+    test_colocated_deepstack_k_matches_hf[k2_noncontig-*]).
+K=4 on a text model shallower than K+1 layers (``DEEPSTACK_K4_NONCONTIG_SHALLOW``) is served by
+the encode/language deployment (test_serving_coverage.py) and checked against HF at the model
+level (test_qwen3_vl_moe_language_side.py): the same deepstack hook as the VL class's.
 """
 from __future__ import annotations
 
@@ -13,14 +15,11 @@ import pytest
 
 from epd_testbed.cases import VL_CASES, check_greedy_equal
 from epd_testbed.servers import colocated_spec
-from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
+from epd_testbed.tiny_ckpt import DEEPSTACK_K2_NONCONTIG, TinyVLMoeSpec, ensure_checkpoint
 
 pytestmark = pytest.mark.server
 
-DEEPSTACK_SPECS = {
-    "k2": TinyVLMoeSpec(deepstack_visual_indexes=(0, 1)),
-    "k4_noncontig_shallow": TinyVLMoeSpec(deepstack_visual_indexes=(0, 2, 3, 5), vision_depth=6, text_layers=4),
-}
+DEEPSTACK_SPECS = {"k2_noncontig": DEEPSTACK_K2_NONCONTIG}
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ import pytest
 from epd_testbed.cases import MAX_NEW_TOKENS, VL_CASES
 from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
 from epd_testbed.servers import BASE_ENV, colocated_spec, generate
-from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
+from epd_testbed.tiny_ckpt import DEEPSTACK_K4_NONCONTIG_SHALLOW, TinyVLMoeSpec, ensure_checkpoint
 
 pytestmark = pytest.mark.server
 
@@ -39,11 +39,11 @@ LOGIT_TOL = 1e-4
 
 # default: K=3 (0, 1, 2), compared with the colocated server too (it is up from
 # test_qwen3_vl_moe.py); k4: K=4 non-contiguous (0, 2, 3, 5) on a 4-layer text model (a slice
-# after the last layer), compared with HF (the colocated server equals HF on it in
-# test_qwen3_vl_moe.py; not restarted here to keep the suite short).
+# after the last layer), compared with HF (served by the encode/language deployment of
+# test_serving_coverage.py; no colocated server of it, to keep the suite short).
 SPECS = {
     "k3": TinyVLMoeSpec(),
-    "k4_noncontig_shallow": TinyVLMoeSpec(deepstack_visual_indexes=(0, 2, 3, 5), vision_depth=6, text_layers=4),
+    "k4_noncontig_shallow": DEEPSTACK_K4_NONCONTIG_SHALLOW,
 }
 
 

@@ -21,7 +21,11 @@ from epd_testbed import videos
 from epd_testbed.cases import MAX_NEW_TOKENS, Case
 from epd_testbed.hf_reference import hf_greedy_logits, render_prompt
 from epd_testbed.servers import bootstrap_port, encode_language_metrics, metric_sum
-from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
+from epd_testbed.tiny_ckpt import (
+    DEEPSTACK_K4_NONCONTIG_SHALLOW,
+    TinyVLMoeSpec,
+    ensure_checkpoint,
+)
 
 from el_serving import (
     CASES,
@@ -419,26 +423,14 @@ def test_vit_token_budget_with_concurrent_images(server_pool, vl_model) -> None:
         assert_blocks_free(encoder, language)
 
 
-@pytest.mark.parametrize(
-    "deepstack_indexes, vision_depth",
-    [((0, 2), 3), ((0, 1, 2, 3), 4)],
-    ids=["k2_noncontiguous", "k4"],
-)
-def test_deepstack_counts_reduced_set(
-    server_pool, vl_model, deepstack_indexes, vision_depth
-) -> None:
-    """Checkpoints with K=2 (indexes 0 and 2: not contiguous) and K=4 deepstack layers, one
-    deployment each, a reduced set: one image and text only, both equal to HF."""
-    model = str(
-        ensure_checkpoint(
-            TinyVLMoeSpec(
-                vision_depth=vision_depth, deepstack_visual_indexes=deepstack_indexes
-            )
-        )
-    )
-    router, encoder, language = custom_deployment(
-        server_pool, model, f"el-k{len(deepstack_indexes)}", ()
-    )
+def test_deepstack_count_from_the_config(server_pool) -> None:
+    """A checkpoint with K=4 deepstack layers at non-contiguous indexes (0, 2, 3, 5) of a
+    6-block vision tower, on a 4-layer text model (shallower than K+1: a slice is added after
+    the last decoder layer), in its own deployment: the buffers' deepstack slot, the transfer
+    and the language side's hook all take K from the config. A reduced set, one image and
+    text only, both equal to HF. (K=2 is served colocated, test_qwen3_vl_moe.py.)"""
+    model = str(ensure_checkpoint(DEEPSTACK_K4_NONCONTIG_SHALLOW))
+    router, encoder, language = custom_deployment(server_pool, model, "el-k4", ())
     try:
         for case in (CASES["one_image"], CASES["text_only"]):
             out = router.post("/generate", _payload(model, case))
