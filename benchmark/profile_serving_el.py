@@ -4,9 +4,10 @@ Launches one deployment of ``bench_serving_el.py`` (same flags, same warm-up, sa
 cold cell), and while one cell runs it records, for every process of the deployment (server
 front ends = tokenizer managers, schedulers, detokenizers, the router), the CPU time it used
 (``/proc/PID/stat``, exact) and, for each scheduler and front end, a py-spy profile (100 Hz,
-on-CPU samples only). The summary lists CPU ms per request per process and, per
-profiled process, the frames that hold the most samples (own time) and the functions below the
-event loop (inclusive); the raw py-spy files stay in the work directory.
+on-CPU samples only), and the forward passes of each server that runs the language model
+(prefill and decode, from its ``/metrics``). The summary lists CPU ms per request per process
+and, per profiled process, the frames that hold the most samples (own time) and the functions
+below the event loop (inclusive); the raw py-spy files stay in the work directory.
 
     .fork/venv/bin/python benchmark/profile_serving_el.py --config el-router   # image1 at 1 req/s
     .fork/venv/bin/python benchmark/profile_serving_el.py --config colocated --rate inf
@@ -91,6 +92,26 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
             continue
         out[text[text.index("(") + 1 : text.rindex(")")]] += stat_cpu_seconds(text)
     return out
+
+
+FORWARD_PASSES = "sglang:cuda_graph_passes_total"  # every forward pass, by mode
+
+
+def forward_passes(dep: bench.Deployment) -> dict[str, dict[str, float]]:
+    """Forward passes so far of each server that runs the language model, by kind (upstream's
+    ``sglang:cuda_graph_passes_total``, counted per pass with or without a graph)."""
+    from epd_testbed import servers as srv
+
+    return {
+        s.spec.name: {
+            kind: sum(
+                srv.metric_sum(s, FORWARD_PASSES, mode=f"{kind}_{graph}")
+                for graph in ("none", "cuda_graph")
+            )
+            for kind in ("prefill", "decode")
+        }
+        for s in dep.lm
+    }
 
 
 def transfer_gauges(dep: bench.Deployment) -> dict[str, float]:
@@ -230,10 +251,12 @@ def main() -> None:
         time.sleep(2)
         before = {pid: cpu_seconds(pid) for pid in procs}
         threads_before = {pid: thread_cpu_seconds(pid) for pid in procs}
+        passes_before = forward_passes(dep)
         t0 = time.time()
         cell = bench.run_cell(dep, model, bench.Cell(args.stream, args.rate, n), work)
         wall = time.time() - t0
         gauges = transfer_gauges(dep)
+        passes_after = forward_passes(dep)
         after = {pid: cpu_seconds(pid) for pid in procs}
         threads_after = {pid: thread_cpu_seconds(pid) for pid in procs}
         for spy in spies.values():
@@ -277,6 +300,12 @@ def main() -> None:
             if t_ms >= 0.5:
                 lines.append(f"      thread {thread:35s} {t_ms:8.1f}")
     lines.append(f"  {'total':45s} {total:8.1f}")
+    for name, after_passes in passes_after.items():
+        delta = {k: v - passes_before[name][k] for k, v in after_passes.items()}
+        lines.append(
+            f"{name}: forward passes {delta['prefill']:.0f} prefill + {delta['decode']:.0f} "
+            f"decode over the cell, {(delta['prefill'] + delta['decode']) / done:.2f} per request"
+        )
     for name, seconds in gauges.items():
         lines.append(
             f"{name}: sglang:encode_language_transfer_seconds of the last request "
