@@ -199,21 +199,24 @@ def formatter_diffs(python: str, paths: list[Path]) -> dict[Path, list[tuple[str
 
 
 def diffs_by_file(text: str, paths: list[Path]) -> dict[Path, str]:
-    """Split a formatter's ``--diff`` output over several files at each file's ``--- PATH``
-    header (black: ``PATH<tab>time``; isort: ``PATH:before<tab>time``)."""
-    names = sorted(((str(path), path) for path in paths), key=lambda np: -len(np[0]))
+    """Split a formatter's ``--diff`` output over several files at each file's ``--- PATH`` /
+    ``+++ PATH`` header (black: the path as given; isort: resolved, ``PATH:before``). A header
+    that names none of ``paths`` is an error: a diff must not be dropped."""
+    names = sorted(((name, path) for path in paths for name in {str(path), str(path.resolve())}),
+                   key=lambda np: -len(np[0]))
     chunks: dict[Path, list[str]] = {}
     current = None
-    for line in text.splitlines(keepends=True):
-        if line.startswith("--- "):
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith("--- ") and i + 1 < len(lines) and lines[i + 1].startswith("+++ "):
             head = line[4:]
-            for name, path in names:
-                if head.startswith(name) and head[len(name):len(name) + 1] in (":", "\t", "\n", " ", ""):
-                    current = path
-                    break
+            current = next((path for name, path in names if head.startswith(name)
+                            and head[len(name):len(name) + 1] in (":", "\t", "\n", " ", "")), None)
+            if current is None:
+                raise ForkError(f"a formatter's diff names a file that was not linted: {line.strip()}")
         if current is not None:
             chunks.setdefault(current, []).append(line)
-    return {path: "".join(lines) for path, lines in chunks.items()}
+    return {path: "".join(chunk) for path, chunk in chunks.items()}
 
 
 def changed_old_lines(diff: str) -> set[int]:

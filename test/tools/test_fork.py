@@ -259,6 +259,25 @@ def test_lint_names_unformatted_new_modules_and_patched_lines(fake: forktool.For
 
 
 
+def test_formatter_diffs_are_split_per_file(tmp_path: Path) -> None:
+    """One formatter run covers every linted file; its output is split at each file's header
+    (black names the path as given, isort the resolved path with ``:before``), a removed line
+    that starts with ``-- `` stays in its file's diff, and a header naming no linted file fails
+    rather than dropping that diff."""
+    a, b = tmp_path / "a.py", tmp_path / "ab.py"
+    black = (f"--- {a}\t2026-01-01\n+++ {a}\t2026-01-01\n@@ -1 +1 @@\n--- x = {{}}\n+# x\n"
+             f"--- {b}\t2026-01-01\n+++ {b}\t2026-01-01\n@@ -2 +2 @@\n-y=1\n+y = 1\n")
+    assert forktool.diffs_by_file(black, [a, b]) == {
+        a: f"--- {a}\t2026-01-01\n+++ {a}\t2026-01-01\n@@ -1 +1 @@\n--- x = {{}}\n+# x\n",
+        b: f"--- {b}\t2026-01-01\n+++ {b}\t2026-01-01\n@@ -2 +2 @@\n-y=1\n+y = 1\n",
+    }
+    isort = f"--- {b.resolve()}:before\t2026\n+++ {b.resolve()}:after\t2026\n@@ -3 +3 @@\n-import b\n"
+    assert list(forktool.diffs_by_file(isort, [a, b])) == [b]
+    assert forktool.changed_old_lines(forktool.diffs_by_file(isort, [a, b])[b]) == {3}
+    with pytest.raises(forktool.ForkError, match="not linted"):
+        forktool.diffs_by_file(f"--- /elsewhere/c.py\t1\n+++ /elsewhere/c.py\t1\n", [a, b])
+
+
 def test_real_repository_passes_lint() -> None:
     """issue 7 item 15: the fork's Python (new modules and patched upstream files) is black- and
     isort-clean, so a formatting slip fails the suite."""

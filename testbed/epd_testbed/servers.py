@@ -33,7 +33,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-_HTTP_PORT_TAKEN = "error while attempting to bind on address"  # uvicorn's message
+_BIND_FAILED = "error while attempting to bind on address"  # asyncio's create_server
 
 
 class ServerError(RuntimeError):
@@ -105,11 +105,14 @@ class Server:
         while time.time() < deadline:
             if not self.alive():
                 raise ServerError(f"{self.spec.name} exited with {self.proc.returncode} before ready:\n{self.log_tail()}")
-            if self.relaunch_on is not None and _HTTP_PORT_TAKEN in self.log_tail(2000):
+            bind_failed = f"{_BIND_FAILED} ('127.0.0.1', {self.port})"
+            if self.relaunch_on is not None and bind_failed in self.log_tail(2000):
                 # The port was free when picked, then taken during the start-up (by another
                 # server's internal ports): upstream then neither serves nor exits.
                 self.stop()
+                started_at = self.started_at
                 self._start(*self.relaunch_on, free_port())
+                self.started_at = started_at  # ready_s: from the first launch
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
                     if r.status == 200:
@@ -125,7 +128,10 @@ class Server:
         """Stop the whole process group at once (SIGKILL): nothing of a test-bed server needs
         a graceful exit, and the alternatives wait: a SIGTERM to the group kills the scheduler
         first, which the main process takes for a crash and sleeps 5 s for diagnostics; a
-        SIGTERM to the main process drains for 2-6 s."""
+        SIGTERM to the main process drains for 2-6 s. Not once the main process was reaped: its
+        pid, and so the group's id, may belong to another process group by now."""
+        if self.proc.returncode is not None:
+            return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)

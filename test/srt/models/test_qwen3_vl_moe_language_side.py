@@ -6,11 +6,12 @@ class gives the same greedy tokens as the colocated VL class (a real server), an
 
 What is compared, exactly:
   * tokens: language side (``epd_testbed.lm_harness``, a real ModelRunner driven like
-    ``sglang.benchmark.one_batch``) == colocated ``Qwen3VLMoeForConditionalGeneration`` server
-    ``/generate`` == Hugging Face ``generate`` (16 tokens, greedy, eos ignored);
+    ``sglang.benchmark.one_batch``) == Hugging Face ``generate`` (16 tokens, greedy, eos
+    ignored), and for K=3 == the colocated ``Qwen3VLMoeForConditionalGeneration`` server's
+    ``/generate`` too;
   * logits: the language side's full-vocabulary next-token logits of all 16 steps vs HF's
-    (``output_logits``), max |diff| <= 1e-4. The colocated server exposes no raw logits; it
-    equals HF token for token (test_qwen3_vl_moe.py), so HF stands in for it there;
+    (``output_logits``), max |diff| <= 1e-4. The colocated server exposes no raw logits; for
+    K=3 it equals HF token for token (test_qwen3_vl_moe.py), so HF stands in for it there;
   * split prefill: the same prefill through ``ModelRunner.forward_split_prefill`` one layer per
     call gives the same first-step logits (within 1e-4) as the plain prefill;
   * the encode-only construction's rows for an image and a video equal Hugging Face's vision
