@@ -461,6 +461,7 @@ TRANSFER_KEYS = (
     "items.held",
     "vit_calls",
     "requests.success",
+    "requests.all_held",
     "requests.local",
     "requests.failed",
 )
@@ -572,6 +573,8 @@ def transfer(deltas: dict, completed: int) -> dict:
         "source": "measured: sglang:encode_language_* of the encode server(s)",
         "bytes_per_request": get("bytes") / completed if completed else None,
         "requests_transferred": moved,
+        # every item held by the language side's prefix cache: no round (AllHeld)
+        "requests_all_held": get("requests.all_held"),
         "requests_local": get("requests.local"),
         "requests_failed": get("requests.failed"),
         "resume_rounds_per_request": (get("rounds") - moved) / moved if moved else 0.0,

@@ -152,6 +152,18 @@ ALL = [
         items=[["image", [[10, 265]], 2**63 + 5, b"\x01" * 32]],
     ),
     mf.make(
+        mf.Announce,
+        room=1,
+        manager_id="h:3",
+        total_tokens=3,
+        mm_tokens=1,
+        items=[["image", [[1, 1]], 7, b""]],
+        input_ids=[5, 9, 6],
+        mrope_positions=[0, 1, 2, 0, 1, 2, 0, 1, 2],
+        mrope_delta=-4,
+    ),
+    mf.make(mf.AllHeld, room=1, manager_id="h:1", epoch=2),
+    mf.make(
         mf.Reserve,
         room=1,
         manager_id="h:1",

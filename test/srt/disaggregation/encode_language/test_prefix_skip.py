@@ -218,6 +218,93 @@ def test_held_items_are_not_sent_and_stay_locked_until_the_request_is_over(
     peer.assert_idle()
 
 
+# The request's M-RoPE positions and delta, as an encoder announces them (any [3, T] values
+# whose rows differ: the language side must take them as they are).
+POSITIONS = torch.stack([torch.arange(len(IDS)) + 100 * row for row in range(3)])
+DELTA = -3
+
+
+def _create_announcing_positions(peer, room) -> None:
+    peer.call(
+        "create_shaped",
+        room,
+        len(IDS),
+        M,
+        [e.to_wire() for e in ITEMS],
+        list(IDS),
+        POSITIONS.flatten().tolist(),
+        DELTA,
+    )
+
+
+def test_every_item_held_needs_no_block_and_no_round(peers, make_lang, group) -> None:
+    """Both items inside the cached prefix, and the encoder announced the positions: the
+    request is ready in the very adapter iteration that matched it, without a block (every
+    block of the language pool is taken meanwhile, so a reservation would wait) and without
+    a round: the encoder's room succeeds with no payload (``AllHeld``; no vision tower). The
+    request carries the announced ids, positions and delta exactly, its items without rows;
+    the prefix stays locked until the request is over, then every block and lock is free.
+    """
+    peer = peers(k=K)
+    lang = make_lang(k=K, prefix_match=True, num_blocks=4)
+    tree = _tree(23)
+    rx = _adapter(lang, tree, group)
+    taken = lang.allocator.alloc(4, owner="test")
+    room = new_room()
+    req = _request("all-held", peer.addr, room)
+    assert rx.process_waiting_requests([req]) == ([], [])
+    w = rx.waiting_list[0]
+    _create_announcing_positions(peer, room)
+    assert wait_until(lambda: w.receiver.match_wanted() is not None, 20)
+    assert rx.process_waiting_requests([]) == ([req], [])
+    assert w.receiver.handle is None and w.receiver.held == (0, 1)
+    assert peer.call("wait", room, 20) == (KVPoll.Success, "")
+    taken.free()
+    assert list(req.input_ids) == IDS
+    mm = req.mm_inputs
+    assert torch.equal(mm.mrope_positions, POSITIONS)
+    assert mm.mrope_position_delta.tolist() == [[DELTA]]
+    assert [i.precomputed_embeddings.shape[0] for i in mm.mm_items] == [0, 0]
+    assert mm.padded_input_ids == padded_ids(IDS, ITEMS)
+    sched_req = types.SimpleNamespace(rid=req.rid, done=False)
+    sched_req.finished = lambda: sched_req.done
+    rx.request_queued(sched_req)
+    rx.process_waiting_requests([])
+    assert tree.protected_size() == 23
+    sched_req.done = True
+    rx.process_waiting_requests([])
+    assert tree.protected_size() == 0 and rx.holds.num_held == 0
+    peer.assert_idle()
+
+
+def test_all_held_the_room_cannot_take_fails_it_on_both_sides(peers, make_lang) -> None:
+    """A language side that answers ``AllHeld`` for a request announced without positions
+    (the encoder could not have been understood): the encoder fails the room instead of
+    waiting for a reservation that will never come; the language side gets its Abort."""
+    from sglang.srt.disaggregation.encode_language.manifest import AllHeld, make
+
+    peer = peers(k=K)
+    lang = make_lang(k=K, prefix_match=True)
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room)
+    peer.call(
+        "create_shaped", room, len(IDS), M, [e.to_wire() for e in ITEMS], list(IDS)
+    )
+    assert wait_until(lambda: rx.match_wanted() is not None, 20)
+    lang.channel.send(
+        peer.addr,
+        make(AllHeld, room=room, manager_id=lang.manager_id, epoch=rx.epoch),
+    )
+    status, reason = peer.call("wait", room, 20)
+    assert status == KVPoll.Failed
+    assert "invalid all_held: the request was announced without M-RoPE positions" in (
+        reason
+    )
+    assert wait_final(lang, rx) == KVPoll.Failed
+    assert "invalid all_held" in rx.reason
+    peer.assert_idle()
+
+
 def test_abort_while_locked_releases_the_lock(peers, make_lang, group) -> None:
     """A request aborted after its reservation named held items: the lock is released in
     the same iteration, the encoder's room ends, every block is free."""

@@ -3,7 +3,10 @@ cache already holds an image's (or video's) tokens, the encode server runs no vi
 it and sends none of its rows; the answer still equals Hugging Face fp32 token for token, with
 per-token logprobs within 1e-3. Observed on the encode server's /metrics:
 ``sglang:encode_language_items_total{outcome="held|sent"}``, ``..._row_bytes_total``
-(embedding + deepstack bytes sent) and ``..._vit_calls_total``.
+(embedding + deepstack bytes sent), ``..._vit_calls_total``, and for a request whose every item
+the language side holds ``..._requests_total{outcome="all_held"}`` with no round and no byte
+moved at all (``..._rounds_total``, ``..._bytes_total``): it needs nothing the encoder's
+announcement did not carry.
 
 Each test uses its own system prompt and images, so only its own requests can have filled the
 shared language server's prefix cache. Real components: sglang-router, two launch_server
@@ -53,6 +56,10 @@ def _counts(encoder) -> dict:
         "sent": m.get("items.sent", 0),
         "row_bytes": m.get("row_bytes", 0),
         "vit_calls": m.get("vit_calls", 0),
+        "bytes": m.get("bytes", 0),
+        "rounds": m.get("rounds", 0),
+        "transferred": m.get("requests.success", 0),
+        "all_held": m.get("requests.all_held", 0),
     }
 
 
@@ -76,7 +83,8 @@ def _system() -> str:
 
 def test_multi_turn_chat_over_one_image_sends_it_once(deployment, vl_model) -> None:
     """Turns 2 and 3 extend turn 1's prompt: the image lies in the cached prefix, so they run
-    no vision tower and move no image row (only ids and positions)."""
+    no vision tower and take no transfer round at all (ids and positions came with the
+    announcement): no byte moves."""
     router, encoder, _ = deployment
     messages = image_messages(_system(), save_image(72, 64, 17001), "Describe it.")
     deltas = []
@@ -91,8 +99,19 @@ def test_multi_turn_chat_over_one_image_sends_it_once(deployment, vl_model) -> N
     first, *later = deltas
     assert (first["held"], first["sent"], first["vit_calls"]) == (0, 1, 1), first
     assert first["row_bytes"] > 0, first
+    assert (first["transferred"], first["all_held"], first["rounds"]) == (
+        1,
+        0,
+        1,
+    ), first
     for d in later:
         assert (d["held"], d["sent"], d["vit_calls"], d["row_bytes"]) == (1, 0, 0, 0), d
+        assert (d["transferred"], d["all_held"], d["rounds"], d["bytes"]) == (
+            0,
+            1,
+            0,
+            0,
+        ), d
 
 
 def test_same_image_behind_a_different_prefix_is_sent(deployment, vl_model) -> None:
@@ -137,6 +156,7 @@ def test_two_images_of_which_the_first_is_cached(deployment, vl_model) -> None:
     assert (first["held"], first["sent"]) == (0, 1), first
     assert (second["held"], second["sent"], second["vit_calls"]) == (1, 1, 1), second
     assert second["row_bytes"] == first["row_bytes"] > 0, (first, second)
+    assert (second["transferred"], second["all_held"]) == (1, 0), second
 
 
 def test_video_asked_twice_is_sent_once(deployment, vl_model) -> None:
@@ -153,3 +173,4 @@ def test_video_asked_twice_is_sent_once(deployment, vl_model) -> None:
     assert (first["held"], first["sent"]) == (0, 1) and first["row_bytes"] > 0, first
     assert (second["held"], second["sent"], second["row_bytes"]) == (1, 0, 0), second
     assert second["vit_calls"] == 0, second
+    assert (second["all_held"], second["rounds"], second["bytes"]) == (1, 0, 0), second

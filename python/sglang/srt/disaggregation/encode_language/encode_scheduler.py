@@ -149,16 +149,34 @@ def take_vit_batch(reqs: List, budget: int, tokens=vit_tokens) -> Tuple[List, Li
 
 def request_shape(req: "Req") -> RequestShape:
     """What the encoder announces for ``req`` before its vision tower runs: the unpadded
-    tokens, the placeholder tokens its images and videos fill, their item table and the ids
-    (what ``_payload`` will carry): a language side matches them against its prefix cache.
+    tokens, the placeholder tokens its images and videos fill, their item table, the ids and
+    the M-RoPE positions and delta (what ``_payload`` will carry): a language side matches
+    the ids against its prefix cache, and one that holds every item needs nothing more.
     """
-    mm_items = req.multimodal_inputs.mm_items
+    mm = req.multimodal_inputs
+    T = len(req.origin_input_ids_unpadded)
+    positions = mm_positions(req)
     return RequestShape(
-        len(req.origin_input_ids_unpadded),
+        T,
         vit_tokens(req),
-        [entry.to_wire() for entry in item_table(mm_items)],
+        [entry.to_wire() for entry in item_table(mm.mm_items)],
         list(req.origin_input_ids_unpadded),
+        positions.flatten().tolist() if positions is not None else [],
+        mrope_delta(req) if positions is not None else 0,
     )
+
+
+def mm_positions(req: "Req") -> Optional[torch.Tensor]:
+    """The request's [3, T] M-RoPE positions (int64), None when the processor gave none."""
+    positions = req.multimodal_inputs.mrope_positions
+    T = len(req.origin_input_ids_unpadded)
+    if positions is None or tuple(positions.shape) != (3, T):
+        return None
+    return positions.to(torch.int64)
+
+
+def mrope_delta(req: "Req") -> int:
+    return int(torch.as_tensor(req.multimodal_inputs.mrope_position_delta).flatten()[0])
 
 
 def items_in_order(req: "Req") -> List:
@@ -418,14 +436,21 @@ class SchedulerDisaggregationEncodeMixin:
             )
         else:
             polls = [req.disagg_kv_sender.poll() for req in reqs]
-        live, unreserved = [], []
+        live, unreserved, held_whole = [], [], []
         for req, poll in zip(reqs, polls):
             if poll == KVPoll.Failed:  # aborted or refused while waiting
                 self._fail_disagg_encode(req)
             elif poll == KVPoll.WaitingForInput:  # every destination reserved round 0
                 live.append(req)
+            elif poll == KVPoll.Success:  # the destination holds every item (AllHeld)
+                held_whole.append(req)
             else:  # Bootstrapping: not announced, or waiting for language blocks
                 unreserved.append(req)
+        if held_whole:
+            for req in held_whole:
+                req.finished_reason = FINISH_LENGTH(length=0)
+                self.disagg_encode_metrics.items_done(0, len(items_in_order(req)), 0)
+            self._finish_disagg_encode(held_whole, outcome="all_held")
         if not live:
             self.disagg_encode_waiting = unreserved
             return
@@ -628,7 +653,6 @@ class SchedulerDisaggregationEncodeMixin:
         self: "Scheduler", req: "Req", rows: Dict[int, torch.Tensor]
     ) -> MultimodalPayload:
         model = self.tp_worker.model_runner.model
-        mm = req.multimodal_inputs
         fill_ids = torch.tensor(list(req.origin_input_ids_unpadded), dtype=torch.int64)
         T = fill_ids.shape[0]
         items = items_in_order(req)
@@ -646,18 +670,18 @@ class SchedulerDisaggregationEncodeMixin:
             if sent
             else torch.empty(0, width, dtype=self.model_config.dtype)
         )
-        positions = mm.mrope_positions
-        if positions is None or tuple(positions.shape) != (3, T):
+        positions = mm_positions(req)
+        if positions is None:
             raise ValueError(
                 f"request {req.rid} has no M-RoPE positions for its {T} tokens"
             )
         payload = MultimodalPayload(
             fill_ids=fill_ids,
-            mrope_positions=positions.to(torch.int64),
+            mrope_positions=positions,
             mm_mask=mm_mask,
             embeddings=embeddings.contiguous(),
             deepstack=deepstack.contiguous() if deepstack.shape[-1] else None,
-            mrope_delta=int(torch.as_tensor(mm.mrope_position_delta).flatten()[0]),
+            mrope_delta=mrope_delta(req),
             items=[entry.to_wire() for entry in item_table(items)],
         )
         # The vision tower, cat and contiguous() are queued on this loop's stream (upstream's

@@ -33,7 +33,9 @@ on ``LanguageManager`` / ``LanguageReceiver``:
   thread has matched the request's ids against the radix cache (``PrefixHolds``); the items the
   cache holds are named in the reservation and locked until the request is over, the encoder
   sends no rows for them, and they become items without rows (``_attach``): they lie in the
-  cached prefix, which prefill never embeds.
+  cached prefix, which prefill never embeds. A request whose every item is held takes no
+  round: it is ready in the iteration that matched it (ids and positions from the
+  announcement).
 * The request's ``bootstrap_host`` is looked up off the scheduler's thread
   (``PeerLookups.lookup_async``): a request whose name is not in the lookup table waits here
   (``_Resolving``) meanwhile; a name that does not exist is the client's fault (400), a

@@ -33,8 +33,9 @@ LAYOUT_VERSION = 5  # 2: aux header carries room, reservation generation and a b
 # from the encoder's announcement of the request's shape); 6: Announce.input_ids,
 # Reserve.held_items and RoundDone.held_items (items the language side's prefix cache holds:
 # no vision tower, no rows); 7: Expect and Reserve without rank and num_ranks (one destination
-# per request: the language server's rank 0 receives and broadcasts).
-PROTOCOL_VERSION = 7
+# per request: the language server's rank 0 receives and broadcasts); 8: Announce.mrope_positions
+# and mrope_delta, AllHeld (the language side holds every item: the request needs no round).
+PROTOCOL_VERSION = 8
 
 # dtype <-> wire name; the names are what manifests carry.
 _DTYPES = {
@@ -414,7 +415,9 @@ class Announce(_Msg, tag="announce"):
     ``items`` is the item table (item_table.py) the payload carries and ``input_ids`` the
     request's T ids as its fill ids will carry them (placeholders expanded): with both, a
     language side builds the ids its prefix cache is keyed by and answers, in its round-0
-    ``Reserve``, which items it already holds (``held_items``)."""
+    ``Reserve``, which items it already holds (``held_items``). With ``mrope_positions``
+    ([3, T] row-major, as the payload will carry them) and ``mrope_delta``, a language side
+    that holds every item has all the request needs and answers ``AllHeld`` instead."""
 
     room: int
     manager_id: str  # the encoder; must be the room's encoder
@@ -422,17 +425,23 @@ class Announce(_Msg, tag="announce"):
     mm_tokens: int
     items: list = []
     input_ids: List[int] = []
+    mrope_positions: List[int] = []
+    mrope_delta: int = 0
 
 
 class RequestShape(NamedTuple):
     """What the encoder announces for a request: total tokens T, multimodal tokens M, the
-    item table entries (``ItemEntry.to_wire()``) and the T ids, as its payload will carry
-    them (``input_ids`` may be empty: the language side then matches nothing)."""
+    item table entries (``ItemEntry.to_wire()``), the T ids and the [3, T] M-RoPE positions
+    (flattened row-major) with their delta, as its payload will carry them (``input_ids`` may
+    be empty: the language side then matches nothing; ``mrope_positions`` may be empty: the
+    request then always takes a round)."""
 
     total_tokens: int
     mm_tokens: int
     items: list = []
     input_ids: list = []
+    mrope_positions: list = []
+    mrope_delta: int = 0
 
     def held_tokens(self, held_items) -> int:
         """Placeholder tokens of the items ``held_items`` (indices into ``items``) covers:
@@ -460,6 +469,17 @@ class Reserve(_Msg, tag="reserve"):
     # the prefix the language server's prefix cache holds, locked there until the request's prefill:
     # the encoder runs no vision tower for them and sends none of their rows.
     held_items: List[int] = []
+
+
+class AllHeld(_Msg, tag="all_held"):
+    """Language manager -> encoder, instead of the round-0 ``Reserve``: its prefix cache holds
+    every item of ``room`` (locked until the request's prefill) and it took the ids and
+    M-RoPE positions from the announcement, so the request needs no round: it is done on
+    both sides, no vision tower runs and nothing is written."""
+
+    room: int
+    manager_id: str
+    epoch: int  # the registration this relies on
 
 
 class RoundDone(_Msg, tag="round_done"):
@@ -538,6 +558,7 @@ Message = Union[
     Expect,
     Announce,
     Reserve,
+    AllHeld,
     RoundDone,
     Abort,
     AbortAck,

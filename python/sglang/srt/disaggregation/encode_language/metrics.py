@@ -5,8 +5,9 @@ them from the scheduler process). Blocks are published as gauges, so "all blocks
 observable from outside the process::
 
     sglang:encode_language_blocks{role="encode|language",state="free|in_use|total"}
-    sglang:encode_language_requests_total{role,outcome="success|failed|local"}
-    sglang:encode_language_bytes_total{role}          bytes sent (encode) / received (language)
+    sglang:encode_language_requests_total{role,outcome="success|all_held|failed|local"}
+    sglang:encode_language_bytes_total{role}          encode: bytes sent
+    sglang:encode_language_rounds_total{role}         encode: rounds of successful requests
     sglang:encode_language_transfer_seconds{role}     last request's transfer latency
     sglang:encode_language_waiting_requests{role}     requests whose transfer is not over
     sglang:encode_language_held_total{role}           requests the encoder held back before
@@ -16,8 +17,8 @@ observable from outside the process::
     sglang:encode_language_items_total{role,outcome="sent|held"}  images/videos whose rows were
                                                       sent, or left out because the language
                                                       side's prefix cache holds them
-    sglang:encode_language_row_bytes_total{role}      embedding + deepstack row bytes sent
-                                                      (encode) / received (language)
+    sglang:encode_language_row_bytes_total{role}      encode: embedding + deepstack row
+                                                      bytes sent
     sglang:encode_language_vit_calls_total{role}      encode: vision-tower calls
     sglang:encode_language_vit_call_tokens{role}      encode: histogram of the tokens of
                                                       each vision-tower call
@@ -49,12 +50,12 @@ class EncodeLanguageMetrics:
         )
         self._requests = Counter(
             name="sglang:encode_language_requests_total",
-            documentation="Requests by outcome: success (transferred), failed, local (nothing to transfer).",
+            documentation="Requests by outcome: success (transferred), all_held (encode: the language side's prefix cache held every item, no round), failed, local (nothing to transfer).",
             labelnames=("role", "outcome"),
         )
         self._bytes = Counter(
             name="sglang:encode_language_bytes_total",
-            documentation="Bytes sent (encode) or received (language) over the transfer engine.",
+            documentation="Bytes the encode server sent over the transfer engine.",
             labelnames=("role",),
         )
         self._rounds = Counter(
@@ -93,7 +94,7 @@ class EncodeLanguageMetrics:
         )
         self._row_bytes = Counter(
             name="sglang:encode_language_row_bytes_total",
-            documentation="Embedding and deepstack row bytes sent (encode) or received (language).",
+            documentation="Embedding and deepstack row bytes the encode server sent.",
             labelnames=("role",),
         )
         self._vit_calls = Counter(

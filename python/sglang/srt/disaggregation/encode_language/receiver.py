@@ -4,10 +4,11 @@
 Lifecycle of a receiver (``Phase``; ``KVPoll`` values in brackets)::
 
     create_receiver ─> REGISTER [Bootstrapping] ─ack ok, Expect sent─> ANNOUNCE [Bootstrapping]
-      ─Announce(T, M, items, ids)─> [MATCH ─held items─>] ALLOC [Bootstrapping]
+      ─Announce(T, M, items, ids, positions)─> [MATCH ─held items─>] ALLOC [Bootstrapping]
       ─min(blocks for T, reserve) blocks─>
       RESERVED r=0 [WaitingForInput] ─RoundDone(partial)─> RESUME_ALLOC [Transferring]
       ─blocks─> RESERVED r+1 [Transferring] ─ ... ─> RoundDone(last) ─> DONE [Success] ─> take()
+    MATCH ─every item held─> AllHeld sent, DONE [Success] (no blocks, no round) ─> take()
     ANNOUNCE, MATCH, ALLOC, RESERVED r=0 ─Unregistered─> REGISTER (register again; blocks freed)
     any ─failure─> DONE [Failed]
 
@@ -23,8 +24,11 @@ Prefix-aware skip (``prefix_match``): an announcement that carries the request's
 ``MATCH`` until the scheduler thread, which owns the prefix cache, has matched them there and
 locked what it holds (``LanguageReceiver.match_wanted`` / ``set_held``); the round-0
 ``Reserve`` names those items (``held_items``) and the encoder sends no rows for them
-(``RoundDone.held_items`` says which it left out). No timer: the scheduler answers within an
-iteration, and a dead encoder is found by heartbeats.
+(``RoundDone.held_items`` says which it left out). When it holds every item, the request
+needs nothing the announcement did not carry (ids, M-RoPE positions and delta): it succeeds at
+once with no blocks and no round, and the encoder is told (``AllHeld``), so a later turn of a
+chat over one image waits for neither the encoder nor a transfer. No timer: the scheduler
+answers within an iteration, and a dead encoder is found by heartbeats.
 
 ``Phase`` has one transition function (``LanguageReceiver._transition``) that refuses any edge
 not in ``_TRANSITIONS``.
@@ -68,6 +72,8 @@ import math
 import time
 from typing import Dict, List, Optional, Tuple
 
+import torch
+
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.allocator import (
     BlockHandle,
@@ -90,6 +96,7 @@ from sglang.srt.disaggregation.encode_language.exposures import Exposures
 from sglang.srt.disaggregation.encode_language.manifest import (
     Abort,
     AbortAck,
+    AllHeld,
     Announce,
     Expect,
     FaultKind,
@@ -334,7 +341,21 @@ class LanguageManager(ManagerBase):
                     r, f"announcement has {len(msg.input_ids)} ids for T={T} tokens"
                 )
                 return
-            r.shape = RequestShape(T, M, list(msg.items), list(msg.input_ids))
+            if msg.mrope_positions and len(msg.mrope_positions) != 3 * T:
+                self._fail_locked(
+                    r,
+                    f"announcement has {len(msg.mrope_positions)} M-RoPE positions for "
+                    f"T={T} tokens (3 x T expected)",
+                )
+                return
+            r.shape = RequestShape(
+                T,
+                M,
+                list(msg.items),
+                list(msg.input_ids),
+                list(msg.mrope_positions),
+                msg.mrope_delta,
+            )
             r.alloc_blocks = nb
             if self.prefix_match and msg.input_ids and msg.items:
                 # the scheduler thread answers (set_held)
@@ -346,15 +367,48 @@ class LanguageManager(ManagerBase):
 
     def _set_held(self, r: "LanguageReceiver", held: List[int]) -> bool:
         """The prefix cache's answer for ``r`` (in ``MATCH``): it queues for blocks, and its
-        round-0 Reserve names ``held``. False when ``r`` left ``MATCH`` meanwhile (failed,
-        or registering again): the caller's lock is not needed."""
+        round-0 Reserve names ``held``; if ``held`` is every item and the announcement
+        carried the positions, the request needs no round (``_complete_held_locked``).
+        False when ``r`` left ``MATCH`` meanwhile (failed, or registering again): the
+        caller's lock is not needed."""
         with self.lock:
             if r.phase != Phase.MATCH:
                 return False
             r.held = tuple(sorted(held))
+            shape = r.shape
+            if shape.mrope_positions and r.held == tuple(range(len(shape.items))):
+                self._complete_held_locked(r)
+                return True
             r._transition(Phase.ALLOC, time.monotonic())
             self._admit_locked(time.monotonic())
         return True
+
+    def _complete_held_locked(self, r: "LanguageReceiver") -> None:
+        """Every item of ``r`` is held: its data is the announcement's ids and positions (no
+        multimodal rows, no token marked multimodal); no block is taken, and the encoder is
+        told (``AllHeld``) that the request needs no round. Success at once."""
+        shape = r.shape
+        T = shape.total_tokens
+        data = alloc_received(self.layout, T, 0, self.rows_device, self.buffers.pinned)
+        data.fill_ids.copy_(torch.tensor(shape.input_ids))
+        data.mrope_positions.copy_(torch.tensor(shape.mrope_positions).view(3, T))
+        data.mm_mask.zero_()
+        r.data = data
+        r.manifest = RequestManifest(
+            total_tokens=T,
+            mm_tokens=0,
+            mrope_delta=shape.mrope_delta,
+            deepstack_count=self.layout.deepstack_count,
+            embed_dtype=self.layout.embed_dtype,
+            hidden_size=self.layout.hidden_size,
+        )
+        r.items, r.rows_left_out = tuple(shape.items), r.held
+        self.channel.send(
+            r.encoder,
+            make(AllHeld, room=r.room, manager_id=self.manager_id, epoch=r.epoch),
+        )
+        r._set_status(KVPoll.Success)
+        self._release_locked(r)
 
     def _admit_locked(self, now: float) -> None:
         """Blocks for announced receivers (ALLOC), in announcement order: the first that does

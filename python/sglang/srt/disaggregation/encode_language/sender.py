@@ -18,7 +18,9 @@ server's rank 0 receives every request and broadcasts it to its other TP ranks):
    the announcement is not (it waits for language blocks: load; a dead peer is found by
    heartbeats). The sender polls ``WaitingForInput`` once round 0 is reserved: the encode
    scheduler runs the vision tower only then, so payload bytes are held only by requests that
-   hold language blocks.
+   hold language blocks. A destination whose prefix cache holds every item answers
+   ``AllHeld`` instead (the announcement carried the ids and M-RoPE positions it needs): the
+   sender polls ``Success`` at once, with no payload, no vision tower and no round.
 3. ``sender.send(payload)`` hands over the request (the sender keeps a reference; the caller must
    not modify the tensors afterwards); a payload whose T, M or items differ from the announced
    shape fails the request. A round starts only when the payload is there and the destination
@@ -92,6 +94,7 @@ from sglang.srt.disaggregation.encode_language.connection import (
 from sglang.srt.disaggregation.encode_language.manifest import (
     Abort,
     AbortAck,
+    AllHeld,
     Announce,
     Expect,
     FaultKind,
@@ -291,6 +294,8 @@ class EncodeManager(ManagerBase):
             self._on_expect(msg)
         elif isinstance(msg, Reserve):
             self._on_reserve(msg)
+        elif isinstance(msg, AllHeld):
+            self._on_all_held(msg)
         elif isinstance(msg, Abort):
             self._on_abort(msg)
         else:
@@ -434,17 +439,19 @@ class EncodeManager(ManagerBase):
         self._send_announce_locked(r)
 
     def _send_announce_locked(self, r: _Room) -> None:
-        T, M, items, input_ids = r.shape
+        shape = r.shape
         self.channel.send(
             r.dest.manager_id,
             make(
                 Announce,
                 room=r.room,
                 manager_id=self.manager_id,
-                total_tokens=T,
-                mm_tokens=M,
-                items=list(items),
-                input_ids=list(input_ids),
+                total_tokens=shape.total_tokens,
+                mm_tokens=shape.mm_tokens,
+                items=list(shape.items),
+                input_ids=list(shape.input_ids),
+                mrope_positions=list(shape.mrope_positions),
+                mrope_delta=shape.mrope_delta,
             ),
         )
 
@@ -463,32 +470,15 @@ class EncodeManager(ManagerBase):
                 or any(not (0 <= b < nb) for b in msg.blocks)
             ):
                 return refuse(f"invalid block list for a pool of {nb} blocks")
-            r = self.rooms.get(msg.room)
-            if r is None and msg.room in self._failed_rooms:
-                reason, kind, _ = self._failed_rooms[msg.room]
-                return refuse(f"request already failed: {reason}", kind)
-            if r is None:
-                return refuse("unknown room (already finished or failed)")
-            if r.failed:
-                return refuse(f"request already failed: {r.failed}", r.fault_kind)
+            r, error = self._room_for_answer_locked(msg)
+            if error is not None:
+                return refuse(*error)
             d = r.dest
-            if d is None or d.manager_id != msg.manager_id:
-                return refuse(f"reservation for room {msg.room} without its expect")
             if msg.round == 0:
-                if not r.announced or d.round != EXPECTING:
-                    return refuse(
-                        f"unexpected reservation for round 0 of room {msg.room} "
-                        f"({'already reserved' if r.announced else 'not announced yet'})"
-                    )
-                held = frozenset(msg.held_items)
-                if len(held) != len(msg.held_items) or any(
-                    not (0 <= i < len(r.shape.items)) for i in held
-                ):
-                    return refuse(
-                        f"invalid held items {list(msg.held_items)} for an item table of "
-                        f"{len(r.shape.items)} items"
-                    )
-                d.held = held
+                error = self._check_round0_locked(r, msg.held_items)
+                if error is not None:
+                    return refuse(error)
+                d.held = frozenset(msg.held_items)
             elif msg.round != r.round or d.round == r.round:
                 return refuse(
                     f"unexpected reservation for round {msg.round} (room is at round {r.round})"
@@ -501,6 +491,72 @@ class EncodeManager(ManagerBase):
             )
             self._update_sender_status(r)
             self._maybe_schedule(r)
+
+    def _on_all_held(self, msg: AllHeld) -> None:
+        """The destination holds every item and took the ids and positions from the
+        announcement: the request succeeds without a round (no vision tower, no write). An
+        ``AllHeld`` this room cannot take fails the room on both sides: its destination
+        already counts the request as received and would never reserve for it."""
+        with self.lock:
+            if self._peer_holds_locked(msg, "all_held") is None:
+                return
+            r, error = self._room_for_answer_locked(msg)
+            if error is not None:
+                return self._refuse(msg, "all_held", *error)
+            everything = list(range(len(r.shape.items)))
+            error = self._check_round0_locked(r, everything)
+            if error is None and not (r.shape.mrope_positions and everything):
+                error = "the request was announced without M-RoPE positions or items"
+            if error is not None:
+                logger.warning(
+                    "encode: invalid all_held for room %d from %s: %s",
+                    msg.room,
+                    msg.manager_id,
+                    error,
+                )
+                self._fail_locked(r, f"invalid all_held: {error}")
+                return
+            r.dest.held = frozenset(everything)
+            self._drop_room_locked(r)
+            r.sender._finish(KVPoll.Success, "", r)
+
+    def _room_for_answer_locked(self, msg):
+        """(the room a destination's ``Reserve`` or ``AllHeld`` is about, None) or (None,
+        (reason, kind)) to refuse it with."""
+        r = self.rooms.get(msg.room)
+        if r is None and msg.room in self._failed_rooms:
+            reason, kind, _ = self._failed_rooms[msg.room]
+            return None, (f"request already failed: {reason}", kind)
+        if r is None:
+            return None, (
+                "unknown room (already finished or failed)",
+                FaultKind.INTERNAL,
+            )
+        if r.failed:
+            return None, (f"request already failed: {r.failed}", r.fault_kind)
+        if r.dest is None or r.dest.manager_id != msg.manager_id:
+            return None, (
+                f"answer for room {msg.room} without its expect",
+                FaultKind.INTERNAL,
+            )
+        return r, None
+
+    @staticmethod
+    def _check_round0_locked(r: _Room, held_items) -> Optional[str]:
+        """Why the destination's round-0 answer naming ``held_items`` is refused, or None."""
+        if not r.announced or r.dest.round != EXPECTING:
+            return (
+                f"unexpected answer for round 0 of room {r.room} "
+                f"({'already reserved' if r.announced else 'not announced yet'})"
+            )
+        if len(set(held_items)) != len(held_items) or any(
+            not (0 <= i < len(r.shape.items)) for i in held_items
+        ):
+            return (
+                f"invalid held items {list(held_items)} for an item table of "
+                f"{len(r.shape.items)} items"
+            )
+        return None
 
     def _on_abort(self, msg: Abort) -> None:
         with self.lock:
@@ -1154,7 +1210,8 @@ class EncodeSender:
             self._set_failed(reason, kind)
         else:
             self._status = KVPoll.Success
-            self.rounds = r.round + 1
+            # no round at all when the destination held everything (AllHeld)
+            self.rounds = r.round + 1 if r.token_sent else 0
         self._metric = KVTransferMetric(
             transfer_latency_s=(
                 (time.monotonic() - r.first_send) if r.first_send else None
