@@ -118,6 +118,30 @@ def test_ratios_and_table(bench) -> None:
     # the repeated run was not part of the synthetic result
     assert "| (a) colocated | inf | not run |" in table
     assert "| (a2) colocated-x2 | inf | not run |" in table
+    # (b3) not measured: no target rows of its own
+    assert "(b3)" not in "".join(row[0] for row in bench.targets(results))
+
+
+def test_targets_of_b3_against_a2(bench) -> None:
+    """With (a2) and (b3) measured, (b3) gets its own rows of issue 17's targets."""
+    results = synthetic(bench)
+    configs = results["configs"]
+    for name, thr in (("colocated-x2", 20.0), ("el-router-2l", 19.0)):
+        configs[name] = {
+            "cells": {
+                key: dict(c, request_throughput=thr)
+                for key, c in configs["el-router"]["cells"].items()
+            }
+        }
+    rows = {what: (met, value) for what, met, value in bench.targets(results)}
+    assert rows["one-image saturation throughput (b3) >= 0.9x (a2)"] == (
+        True,
+        "ratio 0.95",
+    )
+    assert rows["one-image saturation throughput (b) >= 0.9x (a2)"] == (
+        False,
+        "ratio 0.60",
+    )
 
 
 def test_writers(bench, tmp_path) -> None:

@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 # fp32 + no dynamo: the test bed's exactness conditions (see docs/contributing.md).
@@ -361,21 +361,38 @@ def launch_encode_language(model_path: str | Path, log_dir: Path, *extra: str,
                            encode_args: tuple[str, ...] = (),
                            name: str = "el") -> tuple[Server, Server, Server]:
     """(router, encode, language): one encode and one language server behind the router."""
+    router, encoder, (language,) = launch_encode_languages(
+        model_path, log_dir, *extra, languages=1, language_module=language_module,
+        language_args=language_args, encode_args=encode_args, name=name)
+    return router, encoder, language
+
+
+def launch_encode_languages(model_path: str | Path, log_dir: Path, *extra: str, languages: int = 2,
+                            language_module: str = "sglang.launch_server",
+                            language_args: tuple[str, ...] = EL_LANGUAGE_ARGS,
+                            encode_args: tuple[str, ...] = (), name: str = "el",
+                            router_args: tuple[str, ...] = ("--decode-policy", "round_robin"),
+                            ) -> tuple[Server, Server, list[Server]]:
+    """(router, encode, languages): one encode server and ``languages`` language servers (the
+    router's decode workers, ``router_args`` with more than one) behind the router: the split
+    for a model whose language side needs more than its vision side."""
     bootstrap_port = free_port()
     enc_spec, lang_spec = encode_language_specs(model_path, bootstrap_port, *extra,
                                                 language_args=language_args, encode_args=encode_args,
                                                 language_module=language_module, name=name)
-    encoder = launch(enc_spec, log_dir, wait=False)
-    language = launch(lang_spec, log_dir, wait=False)
+    lang_specs = [lang_spec] if languages == 1 else [
+        replace(lang_spec, name=f"{lang_spec.name}-{i}") for i in range(languages)]
+    servers = [launch(spec, log_dir, wait=False) for spec in (enc_spec, *lang_specs)]
     try:
-        encoder.wait_ready()
-        language.wait_ready()
-        router = launch_router([(encoder, bootstrap_port)], [language], log_dir)
+        for server in servers:
+            server.wait_ready()
+        router = launch_router([(servers[0], bootstrap_port)], servers[1:], log_dir,
+                               *(router_args if languages > 1 else ()))
     except Exception:
-        encoder.stop()
-        language.stop()
+        for server in servers:
+            server.stop()
         raise
-    return router, encoder, language
+    return router, servers[0], servers[1:]
 
 
 # Router settings of the two-encoder deployment: a dead encoder is dropped after two failed
