@@ -386,8 +386,6 @@ def start_servers(name: str, model: Path, log_dir: Path) -> Deployment:
             language_args=EL_LANGUAGE_ARGS,
             encode_args=EL_ENCODE_ARGS,
             name="bench-el2l",
-            # a conversation's turns go to the language server that holds its prefix
-            router_args=("--decode-policy", "cache_aware"),
         )
         group, entry = [router, encoder, *languages], router
         caches, vit, lm, encoders = (
