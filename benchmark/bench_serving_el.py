@@ -585,7 +585,7 @@ def measured(deltas: dict, completed: int, depth: int) -> dict:
 
 
 def transfer(deltas: dict, completed: int) -> dict:
-    """(b), (b2): encoder -> language bytes and rounds, summed over the encoders."""
+    """(b), (b2), (b3): encoder -> language bytes and rounds, summed over the encoders."""
     get = lambda key: total(deltas, key) or 0.0  # noqa: E731
     moved = get("requests.success")
     return {

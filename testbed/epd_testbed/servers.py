@@ -388,7 +388,7 @@ def launch_encode_languages(model_path: str | Path, log_dir: Path, *extra: str, 
             server.wait_ready()
         router = launch_router([(servers[0], bootstrap_port)], servers[1:], log_dir,
                                *(router_args if languages > 1 else ()))
-    except Exception:
+    except BaseException:  # interrupted or failed start: no server left behind
         for server in servers:
             server.stop()
         raise

@@ -95,9 +95,10 @@ def _greedy_body(prompt: str) -> dict:
     }
 
 
-def generate(router, model_path: str, case: Case) -> dict:
+def generate(router, model_path: str, case: Case, **fields) -> dict:
+    """``case`` through ``router`` (greedy); ``fields`` join the request body."""
     prompt, image_paths = render_prompt(model_path, case.messages())
-    payload = _greedy_body(prompt)
+    payload = _greedy_body(prompt) | fields
     if image_paths:
         payload["image_data"] = image_paths
     return router.post("/generate", payload)
@@ -137,13 +138,16 @@ def video_messages(with_image: bool) -> list[dict]:
     return [{"role": "user", "content": parts}]
 
 
-def generate_video(router, model_path: str, messages: list[dict]) -> dict:
-    """``messages`` holding a video (and images, as paths) through ``/generate``."""
+def generate_video(router, model_path: str, messages: list[dict], **fields) -> dict:
+    """``messages`` holding a video (and images, as paths) through ``/generate``;
+    ``fields`` join the request body."""
     tokenizer, _ = _tok_and_proc(model_path)
     prompt = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True
     )
-    payload = _greedy_body(prompt) | {"video_data": videos.video_refs(messages)}
+    payload = (
+        _greedy_body(prompt) | {"video_data": videos.video_refs(messages)} | fields
+    )
     images = [
         part["image_url"]["url"]
         for message in messages

@@ -84,7 +84,8 @@ def test_one_rooms_error_fails_that_room_not_the_control_thread(
     fails that room with a clear reason; the tick goes on for every other room (admissions,
     timers, heartbeats), so the next request completes. Before, the error left the tick on
     every pass, before admissions: no later request was ever reserved. The error is injected
-    (the allocator's realloc raises for the parked room's resume): no input provokes one."""
+    (the allocator's realloc raises for the parked room's resume): no input provokes one.
+    """
     peer = peers()
     lang = make_lang()
     room = new_room()

@@ -162,7 +162,7 @@ ALL = [
         mrope_positions=[0, 1, 2, 0, 1, 2, 0, 1, 2],
         mrope_delta=-4,
     ),
-    mf.make(mf.AllHeld, room=1, manager_id="h:1", epoch=2),
+    mf.make(mf.AllHeld, room=1, manager_id="h:1"),
     mf.make(
         mf.Reserve,
         room=1,

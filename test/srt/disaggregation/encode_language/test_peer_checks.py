@@ -12,6 +12,7 @@ from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.connection import RoomInUseError
 from sglang.srt.disaggregation.encode_language.manifest import (
     AUX_HEADER_BYTES,
+    Abort,
     AbortAck,
     Announce,
     Expect,
@@ -195,3 +196,43 @@ def test_register_slot_block_bytes_validated(fake, peers):
     )
     assert fake.addr not in peer.state()["peers"]  # refused: never written to
     peer.assert_idle()
+
+
+def test_announced_positions_must_cover_the_prompt(fake, make_lang):
+    """An announcement whose M-RoPE positions are not 3 x T values fails the request at once
+    (a language side would otherwise build a fully held request from them), before any
+    block is taken; the encoder is told."""
+    lang = make_lang()
+    room = new_room()
+    rx = lang.create_receiver(fake.addr, room)
+    reg = fake.expect(Register)
+    fake.send(
+        lang.manager_id,
+        make(
+            RegisterAck,
+            manager_id=fake.addr,
+            epoch=reg.epoch,
+            ok=True,
+            error="",
+            layout=lang.layout,
+        ),
+    )
+    fake.expect(Expect)
+    fake.send(
+        lang.manager_id,
+        make(
+            Announce,
+            room=room,
+            manager_id=fake.addr,
+            total_tokens=4,
+            mm_tokens=2,
+            input_ids=[1, 7, 7, 2],
+            mrope_positions=[0, 1, 2, 3] * 2,
+        ),
+    )
+    assert fake.expect(Abort).room == room
+    assert wait_final(lang, rx) == KVPoll.Failed
+    assert "announcement has 8 M-RoPE positions for T=4 tokens (3 x T expected)" in (
+        rx.reason
+    )
+    assert lang.allocator.num_used() == 0

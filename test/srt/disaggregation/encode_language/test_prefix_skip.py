@@ -277,10 +277,12 @@ def test_every_item_held_needs_no_block_and_no_round(peers, make_lang, group) ->
     peer.assert_idle()
 
 
-def test_all_held_the_room_cannot_take_fails_it_on_both_sides(peers, make_lang) -> None:
-    """A language side that answers ``AllHeld`` for a request announced without positions
-    (the encoder could not have been understood): the encoder fails the room instead of
-    waiting for a reservation that will never come; the language side gets its Abort."""
+def test_an_all_held_the_room_cannot_take_fails_the_room(peers, make_lang) -> None:
+    """A misbehaving language peer answers ``AllHeld`` for a request announced without
+    positions: the encoder fails the room instead of waiting for a reservation that will
+    never come, and says so (a receiver still waiting, as here, fails with the reason; ours
+    sends ``AllHeld`` only once it counts the request as received, and drops the Abort).
+    """
     from sglang.srt.disaggregation.encode_language.manifest import AllHeld, make
 
     peer = peers(k=K)
@@ -293,7 +295,7 @@ def test_all_held_the_room_cannot_take_fails_it_on_both_sides(peers, make_lang) 
     assert wait_until(lambda: rx.match_wanted() is not None, 20)
     lang.channel.send(
         peer.addr,
-        make(AllHeld, room=room, manager_id=lang.manager_id, epoch=rx.epoch),
+        make(AllHeld, room=room, manager_id=lang.manager_id),
     )
     status, reason = peer.call("wait", room, 20)
     assert status == KVPoll.Failed

@@ -15,20 +15,12 @@ Mooncake over TCP loopback, HTTP; the tiny K=3 checkpoint, fp32, greedy.
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from epd_testbed.cases import LARGE_CASES, VL_CASES
-from epd_testbed.servers import (
-    RequestError,
-    encode_language_blocks,
-    encode_language_metrics,
-)
-from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
-
 from el_serving import (
     LOGPROB_TOLERANCE,
     assert_blocks_free,
@@ -38,6 +30,13 @@ from el_serving import (
     video_messages,
     video_reference,
 )
+from epd_testbed.cases import LARGE_CASES, VL_CASES
+from epd_testbed.servers import (
+    RequestError,
+    encode_language_blocks,
+    encode_language_metrics,
+)
+from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
 pytestmark = pytest.mark.server
 
@@ -88,11 +87,23 @@ def test_burst_of_64_image_requests_at_production_defaults(
     side's free blocks (sampled from /metrics during the burst) fell below one full
     reservation, so requests waited for blocks instead of failing."""
     router, encode_a, encode_b, language = servers.production(vl_model)
+    # Each request in a prefix-cache namespace of its own (extra_key): a repeat of an earlier
+    # prompt would otherwise be fully held on the language side and take no block or round.
     jobs = [
-        (case.name, functools.partial(generate, router, vl_model, case))
+        (
+            case.name,
+            lambda case=case: generate(
+                router, vl_model, case, extra_key=uuid.uuid4().hex
+            ),
+        )
         for case in IMAGE_CASES
     ] + [
-        (name, functools.partial(generate_video, router, vl_model, video_messages(w)))
+        (
+            name,
+            lambda w=w: generate_video(
+                router, vl_model, video_messages(w), extra_key=uuid.uuid4().hex
+            ),
+        )
         for name, w in VIDEOS.items()
     ]
     jobs = [jobs[i % len(jobs)] for i in range(BURST)]

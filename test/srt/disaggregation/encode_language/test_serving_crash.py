@@ -19,17 +19,9 @@ import re
 import signal
 import threading
 import time
+import uuid
 
 import pytest
-from epd_testbed.cases import LARGE_CASES, Case
-from epd_testbed.hf_reference import render_prompt
-from epd_testbed.servers import (
-    RequestError,
-    encode_language_metrics,
-    process_group_cpu_seconds,
-)
-from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
-
 from el_serving import (
     CASES,
     LOGPROB_TOLERANCE,
@@ -38,6 +30,14 @@ from el_serving import (
     hf_reference,
     post_as_router,
 )
+from epd_testbed.cases import LARGE_CASES, Case
+from epd_testbed.hf_reference import render_prompt
+from epd_testbed.servers import (
+    RequestError,
+    encode_language_metrics,
+    process_group_cpu_seconds,
+)
+from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
 pytestmark = pytest.mark.server
 
@@ -54,8 +54,14 @@ def vl_model() -> str:
 
 
 def _body(model_path: str, case: Case) -> dict:
+    """The case's request in a prefix-cache namespace of its own (``extra_key``): no earlier
+    request's cached prompt can hold its images, so it reserves blocks and waits for its
+    rows (a fully held request takes no round: ``all_held``)."""
     prompt, image_paths = render_prompt(model_path, case.messages())
-    return _greedy_body(prompt) | {"image_data": image_paths}
+    return _greedy_body(prompt) | {
+        "image_data": image_paths,
+        "extra_key": uuid.uuid4().hex,
+    }
 
 
 def _post_pinned(result: dict, encoder, language, body: dict) -> None:

@@ -13,6 +13,9 @@ Shaped like a PD prefill server so ``sglang-router --pd-disaggregation`` fronts 
    for round 0 (sender poll ``WaitingForInput``; ``Bootstrapping`` ones keep waiting) go on: so
    payload bytes are only ever held by requests that hold language blocks, and language blocks
    only by requests whose vision tower will run (no cycle of waits between the two bounds).
+   A request whose every item the language side's prefix cache holds polls ``Success`` here
+   instead (``AllHeld``: the announcement carried all it needs) and finishes at once, with no
+   vision tower and no round (outcome ``all_held``).
    Their images (and videos) go through upstream's ``get_image_feature`` /
    ``get_video_feature`` in one call per modality, as many requests per call as fit
    ``--max-prefill-tokens`` placeholder tokens (``take_vit_batch``) and whose payloads fit the
@@ -153,16 +156,15 @@ def request_shape(req: "Req") -> RequestShape:
     the M-RoPE positions and delta (what ``_payload`` will carry): a language side matches
     the ids against its prefix cache, and one that holds every item needs nothing more.
     """
-    mm = req.multimodal_inputs
-    T = len(req.origin_input_ids_unpadded)
-    positions = mm_positions(req)
+    positions, delta = mm_positions(req), mrope_delta(req)
+    known = positions is not None and delta is not None  # else it always takes a round
     return RequestShape(
-        T,
+        len(req.origin_input_ids_unpadded),
         vit_tokens(req),
-        [entry.to_wire() for entry in item_table(mm.mm_items)],
+        [entry.to_wire() for entry in item_table(req.multimodal_inputs.mm_items)],
         list(req.origin_input_ids_unpadded),
-        positions.flatten().tolist() if positions is not None else [],
-        mrope_delta(req) if positions is not None else 0,
+        positions.flatten().tolist() if known else [],
+        delta if known else 0,
     )
 
 
@@ -175,8 +177,13 @@ def mm_positions(req: "Req") -> Optional[torch.Tensor]:
     return positions.to(torch.int64)
 
 
-def mrope_delta(req: "Req") -> int:
-    return int(torch.as_tensor(req.multimodal_inputs.mrope_position_delta).flatten()[0])
+def mrope_delta(req: "Req") -> Optional[int]:
+    """The request's M-RoPE position delta, None when the processor gave none."""
+    delta = req.multimodal_inputs.mrope_position_delta
+    if delta is None:
+        return None
+    delta = torch.as_tensor(delta).flatten()
+    return int(delta[0]) if delta.numel() else None
 
 
 def items_in_order(req: "Req") -> List:
@@ -424,7 +431,8 @@ class SchedulerDisaggregationEncodeMixin:
 
     def run_disagg_encode_batch(self: "Scheduler") -> None:
         """One ViT call per modality over the waiting requests that fit the ViT token budget
-        (``--max-prefill-tokens``, see ``take_vit_batch``), then hand the payloads over.
+        (``--max-prefill-tokens``, see ``take_vit_batch``), then hand the payloads over;
+        requests the language side answered with ``AllHeld`` finish without either.
         """
         reqs, self.disagg_encode_waiting = self.disagg_encode_waiting, []
         if not reqs:
@@ -670,10 +678,10 @@ class SchedulerDisaggregationEncodeMixin:
             if sent
             else torch.empty(0, width, dtype=self.model_config.dtype)
         )
-        positions = mm_positions(req)
-        if positions is None:
+        positions, delta = mm_positions(req), mrope_delta(req)
+        if positions is None or delta is None:
             raise ValueError(
-                f"request {req.rid} has no M-RoPE positions for its {T} tokens"
+                f"request {req.rid} has no M-RoPE positions (or delta) for its {T} tokens"
             )
         payload = MultimodalPayload(
             fill_ids=fill_ids,
@@ -681,7 +689,7 @@ class SchedulerDisaggregationEncodeMixin:
             mm_mask=mm_mask,
             embeddings=embeddings.contiguous(),
             deepstack=deepstack.contiguous() if deepstack.shape[-1] else None,
-            mrope_delta=mrope_delta(req),
+            mrope_delta=delta,
             items=[entry.to_wire() for entry in item_table(items)],
         )
         # The vision tower, cat and contiguous() are queued on this loop's stream (upstream's

@@ -475,11 +475,12 @@ class AllHeld(_Msg, tag="all_held"):
     """Language manager -> encoder, instead of the round-0 ``Reserve``: its prefix cache holds
     every item of ``room`` (locked until the request's prefill) and it took the ids and
     M-RoPE positions from the announcement, so the request needs no round: it is done on
-    both sides, no vision tower runs and nothing is written."""
+    both sides, no vision tower runs and nothing is written. (No registration epoch: nothing
+    is written into this side's buffers, so the room and the sender are all it relies on.)
+    """
 
     room: int
     manager_id: str
-    epoch: int  # the registration this relies on
 
 
 class RoundDone(_Msg, tag="round_done"):

@@ -50,7 +50,7 @@ class EncodeLanguageMetrics:
         )
         self._requests = Counter(
             name="sglang:encode_language_requests_total",
-            documentation="Requests by outcome: success (transferred), all_held (encode: the language side's prefix cache held every item, no round), failed, local (nothing to transfer).",
+            documentation="Requests by outcome: success (transferred; language: also those whose every item its prefix cache held), all_held (encode: the language side held every item, no round), failed, local (nothing to transfer).",
             labelnames=("role", "outcome"),
         )
         self._bytes = Counter(

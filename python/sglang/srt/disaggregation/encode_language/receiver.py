@@ -377,16 +377,22 @@ class LanguageManager(ManagerBase):
             r.held = tuple(sorted(held))
             shape = r.shape
             if shape.mrope_positions and r.held == tuple(range(len(shape.items))):
-                self._complete_held_locked(r)
-                return True
+                if self._complete_held_locked(r):
+                    return True
             r._transition(Phase.ALLOC, time.monotonic())
             self._admit_locked(time.monotonic())
         return True
 
-    def _complete_held_locked(self, r: "LanguageReceiver") -> None:
+    def _complete_held_locked(self, r: "LanguageReceiver") -> bool:
         """Every item of ``r`` is held: its data is the announcement's ids and positions (no
         multimodal rows, no token marked multimodal); no block is taken, and the encoder is
-        told (``AllHeld``) that the request needs no round. Success at once."""
+        told (``AllHeld``) that the request needs no round. Success at once; False (nothing
+        changed: it reserves as usual) when the control queue to the encoder is full, since
+        an encoder never told would wait for a reservation for good."""
+        if not self.channel.send(
+            r.encoder, make(AllHeld, room=r.room, manager_id=self.manager_id)
+        ):
+            return False
         shape = r.shape
         T = shape.total_tokens
         data = alloc_received(self.layout, T, 0, self.rows_device, self.buffers.pinned)
@@ -403,12 +409,9 @@ class LanguageManager(ManagerBase):
             hidden_size=self.layout.hidden_size,
         )
         r.items, r.rows_left_out = tuple(shape.items), r.held
-        self.channel.send(
-            r.encoder,
-            make(AllHeld, room=r.room, manager_id=self.manager_id, epoch=r.epoch),
-        )
         r._set_status(KVPoll.Success)
         self._release_locked(r)
+        return True
 
     def _admit_locked(self, now: float) -> None:
         """Blocks for announced receivers (ALLOC), in announcement order: the first that does

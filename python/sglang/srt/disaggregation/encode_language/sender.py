@@ -12,9 +12,9 @@ server's rank 0 receives every request and broadcasts it to its other TP ranks):
    learn about its destination before or after ``create_sender(R, shape)``, whose shape (T
    tokens, M multimodal tokens, item table) is known when the request arrives (its processor ran
    in the tokenizer manager). Once both halves are here (the request and the Expect) the encoder
-   sends ``Announce(T, M, items)`` (and at once to an Expect that comes again later); the
-   destination reserves ``min(needed, reserve)`` blocks and sends ``Reserve(room, round=0,
-   blocks)``. Pairing is bounded by ``bootstrap_timeout_s``; waiting for the reservation after
+   sends ``Announce(T, M, items, ids, M-RoPE positions and delta)`` (and at once to an Expect
+   that comes again later); the destination reserves ``min(needed, reserve)`` blocks and
+   sends ``Reserve(room, round=0, blocks)``. Pairing is bounded by ``bootstrap_timeout_s``; waiting for the reservation after
    the announcement is not (it waits for language blocks: load; a dead peer is found by
    heartbeats). The sender polls ``WaitingForInput`` once round 0 is reserved: the encode
    scheduler runs the vision tower only then, so payload bytes are held only by requests that
@@ -349,7 +349,7 @@ class EncodeManager(ManagerBase):
         self.channel.send(msg.manager_id, ack)
 
     def _refuse(self, msg, what: str, reason: str, kind=FaultKind.INTERNAL) -> None:
-        """Answer an ``Expect`` or ``Reserve`` with an Abort naming why."""
+        """Answer an ``Expect``, ``Reserve`` or ``AllHeld`` with an Abort naming why."""
         logger.warning(
             "encode: refused %s of room %d from %s: %s",
             what,
@@ -495,16 +495,15 @@ class EncodeManager(ManagerBase):
     def _on_all_held(self, msg: AllHeld) -> None:
         """The destination holds every item and took the ids and positions from the
         announcement: the request succeeds without a round (no vision tower, no write). An
-        ``AllHeld`` this room cannot take fails the room on both sides: its destination
-        already counts the request as received and would never reserve for it."""
+        ``AllHeld`` a live room cannot take fails that room here (its destination would never
+        reserve for it); the destination, which counted the request as received when it
+        answered, drops the Abort that follows, as it drops one for an unknown room."""
         with self.lock:
-            if self._peer_holds_locked(msg, "all_held") is None:
-                return
             r, error = self._room_for_answer_locked(msg)
             if error is not None:
                 return self._refuse(msg, "all_held", *error)
-            everything = list(range(len(r.shape.items)))
-            error = self._check_round0_locked(r, everything)
+            error = self._check_round0_locked(r, [])
+            everything = [] if error else list(range(len(r.shape.items)))
             if error is None and not (r.shape.mrope_positions and everything):
                 error = "the request was announced without M-RoPE positions or items"
             if error is not None:
@@ -1139,7 +1138,8 @@ class EncodeSender:
         self.reason = ""
         self.kind = FaultKind.INTERNAL  # what failed the request, once Failed
         self._metric = KVTransferMetric()
-        self.rounds = 0  # rounds sent once the transfer succeeded (1 + resume rounds)
+        # rounds sent once the transfer succeeded (1 + resume rounds; 0 after AllHeld)
+        self.rounds = 0
 
     def send(self, payload: MultimodalPayload) -> None:
         """Hand over the request (kept by reference until its last round; do not modify it;
