@@ -36,9 +36,8 @@ def fake():
     f.close()
 
 
-def reserved(fake, lang, room, total=2 * B, mm=5):
-    """A receiver whose encoder is ``fake``, announced as (total, mm) tokens; returns
-    (receiver, its Reserve)."""
+def expected(fake, lang, room):
+    """A receiver whose encoder is ``fake`` (registered if needed), its Expect received."""
     rx = lang.create_receiver(fake.addr, room)
     if fake.addr not in lang.registrations or lang.registrations[fake.addr].ok is None:
         reg = fake.expect(Register)
@@ -57,6 +56,13 @@ def reserved(fake, lang, room, total=2 * B, mm=5):
     assert (
         expect.room == room and rx.handle is None
     )  # no blocks before the announcement
+    return rx
+
+
+def reserved(fake, lang, room, total=2 * B, mm=5):
+    """A receiver whose encoder is ``fake``, announced as (total, mm) tokens; returns
+    (receiver, its Reserve)."""
+    rx = expected(fake, lang, room)
     fake.send(
         lang.manager_id,
         make(
@@ -204,20 +210,7 @@ def test_announced_positions_must_cover_the_prompt(fake, make_lang):
     block is taken; the encoder is told."""
     lang = make_lang()
     room = new_room()
-    rx = lang.create_receiver(fake.addr, room)
-    reg = fake.expect(Register)
-    fake.send(
-        lang.manager_id,
-        make(
-            RegisterAck,
-            manager_id=fake.addr,
-            epoch=reg.epoch,
-            ok=True,
-            error="",
-            layout=lang.layout,
-        ),
-    )
-    fake.expect(Expect)
+    rx = expected(fake, lang, room)
     fake.send(
         lang.manager_id,
         make(
