@@ -59,9 +59,8 @@ def expected(fake, lang, room):
     return rx
 
 
-def reserved(fake, lang, room, total=2 * B, mm=5):
-    """A receiver whose encoder is ``fake``, announced as (total, mm) tokens; returns
-    (receiver, its Reserve)."""
+def announced(fake, lang, room, total, mm, **fields):
+    """A receiver whose encoder is ``fake``, sent ``Announce(total, mm, **fields)``."""
     rx = expected(fake, lang, room)
     fake.send(
         lang.manager_id,
@@ -71,8 +70,16 @@ def reserved(fake, lang, room, total=2 * B, mm=5):
             manager_id=fake.addr,
             total_tokens=total,
             mm_tokens=mm,
+            **fields,
         ),
     )
+    return rx
+
+
+def reserved(fake, lang, room, total=2 * B, mm=5):
+    """A receiver whose encoder is ``fake``, announced as (total, mm) tokens; returns
+    (receiver, its Reserve)."""
+    rx = announced(fake, lang, room, total, mm)
     res = fake.expect(Reserve)
     assert res.room == room and wait_until(lambda: rx.phase == Phase.RESERVED, 10)
     return rx, res
@@ -210,18 +217,14 @@ def test_announced_positions_must_cover_the_prompt(fake, make_lang):
     block is taken; the encoder is told."""
     lang = make_lang()
     room = new_room()
-    rx = expected(fake, lang, room)
-    fake.send(
-        lang.manager_id,
-        make(
-            Announce,
-            room=room,
-            manager_id=fake.addr,
-            total_tokens=4,
-            mm_tokens=2,
-            input_ids=[1, 7, 7, 2],
-            mrope_positions=[0, 1, 2, 3] * 2,
-        ),
+    rx = announced(
+        fake,
+        lang,
+        room,
+        4,
+        2,
+        input_ids=[1, 7, 7, 2],
+        mrope_positions=[0, 1, 2, 3] * 2,
     )
     assert fake.expect(Abort).room == room
     assert wait_final(lang, rx) == KVPoll.Failed

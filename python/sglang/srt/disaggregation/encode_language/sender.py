@@ -515,7 +515,6 @@ class EncodeManager(ManagerBase):
                 )
                 self._fail_locked(r, f"invalid all_held: {error}")
                 return
-            r.dest.held = frozenset(everything)
             self._drop_room_locked(r)
             r.sender._finish(KVPoll.Success, "", r)
 
