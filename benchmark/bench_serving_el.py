@@ -167,7 +167,8 @@ EL_LANGUAGE_ARGS = ()
 @dataclass(frozen=True)
 class Cell:
     """One client run: a stream at a rate, ``n`` requests (conversations for ``multiturn``);
-    ``repeat``: the same seed again without a flush; ``policy``: (b2)'s prefill policy.
+    ``repeat``: the same seed again without a flush; ``policy``: (b2)'s prefill policy;
+    ``rep``: the cell's repetition (``bench_targets_el.py``'s rounds), new images and prompts.
     """
 
     stream: str
@@ -175,18 +176,25 @@ class Cell:
     n: int
     repeat: bool = False
     policy: str | None = None
+    rep: int = 0
 
     @property
     def key(self) -> str:
-        return cell_key(self.stream, self.rate, self.repeat, self.policy)
+        key = cell_key(self.stream, self.rate, self.repeat, self.policy)
+        return key + (f"#r{self.rep}" if self.rep else "")
 
     @property
     def seed(self) -> int:
         """Fixed per cell, equal across deployments, distinct across cells; (b2)'s policies
-        after the first get images of their own (a shared store outlives a flush)."""
-        rate = RATES.index(self.rate) if self.rate in RATES else 0
+        after the first get images of their own (a shared store outlives a flush), and so
+        does each repetition, and a chat stream at a rate other than the full run's."""
+        if self.rate in RATES:
+            rate = RATES.index(self.rate)
+        else:
+            rate = 0 if self.rate == CHAT_STREAMS.get(self.stream) else 5
         policy = B2_POLICIES.index(self.policy) if self.policy else 0
-        return 1000 + 10 * ALL_STREAMS.index(self.stream) + rate + 100 * policy
+        stream = 10 * ALL_STREAMS.index(self.stream)
+        return 1000 + stream + rate + 100 * policy + 10_000 * self.rep
 
 
 def cell_key(
