@@ -87,22 +87,22 @@ def process_cpu(dep: bench.Deployment) -> dict[str, float]:
     return out
 
 
-def bound(record: dict, before: dict, after: dict) -> dict:
-    """Where the cell's CPU went: the busiest process's share of a core over the client's
-    duration, the cores all processes used (the client's too: it runs on the same cores), and
-    the throughput ceilings they imply: one process cannot use more than a core, all of them
-    not more than the machine's cores."""
-    used = {k: v - before.get(k, 0.0) for k, v in after.items()}
+def bound(record: dict) -> dict:
+    """Where a cell's CPU went (``record["bound"]["process_cpu_s"]``, over the cell): the
+    busiest process's share of a core over the client's duration, the cores the deployment's
+    processes used, and the throughput ceilings they imply: one process cannot use more than
+    a core, all of them not more than the machine's cores. The client is left out (it shares
+    the cores, the same client for every deployment, and its CPU includes preparing the
+    requests before the timed run)."""
+    used = record["bound"]["process_cpu_s"]
     busiest = max(used, key=used.get)
     duration, done = record["duration"], record["completed"]
-    everything = sum(used.values()) + record["cpu_s"]["client"]
-    cores = os.cpu_count()
+    everything = sum(used.values())
     return {
-        "process_cpu_s": {k: round(v, 3) for k, v in used.items()},
         "busiest": busiest,
         "busiest_core_share": used[busiest] / duration,
         "cores_used": everything / duration,
-        "ceiling_req_s": min(done / used[busiest], cores * done / everything),
+        "ceiling_req_s": min(done / used[busiest], os.cpu_count() * done / everything),
     }
 
 
@@ -156,7 +156,13 @@ def run(args: argparse.Namespace) -> dict:
                     idle_before = srv.process_group_cpu_seconds(others)
                     cpu_before = process_cpu(deps[name])
                     record = bench.run_cell(deps[name], model, cell, work)
-                    record["bound"] = bound(record, cpu_before, process_cpu(deps[name]))
+                    cpu_after = process_cpu(deps[name])
+                    record["bound"] = {
+                        "process_cpu_s": {
+                            k: round(v - cpu_before.get(k, 0.0), 3)
+                            for k, v in cpu_after.items()
+                        }
+                    }
                     idle_after = srv.process_group_cpu_seconds(others)
                     record["background_cpu_s"] = round(
                         sum(idle_after[p] - idle_before.get(p, 0.0) for p in others), 3
@@ -164,7 +170,7 @@ def run(args: argparse.Namespace) -> dict:
                     per[name] = record
                     bench.save_results(results, args.json)
                     what, value, _, _ = TARGETS[cell_id(cell)]
-                    b = record["bound"]
+                    b = bound(record)
                     bench.log(
                         f"round {rep} {cell_id(cell)} {name}: {what} {value(record):.2f}"
                         f" (busiest {b['busiest']} {b['busiest_core_share']:.0%} of a core,"
@@ -271,21 +277,66 @@ def bound_table(results: dict) -> list[str]:
             for n in names
         }
         ceiling = {
-            n: med([c["bound"]["ceiling_req_s"] for c in cs])
+            n: med([bound(c)["ceiling_req_s"] for c in cs])
             for n, cs in cells.items()
             if cs
         }
         for n, cs in cells.items():
             if not cs:
                 continue
-            procs = [c["bound"]["busiest"] for c in cs]
+            procs = [bound(c)["busiest"] for c in cs]
             out.append(
                 f"| {key} | ({bench.LABEL[n]}) | {max(set(procs), key=procs.count)} "
-                f"| {med([c['bound']['busiest_core_share'] for c in cs]):.0%} "
-                f"| {med([c['bound']['cores_used'] for c in cs]):.2f} "
+                f"| {med([bound(c)['busiest_core_share'] for c in cs]):.0%} "
+                f"| {med([bound(c)['cores_used'] for c in cs]):.2f} "
                 f"| {ceiling[n]:.1f} | {med([c['request_throughput'] for c in cs]):.1f} "
                 f"| {ceiling[n] / ceiling[A2]:.2f} |"
             )
+    return out
+
+
+ROLES = ("HTTP front ends", "schedulers", "detokenizers", "router")
+
+
+def role(process: str) -> str:
+    """The role of a ``server:comm`` process: a server's front end (its HTTP process, the
+    tokenizer manager), scheduler or detokenizer, or the router."""
+    server, comm = process.split(":", 1)
+    if "schedul" in comm:
+        return "schedulers"
+    if "detoken" in comm:
+        return "detokenizers"
+    return "router" if "router" in server else "HTTP front ends"
+
+
+def roles_table(results: dict) -> list[str]:
+    """CPU ms per request by role, medians over the rounds: what a request costs in all."""
+    med = statistics.median
+    out = [
+        "CPU ms per request by role (all of a deployment's processes, medians over the "
+        "rounds):",
+        "",
+        "| cell | deployment | " + " | ".join(ROLES) + " | total |",
+        "|---|---|" + "---:|" * (len(ROLES) + 1),
+    ]
+    for key in TARGETS:
+        for n in results["configs"]:
+            per_round = []
+            for rnd in results["rounds"]:
+                c = rnd["cells"].get(key, {}).get(n)
+                if c:
+                    ms = dict.fromkeys(ROLES, 0.0)
+                    for proc, cpu in c["bound"]["process_cpu_s"].items():
+                        ms[role(proc)] += 1e3 * cpu / c["completed"]
+                    per_round.append(ms)
+            if per_round:
+                cols = [med([r[x] for r in per_round]) for x in ROLES]
+                total = med([sum(r.values()) for r in per_round])
+                out.append(
+                    f"| {key} | ({bench.LABEL[n]}) | "
+                    + " | ".join(f"{v:.1f}" for v in cols)
+                    + f" | {total:.1f} |"
+                )
     return out
 
 
@@ -343,7 +394,7 @@ def render_markdown(results: dict) -> str:
                 )
                 + " |"
             )
-    out += ["", *bound_table(results)]
+    out += ["", *bound_table(results), "", *roles_table(results)]
     held = held_turns(results)
     if held:
         out += ["", "Image-row bytes per cached turn ((b)): " + "; ".join(held) + "."]
