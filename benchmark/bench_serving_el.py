@@ -1158,6 +1158,17 @@ def against_a2(results: dict, name: str) -> dict:
     }
 
 
+def cached_turns_moved_nothing(cell: dict | None) -> bool | None:
+    """A multi-turn cell of (b): its image went over once per conversation (items sent =
+    first turns) and every later turn's was held by the prefix cache (items held = later
+    turns), so a cached turn moved no image row; None where not measured."""
+    m = (cell or {}).get("measured") or {}
+    t = (cell or {}).get("turns") or {}
+    if m.get("items_held") is None or not t:
+        return None
+    return m["items_held"] == t["later_turns"] and m["items_sent"] == t["first_turns"]
+
+
 def targets(results: dict) -> list[tuple[str, bool | None, str]]:
     """Issue 17's targets against (a2), for (b) and, where measured, (b3); the earlier ones:
     (what, met, value)."""
@@ -1166,11 +1177,7 @@ def targets(results: dict) -> list[tuple[str, bool | None, str]]:
     m = (mt_b or {}).get("measured") or {}
     t = (mt_b or {}).get("turns") or {}
     held, sent = m.get("items_held"), m.get("items_sent")
-    cached_ok = (
-        None
-        if held is None or not t
-        else held == t["later_turns"] and sent == t["first_turns"]
-    )
+    cached_ok = cached_turns_moved_nothing(mt_b)
     image1 = ratios(results)[0]
     low, vs_c = image1["ttft_p50_b_over_a_low"], image1["throughput_b_over_c_sat"]
     ok = lambda value, good: None if value is None else good(value)  # noqa: E731

@@ -4,7 +4,6 @@ writers (markdown table, ratios, PNG, the generated block of a doc) on a synthet
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -144,18 +143,9 @@ def test_targets_of_b3_against_a2(bench) -> None:
     )
 
 
-def test_writers(bench, tmp_path) -> None:
-    results = synthetic(bench)
-    path = tmp_path / "serving-cpu.json"
-    path.write_text(json.dumps(results))
-    doc = tmp_path / "doc.md"
-    doc.write_text(f"intro\n{bench.DOC_BEGIN}\nold\n{bench.DOC_END}\noutro\n")
-    table = bench.write_reports(results, path, doc)
-    assert path.with_suffix(".md").read_text() == table
-    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (
-        doc.read_text() == f"intro\n{bench.DOC_BEGIN}\n{table}{bench.DOC_END}\noutro\n"
-    )
+def test_writers(bench, write_reports) -> None:
+    table = write_reports(bench, synthetic(bench), "serving-cpu")
+    assert table == bench.render_markdown(synthetic(bench))
 
 
 def test_upstream_bytes_are_the_image_rows(bench) -> None:

@@ -4,7 +4,6 @@ and verdict, the CPU bound of a cell, and the writers, on a synthetic result."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -123,13 +122,8 @@ def test_bound_of_a_cell(targets) -> None:
     assert b["ceiling_req_s"] == pytest.approx(min(32 / 1.6, cores * 32 / 2.6))
 
 
-def test_writers(targets, tmp_path) -> None:
-    results = synthetic(targets)
-    path = tmp_path / "serving-targets.json"
-    path.write_text(json.dumps(results))
-    doc = tmp_path / "doc.md"
-    doc.write_text(f"intro\n{targets.DOC_BEGIN}\nold\n{targets.DOC_END}\noutro\n")
-    table = targets.write_reports(results, path, doc)
+def test_writers(targets, write_reports) -> None:
+    table = write_reports(targets, synthetic(targets), "serving-targets")
     assert (
         "| image1@inf: req/s >= 0.9 x (a2) | (b) | 0.95, 0.91 | **0.93** | 0.91 - 0.95 "
         "| met |" in table
@@ -143,8 +137,3 @@ def test_writers(targets, tmp_path) -> None:
     # (b)'s language scheduler: 1.0 of a core over 32/19 s and 32/18.2 s, per request
     # 1000/19 and 1000/18.2 ms, median 53.8; its front end 0.1 s / 32 requests
     assert "| image1@inf | (b) | 3.1 | 53.8 | 0.0 | 0.0 | 56.9 |" in table
-    assert path.with_suffix(".md").read_text() == table
-    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert doc.read_text() == (
-        f"intro\n{targets.DOC_BEGIN}\n{table}{targets.DOC_END}\noutro\n"
-    )
