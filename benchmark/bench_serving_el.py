@@ -119,6 +119,8 @@ STREAMS = {
 # Streams that repeat images: JSONL files (write_chat_dataset) the client's ``openai`` dataset
 # reads, sent as OpenAI chat at one rate each.
 CHAT_STREAMS = {"zipf": "inf", "multiturn": "2"}
+# the rates a chat stream may also run at (bench_targets_el.py), each with images of its own
+OTHER_CHAT_RATES = ("0.5", "1", "4", "0.25")
 ALL_STREAMS = (*STREAMS, *CHAT_STREAMS)
 STREAM_TITLE = {
     "image1": "one 224x224 image + 32 text tokens",
@@ -188,10 +190,12 @@ class Cell:
         """Fixed per cell, equal across deployments, distinct across cells; (b2)'s policies
         after the first get images of their own (a shared store outlives a flush), and so
         does each repetition, and a chat stream at a rate other than the full run's."""
-        if self.rate in RATES:
-            rate = RATES.index(self.rate)
+        if self.stream in CHAT_STREAMS and self.rate != CHAT_STREAMS[self.stream]:
+            if self.rate not in OTHER_CHAT_RATES:
+                raise ValueError(f"{self.stream} at {self.rate}/s: not a planned rate")
+            rate = 5 + OTHER_CHAT_RATES.index(self.rate)
         else:
-            rate = 0 if self.rate == CHAT_STREAMS.get(self.stream) else 5
+            rate = RATES.index(self.rate) if self.rate in RATES else 0
         policy = B2_POLICIES.index(self.policy) if self.policy else 0
         stream = 10 * ALL_STREAMS.index(self.stream)
         return 1000 + stream + rate + 100 * policy + 10_000 * self.rep
@@ -622,6 +626,25 @@ def cpu_seconds(dep: Deployment) -> dict[str, float]:
     return out
 
 
+def process_cpu_seconds(dep: Deployment) -> dict[str, float]:
+    """CPU seconds used so far by each process of ``dep``'s servers, as
+    ``server:comm`` (``bench-el-language:sglang::schedul``; a server's HTTP front end is its
+    ``python`` process), from ``/proc``: which single process a deployment waits for."""
+    from epd_testbed.servers import stat_cpu_seconds
+
+    groups = {server.pid: server.spec.name for server in dep.servers}
+    out: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            text = stat.read_text()
+            pgid = int(text.rsplit(")", 1)[1].split()[2])
+            if pgid in groups:
+                comm = text.split("(", 1)[1].rsplit(")", 1)[0]
+                key = f"{groups[pgid]}:{comm}"
+                out[key] = out.get(key, 0.0) + stat_cpu_seconds(text)
+    return out
+
+
 # ---- the client -----------------------------------------------------------------------------
 
 
@@ -842,14 +865,16 @@ def run_cell(dep: Deployment, model: Path, cell: Cell, work: Path) -> dict:
             dep.entry.url, model, cell.stream, cell.rate, cell.seed, cell.n, out
         )
     shape = model_shape(model)
-    before, cpu_before = counters(dep), cpu_seconds(dep)
+    before = counters(dep)
     load_before = os.getloadavg()[0]
+    cpu_before, procs_before = cpu_seconds(dep), process_cpu_seconds(dep)
     t0 = time.time()
     raw = run_client(
         argv,
         work / f"{dep.name}-{cell.key}.log",
         send_routing_keys=cell.policy == "manual",
     )
+    procs = process_cpu_seconds(dep)
     cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_seconds(dep).items()}
     deltas = counter_deltas(before, counters(dep))
     result = {k: raw.get(k) for k in RESULT_KEYS}
@@ -878,6 +903,9 @@ def run_cell(dep: Deployment, model: Path, cell: Cell, work: Path) -> dict:
     completed = result["completed"] or 0
     result["measured"] = measured(deltas, completed, shape["vision_depth"])
     result["cpu_s"] = {k: round(v, 3) for k, v in cpu.items()}
+    result["process_cpu_s"] = {
+        k: round(v - procs_before.get(k, 0.0), 3) for k, v in procs.items()
+    }
     if cell.stream == "multiturn":
         result["turns"] = turn_ttfts(raw, info["turns"])
     if dep.encoders:

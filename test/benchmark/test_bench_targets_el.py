@@ -45,6 +45,21 @@ def test_rounds_get_new_images(targets) -> None:
     assert bench.Cell("multiturn", "2", 12).seed in full
     assert bench.Cell("multiturn", "0.5", 12).seed not in full
     assert bench.Cell("image1", "inf", 32, rep=2).key == "image1@inf#r2"
+    # every stream at every rate it may run at: a seed of its own
+    every = [
+        bench.Cell(stream, rate, 1, rep=rep).seed
+        for rep in range(3)
+        for stream in bench.STREAMS
+        for rate in bench.RATES
+    ] + [
+        bench.Cell(stream, rate, 1, rep=rep).seed
+        for rep in range(3)
+        for stream, default in bench.CHAT_STREAMS.items()
+        for rate in (default, *bench.OTHER_CHAT_RATES)
+    ]
+    assert len(every) == len(set(every))
+    with pytest.raises(ValueError):
+        bench.Cell("multiturn", "3", 12).seed
 
 
 def cell(thr: float, later_ttft: float, busiest: str, share: float) -> dict:
@@ -60,11 +75,9 @@ def cell(thr: float, later_ttft: float, busiest: str, share: float) -> dict:
         },
         "measured": {"items_sent": 12.0, "items_held": 38.0},
         "background_cpu_s": 0.2,
-        "bound": {
-            "process_cpu_s": {
-                busiest: share * 32 / thr,
-                busiest.split(":")[0] + ":python": 0.1,
-            }
+        "process_cpu_s": {
+            busiest: share * 32 / thr,
+            busiest.split(":")[0] + ":python": 0.1,
         },
     }
 
@@ -111,15 +124,17 @@ def test_ratios_median_and_verdict(targets) -> None:
 
 def test_bound_of_a_cell(targets) -> None:
     """The busiest process bounds a deployment at one core; all its processes at the
-    machine's cores."""
+    machine's cores (whichever is lower)."""
     used = {"lang:sglang::schedul": 1.6, "enc:sglang::schedul": 1.0}
-    record = {"duration": 2.0, "completed": 32, "bound": {"process_cpu_s": used}}
-    b = targets.bound(record)
+    record = {"duration": 2.0, "completed": 32, "process_cpu_s": used}
+    b = targets.bound(record, cores=2)
     assert b["busiest"] == "lang:sglang::schedul"
     assert b["busiest_core_share"] == pytest.approx(0.8)
     assert b["cores_used"] == pytest.approx(1.3)
-    cores = targets.os.cpu_count()
-    assert b["ceiling_req_s"] == pytest.approx(min(32 / 1.6, cores * 32 / 2.6))
+    assert b["ceiling_req_s"] == pytest.approx(20.0)  # 32 / 1.6 s < 2 x 32 / 2.6 s
+    spread = {f"p{i}:python": 1.0 for i in range(3)}
+    record = {"duration": 2.0, "completed": 32, "process_cpu_s": spread}
+    assert targets.bound(record, cores=2)["ceiling_req_s"] == pytest.approx(64 / 3)
 
 
 def test_writers(targets, write_reports) -> None:

@@ -16,8 +16,8 @@ from conftest import H, new_room, wait_final
 from el_helpers import wait_until
 
 from sglang.srt.disaggregation.base.conn import KVPoll
-from sglang.srt.disaggregation.encode_language.payload import MultimodalPayload
 from sglang.srt.disaggregation.encode_language.item_table import ItemEntry
+from sglang.srt.disaggregation.encode_language.payload import MultimodalPayload
 from sglang.srt.disaggregation.encode_language.prefix_holds import (
     PrefixHolds,
     padded_ids,
@@ -272,6 +272,66 @@ def test_every_item_held_needs_no_block_and_no_round(peers, make_lang, group) ->
     rx.process_waiting_requests([])
     assert tree.protected_size() == 23
     sched_req.done = True
+    rx.process_waiting_requests([])
+    assert tree.protected_size() == 0 and rx.holds.num_held == 0
+    peer.assert_idle()
+
+
+def test_a_full_control_queue_makes_a_held_request_reserve_as_usual(
+    peers, make_lang, group, monkeypatch
+) -> None:
+    """Every item held and the positions announced, but the control queue to the encoder
+    refuses the ``AllHeld`` (``ControlChannel.send`` returns False where ZMQ's non-blocking
+    send raises ``zmq.Again``: its SNDHWM is full; injected here, since filling 10,000
+    queued messages is not what this test is about). The language side then reserves as
+    usual instead of waiting silently: its round-0 reservation names both items held, the
+    encoder sends a round without rows, and the request arrives with the round's data.
+    Every block is free afterwards (``make_lang``)."""
+    from sglang.srt.disaggregation.encode_language.manifest import AllHeld
+
+    peer = peers(k=K)
+    lang = make_lang(k=K, prefix_match=True)
+    refused = []
+    send = lang.channel.send
+
+    def full_for_all_held(endpoint, msg):
+        if isinstance(msg, AllHeld):
+            refused.append(msg.room)
+            return False
+        return send(endpoint, msg)
+
+    monkeypatch.setattr(lang.channel, "send", full_for_all_held)
+    tree = _tree(23)
+    rx = _adapter(lang, tree, group)
+    room = new_room()
+    req = _request("all-held-refused", peer.addr, room)
+    assert rx.process_waiting_requests([req]) == ([], [])
+    w = rx.waiting_list[0]
+    _create_announcing_positions(peer, room)
+    _until_reserved(rx, w)
+    assert refused == [room]
+    assert w.receiver.handle is not None and w.receiver.held == (0, 1)
+    assert tree.protected_size() == 23  # what it said it holds stays held meanwhile
+    assert wait_until(
+        lambda: peer.call("poll", room)[0] == KVPoll.WaitingForInput, 20
+    ), peer.call("poll", room)
+    assert peer.call("held", room) == [0, 1]
+    payload = _payload([0, 1])
+    payload.mrope_delta = DELTA - 1  # the round's data, not the announcement's
+    peer.call("send_payload", room, payload)
+    assert peer.call("wait", room, 20) == (KVPoll.Success, "")
+    ready = []
+    assert wait_until(
+        lambda: ready.extend(rx.process_waiting_requests([])[0]) or ready, 20
+    )
+    assert ready == [req]
+    assert list(req.input_ids) == IDS
+    assert req.mm_inputs.mrope_positions.tolist() == payload.mrope_positions.tolist()
+    assert req.mm_inputs.mrope_position_delta.tolist() == [[payload.mrope_delta]]
+    assert [i.precomputed_embeddings.shape[0] for i in req.mm_inputs.mm_items] == [0, 0]
+    sched_req = types.SimpleNamespace(rid=req.rid, done=True)
+    sched_req.finished = lambda: sched_req.done
+    rx.request_queued(sched_req)
     rx.process_waiting_requests([])
     assert tree.protected_size() == 0 and rx.holds.num_held == 0
     peer.assert_idle()

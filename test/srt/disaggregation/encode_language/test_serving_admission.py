@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import uuid
 
 import pytest
 from el_serving import (
@@ -86,10 +87,14 @@ def deployment(server_pool, vl_model, bound):
 
 
 def _body(model_path: str, case: Case) -> dict:
+    """The case's request in a prefix-cache namespace of its own (``extra_key``): a repeat of
+    a case the language side has cached would be fully held (``all_held``: no block, no
+    round), and this test is about requests that transfer."""
     prompt, image_paths = render_prompt(model_path, case.messages())
     return {
         "text": prompt,
         "image_data": image_paths,
+        "extra_key": uuid.uuid4().hex,
         "return_logprob": True,
         "sampling_params": {
             "temperature": 0.0,
