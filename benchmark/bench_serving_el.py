@@ -1197,14 +1197,21 @@ def cached_turns_moved_nothing(cell: dict | None) -> bool | None:
     return m["items_held"] == t["later_turns"] and m["items_sent"] == t["first_turns"]
 
 
+def cached_turns_text(cell: dict | None) -> str:
+    """What ``cached_turns_moved_nothing`` compares, as text."""
+    m = (cell or {}).get("measured") or {}
+    t = (cell or {}).get("turns") or {}
+    return (
+        f"items sent {fmt(m.get('items_sent'))} = first turns {t.get('first_turns', '-')}, "
+        f"items held {fmt(m.get('items_held'))} = later turns {t.get('later_turns', '-')}"
+    )
+
+
 def targets(results: dict) -> list[tuple[str, bool | None, str]]:
     """Issue 17's targets against (a2), for (b) and, where measured, (b3); the earlier ones:
     (what, met, value)."""
     b = "el-router"
     mt_b = cell_of(results, b, "multiturn", CHAT_STREAMS["multiturn"])
-    m = (mt_b or {}).get("measured") or {}
-    t = (mt_b or {}).get("turns") or {}
-    held, sent = m.get("items_held"), m.get("items_sent")
     cached_ok = cached_turns_moved_nothing(mt_b)
     image1 = ratios(results)[0]
     low, vs_c = image1["ttft_p50_b_over_a_low"], image1["throughput_b_over_c_sat"]
@@ -1236,8 +1243,7 @@ def targets(results: dict) -> list[tuple[str, bool | None, str]]:
         (
             "image-row bytes per cached turn = 0 (b)",
             cached_ok,
-            f"items sent {fmt(sent)} = first turns {t.get('first_turns', '-')}, items held "
-            f"{fmt(held)} = later turns {t.get('later_turns', '-')}",
+            cached_turns_text(mt_b),
         ),
         (
             "single image, 1 req/s: TTFT p50 (b) within 15% of (a)",
@@ -1655,13 +1661,26 @@ def render_plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_reports(results: dict, json_path: Path, update_doc: Path | None) -> str:
-    table = render_markdown(results)
-    png = json_path.with_suffix(".png")
+def write_outputs(
+    table: str, plot, json_path: Path, doc: Path | None, begin: str, end: str
+) -> str:
+    """A benchmark's outputs next to its JSON: the table (``.md``), ``plot(png path)``, and
+    the table between ``begin`` and ``end`` of ``doc``."""
     json_path.with_suffix(".md").write_text(table)
-    render_plot(results, png)
-    replace_doc_block(update_doc, DOC_BEGIN, DOC_END, table)
+    plot(json_path.with_suffix(".png"))
+    replace_doc_block(doc, begin, end, table)
     return table
+
+
+def write_reports(results: dict, json_path: Path, update_doc: Path | None) -> str:
+    return write_outputs(
+        render_markdown(results),
+        lambda png: render_plot(results, png),
+        json_path,
+        update_doc,
+        DOC_BEGIN,
+        DOC_END,
+    )
 
 
 def replace_doc_block(doc: Path | None, begin: str, end: str, table: str) -> None:
@@ -2296,11 +2315,14 @@ def render_mixed_plot(results: dict, path: Path) -> None:
 
 
 def write_mixed_reports(results: dict, json_path: Path, update_doc: Path | None) -> str:
-    table = render_mixed(results)
-    json_path.with_suffix(".md").write_text(table)
-    render_mixed_plot(results, json_path.with_suffix(".png"))
-    replace_doc_block(update_doc, MIXED_DOC_BEGIN, MIXED_DOC_END, table)
-    return table
+    return write_outputs(
+        render_mixed(results),
+        lambda png: render_mixed_plot(results, png),
+        json_path,
+        update_doc,
+        MIXED_DOC_BEGIN,
+        MIXED_DOC_END,
+    )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -217,13 +217,10 @@ def held_turns(results: dict) -> list[str]:
         for key in ("multiturn@2", "multiturn@0.5"):
             c = rnd["cells"].get(key, {}).get("el-router")
             if c:
-                m, t = c["measured"], c["turns"]
                 ok = bench.cached_turns_moved_nothing(c)
                 verdict = {True: "met", False: "MISSED", None: "not measured"}[ok]
                 out.append(
-                    f"round {rnd['rep']} {key}: sent {bench.fmt(m.get('items_sent'))} / "
-                    f"first turns {t['first_turns']}, held {bench.fmt(m.get('items_held'))}"
-                    f" / later turns {t['later_turns']} ({verdict})"
+                    f"round {rnd['rep']} {key}: {bench.cached_turns_text(c)} ({verdict})"
                 )
     return out
 
@@ -263,7 +260,7 @@ def bound_table(results: dict) -> list[str]:
                 continue
             procs = [bound_of(c)["busiest"] for c in cs]
             out.append(
-                f"| {key} | ({bench.LABEL[n]}) | {max(set(procs), key=procs.count)} "
+                f"| {key} | ({bench.LABEL[n]}) | {max(procs, key=procs.count)} "
                 f"| {med([bound_of(c)['busiest_core_share'] for c in cs]):.0%} "
                 f"| {med([bound_of(c)['cores_used'] for c in cs]):.2f} "
                 f"| {ceiling[n]:.1f} | {med([c['request_throughput'] for c in cs]):.1f} "
@@ -415,11 +412,14 @@ def render_plot(results: dict, path: Path) -> None:
 
 
 def write_reports(results: dict, json_path: Path, doc: Path | None) -> str:
-    table = render_markdown(results)
-    json_path.with_suffix(".md").write_text(table)
-    render_plot(results, json_path.with_suffix(".png"))
-    bench.replace_doc_block(doc, DOC_BEGIN, DOC_END, table)
-    return table
+    return bench.write_outputs(
+        render_markdown(results),
+        lambda png: render_plot(results, png),
+        json_path,
+        doc,
+        DOC_BEGIN,
+        DOC_END,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -148,7 +148,7 @@ def test_writers(targets, write_reports) -> None:
         in table
     )
     assert "| image1@inf | (b) | bench-el-language:sglang::schedul | 100% |" in table
-    assert "held 38 / later turns 38 (met)" in table
+    assert "items held 38 = later turns 38 (met)" in table
     # (b)'s language scheduler: 1.0 of a core over 32/19 s and 32/18.2 s, per request
     # 1000/19 and 1000/18.2 ms, median 53.8; its front end 0.1 s / 32 requests
     assert "| image1@inf | (b) | 3.1 | 53.8 | 0.0 | 0.0 | 56.9 |" in table

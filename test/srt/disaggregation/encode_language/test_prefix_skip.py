@@ -145,6 +145,25 @@ def _until_reserved(rx, w, timeout=20.0):
     ), f"phase {w.receiver.phase}"
 
 
+def _send_round(peer, rx, room, payload, req) -> None:
+    """The encoder sends ``payload`` in one round; the adapter hands over exactly ``req``."""
+    peer.call("send_payload", room, payload)
+    assert peer.call("wait", room, 20) == (KVPoll.Success, "")
+    ready = []
+    assert wait_until(
+        lambda: ready.extend(rx.process_waiting_requests([])[0]) or ready, 20
+    )
+    assert ready == [req]
+
+
+def _queued(rx, req):
+    """``req`` as the scheduler queues it: a stand-in whose ``finished()`` is its ``done``."""
+    sched_req = types.SimpleNamespace(rid=req.rid, done=False)
+    sched_req.finished = lambda: sched_req.done
+    rx.request_queued(sched_req)
+    return sched_req
+
+
 @pytest.mark.parametrize(
     "cached, held",
     [
@@ -184,13 +203,7 @@ def test_held_items_are_not_sent_and_stay_locked_until_the_request_is_over(
     locked = cached if held else 0
     assert tree.protected_size() == locked
     payload = _payload(held)
-    peer.call("send_payload", room, payload)
-    assert peer.call("wait", room, 20) == (KVPoll.Success, "")
-    ready = []
-    assert wait_until(
-        lambda: ready.extend(rx.process_waiting_requests([])[0]) or ready, 20
-    )
-    assert ready == [req]
+    _send_round(peer, rx, room, payload, req)
     items = req.mm_inputs.mm_items
     sent = [i for i in range(len(ITEMS)) if i not in held]
     for i in held:
@@ -202,9 +215,7 @@ def test_held_items_are_not_sent_and_stay_locked_until_the_request_is_over(
     )
     assert req.mm_inputs.padded_input_ids == padded_ids(IDS, ITEMS)
     # The scheduler has it: still locked, eviction cannot take the held prefix.
-    sched_req = types.SimpleNamespace(rid=req.rid, done=False)
-    sched_req.finished = lambda: sched_req.done
-    rx.request_queued(sched_req)
+    sched_req = _queued(rx, req)
     for _ in range(3):
         rx.process_waiting_requests([])
     assert tree.protected_size() == locked
@@ -266,9 +277,7 @@ def test_every_item_held_needs_no_block_and_no_round(peers, make_lang, group) ->
     assert mm.mrope_position_delta.tolist() == [[DELTA]]
     assert [i.precomputed_embeddings.shape[0] for i in mm.mm_items] == [0, 0]
     assert mm.padded_input_ids == padded_ids(IDS, ITEMS)
-    sched_req = types.SimpleNamespace(rid=req.rid, done=False)
-    sched_req.finished = lambda: sched_req.done
-    rx.request_queued(sched_req)
+    sched_req = _queued(rx, req)
     rx.process_waiting_requests([])
     assert tree.protected_size() == 23
     sched_req.done = True
@@ -318,20 +327,12 @@ def test_a_full_control_queue_makes_a_held_request_reserve_as_usual(
     assert peer.call("held", room) == [0, 1]
     payload = _payload([0, 1])
     payload.mrope_delta = DELTA - 1  # the round's data, not the announcement's
-    peer.call("send_payload", room, payload)
-    assert peer.call("wait", room, 20) == (KVPoll.Success, "")
-    ready = []
-    assert wait_until(
-        lambda: ready.extend(rx.process_waiting_requests([])[0]) or ready, 20
-    )
-    assert ready == [req]
+    _send_round(peer, rx, room, payload, req)
     assert list(req.input_ids) == IDS
     assert req.mm_inputs.mrope_positions.tolist() == payload.mrope_positions.tolist()
     assert req.mm_inputs.mrope_position_delta.tolist() == [[payload.mrope_delta]]
     assert [i.precomputed_embeddings.shape[0] for i in req.mm_inputs.mm_items] == [0, 0]
-    sched_req = types.SimpleNamespace(rid=req.rid, done=True)
-    sched_req.finished = lambda: sched_req.done
-    rx.request_queued(sched_req)
+    _queued(rx, req).done = True
     rx.process_waiting_requests([])
     assert tree.protected_size() == 0 and rx.holds.num_held == 0
     peer.assert_idle()

@@ -503,8 +503,7 @@ class EncodeManager(ManagerBase):
             if error is not None:
                 return self._refuse(msg, "all_held", *error)
             error = self._check_round0_locked(r, [])
-            everything = [] if error else list(range(len(r.shape.items)))
-            if error is None and not (r.shape.mrope_positions and everything):
+            if error is None and not (r.shape.mrope_positions and r.shape.items):
                 error = "the request was announced without M-RoPE positions or items"
             if error is not None:
                 logger.warning(
