@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,9 +27,13 @@ DEFAULT_READY_TIMEOUT = float(os.environ.get("EPD_SERVER_READY_TIMEOUT", "600"))
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below the kernel's ephemeral range (SGLang's own pick for a port a
+    child binds later): ``bind(0)``'s pick is also one the next outbound connection (a request,
+    a Mooncake transfer) may take before the server binds it, which CI saw for a router's
+    Prometheus port."""
+    from sglang.srt.utils.network import get_free_port_below_ephemeral
+
+    return get_free_port_below_ephemeral()
 
 
 _BIND_FAILED = "error while attempting to bind on address"  # asyncio's create_server
@@ -300,28 +303,15 @@ def launch_regular_router(workers: list[Server], log_dir: Path, *extra: str, nam
     return _start_router((), urls, log_dir, extra, name, retries)
 
 
+_ROUTER_BIND_FAILED = "Address already in use"  # the Rust router's panic, either port
+
+
 def _start_router(mode: tuple[str, ...], workers: list[str], log_dir: Path, extra: tuple[str, ...],
                   name: str, retries: bool) -> Server:
     """The router process (``mode`` flags first, ``workers``: its worker arguments), once
     ``/readiness`` answers; its Prometheus port (the policies' counters) is
     ``extra["prometheus_port"]``."""
-    port, prometheus_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "epd_testbed.router", *mode,
-           "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(prometheus_port),
-           "--worker-startup-check-interval", "1", "--log-level", "warn"]
-    if not retries:
-        cmd.append("--disable-retries")
-    cmd += workers + list(extra)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}-{port}.log"
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                stdin=subprocess.DEVNULL)
-    router = Server(ServerSpec("router", tuple(cmd), name=name), port, proc, log_path, time.time(),
-                    extra={"prometheus_port": prometheus_port})
-    router.wait_ready(timeout=120)
+    router = _spawn_router(mode, workers, log_dir, extra, name, retries)
     # /health answers before the workers are registered; /readiness only once they are.
     deadline = time.time() + 120
     while True:
@@ -335,6 +325,36 @@ def _start_router(mode: tuple[str, ...], workers: list[str], log_dir: Path, extr
             router.stop()
             raise ServerError(f"{name}: workers not ready after 120 s:\n{router.log_tail()}")
         time.sleep(0.5)
+
+
+def _spawn_router(mode: tuple[str, ...], workers: list[str], log_dir: Path, extra: tuple[str, ...],
+                  name: str, retries: bool, attempts: int = 3) -> Server:
+    """``epd_testbed.router`` on two free ports (HTTP, Prometheus), once ``/health`` answers.
+    A port free when picked may be taken before the router binds it (both lie in the range of
+    outbound connections' ephemeral ports); the router then exits, and starts again on two
+    others."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for attempt in range(attempts):
+        port, prometheus_port = free_port(), free_port()
+        cmd = [sys.executable, "-m", "epd_testbed.router", *mode,
+               "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(prometheus_port),
+               "--worker-startup-check-interval", "1", "--log-level", "warn"]
+        if not retries:
+            cmd.append("--disable-retries")
+        cmd += workers + list(extra)
+        log_path = log_dir / f"{name}-{port}.log"
+        with open(log_path, "w") as log:
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, stdin=subprocess.DEVNULL)
+        router = Server(ServerSpec("router", tuple(cmd), name=name), port, proc, log_path,
+                        time.time(), extra={"prometheus_port": prometheus_port})
+        try:
+            return router.wait_ready(timeout=120)
+        except ServerError:
+            if attempt + 1 == attempts or _ROUTER_BIND_FAILED not in router.log_tail():
+                raise
 
 
 def launch_colocated_replicas(model_path: str | Path, log_dir: Path, *args: str, n: int = 2,
