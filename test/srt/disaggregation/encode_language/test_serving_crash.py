@@ -19,6 +19,7 @@ import re
 import signal
 import threading
 import time
+import urllib.request
 import uuid
 
 import pytest
@@ -88,8 +89,9 @@ def test_language_scheduler_sleeps_while_requests_wait_for_rows(
     to run but requests waiting for their rows sleeps until their transfer moves (it spun a
     core before, as a PD server's does, against the encoder on a shared host): while A's
     vision tower is paused with two requests reserved, the language server's processes use
-    under 30% of one core (spinning: about 100%); once A goes on, both requests complete
-    equal to HF (the wake-up works) and every block is free."""
+    under 30% of one core (spinning: about 100%), and its ``/health`` answers 200 (a health
+    check is not held behind them); once A goes on, both requests complete equal to HF (the
+    wake-up works) and every block is free."""
     router, enc_a, enc_b, language = servers.production(vl_model)
     case = CASES["one_image"]
     reference = hf_reference(vl_model, case)
@@ -114,6 +116,11 @@ def test_language_scheduler_sleeps_while_requests_wait_for_rows(
         cpu_before, t0 = process_group_cpu_seconds([language.pid]), time.monotonic()
         time.sleep(CPU_WINDOW_S)
         cpu_after, t1 = process_group_cpu_seconds([language.pid]), time.monotonic()
+        # Upstream's /health runs a one-token request from the fake bootstrap host: it
+        # passes the requests waiting for rows and is answered (the router keeps the server).
+        with urllib.request.urlopen(language.url + "/health", timeout=WAIT_S) as r:
+            health = r.status
+        still_waiting = encode_language_metrics(language).get("blocks.in_use", 0)
     finally:
         pause.unlink()
     for t in threads:
@@ -124,6 +131,7 @@ def test_language_scheduler_sleeps_while_requests_wait_for_rows(
         f"\nlanguage server CPU while its requests waited for rows: {share:.0%} of a core"
     )
     assert share < 0.3, f"the language server used {share:.0%} of a core while waiting"
+    assert (health, still_waiting > 0) == (200, True), (health, still_waiting)
     for r in results:
         assert "out" in r, r
         _check(r["out"], reference)
