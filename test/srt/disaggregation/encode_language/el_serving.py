@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import threading
+import uuid
 
 import pytest
 import torch
@@ -218,3 +219,41 @@ def assert_blocks_free(*servers) -> None:
             and blocks["quarantined"] == 0
             and blocks["free"] == blocks["total"] > 0
         ), (server.spec.name, blocks)
+
+
+def skip_counts(encoder) -> dict:
+    """The encoder's counters that show what the prefix-aware skip spared (/metrics)."""
+    m = srv.encode_language_metrics(encoder)
+    return {
+        "held": m.get("items.held", 0),
+        "sent": m.get("items.sent", 0),
+        "row_bytes": m.get("row_bytes", 0),
+        "vit_calls": m.get("vit_calls", 0),
+        "bytes": m.get("bytes", 0),
+        "rounds": m.get("rounds", 0),
+        "transferred": m.get("requests.success", 0),
+        "all_held": m.get("requests.all_held", 0),
+    }
+
+
+def ask_counting_skips(
+    router, encoder, model_path, messages, video: bool = False
+) -> dict:
+    """One request through the router, checked against HF; the deltas of ``encoder``'s
+    ``skip_counts`` and the answer's text."""
+    before = skip_counts(encoder)
+    if video:
+        out = generate_video(router, model_path, messages)
+        reference = video_reference(model_path, messages)
+    else:
+        out = generate_messages(router, model_path, messages)
+        reference = messages_reference(model_path, messages)
+    assert_matches_reference(out, reference, str(messages)[:200])
+    after = skip_counts(encoder)
+    return {k: after[k] - before[k] for k in after} | {"text": out["text"]}
+
+
+def fresh_system_prompt() -> str:
+    """A system prompt no other request used: only this test's requests can have filled the
+    language server's prefix cache behind it."""
+    return f"You are assistant {uuid.uuid4().hex[:8]}."

@@ -16,21 +16,15 @@ request's prefill (the lock) is shown in process: test_prefix_skip.py.
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 from el_serving import (
+    ask_counting_skips,
     assert_blocks_free,
-    assert_matches_reference,
-    generate_messages,
-    generate_video,
+    fresh_system_prompt,
     image_messages,
-    messages_reference,
     video_messages,
-    video_reference,
 )
 from epd_testbed.images import save_image
-from epd_testbed.servers import encode_language_metrics
 from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
 pytestmark = pytest.mark.server
@@ -49,47 +43,17 @@ def deployment(servers, vl_model):
     assert_blocks_free(encoder, language)
 
 
-def _counts(encoder) -> dict:
-    m = encode_language_metrics(encoder)
-    return {
-        "held": m.get("items.held", 0),
-        "sent": m.get("items.sent", 0),
-        "row_bytes": m.get("row_bytes", 0),
-        "vit_calls": m.get("vit_calls", 0),
-        "bytes": m.get("bytes", 0),
-        "rounds": m.get("rounds", 0),
-        "transferred": m.get("requests.success", 0),
-        "all_held": m.get("requests.all_held", 0),
-    }
-
-
-def _ask(router, encoder, vl_model, messages, video: bool = False) -> dict:
-    """One request through the router, checked against HF; the encoder's counter deltas."""
-    before = _counts(encoder)
-    if video:
-        out = generate_video(router, vl_model, messages)
-        reference = video_reference(vl_model, messages)
-    else:
-        out = generate_messages(router, vl_model, messages)
-        reference = messages_reference(vl_model, messages)
-    assert_matches_reference(out, reference, str(messages)[:200])
-    after = _counts(encoder)
-    return {k: after[k] - before[k] for k in after} | {"text": out["text"]}
-
-
-def _system() -> str:
-    return f"You are assistant {uuid.uuid4().hex[:8]}."
-
-
 def test_multi_turn_chat_over_one_image_sends_it_once(deployment, vl_model) -> None:
     """Turns 2 and 3 extend turn 1's prompt: the image lies in the cached prefix, so they run
     no vision tower and take no transfer round at all (ids and positions came with the
     announcement): no byte moves."""
     router, encoder, _ = deployment
-    messages = image_messages(_system(), save_image(72, 64, 17001), "Describe it.")
+    messages = image_messages(
+        fresh_system_prompt(), save_image(72, 64, 17001), "Describe it."
+    )
     deltas = []
     for question in ("What color dominates?", "Name one shape in it.", None):
-        d = _ask(router, encoder, vl_model, messages)
+        d = ask_counting_skips(router, encoder, vl_model, messages)
         deltas.append(d)
         if question is not None:
             messages = messages + [
@@ -120,11 +84,17 @@ def test_same_image_behind_a_different_prefix_is_sent(deployment, vl_model) -> N
     """
     router, encoder, _ = deployment
     image = save_image(72, 64, 17002)
-    first = _ask(
-        router, encoder, vl_model, image_messages(_system(), image, "Describe it.")
+    first = ask_counting_skips(
+        router,
+        encoder,
+        vl_model,
+        image_messages(fresh_system_prompt(), image, "Describe it."),
     )
-    second = _ask(
-        router, encoder, vl_model, image_messages(_system(), image, "Describe it.")
+    second = ask_counting_skips(
+        router,
+        encoder,
+        vl_model,
+        image_messages(fresh_system_prompt(), image, "Describe it."),
     )
     for d in (first, second):
         assert (d["held"], d["sent"]) == (0, 1), d
@@ -136,9 +106,9 @@ def test_two_images_of_which_the_first_is_cached(deployment, vl_model) -> None:
     system prompt: A is held, B's rows alone are sent (A and B have the same size, so B's
     rows are exactly as many bytes as A's were)."""
     router, encoder, _ = deployment
-    system = _system()
+    system = fresh_system_prompt()
     image_a, image_b = save_image(72, 64, 17003), save_image(72, 64, 17004)
-    first = _ask(
+    first = ask_counting_skips(
         router, encoder, vl_model, image_messages(system, image_a, "Describe it.")
     )
     both = [
@@ -152,7 +122,7 @@ def test_two_images_of_which_the_first_is_cached(deployment, vl_model) -> None:
             ],
         },
     ]
-    second = _ask(router, encoder, vl_model, both)
+    second = ask_counting_skips(router, encoder, vl_model, both)
     assert (first["held"], first["sent"]) == (0, 1), first
     assert (second["held"], second["sent"], second["vit_calls"]) == (1, 1, 1), second
     assert second["row_bytes"] == first["row_bytes"] > 0, (first, second)
@@ -168,8 +138,8 @@ def test_video_asked_twice_is_sent_once(deployment, vl_model) -> None:
     messages = [{"role": "system", "content": "You describe videos."}] + video_messages(
         False
     )
-    first = _ask(router, encoder, vl_model, messages, video=True)
-    second = _ask(router, encoder, vl_model, messages, video=True)
+    first = ask_counting_skips(router, encoder, vl_model, messages, video=True)
+    second = ask_counting_skips(router, encoder, vl_model, messages, video=True)
     assert (first["held"], first["sent"]) == (0, 1) and first["row_bytes"] > 0, first
     assert (second["held"], second["sent"], second["row_bytes"]) == (1, 0, 0), second
     assert second["vit_calls"] == 0, second

@@ -1,6 +1,6 @@
 """Encode/language disaggregation with tensor parallelism, through SGLang's own router.
 
-One deployment, ``--tp 2`` on both sides (two scheduler ranks per server on this CPU:
+The main deployment, ``--tp 2`` on both sides (two scheduler ranks per server on this CPU:
 ``SGLANG_CPU_OMP_THREADS_BIND="0|1"``). The two sides meet only through their owners (attention-TP
 rank 0 of each), so one deployment exercises both rank-1 paths:
 
@@ -14,6 +14,10 @@ rank 0 of each), so one deployment exercises both rank-1 paths:
   the answers equal Hugging Face and all blocks are free. A request the encoder's tokenizer
   refuses (unreadable image, undecodable bytes, too long a prompt, a client gone during
   preprocessing) is answered 4xx and every rank survives the abort it broadcasts.
+
+A second deployment, encode ``--tp 2`` with a ``--tp 1`` language server (the prefix-aware
+skip needs one receive per server on one rank), shows that skip on both encode ranks: items
+held in part (the owner broadcasts which) and a request held whole (``all_held``).
 
 TP 1 on either side is every other serving test's deployment. The tiny K=3 checkpoint (4
 attention heads, 2 KV heads, 4 vision heads) divides by 2.
@@ -30,11 +34,19 @@ import time
 import urllib.request
 
 import pytest
-from el_serving import CASES, LOGPROB_TOLERANCE, assert_blocks_free
+from el_serving import (
+    CASES,
+    LOGPROB_TOLERANCE,
+    ask_counting_skips,
+    assert_blocks_free,
+    fresh_system_prompt,
+    image_messages,
+)
 from el_serving import generate as _generate
 from el_serving import hf_reference as _hf_reference
 from epd_testbed import servers as srv
 from epd_testbed.hf_reference import render_prompt
+from epd_testbed.images import save_image
 from epd_testbed.servers import RequestError, encode_language_metrics
 from epd_testbed.tiny_ckpt import TinyVLMoeSpec, ensure_checkpoint
 
@@ -286,3 +298,45 @@ def test_encode_tp2_survives_a_client_gone_during_preprocessing(
     assert not image.release.is_set()
     image.release.set()
     _serves_after(router, encoder, language, vl_model)
+
+
+@pytest.fixture()
+def encode_tp2(server_pool, servers, vl_model):
+    """Encode ``--tp 2`` with a ``--tp 1`` language server: the prefix-aware skip's setup."""
+    router, encoder, language = _deployment(
+        server_pool, servers, vl_model, encode_tp=2, language_tp=1
+    )
+    yield router, encoder, language
+    assert_blocks_free(encoder, language)
+
+
+def test_encode_tp2_skips_held_items_on_both_ranks(encode_tp2, vl_model) -> None:
+    """The prefix-aware skip on a TP-2 encoder: image A alone, then A and B behind the same
+    system prompt (A held: rank 0 broadcasts the held items, so both ranks run the TP vision
+    tower on B alone), then A and B again (all held: every rank finishes the request without
+    a vision tower or a round). Each answer equals HF; every block is free afterwards.
+    """
+    router, encoder, _ = encode_tp2
+    system = fresh_system_prompt()
+    image_a, image_b = save_image(72, 64, 17101), save_image(72, 64, 17102)
+    both = [
+        {"role": "system", "content": system},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": str(image_a)}},
+                {"type": "image_url", "image_url": {"url": str(image_b)}},
+                {"type": "text", "text": "Compare them."},
+            ],
+        },
+    ]
+    first = ask_counting_skips(
+        router, encoder, vl_model, image_messages(system, image_a, "Describe it.")
+    )
+    second = ask_counting_skips(router, encoder, vl_model, both)
+    third = ask_counting_skips(router, encoder, vl_model, both)
+    assert (first["held"], first["sent"], first["vit_calls"]) == (0, 1, 1), first
+    assert (second["held"], second["sent"], second["vit_calls"]) == (1, 1, 1), second
+    assert second["row_bytes"] == first["row_bytes"] > 0, (first, second)
+    assert (third["held"], third["sent"], third["vit_calls"]) == (2, 0, 0), third
+    assert (third["all_held"], third["rounds"], third["bytes"]) == (1, 0, 0), third
