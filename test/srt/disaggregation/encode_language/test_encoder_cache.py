@@ -113,3 +113,46 @@ def test_tp_ranks_agree_on_hits_and_only_the_owner_holds_rows() -> None:
     assert owner[0] == follower[0] == [True]  # the same hit set on both ranks
     assert torch.equal(owner[1][0], owner[3]) and follower[1] == [None]
     assert (owner[2], follower[2]) == (1, 0)
+
+
+def _failing_owner_worker(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        cache = _cache(
+            1 << 20, is_owner=rank == 0, tp_size=2, tp_group=dist.group.WORLD
+        )
+        a = _Item(61, [[0, 3]])
+        cache.store([a], {id(a): _vit_out(4, seed=6)})
+
+        def fail(*args, **kwargs):
+            raise torch.cuda.OutOfMemoryError("injected: owner only")
+
+        # The owner's lookup fails (a device copy out of memory, say): a miss on both ranks.
+        if rank == 0:
+            cache.local.get_single = fail
+        missed = cache.lookup([a])
+        # The owner's store fails: it returns; the next lookup is agreed on both ranks.
+        b = _Item(62, [[0, 3]])
+        if rank == 0:
+            cache.local.set = fail
+        cache.store([b], {id(b): _vit_out(4, seed=7)})
+        after = cache.lookup([b])
+        # A collective of each rank's count of completed steps: the ranks are still paired.
+        steps = torch.tensor([2])
+        dist.all_reduce(steps)
+        results[rank] = (missed, after, int(steps))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_a_failing_lookup_or_store_on_the_owner_is_a_miss_on_every_rank() -> None:
+    """Only the owner reads and stores rows, between the TP ranks' agreements: an exception
+    there (a device copy out of memory) must not leave the other rank waiting in the hit
+    agreement while the owner goes on to another collective. It is a miss on both ranks.
+    """
+    owner, follower = run_two_ranks(_failing_owner_worker)
+    assert owner == follower == ({}, {}, 4)

@@ -636,7 +636,10 @@ class SchedulerDisaggregationEncodeMixin:
             items = [item for item in items if id(item) not in cached]
             if not items:
                 continue
-            out = encode(items)
+            # Owned rows: they outlive the next vision-tower run (cached, staged later), and a
+            # ViT under CUDA graphs (SGLANG_VIT_ENABLE_CUDA_GRAPH) returns its graph's static
+            # output buffer, which the next run of that graph overwrites.
+            out = encode(items).clone()
             sizes = [sum(e - s + 1 for s, e in item.offsets) for item in items]
             self.disagg_encode_metrics.vit_call(sum(sizes))
             logger.debug(

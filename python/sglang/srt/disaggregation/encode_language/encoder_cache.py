@@ -154,10 +154,17 @@ class EncoderEmbeddingCache:
             return {}
         found: Dict[int, torch.Tensor] = {}
         if self.is_owner:
-            if self.controller is not None:
-                found = self._lookup_global(items)
-            else:
-                found = self._lookup_local(items)
+            # Never raises: the other TP ranks wait in the agreement below (a failed lookup
+            # is a miss; the vision tower runs).
+            try:
+                if self.controller is not None:
+                    found = self._lookup_global(items)
+                else:
+                    found = self._lookup_local(items)
+            except Exception:
+                logger.exception(
+                    "embedding cache: lookup failed; running the vision tower"
+                )
         hit = [id(item) in found for item in items]
         if self.tp_size > 1:
             mask = torch.tensor(hit, dtype=torch.int32)
@@ -239,21 +246,27 @@ class EncoderEmbeddingCache:
 
     # Store ----------------------------------------------------------------------------------
     def store(self, items: Sequence, rows: Dict[int, torch.Tensor]) -> None:
-        """Keep the rows the vision tower just produced (owner only)."""
+        """Keep the rows the vision tower just produced (owner only). Never raises: the
+        other TP ranks do not store, and go on to the next collective (rows not kept are
+        a later miss)."""
         if not self.enabled or not self.is_owner or not items:
             return
-        if self.controller is not None:
-            self._store_global(items, rows)
-        else:
-            for item in items:
-                before = len(self.local)
-                present = self.local.has(item.hash)
-                added = self.local.set(
-                    item.hash, EmbeddingResult(embedding=rows[id(item)])
-                )
-                added = int(added and not present)
-                self._record_evictions(item.modality, before + added - len(self.local))
-        self._record_state()
+        try:
+            if self.controller is not None:
+                self._store_global(items, rows)
+            else:
+                self._store_local(items, rows)
+            self._record_state()
+        except Exception:
+            logger.exception("embedding cache: store failed (rows not cached)")
+
+    def _store_local(self, items, rows) -> None:
+        for item in items:
+            before = len(self.local)
+            present = self.local.has(item.hash)
+            added = self.local.set(item.hash, EmbeddingResult(embedding=rows[id(item)]))
+            added = int(added and not present)
+            self._record_evictions(item.modality, before + added - len(self.local))
 
     def _store_global(self, items, rows) -> None:
         ctl = self.controller
