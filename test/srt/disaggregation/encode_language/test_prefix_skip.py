@@ -81,7 +81,10 @@ def _adapter(manager, tree, group):
     rx = object.__new__(LanguageMMReceiver)
     rx.peer_lookups = PeerLookups()
     rx.scheduler = types.SimpleNamespace(
-        attn_tp_cpu_group=group, device="cpu", max_req_input_len=4096
+        attn_tp_cpu_group=group,
+        device="cpu",
+        max_req_input_len=4096,
+        grammar_manager=types.SimpleNamespace(grammar_queue=[]),
     )
     rx.hf_config = types.SimpleNamespace(image_token_id=IMAGE, video_token_id=8)
     rx.placeholder_ids = {IMAGE, 8}
@@ -411,6 +414,51 @@ def test_handed_over_but_never_queued_is_released(peers, make_lang, group) -> No
     assert holds.num_held == 1  # "a" was never queued
     holds.released(b)
     assert holds.num_held == 0 and tree.protected_size() == 0
+
+
+def _held_node(tree):
+    return tree.match_prefix(
+        MatchPrefixParams(key=RadixKey(array("q", padded_ids(IDS, ITEMS)[:16])))
+    ).last_device_node
+
+
+def test_a_request_whose_grammar_compiles_keeps_its_hold_until_queued(
+    peers, make_lang, group
+) -> None:
+    """A constrained request (``json_schema``, ``regex``...) whose grammar is not cached
+    waits in the scheduler's grammar queue and is queued only once it compiled, iterations
+    later: its held prefix stays locked meanwhile, and until the request is over."""
+    tree = _tree(16)
+    rx = _adapter(make_lang(k=K, prefix_match=True), tree, group)
+    rx.holds.hand_over("c", tree.lock(_held_node(tree)))
+    compiling = types.SimpleNamespace(rid="c", finished=lambda: False)
+    rx.scheduler.grammar_manager.grammar_queue.append(compiling)
+    for _ in range(5):  # iterations while the grammar compiles
+        assert rx.process_waiting_requests([]) == ([], [])
+    assert rx.holds.num_held == 1 and tree.protected_size() == 16
+    rx.scheduler.grammar_manager.grammar_queue.clear()
+    done = types.SimpleNamespace(rid="c", finished=lambda: False)
+    rx.request_queued(done)  # compiled: the scheduler queues it
+    rx.process_waiting_requests([])
+    rx.process_waiting_requests([])
+    assert rx.holds.num_held == 1 and tree.protected_size() == 16
+    done.finished = lambda: True
+    rx.process_waiting_requests([])
+    assert rx.holds.num_held == 0 and tree.protected_size() == 0
+
+
+def test_a_lora_request_holds_nothing(peers, make_lang, group) -> None:
+    """A LoRA request's prefix is keyed in the adapter's namespace (``Req`` appends the
+    adapter to its extra key): a base-model prefix of the same ids is not its own, so
+    nothing is held and the encoder sends every item's rows."""
+    tree = _tree(24)  # the base model's cache holds both images
+    holds = PrefixHolds(tree)
+    base = types.SimpleNamespace(extra_key=None, cache_salt=None, lora_id=None)
+    held, lock = holds.match(base, IDS, [e.to_wire() for e in ITEMS])
+    holds.release(lock)
+    assert held == [0, 1]
+    lora = types.SimpleNamespace(extra_key=None, cache_salt=None, lora_id="adapter-1")
+    assert holds.match(lora, IDS, [e.to_wire() for e in ITEMS]) == ([], None)
 
 
 def test_a_held_prefix_keeps_the_server_from_idling(peers, make_lang, group) -> None:

@@ -242,7 +242,9 @@ class LanguageMMReceiver:
         ready: List = []
         aborts: List = []
         if self.holds is not None:
-            self.holds.sweep()
+            self.holds.sweep(
+                {req.rid for req in self.scheduler.grammar_manager.grammar_queue}
+            )
         for recv_req in recv_reqs:
             if isinstance(recv_req, AbortReq):
                 # Before the poll below: a request that becomes ready in this iteration is

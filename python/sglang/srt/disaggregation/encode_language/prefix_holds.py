@@ -13,7 +13,8 @@ until the request is over, not only until its prefill: a request retracted after
 re-prefills from the cache, and the held items' rows exist nowhere else. The lock ends when the
 request fails or is aborted before it reaches the scheduler (``release``), when the scheduler
 releases it as aborted (``released``), when the scheduler's ``Req`` has finished (``sweep``),
-or when a request handed to the scheduler was never queued there (refused on arrival).
+or when a request handed to the scheduler was never queued there (refused on arrival; a
+request whose grammar still compiles is queued later).
 
 Runs on the scheduler thread only (the radix cache is not thread-safe).
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from array import array
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Container, Dict, List, Optional, Tuple
 
 from sglang.srt.disaggregation.encode_language.item_table import ItemEntry
 from sglang.srt.environ import envs
@@ -93,6 +94,9 @@ class PrefixHolds:
             or not tree.supports_prefix_sharing()
             or envs.SGLANG_RADIX_FORCE_MISS.get()
             or getattr(recv_req, "session_params", None) is not None
+            # a LoRA request is keyed in a namespace of its own (``Req`` appends the adapter
+            # to its extra key): never matched here, so a base-model prefix is never held
+            or getattr(recv_req, "lora_id", None) is not None
         ):
             return [], None
         entries = [ItemEntry.from_wire(raw) for raw in items]
@@ -142,13 +146,14 @@ class PrefixHolds:
             del self._handed[req.rid]
             self.release(hold.lock)
 
-    def sweep(self) -> None:
+    def sweep(self, compiling: Container[str] = ()) -> None:
         """Release the locks of requests that finished, and of requests handed over but never
-        queued (the scheduler refused them on arrival: it queues in the same iteration).
+        queued (the scheduler refused them on arrival: it queues in the same iteration, except
+        a request whose grammar is ``compiling``, queued when it is ready).
         """
         for rid, hold in list(self._handed.items()):
             if (hold.req is not None and hold.req.finished()) or (
-                hold.req is None and hold.handed
+                hold.req is None and hold.handed and rid not in compiling
             ):
                 del self._handed[rid]
                 self.release(hold.lock)
