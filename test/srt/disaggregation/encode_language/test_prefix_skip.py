@@ -52,11 +52,15 @@ def group():
         yield dist.group.WORLD
 
 
-def _tree(cached_tokens: int) -> RadixCache:
-    """A radix cache holding the first ``cached_tokens`` ids of the request, as keyed."""
+def _tree(cached_tokens: int, pool_tokens: int = 4096) -> RadixCache:
+    """A radix cache over a KV pool of ``pool_tokens`` holding the first ``cached_tokens``
+    ids of the request, as keyed."""
     tree = RadixCache.create_simulated(
         mock_allocator=types.SimpleNamespace(
-            device="cpu", free=lambda *_: None, free_segment=lambda *_, **__: None
+            device="cpu",
+            size=pool_tokens,
+            free=lambda *_: None,
+            free_segment=lambda *_, **__: None,
         )
     )
     if cached_tokens:
@@ -459,6 +463,21 @@ def test_a_lora_request_holds_nothing(peers, make_lang, group) -> None:
     assert held == [0, 1]
     lora = types.SimpleNamespace(extra_key=None, cache_salt=None, lora_id="adapter-1")
     assert holds.match(lora, IDS, [e.to_wire() for e in ITEMS]) == ([], None)
+
+
+def test_holds_lock_at_most_half_the_pool(peers, make_lang, group) -> None:
+    """A hold is taken only while at most half of the KV pool is locked (locked tokens
+    cannot be evicted: holds filling the pool would leave no room to admit anyone): the
+    request then holds nothing and its rows are sent."""
+    wire = [e.to_wire() for e in ITEMS]
+    request = types.SimpleNamespace(extra_key=None, cache_salt=None, lora_id=None)
+    small = PrefixHolds(_tree(24, pool_tokens=48))  # 23 of 48 locked: held
+    held, lock = small.match(request, IDS, wire)
+    assert held == [0, 1] and small.tree_cache.protected_size() == 23
+    small.release(lock)
+    tiny = PrefixHolds(_tree(24, pool_tokens=40))  # 23 of 40 would be locked: not held
+    assert tiny.match(request, IDS, wire) == ([], None)
+    assert tiny.tree_cache.protected_size() == 0
 
 
 def test_a_held_prefix_keeps_the_server_from_idling(peers, make_lang, group) -> None:

@@ -8,6 +8,9 @@ left to compute, and no further than ``logprob_start_len``). The items lying who
 matched prefix are *held*: the encoder runs no vision tower for them and sends none of their
 rows; an item that straddles the prefix's end is sent whole.
 
+Bounded: a hold is taken only while at most ``HELD_SHARE_OF_POOL`` of the KV pool is locked
+(its rows are sent otherwise), so held prefixes cannot fill the pool and stall admission.
+
 Race-free against eviction: the matched node is locked (``tree_cache.lock``) from the match
 until the request is over, not only until its prefill: a request retracted after its prefill
 re-prefills from the cache, and the held items' rows exist nowhere else. The lock ends when the
@@ -36,6 +39,12 @@ from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
 logger = logging.getLogger(__name__)
+
+# Most of the KV pool that may be locked (requests' own prefixes and holds) when a hold is
+# taken. Upstream never locks a waiting request's prefix; holds do, and locked tokens cannot
+# be evicted: were they to fill the pool, no waiting request could be admitted and, with
+# nothing running, none would ever end. Past this share a request holds nothing.
+HELD_SHARE_OF_POOL = 0.5
 
 
 def item_without_rows(entry: ItemEntry) -> MultimodalDataItem:
@@ -118,7 +127,15 @@ class PrefixHolds:
         ]
         if not held:
             return [], None
-        return held, tree.lock(result.last_device_node)
+        lock = tree.lock(result.last_device_node)
+        if (
+            tree.protected_size()
+            > HELD_SHARE_OF_POOL * tree.token_to_kv_pool_allocator.size
+        ):
+            # the rows are sent instead: locked prefixes never fill the pool
+            self.release(lock)
+            return [], None
+        return held, lock
 
     def release(self, lock) -> None:
         """Unlock. (The tree cannot have been reset meanwhile: ``/flush_cache`` needs an idle
