@@ -84,6 +84,20 @@ def test_size_zero_turns_the_cache_off() -> None:
     assert not cache.enabled and cache.lookup([a]) == {}
 
 
+def test_the_shared_cache_without_a_host_pool_is_refused() -> None:
+    """``--enable-mm-global-cache`` with ``SGLANG_VLM_CACHE_SIZE_MB=0`` (SGLang's own default
+    for Qwen3-VL on large Hopper GPUs) would store and fetch nothing: refused at start-up.
+    """
+    with pytest.raises(ValueError, match="SGLANG_VLM_CACHE_SIZE_MB"):
+        EncoderEmbeddingCache(
+            max_bytes=0,
+            dim=DIM,
+            dtype=torch.float32,
+            is_owner=True,
+            global_backend="mooncake",
+        )
+
+
 def _tp_worker(rank: int, port: int, results) -> None:
     import torch.distributed as dist
 

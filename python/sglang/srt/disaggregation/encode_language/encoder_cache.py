@@ -76,6 +76,13 @@ class EncoderEmbeddingCache:
         self.controller = None
         self._prefetch_ids = itertools.count()
         if global_backend is not None:
+            if max_bytes <= 0:
+                # a pool of 0 bytes stores and fetches nothing: the shared cache would be off
+                raise ValueError(
+                    "--enable-mm-global-cache needs a host pool: set SGLANG_VLM_CACHE_SIZE_MB "
+                    "> 0 on the encode server (SGLang sets it to 0 for Qwen3-VL on large "
+                    "Hopper GPUs unless it is set)"
+                )
             from sglang.srt.mem_cache.embedding_cache_controller import (
                 EmbeddingCacheController,
             )
