@@ -45,14 +45,16 @@ def generate_messages(router, model_path: str, messages: list[dict]) -> dict:
 
 
 def image_messages(system: str, image, question: str) -> list[dict]:
-    """A system prompt, then one image and a question: a request whose image tokens no other
-    prompt's cached prefix covers unless its system prompt is the same."""
+    """A system prompt, then one image (or a tuple of images) and a question: a request whose
+    image tokens no other prompt's cached prefix covers unless its system prompt is the same.
+    """
+    images = image if isinstance(image, tuple) else (image,)
     return [
         {"role": "system", "content": system},
         {
             "role": "user",
             "content": [
-                {"type": "image_url", "image_url": {"url": str(image)}},
+                *({"type": "image_url", "image_url": {"url": str(i)}} for i in images),
                 {"type": "text", "text": question},
             ],
         },

@@ -7,6 +7,7 @@ only the owner holds rows. The served behaviour (through the router, equal to HF
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -98,15 +99,21 @@ def test_the_shared_cache_without_a_host_pool_is_refused() -> None:
         )
 
 
-def _tp_worker(rank: int, port: int, results) -> None:
+@contextlib.contextmanager
+def _rank_cache(rank: int, port: int):
+    """This rank's cache in a gloo TP group of two (rank 0 the owner)."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        cache = _cache(
-            1 << 20, is_owner=rank == 0, tp_size=2, tp_group=dist.group.WORLD
-        )
+        yield _cache(1 << 20, is_owner=rank == 0, tp_size=2, tp_group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+def _tp_worker(rank: int, port: int, results) -> None:
+    with _rank_cache(rank, port) as cache:
         a, b = _Item(51, [[0, 3]]), _Item(52, [[4, 7]])
         rows = _vit_out(4, seed=5)
         cache.store([a], {id(a): rows})  # only the owner keeps rows
@@ -117,8 +124,6 @@ def _tp_worker(rank: int, port: int, results) -> None:
             len(mm_schedule.embedding_cache),
             rows,
         )
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.timeout(300)
@@ -132,12 +137,7 @@ def test_tp_ranks_agree_on_hits_and_only_the_owner_holds_rows() -> None:
 def _failing_owner_worker(rank: int, port: int, results) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        cache = _cache(
-            1 << 20, is_owner=rank == 0, tp_size=2, tp_group=dist.group.WORLD
-        )
+    with _rank_cache(rank, port) as cache:
         a = _Item(61, [[0, 3]])
         cache.store([a], {id(a): _vit_out(4, seed=6)})
 
@@ -158,8 +158,6 @@ def _failing_owner_worker(rank: int, port: int, results) -> None:
         steps = torch.tensor([2])
         dist.all_reduce(steps)
         results[rank] = (missed, after, int(steps))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.timeout(300)

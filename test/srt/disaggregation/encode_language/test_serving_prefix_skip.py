@@ -111,17 +111,7 @@ def test_two_images_of_which_the_first_is_cached(deployment, vl_model) -> None:
     first = ask_counting_skips(
         router, encoder, vl_model, image_messages(system, image_a, "Describe it.")
     )
-    both = [
-        {"role": "system", "content": system},
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": str(image_a)}},
-                {"type": "image_url", "image_url": {"url": str(image_b)}},
-                {"type": "text", "text": "Compare them."},
-            ],
-        },
-    ]
+    both = image_messages(system, (image_a, image_b), "Compare them.")
     second = ask_counting_skips(router, encoder, vl_model, both)
     assert (first["held"], first["sent"]) == (0, 1), first
     assert (second["held"], second["sent"], second["vit_calls"]) == (1, 1, 1), second

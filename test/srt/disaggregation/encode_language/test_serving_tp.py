@@ -94,21 +94,20 @@ def _launch(model_path: str, log_dir, *, encode_tp: int, language_tp: int) -> tu
     return router, encoder, language
 
 
-def _deployment(server_pool, servers_handle, vl_model, **tp):
+def _deployment(server_pool, vl_model, **tp):
+    """(router, encode, language) with the given TP sizes, shared through the session's
+    server pool; every block free on both servers after the test."""
     key = ("encode-language-tp", vl_model, tuple(sorted(tp.items())))
-    group = server_pool._group(
+    router, encoder, language = server_pool._group(
         key, 2, lambda: _launch(vl_model, server_pool.log_dir, **tp)
-    )
-    return group
-
-
-@pytest.fixture()
-def tp2(server_pool, servers, vl_model):
-    router, encoder, language = _deployment(
-        server_pool, servers, vl_model, encode_tp=2, language_tp=2
     )
     yield router, encoder, language
     assert_blocks_free(encoder, language)
+
+
+@pytest.fixture()
+def tp2(server_pool, vl_model):
+    yield from _deployment(server_pool, vl_model, encode_tp=2, language_tp=2)
 
 
 def _delta(after: dict, before: dict, key: str) -> float:
@@ -301,13 +300,9 @@ def test_encode_tp2_survives_a_client_gone_during_preprocessing(
 
 
 @pytest.fixture()
-def encode_tp2(server_pool, servers, vl_model):
+def encode_tp2(server_pool, vl_model):
     """Encode ``--tp 2`` with a ``--tp 1`` language server: the prefix-aware skip's setup."""
-    router, encoder, language = _deployment(
-        server_pool, servers, vl_model, encode_tp=2, language_tp=1
-    )
-    yield router, encoder, language
-    assert_blocks_free(encoder, language)
+    yield from _deployment(server_pool, vl_model, encode_tp=2, language_tp=1)
 
 
 def test_encode_tp2_skips_held_items_on_both_ranks(encode_tp2, vl_model) -> None:
@@ -319,17 +314,7 @@ def test_encode_tp2_skips_held_items_on_both_ranks(encode_tp2, vl_model) -> None
     router, encoder, _ = encode_tp2
     system = fresh_system_prompt()
     image_a, image_b = save_image(72, 64, 17101), save_image(72, 64, 17102)
-    both = [
-        {"role": "system", "content": system},
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": str(image_a)}},
-                {"type": "image_url", "image_url": {"url": str(image_b)}},
-                {"type": "text", "text": "Compare them."},
-            ],
-        },
-    ]
+    both = image_messages(system, (image_a, image_b), "Compare them.")
     first = ask_counting_skips(
         router, encoder, vl_model, image_messages(system, image_a, "Describe it.")
     )
