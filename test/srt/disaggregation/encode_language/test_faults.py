@@ -288,6 +288,10 @@ def test_garbage_control_messages(peers, make_lang):
             make(Abort, room=1, manager_id="x", reason="r", kind=FaultKind.CLIENT)
         )[:-3],
         b"\x82\xa4type\xa7unknown\xa7version\x01",
+        # well formed, but names no endpoint to answer (a sender that is not host:port)
+        encode_message(
+            make(Abort, room=1, manager_id="garbage", reason="r", kind=FaultKind.CLIENT)
+        ),
     ]
     for g in garbage:
         send_control(peer.addr, g)

@@ -206,8 +206,8 @@ ALL = [
         write_failed=True,
     ),
     mf.make(mf.AbortAck, room=1, manager_id="h:3"),
-    mf.make(mf.Ping, manager_id="h", nonce=-3),
-    mf.make(mf.Pong, manager_id="h", nonce=3),
+    mf.make(mf.Ping, manager_id="h:4", nonce=-3),
+    mf.make(mf.Pong, manager_id="h:5", nonce=3),
 ]
 
 
@@ -280,6 +280,19 @@ def test_abort_carries_its_fault_kind_typed():
                 {"type": "abort_ack", "version": 1, "room": 1, "manager_id": "h"}
             ),
             f"protocol version 1, expected {mf.PROTOCOL_VERSION}",
+        ),
+        (
+            # answers go to the sender's endpoint: one that is not host:port is refused at
+            # the door (sending to it raised in the encoder's heartbeat thread, every pass)
+            msgspec.msgpack.encode(
+                {
+                    "type": "abort_ack",
+                    "version": mf.PROTOCOL_VERSION,
+                    "room": 1,
+                    "manager_id": "garbage",
+                }
+            ),
+            "AbortAck names no endpoint: Missing port",
         ),
     ],
 )

@@ -25,6 +25,8 @@ import msgspec
 import numpy as np
 import torch
 
+from sglang.srt.utils.network import NetworkAddress
+
 LAYOUT_VERSION = 5  # 2: aux header carries room, reservation generation and a block checksum; 3: XXH3
 # 4: block-major buffers (one registered region; round_plan.block_layout), rows hashed whole;
 # 5: no scratch block after the pool (the region is exactly the pool's blocks)
@@ -593,4 +595,10 @@ def decode_message(data: bytes) -> Message:
             f"control message {type(msg).__name__} has protocol version {msg.version}, "
             f"expected {PROTOCOL_VERSION}"
         )
+    try:  # the sender's control endpoint, which answers are sent to
+        NetworkAddress.parse(msg.manager_id)
+    except ValueError as e:
+        raise ProtocolError(
+            f"control message {type(msg).__name__} names no endpoint: {e}"
+        ) from None
     return msg
