@@ -25,10 +25,12 @@ from el_peer import language_peer_main
 
 from sglang.srt.disaggregation.base.conn import KVPoll
 from sglang.srt.disaggregation.encode_language.connection import (
+    ControlChannel,
     RoomInUseError,
     mooncake_timeout_s,
     write_segments,
 )
+from sglang.srt.disaggregation.encode_language.manifest import Ping, make
 from sglang.srt.disaggregation.encode_language.receiver import Phase
 
 
@@ -243,3 +245,16 @@ def test_write_segments_lands_fails_and_waits_without_a_core(mp_ctx, make_lang):
         assert wait_until(lambda: landed(0, n) == src[:n].numpy().tobytes(), 10)
     finally:
         peer.close()
+
+
+def test_a_send_to_no_endpoint_raises_and_keeps_no_socket():
+    """A destination that is not ``host:port`` raises, and the PUSH socket made for it is
+    closed: the channel's context still terminates (an open socket blocks ``term``)."""
+    ch = ControlChannel("127.0.0.1", 0, "127.0.0.1")
+    with pytest.raises(ValueError, match="Missing port"):
+        ch.send("garbage", make(Ping, manager_id=ch.endpoint, nonce=1))
+    ch.close()
+    term = threading.Thread(target=ch.ctx.term, daemon=True)
+    term.start()
+    term.join(10)
+    assert not term.is_alive(), "a socket of the channel was left open"

@@ -13,6 +13,7 @@ import dataclasses
 import types
 
 import torch
+
 from sglang.srt.disaggregation.encode_language.encode_scheduler import (
     SchedulerDisaggregationEncodeMixin,
 )

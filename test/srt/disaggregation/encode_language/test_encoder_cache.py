@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 from el_helpers import run_two_ranks
+
 from sglang.srt.disaggregation.encode_language.encoder_cache import (
     EncoderEmbeddingCache,
 )

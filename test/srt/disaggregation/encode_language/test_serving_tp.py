@@ -40,10 +40,10 @@ from el_serving import (
     ask_counting_skips,
     assert_blocks_free,
     fresh_system_prompt,
-    image_messages,
 )
 from el_serving import generate as _generate
 from el_serving import hf_reference as _hf_reference
+from el_serving import image_messages
 from epd_testbed import servers as srv
 from epd_testbed.hf_reference import render_prompt
 from epd_testbed.images import save_image

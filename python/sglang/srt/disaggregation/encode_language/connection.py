@@ -642,7 +642,11 @@ class ControlChannel:
                 sock = self.ctx.socket(zmq.PUSH)
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.SNDHWM, 10000)
-                _connect(sock, endpoint)
+                try:
+                    _connect(sock, endpoint)
+                except BaseException:
+                    sock.close()  # else it keeps the context from terminating
+                    raise
                 self._push[endpoint] = sock
             try:
                 sock.send(data, zmq.NOBLOCK)
