@@ -39,6 +39,7 @@ from sglang.srt.disaggregation.encode_language.encode_request_faults import (
     room_failure,
     status_of_transfer_failure,
 )
+from sglang.srt.disaggregation.encode_language.item_table import ItemEntry
 from sglang.srt.disaggregation.encode_language.manifest import (
     Abort,
     FaultKind,
@@ -606,4 +607,36 @@ def test_injected_failure_ends_the_room_on_both_sides(peers, make_lang):
     assert peer.call("wait", room, 20) == (KVPoll.Success, "")
     assert wait_final(lang, rx) == KVPoll.Success
     assert_same(rx.take(), make_payload(1, RESERVE, 5, H, 3))
+    peer.assert_idle()
+
+
+def test_an_abort_the_full_control_queue_refused_is_sent_again(peers, make_lang):
+    """A request the language side fails after the encoder's announcement, before any
+    reservation (here: aborted while it waits for the prefix-cache match), tells the encoder
+    with one Abort; an announced room waiting for its reservation has no timer on the
+    encoder (that wait is load). A full control queue refuses that Abort (``send`` returns
+    False, as on ``zmq.Again``; injected for the first Abort): it is sent again, the encoder's
+    room ends and every block is free (before: the room stayed until the encode request's own
+    HTTP abort)."""
+    peer, lang = peers(), make_lang(prefix_match=True)
+    room = new_room()
+    rx = lang.create_receiver(peer.addr, room)
+    assert wait_until(lambda: (peer.call("room_state", room) or {}).get("expected"), 10)
+    item = ItemEntry("image", ((1, 3),), 0x5EED)  # an announcement with an item table
+    peer.call("create_shaped", room, 5, 3, [item.to_wire()], [1, 7, 7, 7, 2])
+    assert wait_until(lambda: rx.phase == Phase.MATCH, 10)
+    send, refused = lang.channel.send, []
+
+    def full_once(endpoint, msg):
+        if isinstance(msg, Abort) and not refused:
+            refused.append(msg)
+            return False
+        return send(endpoint, msg)
+
+    lang.channel.send = full_once
+    rx.abort("the client went away", FaultKind.CLIENT)
+    assert wait_final(lang, rx) == KVPoll.Failed
+    assert [m.room for m in refused] == [room]
+    assert wait_until(lambda: peer.call("room_state", room) is None, 10)
+    assert not lang.unsent_aborts
     peer.assert_idle()

@@ -120,6 +120,9 @@ from sglang.srt.disaggregation.encode_language.round_plan import blocks_for_toke
 
 logger = logging.getLogger(__name__)
 
+# How often an Abort the full control queue refused is offered again (``unsent_aborts``).
+UNSENT_ABORT_RETRY_S = 1.0
+
 
 class Phase(enum.Enum):
     """Where a receiver is; finer than ``KVPoll``."""
@@ -203,6 +206,9 @@ class LanguageManager(ManagerBase):
         self.rooms: Dict[int, "LanguageReceiver"] = {}
         self.registrations: Dict[str, _Registration] = {}
         self.fences: Dict[Tuple[str, int], _Fence] = {}
+        # Aborts of unfenced rooms the control queue refused (full): re-sent every tick until
+        # queued, else the encoder's room could wait for a reservation without a timer.
+        self.unsent_aborts: Dict[Tuple[str, int], Tuple[str, FaultKind]] = {}
         # Blocks freed without the encoder's word that its writes into them ended (a dead
         # encoder, a failed write, a fence timeout): rounds that use them are checksummed
         # until their exposure ends (exposures.py).
@@ -870,16 +876,18 @@ class LanguageManager(ManagerBase):
             r.handle = None
             self._send_abort(r.encoder, r.room, reason, kind)
         elif notify and r.reserved_once:
-            self._send_abort(r.encoder, r.room, reason, kind)
+            if not self._send_abort(r.encoder, r.room, reason, kind):
+                self.unsent_aborts[(r.encoder, r.room)] = (reason, kind)
         self._release_locked(r)
 
     def _send_abort(
         self, encoder: str, room: int, reason: str, kind: FaultKind
-    ) -> None:
+    ) -> bool:
+        """Queue an Abort; False when the control queue to ``encoder`` is full."""
         msg = make(
             Abort, room=room, manager_id=self.manager_id, reason=reason, kind=kind
         )
-        self.channel.send(encoder, msg)
+        return self.channel.send(encoder, msg)
 
     def _release_fence_locked(
         self,
@@ -969,6 +977,11 @@ class LanguageManager(ManagerBase):
                     f.since + cfg.fence_timeout_s,
                     f.asked_at + cfg.abort_ack_timeout_s,
                 )
+            for (encoder, room), (reason, kind) in list(self.unsent_aborts.items()):
+                if self._send_abort(encoder, room, reason, kind):
+                    del self.unsent_aborts[(encoder, room)]
+                else:
+                    due = min(due, now + UNSENT_ABORT_RETRY_S)
             due = min(due, self.exposures.expire(now, self.peer_is_dead))
         return min(due, super()._tick(now))
 
@@ -1046,6 +1059,7 @@ class LanguageManager(ManagerBase):
             # every phase waits on the encoder (REGISTER and ANNOUNCE for its answer, ALLOC
             # with no timer of its own): its heartbeat finds a dead one
             live = {r.encoder for r in self.rooms.values()}
+            live |= {encoder for encoder, _ in self.unsent_aborts}
             return list(live | {f.encoder for f in self.fences.values()})
 
     def _on_peer_dead(self, endpoint: str, reason: str) -> None:
@@ -1065,6 +1079,8 @@ class LanguageManager(ManagerBase):
                 self._release_fence_locked(
                     key, "its encoder is declared dead", acked=False
                 )
+            for key in [k for k in self.unsent_aborts if k[0] == endpoint]:
+                del self.unsent_aborts[key]  # a dead encoder's rooms end there too
 
     def _drop_registration(self, endpoint: str) -> None:
         self.registrations.pop(endpoint, None)
