@@ -78,6 +78,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
@@ -1661,26 +1662,27 @@ def render_plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(
-    table: str, plot, json_path: Path, doc: Path | None, begin: str, end: str
-) -> str:
-    """A benchmark's outputs next to its JSON: the table (``.md``), ``plot(png path)``, and
-    the table between ``begin`` and ``end`` of ``doc``."""
-    json_path.with_suffix(".md").write_text(table)
-    plot(json_path.with_suffix(".png"))
-    replace_doc_block(doc, begin, end, table)
-    return table
+@dataclass(frozen=True)
+class Report:
+    """A benchmark's outputs: its table and plot of the results, and the markers of its
+    generated block in the docs."""
+
+    table: Callable[[dict], str]
+    plot: Callable[[dict, Path], None]
+    begin: str
+    end: str
+
+    def write(self, results: dict, json_path: Path, doc: Path | None) -> str:
+        """The table (``.md``) and the plot (``.png``) next to ``json_path``, and the table
+        between the markers of ``doc``; returns the table."""
+        table = self.table(results)
+        json_path.with_suffix(".md").write_text(table)
+        self.plot(results, json_path.with_suffix(".png"))
+        replace_doc_block(doc, self.begin, self.end, table)
+        return table
 
 
-def write_reports(results: dict, json_path: Path, update_doc: Path | None) -> str:
-    return write_outputs(
-        render_markdown(results),
-        lambda png: render_plot(results, png),
-        json_path,
-        update_doc,
-        DOC_BEGIN,
-        DOC_END,
-    )
+REPORT = Report(render_markdown, render_plot, DOC_BEGIN, DOC_END)
 
 
 def replace_doc_block(doc: Path | None, begin: str, end: str, table: str) -> None:
@@ -2314,15 +2316,7 @@ def render_mixed_plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_mixed_reports(results: dict, json_path: Path, update_doc: Path | None) -> str:
-    return write_outputs(
-        render_mixed(results),
-        lambda png: render_mixed_plot(results, png),
-        json_path,
-        update_doc,
-        MIXED_DOC_BEGIN,
-        MIXED_DOC_END,
-    )
+MIXED_REPORT = Report(render_mixed, render_mixed_plot, MIXED_DOC_BEGIN, MIXED_DOC_END)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -2444,10 +2438,7 @@ def main(argv: list[str] | None = None) -> None:
     results = load_results(args.json) if args.render_only else measure(args)
     elsewhere = args.out_dir.resolve() != OUT_DIR.resolve()
     doc = None if (args.no_doc or args.quick or elsewhere) else DOC
-    if args.mixed:
-        print(write_mixed_reports(results, args.json, doc))
-    else:
-        print(write_reports(results, args.json, doc))
+    print((MIXED_REPORT if args.mixed else REPORT).write(results, args.json, doc))
 
 
 if __name__ == "__main__":

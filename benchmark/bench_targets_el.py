@@ -411,15 +411,7 @@ def render_plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_reports(results: dict, json_path: Path, doc: Path | None) -> str:
-    return bench.write_outputs(
-        render_markdown(results),
-        lambda png: render_plot(results, png),
-        json_path,
-        doc,
-        DOC_BEGIN,
-        DOC_END,
-    )
+REPORT = bench.Report(render_markdown, render_plot, DOC_BEGIN, DOC_END)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -449,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.stop_servers_on_sigterm()
     results = bench.load_results(args.json) if args.render_only else run(args)
     doc = bench.DOC if args.json.resolve() == OUT_JSON.resolve() else None
-    print(write_reports(results, args.json, doc))
+    print(REPORT.write(results, args.json, doc))
 
 
 if __name__ == "__main__":

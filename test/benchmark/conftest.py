@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture
 def write_reports(tmp_path):
-    """``write(module, results, name)``: ``module.write_reports`` on ``results`` saved as
+    """``write(module, results, name)``: ``module.REPORT.write`` on ``results`` saved as
     ``<tmp>/<name>.json`` and a doc holding the module's generated block; checks that the
     ``.md`` is the table, the ``.png`` a PNG, and that only the doc's block changed. Returns
     the table."""
@@ -18,9 +18,9 @@ def write_reports(tmp_path):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(results))
         doc = tmp_path / "doc.md"
-        begin, end = module.DOC_BEGIN, module.DOC_END
+        begin, end = module.REPORT.begin, module.REPORT.end
         doc.write_text(f"intro\n{begin}\nold\n{end}\noutro\n")
-        table = module.write_reports(results, path, doc)
+        table = module.REPORT.write(results, path, doc)
         assert path.with_suffix(".md").read_text() == table
         assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert doc.read_text() == f"intro\n{begin}\n{table}{end}\noutro\n"
