@@ -63,6 +63,7 @@ from sglang.srt.disaggregation.encode_language.encode_request_faults import (
 )
 from sglang.srt.disaggregation.encode_language.encoder_cache import (
     EncoderEmbeddingCache,
+    item_tokens,
 )
 from sglang.srt.disaggregation.encode_language.item_table import (
     ItemTableError,
@@ -125,16 +126,15 @@ def checkpoint_bytes_not_loaded(model_path: str) -> Optional[int]:
 def vit_tokens(req: "Req") -> int:
     """Placeholder tokens of a request's images and videos (rows its ViT call produces)."""
     return sum(
-        e - s + 1
+        item_tokens(item)
         for item in req.multimodal_inputs.mm_items
         if item.modality in (Modality.IMAGE, Modality.VIDEO)
-        for s, e in item.offsets
     )
 
 
 def rows_to_send(req: "Req") -> int:
     """Placeholder tokens of the items whose rows the request's payload carries."""
-    return sum(e - s + 1 for item in items_to_send(req) for s, e in item.offsets)
+    return sum(item_tokens(item) for item in items_to_send(req))
 
 
 def take_vit_batch(reqs: List, budget: int, tokens=vit_tokens) -> Tuple[List, List]:
@@ -636,11 +636,8 @@ class SchedulerDisaggregationEncodeMixin:
             items = [item for item in items if id(item) not in cached]
             if not items:
                 continue
-            # Owned rows: they outlive the next vision-tower run (cached, staged later), and a
-            # ViT under CUDA graphs (SGLANG_VIT_ENABLE_CUDA_GRAPH) returns its graph's static
-            # output buffer, which the next run of that graph overwrites.
-            out = encode(items).clone()
-            sizes = [sum(e - s + 1 for s, e in item.offsets) for item in items]
+            out = encode(items)
+            sizes = [item_tokens(item) for item in items]
             self.disagg_encode_metrics.vit_call(sum(sizes))
             logger.debug(
                 "encode: one vision-tower call for %d %s item(s) of %d request(s), "
@@ -655,8 +652,12 @@ class SchedulerDisaggregationEncodeMixin:
                     f"{modality.name.lower()} placeholders cover {sum(sizes)} tokens but the "
                     f"vision tower produced {out.shape[0]} rows"
                 )
+            # Owned rows, one copy each: they outlive the next vision-tower run (cached,
+            # staged later), and a ViT under CUDA graphs (SGLANG_VIT_ENABLE_CUDA_GRAPH)
+            # returns its graph's static output buffer, which that graph's next run
+            # overwrites. (The cache keeps a row it is given whole, without a copy of its own.)
             for item, chunk in zip(items, out.split(sizes)):
-                rows[id(item)] = chunk
+                rows[id(item)] = chunk.clone()
             self.disagg_encode_cache.store(items, rows)
         return rows
 
